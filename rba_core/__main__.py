@@ -1,0 +1,7 @@
+"""Entry point for ``python -m rba_core``."""
+
+import sys
+
+from rba_core.cli import main
+
+sys.exit(main())

@@ -1,0 +1,147 @@
+"""The two end-to-end operations the CLI and the app run: analyse a model, approximate ranges."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from rba_core.approx import (MAP_KINDS, ApproximatedEncoder, Range, approximate_encoder, count_params,
+                             fit_residual_matrix, latency_ms_per_image, paper_notation, validate_ranges)
+from rba_core.cache import Cache, make_key
+from rba_core.data import open_dataset
+from rba_core.errors import RBAError
+from rba_core.extract import Extraction, Progress, extract
+from rba_core.metrics import block_redundancy, cosine_matrix, linear_cka_matrix
+from rba_core.models import Encoder, load_encoder
+from rba_core.probe import probe_accuracy
+
+Stage = Callable[[str], None]
+
+
+def _matrix(values: np.ndarray) -> list[list[float | None]]:
+    return [[None if np.isnan(v) else float(v) for v in row] for row in values]
+
+
+def analysis_results(ex: Extraction) -> dict:
+    """The ``analyze`` JSON: BR for blocks 1..L, cosine, CKA and fit-residual matrices over 0..L."""
+    return {
+        "model": ex.meta["model"],
+        "dataset": ex.meta["dataset"],
+        "split": ex.meta["split"],
+        "num_blocks": ex.num_blocks,
+        "hidden_size": ex.hidden_size,
+        "n": int(len(ex.indices)),
+        "seed": ex.meta["seed"],
+        "block_redundancy": block_redundancy(ex.cls).tolist(),
+        "cosine": cosine_matrix(ex.cls).tolist(),
+        "cka": linear_cka_matrix(ex.cls).tolist(),
+        "fit_residual": _matrix(fit_residual_matrix(ex.stats())),
+        "cache": {"key": ex.key, "hit": ex.hit},
+        "notes": ex.notes,
+    }
+
+
+def analyze(model: str, dataset: str, n: int, seed: int = 0, split: str = "train", *,
+            cache: Cache | None = None, progress: Progress | None = None) -> dict:
+    """Extract (or reopen) and compute every redundancy metric."""
+    return analysis_results(extract(model, dataset, n, seed, split, cache=cache, progress=progress))
+
+
+class _LazyEncoder:
+    """Loads the model only when a forward pass is really needed (never on a full cache hit)."""
+
+    def __init__(self, model: str, encoder: Encoder | None = None):
+        self.model, self.encoder = model, encoder
+
+    def __call__(self) -> Encoder:
+        if self.encoder is None:
+            self.encoder = load_encoder(self.model)
+        return self.encoder
+
+
+@torch.inference_mode()
+def _approximated_finals(net: ApproximatedEncoder, encoder: Encoder, dataset: str,
+                         ex: Extraction, progress: Progress | None, batch_size: int = 32) -> tuple[np.ndarray, dict]:
+    """Final representations of the approximated model on ``ex``'s samples, plus latencies."""
+    source = open_dataset(dataset, ex.meta["split"])
+    out, latency = np.empty_like(ex.final), {}
+    for start in range(0, len(ex.indices), batch_size):
+        pixels = encoder.preprocess(source.images(ex.indices[start : start + batch_size]))
+        out[start : start + len(pixels)] = net(pixels).cpu().numpy()
+        if not latency:  # timed on the first full batch, both models on the same pixels
+            latency = {
+                "original": latency_ms_per_image(lambda p: encoder.final_cls(encoder.run_blocks(
+                    encoder.embed(p), 1, encoder.num_blocks)), pixels),
+                "approximated": latency_ms_per_image(net, pixels),
+            }
+        if progress:
+            progress(min(start + batch_size, len(ex.indices)), len(ex.indices))
+    return out, latency
+
+
+def approximated_outputs(lazy: _LazyEncoder, model: str, dataset: str, fit: Extraction, ex: Extraction,
+                         ranges: list[Range], kind: str, ridge: float, cache: Cache,
+                         progress: Progress | None) -> tuple[np.ndarray, dict]:
+    """Cached approximated final representations on ``ex``'s samples, and the run's measurements."""
+    key = make_key({"kind": "approximated", "fit": fit.key, "samples": ex.key,
+                    "ranges": ranges, "map": kind, "ridge": ridge if kind == "ridge" else None})
+    stored = cache.load(key, "final")
+    if stored is not None:
+        return stored["final"], cache.get(key).meta
+    encoder = lazy()
+    net = approximate_encoder(encoder, fit.stats(), ranges, kind, ridge)
+    final, latency = _approximated_finals(net, encoder, dataset, ex, progress)
+    meta = {"params": count_params(net), "latency_ms_per_image": latency}
+    cache.put(key, {"final": {"final": final}}, meta)
+    return final, meta
+
+
+def approximate(model: str, dataset: str, fit_n: int, eval_n: int, seed: int,
+                ranges: Sequence[Sequence[int]], kind: str = "linear", *, ridge: float = 1e-2,
+                probe: bool = False, cache: Cache | None = None, progress: Progress | None = None,
+                on_stage: Stage | None = None, encoder: Encoder | None = None) -> dict:
+    """Fit maps on ``fit_n`` train images, evaluate the approximated model on ``eval_n`` test images.
+
+    Returns the ``approximate`` JSON plus ``pca`` (shared-basis coordinates) and ``labels``.
+    """
+    if kind not in MAP_KINDS:
+        raise RBAError(f"Unknown map '{kind}': use one of {', '.join(MAP_KINDS)}.")
+    cache = cache or Cache()
+    stage = on_stage or (lambda _: None)
+    lazy = _LazyEncoder(model, encoder)
+    stage("Fit samples (train split): representations and token statistics")
+    fit = extract(model, dataset, fit_n, seed, "train", cache=cache, progress=progress, encoder=lazy)
+    ranges = validate_ranges(ranges, fit.num_blocks)
+    stage("Evaluation samples (test split): original model")
+    ev = extract(model, dataset, eval_n, seed, "test", with_stats=False, cache=cache,
+                 progress=progress, encoder=lazy)
+    stage("Evaluation samples: approximated model")
+    final, measured = approximated_outputs(lazy, model, dataset, fit, ev, ranges, kind, ridge, cache, progress)
+    removed = sum(j - i for i, j in ranges)
+    results = {
+        "model": model, "dataset": dataset, "fit_n": fit_n, "eval_n": eval_n, "seed": seed,
+        "num_blocks": fit.num_blocks,
+        "ranges": [{"start": i, "end": j, "removed_blocks": list(range(i + 1, j + 1)),
+                    "paper": paper_notation((i, j))} for i, j in ranges],
+        "map": kind, "ridge": ridge if kind == "ridge" else None,
+        "blocks": {"original": fit.num_blocks, "approximated": fit.num_blocks - removed},
+        "mse_final": float(np.mean((final.astype(np.float64) - ev.final) ** 2)),
+        "params": {"original": fit.meta["num_params"], "approximated": measured["params"]},
+        "latency_ms_per_image": measured["latency_ms_per_image"],
+        "cache": {"fit": fit.key, "eval": ev.key},
+        "notes": sorted(set(fit.notes + ev.notes)),
+        "final": {"original": ev.final, "approximated": final, "labels": ev.labels},
+    }
+    if probe:
+        stage("Linear probe: approximated and skipped models on the fit samples")
+        train = {"original": fit.final}
+        test = {"original": ev.final}
+        for name, map_kind in (("approximated", kind), ("skip", "identity")):
+            train[name] = approximated_outputs(lazy, model, dataset, fit, fit, ranges, map_kind, ridge, cache, progress)[0]
+            test[name] = final if map_kind == kind else approximated_outputs(
+                lazy, model, dataset, fit, ev, ranges, map_kind, ridge, cache, progress)[0]
+        results["accuracy"] = {name: probe_accuracy(train[name], fit.labels, test[name], ev.labels)
+                               for name in ("original", "approximated", "skip")}
+    return results

@@ -1,0 +1,1 @@
+"""Offline demo assets: scikit-learn digits data and a tiny ViT trained on them."""
