@@ -5,4 +5,13 @@ Importing this package has no side effects; the heavy modules (torch, transforme
 
 from rba_core.errors import RBAError
 
-__all__ = ["RBAError"]
+__all__ = ["RBAError", "load_compressed"]
+
+
+def __getattr__(name: str):
+    """``rba_core.load_compressed`` imports torch only when first used."""
+    if name == "load_compressed":
+        from rba_core.export import load_compressed
+
+        return load_compressed
+    raise AttributeError(f"module 'rba_core' has no attribute {name!r}")

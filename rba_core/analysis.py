@@ -14,7 +14,7 @@ from rba_core.data import open_dataset
 from rba_core.errors import RBAError
 from rba_core.extract import Extraction, Progress, extract
 from rba_core.metrics import block_redundancy, cosine_matrix, linear_cka_matrix
-from rba_core.models import Encoder, load_encoder
+from rba_core.models import Encoder, load_config, load_encoder
 from rba_core.probe import probe_accuracy
 
 Stage = Callable[[str], None]
@@ -52,12 +52,14 @@ def analyze(model: str, dataset: str, n: int, seed: int = 0, split: str = "train
 class _LazyEncoder:
     """Loads the model only when a forward pass is really needed (never on a full cache hit)."""
 
-    def __init__(self, model: str, encoder: Encoder | None = None):
-        self.model, self.encoder = model, encoder
+    def __init__(self, model: str, encoder: Encoder | Callable[[], Encoder] | None = None):
+        self.model, self.encoder = model, encoder  # a zero-arg loader lets the app share its model cache
 
     def __call__(self) -> Encoder:
         if self.encoder is None:
             self.encoder = load_encoder(self.model)
+        elif not isinstance(self.encoder, Encoder):
+            self.encoder = self.encoder()
         return self.encoder
 
 
@@ -101,19 +103,21 @@ def approximated_outputs(lazy: _LazyEncoder, model: str, dataset: str, fit: Extr
 def approximate(model: str, dataset: str, fit_n: int, eval_n: int, seed: int,
                 ranges: Sequence[Sequence[int]], kind: str = "linear", *, ridge: float = 1e-2,
                 probe: bool = False, cache: Cache | None = None, progress: Progress | None = None,
-                on_stage: Stage | None = None, encoder: Encoder | None = None) -> dict:
+                on_stage: Stage | None = None, encoder: Encoder | _LazyEncoder | Callable[[], Encoder] | None = None) -> dict:
     """Fit maps on ``fit_n`` train images, evaluate the approximated model on ``eval_n`` test images.
 
-    Returns the ``approximate`` JSON plus ``pca`` (shared-basis coordinates) and ``labels``.
+    Returns the ``approximate`` JSON plus ``final``: original and approximated final
+    representations of the evaluation samples with their labels (numpy; not JSON).
     """
     if kind not in MAP_KINDS:
         raise RBAError(f"Unknown map '{kind}': use one of {', '.join(MAP_KINDS)}.")
     cache = cache or Cache()
     stage = on_stage or (lambda _: None)
-    lazy = _LazyEncoder(model, encoder)
+    # A shared _LazyEncoder lets many calls (table rows, search probes) load the model at most once.
+    lazy = encoder if isinstance(encoder, _LazyEncoder) else _LazyEncoder(model, encoder)
+    ranges = validate_ranges(ranges, load_config(model).num_hidden_layers)  # before any pass
     stage("Fit samples (train split): representations and token statistics")
     fit = extract(model, dataset, fit_n, seed, "train", cache=cache, progress=progress, encoder=lazy)
-    ranges = validate_ranges(ranges, fit.num_blocks)
     stage("Evaluation samples (test split): original model")
     ev = extract(model, dataset, eval_n, seed, "test", with_stats=False, cache=cache,
                  progress=progress, encoder=lazy)
@@ -132,7 +136,8 @@ def approximate(model: str, dataset: str, fit_n: int, eval_n: int, seed: int,
         "latency_ms_per_image": measured["latency_ms_per_image"],
         "cache": {"fit": fit.key, "eval": ev.key},
         "notes": sorted(set(fit.notes + ev.notes)),
-        "final": {"original": ev.final, "approximated": final, "labels": ev.labels},
+        "final": {"original": ev.final, "approximated": final, "labels": ev.labels,
+                  "label_names": fit.label_names},
     }
     if probe:
         stage("Linear probe: approximated and skipped models on the fit samples")

@@ -25,8 +25,10 @@ Range = tuple[int, int]
 
 
 def paper_notation(rng: Range) -> str:
-    """The paper's tables write range i→j in 0-indexed block outputs as "i-1 j-1"."""
-    return f"{rng[0] - 1} {rng[1] - 1}"
+    """The paper's tables write range i→j in 0-indexed block outputs as "i-1 j-1"; a range that
+    starts at the embeddings (i = 0) has no such index and is written "emb j-1"."""
+    start = "emb" if rng[0] == 0 else str(rng[0] - 1)
+    return f"{start} {rng[1] - 1}"
 
 
 def validate_ranges(ranges: Sequence[Sequence[int]], num_blocks: int) -> list[Range]:
@@ -94,14 +96,23 @@ def fit_map(stats: TokenStats, rng: Range, kind: MapKind = "linear", ridge: floa
     raise RBAError(f"Unknown map '{kind}': use one of {', '.join(MAP_KINDS)}.")
 
 
+def all_pair_maps(stats: TokenStats):
+    """Least-squares maps for every range i→j, one factorisation per i.
+
+    Yields ``(i, maps)`` where ``maps``: (D, (L-i)·D) float64 holds T for j = i+1..L side by side.
+    """
+    d = stats.hidden_size
+    for i in range(stats.num_blocks):
+        yield i, _solve_spd(stats.gram(i, i), stats.upper[i][:, d:])
+
+
 def fit_residual_matrix(stats: TokenStats) -> np.ndarray:
     """Relative residual ||hs[i] T - hs[j]||² / ||hs[j]||² of the least-squares map for every
-    i < j, (L+1, L+1) float64, NaN where i >= j. Costs one factorisation per i, no forward pass."""
+    i < j, (L+1, L+1) float64, NaN where i >= j. Needs no forward pass."""
     states, d = stats.num_blocks + 1, stats.hidden_size
     out = np.full((states, states), np.nan)
-    for i in range(states - 1):
-        cross = stats.upper[i][:, d:]  # hs[i]ᵀ [hs[i+1] | ... | hs[L]]
-        maps = _solve_spd(stats.gram(i, i), cross)
+    for i, maps in all_pair_maps(stats):
+        cross = stats.upper[i][:, d:]
         for j in range(i + 1, states):
             block = slice((j - i - 1) * d, (j - i) * d)
             target = np.trace(stats.gram(j, j))

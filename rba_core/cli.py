@@ -1,4 +1,5 @@
-"""Command line: ``python -m rba_core analyze|approximate ...`` writing the results as JSON."""
+"""Command line: ``python -m rba_core analyze|approximate|table|search ...`` writing the results as JSON
+(``table`` also as CSV or Markdown)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,35 @@ def _parser() -> argparse.ArgumentParser:
     approx.add_argument("--map", default="linear", choices=("linear", "affine", "ridge", "identity"))
     approx.add_argument("--ridge", type=float, default=1e-2, help="λ for --map ridge")
     approx.add_argument("--probe", action="store_true", help="also train the linear probe (3 seeds)")
+    _add_table_and_search(sub, common)
     return parser
+
+
+def _add_table_and_search(sub, common: argparse.ArgumentParser) -> None:
+    """The ``table`` and ``search`` subcommands (issue 4)."""
+    table = sub.add_parser("table", help="rows like the paper's Tables 1 and 2 (approximated and skipped ranges)")
+    table.add_argument("--model", required=True, help="alias, hub id or folder")
+    table.add_argument("--dataset", required=True, action="append", help="alias or folder (repeatable)")
+    table.add_argument("--fit-n", type=int, required=True, help="train images used to fit the maps")
+    table.add_argument("--eval-n", type=int, required=True, help="test images used to evaluate")
+    table.add_argument("--seed", type=int, default=0)
+    table.add_argument("--ranges", default="paper",
+                       help="comma-separated rows: paper, all-consecutive or I:J ('+' joins ranges of one row)")
+    table.add_argument("--map", default="linear", choices=("linear", "affine", "ridge", "identity"))
+    table.add_argument("--ridge", type=float, default=1e-2, help="λ for --map ridge")
+    table.add_argument("--out", required=True, type=Path, help="FILE.csv, FILE.md or FILE.json")
+    table.add_argument("--cache-dir", type=Path, help="cache folder (default $RBA_CACHE_DIR or cache/)")
+    search = sub.add_parser("search", parents=[common], help="rank ranges by measured final-representation MSE")
+    search.add_argument("--fit-n", type=int, required=True, help="train images used to fit the maps")
+    search.add_argument("--eval-n", type=int, required=True, help="test images the MSE is measured on")
+    budget = search.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--blocks", type=int, help="remove exactly this many blocks")
+    budget.add_argument("--max-params", type=int, help="at most this many parameters (T included)")
+    budget.add_argument("--max-latency-ms", type=float, help="at most this estimated latency per image")
+    search.add_argument("--pairs", action="store_true", help="also try pairs of disjoint ranges")
+    search.add_argument("--probe-top", type=int, default=0, help="train the probe for the best K candidates")
+    search.add_argument("--map", default="linear", choices=("linear", "affine", "ridge", "identity"))
+    search.add_argument("--ridge", type=float, default=1e-2, help="λ for --map ridge")
 
 
 def _progress():
@@ -61,13 +90,29 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "analyze":
             results = analyze(args.model, args.dataset, args.n, args.seed, args.split,
                               cache=cache, progress=_progress())
+        elif args.command == "table":
+            from rba_core.table import table, table_format, write_table
+
+            table_format(args.out)  # a bad suffix fails before any work
+            results = table(args.model, args.dataset, args.fit_n, args.eval_n, args.seed, args.ranges, args.map,
+                            ridge=args.ridge, cache=cache, progress=_progress(),
+                            on_stage=lambda s: print(s, file=sys.stderr))
+            args.json = write_table(results, args.out)
+        elif args.command == "search":
+            from rba_core.search import search
+
+            results = search(args.model, args.dataset, args.fit_n, args.eval_n, args.seed, blocks=args.blocks,
+                             max_params=args.max_params, max_latency_ms=args.max_latency_ms, pairs=args.pairs,
+                             probe_top=args.probe_top, kind=args.map, ridge=args.ridge, cache=cache,
+                             progress=_progress(), on_stage=lambda s: print(s, file=sys.stderr))
         else:
             results = approximate(args.model, args.dataset, args.fit_n, args.eval_n, args.seed, args.range,
                                   args.map, ridge=args.ridge, probe=args.probe, cache=cache,
                                   progress=_progress(), on_stage=lambda s: print(s, file=sys.stderr))
             results.pop("final")
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1))
+        if args.command != "table":  # the table wrote itself in the format its suffix names
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=1))
     except RBAError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -118,6 +118,7 @@ def extract(model: str, dataset: str, n: int, seed: int = 0, split: str = "train
     ``encoder`` may be a loaded encoder or a function that loads one (called only on a miss).
     """
     cache = cache or Cache()
+    seen = len(cache.damaged)
     source = open_dataset(dataset, split)
     indices = sample_indices(len(source), n, seed)
     # An entry with statistics also serves a request without them; the last key is the one stored.
@@ -131,7 +132,7 @@ def extract(model: str, dataset: str, n: int, seed: int = 0, split: str = "train
         reps = cache.load(key, "reps")
         stats = cache.load(key, "stats") if with_stats else None
         if reps is not None and (stats is not None or not with_stats):
-            return _extraction(key, True, entry.meta, reps, stats, source, indices, cache)
+            return _extraction(key, True, entry.meta, reps, stats, source, indices, cache.damaged[seen:])
     encoder = encoder() if callable(encoder) else encoder or load_encoder(model, device)
     began = time.perf_counter()
     groups = run_pass(encoder, source, indices, with_stats, batch_size, token_fraction, progress)
@@ -148,10 +149,10 @@ def extract(model: str, dataset: str, n: int, seed: int = 0, split: str = "train
     key = keys[-1]
     entry = cache.put(key, groups, meta)
     return _extraction(key, False, entry.meta, groups["reps"], groups.get("stats"), source,
-                       indices, cache)
+                       indices, cache.damaged[seen:])
 
 
-def _extraction(key, hit, meta, reps, stats, source, indices, cache) -> Extraction:
+def _extraction(key, hit, meta, reps, stats, source, indices, notes) -> Extraction:
     token_stats = TokenStats.from_arrays(stats) if stats is not None else None
     return Extraction(key, hit, meta, reps["cls"], reps["final"], source.labels[indices], indices,
-                      token_stats, list(cache.damaged))
+                      token_stats, notes)

@@ -41,4 +41,8 @@ def linear_cka_matrix(cls: np.ndarray) -> np.ndarray:
             for b in range(a, states):
                 cross[a, b] = cross[b, a] = np.sum(np.square(x[b].T @ x[a], dtype=np.float64))
     norms = np.sqrt(np.diag(cross))
-    return cross / np.maximum(np.outer(norms, norms), 1e-300)
+    cka = cross / np.maximum(np.outer(norms, norms), 1e-300)
+    # hs[0]'s CLS (CLS token + position embedding) is the same for every image, so its centred
+    # kernel is zero; a block output is still identical to itself, so the diagonal is 1.
+    np.fill_diagonal(cka, 1.0)
+    return cka

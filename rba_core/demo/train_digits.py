@@ -14,7 +14,9 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+from transformers.image_utils import PILImageResampling
 
 if not __package__:  # run as a script path: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -23,10 +25,14 @@ from rba_core.demo.digits import load_digits_split
 DEFAULT_OUT = Path(__file__).resolve().parent / "digits-vit"
 IMAGE_SIZE = 32
 MAX_SHIFT = 2  # pixels at 32x32 resolution, i.e. half an original 8x8 pixel
-BATCH_SIZE = 64
+BATCH_SIZE = 32
 LEARNING_RATE = 2e-3
 WEIGHT_DECAY = 0.05
-WARMUP_EPOCHS = 3
+WARMUP_EPOCHS = 2
+GRAD_CLIP = 1.0
+# Weight init std, larger than ViT's default 0.02, with which this 64-wide model sat on its initial
+# loss plateau for several epochs and reached only ~80-85% test accuracy in 15-18 epochs (vs ~99%).
+INIT_RANGE = 0.1
 
 
 def make_processor() -> ViTImageProcessor:
@@ -34,7 +40,7 @@ def make_processor() -> ViTImageProcessor:
     return ViTImageProcessor(
         do_resize=True,
         size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        resample=2,  # PIL bilinear
+        resample=PILImageResampling.BILINEAR,
         do_rescale=True,
         do_normalize=True,
         image_mean=[0.5, 0.5, 0.5],
@@ -52,6 +58,7 @@ def make_model(label_names: list[str]) -> ViTForImageClassification:
         num_hidden_layers=12,
         num_attention_heads=4,
         intermediate_size=128,
+        initializer_range=INIT_RANGE,
         num_labels=len(label_names),
         id2label=dict(enumerate(label_names)),
         label2id={name: i for i, name in enumerate(label_names)},
@@ -59,11 +66,9 @@ def make_model(label_names: list[str]) -> ViTForImageClassification:
     return ViTForImageClassification(config)
 
 
-def pixel_values(processor: ViTImageProcessor, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply the processor to one digits split, returning ``(pixel_values, labels)``."""
-    images, labels, _ = load_digits_split(split)
-    inputs = processor(images=[img.convert("RGB") for img in images], return_tensors="pt")
-    return inputs["pixel_values"], torch.from_numpy(labels)
+def pixel_values(processor: ViTImageProcessor, images: list[Image.Image]) -> torch.Tensor:
+    """Apply the processor to the images converted to RGB, exactly as at inference."""
+    return processor(images=[img.convert("RGB") for img in images], return_tensors="pt")["pixel_values"]
 
 
 def random_shift(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -82,15 +87,17 @@ def accuracy(model: ViTForImageClassification, x: torch.Tensor, y: torch.Tensor)
     return (logits.argmax(-1) == y).float().mean().item()
 
 
-def train(out: Path, epochs: int, seed: int) -> dict:
+def train(out: Path, epochs: int, seed: int) -> dict[str, object]:
     """Train, save the model and processor to ``out``, and return the training summary."""
     torch.manual_seed(seed)
     np.random.seed(seed)
     generator = torch.Generator().manual_seed(seed)
     processor = make_processor()
-    x_train, y_train = pixel_values(processor, "train")
-    x_test, y_test = pixel_values(processor, "test")
-    model = make_model(load_digits_split("test")[2])
+    train_images, train_labels, label_names = load_digits_split("train")
+    test_images, test_labels, _ = load_digits_split("test")
+    x_train, y_train = pixel_values(processor, train_images), torch.from_numpy(train_labels)
+    x_test, y_test = pixel_values(processor, test_images), torch.from_numpy(test_labels)
+    model = make_model(label_names)
 
     steps_per_epoch = math.ceil(len(x_train) / BATCH_SIZE)
     total_steps, warmup_steps = epochs * steps_per_epoch, WARMUP_EPOCHS * steps_per_epoch
@@ -105,9 +112,11 @@ def train(out: Path, epochs: int, seed: int) -> dict:
         model.train()
         total_loss = 0.0
         for idx in torch.randperm(len(x_train), generator=generator).split(BATCH_SIZE):
-            loss = F.cross_entropy(model(pixel_values=random_shift(x_train[idx], generator)).logits, y_train[idx])
+            logits = model(pixel_values=random_shift(x_train[idx], generator)).logits
+            loss = F.cross_entropy(logits, y_train[idx])
             optimizer.zero_grad()
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
             optimizer.step()
             scheduler.step()
             total_loss += loss.item() * len(idx)
@@ -119,7 +128,7 @@ def train(out: Path, epochs: int, seed: int) -> dict:
         "epochs": epochs,
         "train_size": len(x_train),
         "test_size": len(x_test),
-        "test_accuracy": accuracy(model, x_test, y_test),
+        "test_accuracy": round(accuracy(model, x_test, y_test), 4),
         "train_seconds": round(train_seconds, 1),
         "torch_version": torch.__version__,
     }
@@ -133,7 +142,7 @@ def main() -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: %(default)s)")
-    parser.add_argument("--epochs", type=int, default=60, help="training epochs (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=15, help="training epochs (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     args = parser.parse_args()
     summary = train(args.out, args.epochs, args.seed)

@@ -1,0 +1,49 @@
+"""Which blocks and ranges are the best candidates: top Block Redundancy, lowest fit residual.
+
+Pure numpy over Block Redundancy (blocks 1..L) and the (L+1, L+1) fit-residual matrix of
+:func:`rba_core.approx.fit_residual_matrix` (NaN where i >= j); no forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """Range i→j (blocks i+1..j removed) and the relative residual of its least-squares map."""
+
+    start: int
+    end: int
+    residual: float
+
+    @property
+    def removed_blocks(self) -> list[int]:
+        return list(range(self.start + 1, self.end + 1))
+
+
+def rank_ranges(residual: np.ndarray, removed: int) -> list[Candidate]:
+    """Every range removing exactly ``removed`` consecutive blocks, lowest residual first.
+
+    Ties keep the earlier range first; ranges whose residual is NaN are left out.
+    """
+    residual = np.asarray(residual, dtype=np.float64)
+    num_blocks = residual.shape[0] - 1
+    if not 1 <= removed <= num_blocks:
+        return []
+    candidates = [Candidate(i, i + removed, float(residual[i, i + removed]))
+                  for i in range(num_blocks - removed + 1) if not np.isnan(residual[i, i + removed])]
+    return sorted(candidates, key=lambda c: c.residual)  # sorted() is stable: ties stay in order
+
+
+def top_blocks(redundancy: np.ndarray, k: int) -> list[int]:
+    """The ``k`` most redundant blocks (1..L, highest Block Redundancy first; ties: lower block first)."""
+    order = np.argsort(-np.asarray(redundancy, dtype=np.float64), kind="stable")
+    return [int(b) + 1 for b in order[: max(k, 0)]]
+
+
+def suggested_removed(num_blocks: int) -> int:
+    """How many blocks to try removing first: a third, as in the paper's 12 → 8 blocks example."""
+    return max(1, num_blocks // 3)

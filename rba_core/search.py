@@ -1,0 +1,286 @@
+"""Which ranges to approximate under a budget: every candidate ranked by measured final-representation MSE.
+
+Candidates are every contiguous range i→j and, with ``pairs``, every pair of disjoint ranges with
+at least one kept block between them (adjacent ranges would be one range with a factored map).
+The original model runs once over the evaluation samples keeping every block output hs[0..L]
+(in chunks of samples when they do not all fit in memory); each candidate then costs only what
+its compressed model computes after its first map: T applied to the cached hs[i], then blocks
+j+1..L. Pairs sharing a first range also share its suffix up to the second range.
+
+The cheap scores come for free from the fit extraction: the Block Redundancy score of a candidate
+is -Σ BR(k) over its removed blocks (the CLS change those blocks make), the fit-residual score the
+sum of its ranges' relative residuals. Their Spearman correlation with the measured MSE says when
+the cheap score is enough to choose.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from rba_core.analysis import Stage, _LazyEncoder, approximate
+from rba_core.approx import MAP_KINDS, LinearMap, Range, fit_map, fit_residual_matrix
+from rba_core.cache import Cache
+from rba_core.data import open_dataset
+from rba_core.errors import RBAError
+from rba_core.extract import Extraction, Progress, extract
+from rba_core.metrics import block_redundancy
+from rba_core.models import Encoder
+from rba_core.table import row_label
+
+Candidate = tuple[Range, ...]
+
+
+def candidate_ranges(num_blocks: int, pairs: bool = False) -> list[Candidate]:
+    """Every contiguous range, then (with ``pairs``) every pair with a kept block between them."""
+    singles = [((i, j),) for i in range(num_blocks) for j in range(i + 1, num_blocks + 1)]
+    if not pairs:
+        return singles
+    return singles + [a + b for a in singles for b in singles if b[0][0] > a[0][1]]
+
+
+def removed_blocks(candidate: Candidate) -> int:
+    return sum(j - i for i, j in candidate)
+
+
+def candidate_params(candidate: Candidate, num_params: int, block_params: Sequence[int],
+                     hidden_size: int, kind: str) -> int:
+    """Parameters of the approximated encoder: the original minus removed blocks plus the maps."""
+    per_map = {"identity": 0, "affine": hidden_size * (hidden_size + 1)}.get(kind, hidden_size * hidden_size)
+    removed = sum(block_params[k - 1] for i, j in candidate for k in range(i + 1, j + 1))
+    return num_params - removed + per_map * len(candidate)
+
+
+def _available_memory() -> int:
+    """Half of MemAvailable (Linux), else 2 GiB: the budget for cached block outputs."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 2
+    except OSError:
+        pass
+    return 2 << 30
+
+
+def chunk_size(n: int, tokens: int, hidden: int, states: int, heads: int, pairs: bool,
+               memory_bytes: int) -> int:
+    """Samples per chunk whose cached block outputs (twice with pairs: the shared suffix states
+    too) and one block's activations fit in ``memory_bytes``; all n when they fit."""
+    per_sample = 4 * tokens * hidden * states * (2 if pairs else 1) + 4 * tokens * (heads * tokens + 6 * hidden)
+    return int(max(1, min(n, memory_bytes // per_sample)))
+
+
+def _timed(fn, *args):
+    began = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - began
+
+
+def _states(encoder: Encoder, pixels: torch.Tensor) -> tuple[list[torch.Tensor], dict]:
+    """hs[0..L] of one chunk, and the time of each stage in ms per image."""
+    n = len(pixels)
+    hidden, t_embed = _timed(encoder.embed, pixels)
+    hs, t_blocks = [hidden], []
+    for k in range(1, encoder.num_blocks + 1):
+        hidden, seconds = _timed(encoder.run_blocks, hidden, k, k)
+        hs.append(hidden)
+        t_blocks.append(seconds)
+    _, t_norm = _timed(encoder.final_cls, hidden)
+    _, t_map = _timed(LinearMap(torch.eye(encoder.hidden_size)).to(encoder.device), hidden)
+    ms = lambda s: 1000.0 * s / n  # noqa: E731
+    return hs, {"embed": ms(t_embed), "blocks": [ms(t) for t in t_blocks], "norm": ms(t_norm), "map": ms(t_map)}
+
+
+def latency_estimate(candidate: Candidate, timing: dict, kind: str) -> float:
+    """ms per image: embedding + kept blocks + maps + final norm, from the measured stage times."""
+    removed = {k for i, j in candidate for k in range(i + 1, j + 1)}
+    kept = sum(t for k, t in enumerate(timing["blocks"], start=1) if k not in removed)
+    maps = 0 if kind == "identity" else len(candidate)
+    return timing["embed"] + kept + maps * timing["map"] + timing["norm"]
+
+
+def _on(linear_map: LinearMap | None, device: str) -> LinearMap | None:
+    return None if linear_map is None else linear_map.to(device)
+
+
+def _apply(linear_map: LinearMap | None, hidden: torch.Tensor) -> torch.Tensor:
+    return hidden if linear_map is None else linear_map(hidden)
+
+
+@torch.inference_mode()
+def _chunk_sse(encoder: Encoder, hs: list[torch.Tensor], reference: torch.Tensor,
+               groups: dict[Range, list[Candidate]], maps: dict[Range, LinearMap | None],
+               sse: dict[Candidate, float], tick) -> None:
+    """Add each candidate's squared error on this chunk; candidates are grouped by first range so
+    that pairs reuse the state after the first map and the blocks up to their second range."""
+    last = encoder.num_blocks
+
+    def add(candidate: Candidate, hidden: torch.Tensor) -> None:
+        final = encoder.final_cls(hidden).double()
+        sse[candidate] += float(((final - reference) ** 2).sum())
+        tick()
+
+    for (i1, j1), members in groups.items():
+        seconds = defaultdict(list)  # start of the second range -> its candidates
+        for candidate in members:
+            if len(candidate) == 2:
+                seconds[candidate[1][0]].append(candidate)
+        state, at = _apply(maps[(i1, j1)], hs[i1]), j1
+        for stop in sorted(seconds):
+            state, at = encoder.run_blocks(state, at + 1, stop), stop
+            for candidate in seconds[stop]:
+                i2, j2 = candidate[1]
+                add(candidate, encoder.run_blocks(_apply(maps[(i2, j2)], state), j2 + 1, last))
+        if ((i1, j1),) in members:
+            add(((i1, j1),), encoder.run_blocks(state, at + 1, last))
+
+
+def _select(candidates: list[Candidate], fit: Extraction, kind: str, timing: dict | None,
+            blocks: int | None, max_params: int | None, max_latency_ms: float | None) -> list[Candidate]:
+    num_params, block_params = fit.meta["num_params"], fit.meta["block_params"]
+    chosen = []
+    for c in candidates:
+        if blocks is not None and removed_blocks(c) != blocks:
+            continue
+        if max_params is not None and candidate_params(c, num_params, block_params, fit.hidden_size, kind) > max_params:
+            continue
+        if max_latency_ms is not None and latency_estimate(c, timing, kind) > max_latency_ms:
+            continue
+        chosen.append(c)
+    return chosen
+
+
+def _spearman(score: list[float], measured: list[float]) -> float | None:
+    """Spearman correlation; None with fewer than 3 candidates or a constant side."""
+    from scipy.stats import spearmanr
+
+    if len(score) < 3 or np.ptp(score) == 0 or np.ptp(measured) == 0:
+        return None
+    return float(spearmanr(score, measured).statistic)
+
+
+def _measure(encoder: Encoder, source, ev: Extraction, size: int, choose, progress: Progress | None):
+    """Run the original model over the evaluation samples chunk by chunk, keeping hs[0..L] of the
+    chunk, and add up every chosen candidate's squared error. ``choose(timing)`` picks the
+    candidates and their maps once the first chunk has measured the stage times."""
+    n, chunks = len(ev.indices), -(-len(ev.indices) // size)
+    seconds = {"original_forward": 0.0, "candidates": 0.0}
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(done, len(sse) * chunks)
+
+    for start in range(0, n, size):
+        pixels = encoder.preprocess(source.images(ev.indices[start : start + size]))
+        with torch.inference_mode():
+            (hs, chunk_timing), took = _timed(_states, encoder, pixels)
+        seconds["original_forward"] += took
+        if start == 0:  # a latency budget needs the stage times, so candidates are chosen here
+            timing = chunk_timing
+            chosen, maps = choose(timing)
+            sse = {c: 0.0 for c in chosen}
+            groups: dict[Range, list[Candidate]] = defaultdict(list)
+            for c in chosen:
+                groups[c[0]].append(c)
+        reference = torch.as_tensor(ev.final[start : start + size], dtype=torch.float64, device=encoder.device)
+        _, took = _timed(_chunk_sse, encoder, hs, reference, groups, maps, sse, tick)
+        seconds["candidates"] += took
+        del hs
+    return sse, timing, seconds
+
+
+def search(model: str, dataset: str, fit_n: int, eval_n: int, seed: int = 0, *, blocks: int | None = None,
+           max_params: int | None = None, max_latency_ms: float | None = None, pairs: bool = False,
+           probe_top: int = 0, kind: str = "linear", ridge: float = 1e-2, cache: Cache | None = None,
+           progress: Progress | None = None, on_stage: Stage | None = None,
+           memory_bytes: int | None = None, encoder: Encoder | None = None) -> dict:
+    """Rank the candidates that fit the budget by measured final-representation MSE (lowest first).
+
+    Budgets (any combination; none means every candidate): ``blocks`` removes exactly that many
+    blocks, ``max_params`` caps the parameters (T included), ``max_latency_ms`` caps the latency
+    per image estimated from the measured time of each stage. The best ``probe_top`` candidates
+    also get probe accuracies from :func:`rba_core.analysis.approximate` (cached like it).
+    ``memory_bytes`` bounds the cached block outputs (default: half the available memory).
+    """
+    if kind not in MAP_KINDS:
+        raise RBAError(f"Unknown map '{kind}': use one of {', '.join(MAP_KINDS)}.")
+    began = time.perf_counter()
+    cache = cache or Cache()
+    stage = on_stage or (lambda _: None)
+    lazy = _LazyEncoder(model, encoder)
+    stage("Fit samples (train split): representations and token statistics")
+    fit = extract(model, dataset, fit_n, seed, "train", cache=cache, progress=progress, encoder=lazy)
+    stage("Evaluation samples (test split): original model")
+    ev = extract(model, dataset, eval_n, seed, "test", with_stats=False, cache=cache, progress=progress,
+                 encoder=lazy)
+    num_blocks, stats = fit.num_blocks, fit.stats()
+    if blocks is not None and not 1 <= blocks <= num_blocks:
+        raise RBAError(f"Cannot remove {blocks} blocks: this model has {num_blocks}; choose 1..{num_blocks}.")
+    everything = candidate_ranges(num_blocks, pairs)
+
+    def choose(timing: dict) -> tuple[list[Candidate], dict[Range, LinearMap | None]]:
+        chosen = _select(everything, fit, kind, timing, blocks, max_params, max_latency_ms)
+        if not chosen:
+            raise RBAError("No range fits this budget: allow more parameters or latency, or remove fewer blocks.")
+        stage(f"Measured search: {len(chosen)} of {len(everything)} candidates fit the budget")
+        needed = sorted({r for c in chosen for r in c})  # pairs share ranges: fit each map once
+        return chosen, {r: _on(fit_map(stats, r, kind, ridge), encoder.device) for r in needed}
+
+    encoder = lazy()
+    source = open_dataset(dataset, "test")
+    with torch.inference_mode():
+        tokens = encoder.embed(encoder.preprocess(source.images(ev.indices[:1]))).shape[1]
+    size = chunk_size(len(ev.indices), tokens, encoder.hidden_size, num_blocks + 1,
+                      encoder.model.config.num_attention_heads, pairs, memory_bytes or _available_memory())
+    stage(f"Measured search: original block outputs in chunks of {size} of {len(ev.indices)} samples")
+    sse, timing, seconds = _measure(encoder, source, ev, size, choose, progress)
+
+    residual, redundancy = fit_residual_matrix(stats), block_redundancy(fit.cls)
+    num_params, block_params = fit.meta["num_params"], fit.meta["block_params"]
+    rows = []
+    for c, error in sse.items():
+        label, paper = row_label(c)
+        removed = [k for i, j in c for k in range(i + 1, j + 1)]
+        rows.append({
+            "ranges": [list(r) for r in c], "range": label, "paper": paper, "removed_blocks": len(removed),
+            "params": candidate_params(c, num_params, block_params, fit.hidden_size, kind),
+            "latency_ms_per_image_estimate": latency_estimate(c, timing, kind),
+            "mse_final": error / ev.final.size,
+            "block_redundancy_score": float(-sum(redundancy[k - 1] for k in removed)),
+            "fit_residual_score": float(sum(residual[i, j] for i, j in c)),
+        })
+    rows.sort(key=lambda row: row["mse_final"])
+    measured = [row["mse_final"] for row in rows]
+    results = {
+        "model": model, "dataset": dataset, "fit_n": fit_n, "eval_n": eval_n, "seed": seed,
+        "num_blocks": num_blocks, "map": kind, "ridge": ridge if kind == "ridge" else None,
+        "budget": {"blocks": blocks, "max_params": max_params, "max_latency_ms": max_latency_ms},
+        "pairs": pairs, "considered": len(everything), "evaluated": len(rows), "chunk_size": size,
+        "original": {"params": num_params, "latency_ms_per_image_estimate": latency_estimate((), timing, kind)},
+        "timing_ms_per_image": timing,
+        "spearman": {
+            "block_redundancy": _spearman([r["block_redundancy_score"] for r in rows], measured),
+            "fit_residual": _spearman([r["fit_residual_score"] for r in rows], measured),
+        },
+        "candidates": rows,
+        "cache": {"fit": fit.key, "eval": ev.key},
+        "notes": sorted(set(fit.notes + ev.notes)),
+    }
+    if probe_top > 0:
+        stage(f"Linear probe for the best {min(probe_top, len(rows))} candidates")
+        for row in rows[:probe_top]:
+            res = approximate(model, dataset, fit_n, eval_n, seed, row["ranges"], kind, ridge=ridge, probe=True,
+                              cache=cache, progress=progress, encoder=lazy)
+            row["accuracy"] = {"approximated": res["accuracy"]["approximated"], "skip": res["accuracy"]["skip"]}
+            results["original"]["accuracy"] = res["accuracy"]["original"]
+    seconds["total"] = time.perf_counter() - began
+    results["seconds"] = seconds
+    return results

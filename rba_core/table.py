@@ -1,0 +1,163 @@
+"""What the paper's Tables 1 and 2 say for any model and dataset: one row per approximated range.
+
+Each row is exactly what :func:`rba_core.analysis.approximate` returns with ``probe=True`` for
+the same settings (so the two never disagree), and it reuses that function's cache: a second
+table with more rows runs the model only for the new ones.
+
+Row syntax: ``I:J`` is range i→j; ``I:J+K:L`` approximates several ranges in one model; rows are
+separated by commas and may include presets. ``all-consecutive`` is every one-block range i→i+1
+(i = 0..L-1); ``paper`` is the paper's Table 1 range "1 5" (2→6 here, 8 of 12 blocks left) followed by the
+consecutive one-block ranges of its Table 2 in its notation, "0 1" .. "L-2 L-1" (1→2 .. L-1→L
+here; the paper's notation cannot name the embedding output hs[0]). The paper's tables could not
+be consulted offline, so the Table 2 preset is our reading of "consecutive ranges".
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from pathlib import Path
+from typing import Sequence
+
+from rba_core.analysis import Stage, _LazyEncoder, approximate
+from rba_core.approx import Range, paper_notation, validate_ranges
+from rba_core.cache import Cache
+from rba_core.errors import RBAError
+from rba_core.extract import Progress
+
+Row = list[Range]
+PRESETS = ("paper", "all-consecutive")
+FORMATS = (".csv", ".md", ".json")
+_RANGE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+def preset_rows(name: str, num_blocks: int) -> list[Row]:
+    """The rows of a preset for a model with ``num_blocks`` blocks."""
+    if name == "all-consecutive":
+        return [[(i, i + 1)] for i in range(num_blocks)]
+    if name == "paper":
+        table1 = [[(2, 6)]] if num_blocks >= 6 else []
+        return table1 + [[(i, i + 1)] for i in range(1, num_blocks)]
+    raise RBAError(f"Unknown preset '{name}': use {' or '.join(PRESETS)}, or ranges like 2:6,8:10+3:4.")
+
+
+def parse_rows(spec: str | Sequence[Sequence[Range]], num_blocks: int) -> list[Row]:
+    """Checked rows from a string like ``"paper,2:6,8:10+3:4"`` (presets and ranges) or lists of ranges."""
+    if isinstance(spec, str):
+        rows = []
+        for item in spec.split(","):
+            if item.strip() in PRESETS:
+                rows += preset_rows(item.strip(), num_blocks)
+                continue
+            parts = [_RANGE.match(part) for part in item.split("+")]
+            if not all(parts):
+                raise RBAError(f"Cannot read the range '{item.strip()}': write I:J (blocks I+1..J removed), "
+                               "join ranges of one row with '+' and separate rows with ','.")
+            rows.append([(int(m.group(1)), int(m.group(2))) for m in parts])
+        spec = rows
+    return [validate_ranges(row, num_blocks) for row in spec]
+
+
+def row_label(row: Sequence[Range]) -> tuple[str, str]:
+    """(our notation, the paper's notation) of a row, e.g. ("2→6 + 8→10", "1 5 + 7 9")."""
+    return " + ".join(f"{i}→{j}" for i, j in row), " + ".join(paper_notation(r) for r in row)
+
+
+def _num_blocks(model: str) -> int:
+    from rba_core.models import load_config
+
+    return int(load_config(model).num_hidden_layers)
+
+
+def table(model: str, datasets: Sequence[str], fit_n: int, eval_n: int, seed: int = 0,
+          rows: str | Sequence[Sequence[Range]] = "paper", kind: str = "linear", *, ridge: float = 1e-2,
+          cache: Cache | None = None, progress: Progress | None = None,
+          on_stage: Stage | None = None) -> dict:
+    """The original model's row then one row per range set, for each dataset.
+
+    Rows: ``dataset``, ``range`` and ``paper`` (labels), ``ranges`` ([[i, j], ...]),
+    ``blocks_left``, ``params`` (T included), ``mse_final``, ``accuracy`` {``approximated``,
+    ``skip``} each {mean, std} over probe seeds 0, 1, 2 (``original`` on the original row).
+    """
+    if not datasets:
+        raise RBAError("Give at least one dataset for the table.")
+    checked = parse_rows(rows, _num_blocks(model))
+    if not checked:
+        raise RBAError("The table has no rows: this model is too shallow for the preset; give ranges like 1:2.")
+    cache = cache or Cache()
+    lazy = _LazyEncoder(model)  # loaded once, and only when some row is not cached
+    stage = on_stage or (lambda _: None)
+    out = []
+    for dataset in datasets:
+        for n, row in enumerate(checked):
+            label, paper = row_label(row)
+            stage(f"{dataset}: row {n + 1}/{len(checked)}, range {label}")
+            res = approximate(model, dataset, fit_n, eval_n, seed, row, kind, ridge=ridge, probe=True,
+                              cache=cache, progress=progress, encoder=lazy)
+            if n == 0:
+                out.append({"dataset": dataset, "range": "original", "paper": "original", "ranges": [],
+                            "blocks_left": res["blocks"]["original"], "params": res["params"]["original"],
+                            "mse_final": 0.0, "accuracy": {"approximated": res["accuracy"]["original"],
+                                                           "skip": None}})
+            out.append({"dataset": dataset, "range": label, "paper": paper, "ranges": [list(r) for r in row],
+                        "blocks_left": res["blocks"]["approximated"], "params": res["params"]["approximated"],
+                        "mse_final": res["mse_final"],
+                        "accuracy": {"approximated": res["accuracy"]["approximated"],
+                                     "skip": res["accuracy"]["skip"]}})
+    return {"model": model, "datasets": list(datasets), "fit_n": fit_n, "eval_n": eval_n, "seed": seed,
+            "map": kind, "ridge": ridge if kind == "ridge" else None, "rows": out}
+
+
+def _flat(row: dict) -> dict:
+    """A row as CSV/Markdown columns (accuracies as fractions, empty where not applicable)."""
+    acc = row["accuracy"]
+    skip = acc["skip"] or {}
+    return {"dataset": row["dataset"], "range": row["range"], "paper": row["paper"],
+            "blocks_left": row["blocks_left"], "params": row["params"], "mse_final": row["mse_final"],
+            "acc_mean": acc["approximated"]["mean"], "acc_std": acc["approximated"]["std"],
+            "skip_acc_mean": skip.get("mean", ""), "skip_acc_std": skip.get("std", "")}
+
+
+def _percent(mean, std) -> str:
+    return "" if mean == "" else f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
+def render(result: dict, fmt: str) -> str:
+    """The table as ``csv``, ``md`` or ``json`` text."""
+    rows = [_flat(r) for r in result["rows"]]
+    if fmt == "json":
+        return json.dumps(result, indent=1)
+    if fmt == "csv":
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=list(rows[0]) if rows else ["range"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return text.getvalue()
+    if fmt == "md":
+        lines = ["| dataset | range (ours) | paper | blocks left | params | final MSE | accuracy % | skip accuracy % |",
+                 "|---|---|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['dataset']} | {r['range']} | {r['paper']} | {r['blocks_left']} | {r['params']:,} | "
+                  f"{r['mse_final']:.4g} | {_percent(r['acc_mean'], r['acc_std'])} | "
+                  f"{_percent(r['skip_acc_mean'], r['skip_acc_std'])} |" for r in rows]
+        return "\n".join(lines) + "\n"
+    raise RBAError(f"Unknown table format '{fmt}': use csv, md or json.")
+
+
+def table_format(path: Path | str) -> str:
+    """``csv``, ``md`` or ``json`` from the file name's suffix (checked before any work is done)."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMATS:
+        raise RBAError(f"Cannot tell the table format from '{Path(path).name}': "
+                       "end the file name with .csv, .md or .json.")
+    return suffix[1:]
+
+
+def write_table(result: dict, path: Path | str) -> Path:
+    """Write the table in the format its suffix names (.csv, .md or .json)."""
+    path = Path(path)
+    text = render(result, table_format(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path

@@ -1,0 +1,167 @@
+"""Datasets open as labelled RGB images from image folders and parquet folders, and sample reproducibly."""
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import SHARED_DATASETS
+from PIL import Image
+
+from rba_core import RBAError
+from rba_core.cache import Cache
+from rba_core.data import open_dataset, sample_indices
+from rba_core.extract import extract
+from rba_core.registry import DATA_DIR_ENV
+
+CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+needs_shared = pytest.mark.skipif(not SHARED_DATASETS.is_dir(), reason=f"{SHARED_DATASETS} is absent")
+
+
+def test_sample_indices_are_seeded_distinct_and_random():
+    a = sample_indices(1000, 50, seed=0)
+    assert np.array_equal(a, sample_indices(1000, 50, seed=0))
+    assert set(a) != set(sample_indices(1000, 50, seed=1))
+    assert len(set(a.tolist())) == 50 and a.min() >= 0 and a.max() < 1000
+    assert np.all(np.diff(a) > 0)  # sorted, no repeats
+    assert not np.array_equal(a, np.arange(50))  # not simply the first rows
+    assert a.max() > 500  # spread over the whole split
+    assert sorted(sample_indices(7, 7, seed=3).tolist()) == list(range(7))
+
+
+@pytest.mark.parametrize("n", [0, -3, 1001])
+def test_sample_indices_rejects_impossible_sizes(n):
+    with pytest.raises(RBAError):
+        sample_indices(1000, n, seed=0)
+
+
+def _digest(image: Image.Image) -> str:
+    return hashlib.sha1(np.asarray(image.convert("RGB")).tobytes()).hexdigest()
+
+
+def test_image_folder_splits_are_disjoint_cover_all_files_and_keep_labels(image_folder):
+    files = sorted(Path(image_folder).rglob("*.png"))
+    truth = {_digest(Image.open(f)): f.parent.name for f in files}
+    assert len(truth) == len(files) == 60
+    seen = {}
+    for split in ("train", "test"):
+        source = open_dataset(image_folder, split)
+        assert source.label_names == ["class0", "class1", "class2"]
+        assert len(source) > 0
+        images = source.images(range(len(source)))
+        for image, label in zip(images, source.labels):
+            digest = _digest(image)
+            assert digest not in seen, "an image is in both splits"
+            seen[digest] = split
+            assert source.label_names[label] == truth[digest]
+    assert set(seen) == set(truth)
+    assert 0.1 < list(seen.values()).count("test") / 60 < 0.35  # about one in five
+
+
+def test_grayscale_images_become_rgb(image_folder):
+    source = open_dataset(image_folder, "train")
+    files = sorted(Path(image_folder).rglob("*.png"))
+    gray = {_digest(Image.open(f)): np.asarray(Image.open(f)) for f in files if Image.open(f).mode == "L"}
+    assert gray
+    found = 0
+    for image in source.images(range(len(source))):
+        assert image.mode == "RGB" and image.size == (24, 20)
+        pixels = np.asarray(image)
+        if _digest(image) in gray:
+            found += 1
+            for c in range(3):
+                np.testing.assert_array_equal(pixels[:, :, c], gray[_digest(image)])
+    assert found > 0
+
+
+def test_image_folder_with_train_and_test_subfolders(tmp_path):
+    for split, count in (("train", 3), ("test", 2)):
+        for cls in ("cat", "dog"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for k in range(count):
+                Image.new("RGB", (8, 8), (k, 0, 0)).save(tmp_path / split / cls / f"{k}.png")
+    train, test = open_dataset(str(tmp_path), "train"), open_dataset(str(tmp_path), "test")
+    assert train.label_names == test.label_names == ["cat", "dog"]
+    assert train.labels.tolist() == [0, 0, 0, 1, 1, 1] and test.labels.tolist() == [0, 0, 1, 1]
+
+
+def _png(color: int) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.new("L", (6, 6), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _write_parquet(folder: Path, table: pa.Table) -> None:
+    folder.mkdir(exist_ok=True)
+    for split in ("train", "test"):
+        pq.write_table(table, folder / f"{split}.parquet")
+
+
+def test_parquet_folder_reads_images_and_labels(tmp_path):
+    images = [{"bytes": _png(10 * k), "path": None} for k in range(5)]
+    _write_parquet(tmp_path, pa.table({"img": images, "label": [0, 1, 2, 1, 0]}))
+    source = open_dataset(str(tmp_path), "test")
+    assert source.labels.tolist() == [0, 1, 2, 1, 0] and source.label_names == ["0", "1", "2"]
+    decoded = source.images([3])[0]
+    assert decoded.mode == "RGB" and np.asarray(decoded)[0, 0].tolist() == [30, 30, 30]
+
+
+def test_parquet_without_image_column(tmp_path):
+    _write_parquet(tmp_path, pa.table({"pixels_png": [b"x"], "label": [0]}))
+    with pytest.raises(RBAError, match="image column"):
+        open_dataset(str(tmp_path), "train")
+
+
+def test_empty_parquet(tmp_path):
+    schema = pa.schema([("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+                        ("label", pa.int64())])
+    _write_parquet(tmp_path, schema.empty_table())
+    with pytest.raises(RBAError, match="empty"):
+        open_dataset(str(tmp_path), "train")
+
+
+def test_unlabelled_parquet_has_label_minus_one(tmp_path):
+    _write_parquet(tmp_path, pa.table({"image": [{"bytes": _png(0), "path": None}] * 3}))
+    assert open_dataset(str(tmp_path), "train").labels.tolist() == [-1, -1, -1]
+
+
+def test_digits_alias_ships_offline():
+    train, test = open_dataset("digits", "train"), open_dataset("digits", "test")
+    assert len(train) + len(test) == 1797
+    assert train.label_names == [str(d) for d in range(10)]
+    assert train.images([0])[0].mode == "RGB"
+
+
+@needs_shared
+def test_real_mnist_and_cifar10_folders():
+    mnist = open_dataset(str(SHARED_DATASETS / "mnist"), "test")
+    assert len(mnist) == 10_000 and set(mnist.labels.tolist()) == set(range(10))
+    image = mnist.images([0])[0]
+    assert image.mode == "RGB" and image.size == (28, 28)
+    cifar = open_dataset(str(SHARED_DATASETS / "cifar10"), "test")
+    assert len(cifar) == 10_000 and cifar.label_names == CIFAR10_NAMES
+    assert cifar.images([5])[0].size == (32, 32)
+
+
+@needs_shared
+def test_real_datasets_through_aliases_and_data_dir(monkeypatch, tiny_models, tmp_path):
+    monkeypatch.setenv(DATA_DIR_ENV, str(SHARED_DATASETS))
+    cifar = open_dataset("CIFAR-10", "test")
+    assert cifar.name == "CIFAR-10" and cifar.label_names == CIFAR10_NAMES
+    direct = open_dataset(str(SHARED_DATASETS / "cifar10"), "test")
+    np.testing.assert_array_equal(cifar.labels, direct.labels)
+    assert _digest(cifar.images([7])[0]) == _digest(direct.images([7])[0])
+    mnist = open_dataset("mnist", "test")  # aliases are case-insensitive
+    assert len(mnist) == 10_000
+    for alias in ("CIFAR-10", "MNIST"):
+        ex = extract(tiny_models["vit"], alias, 6, seed=1, split="test", with_stats=False,
+                     cache=Cache(tmp_path / alias), device="cpu")
+        assert ex.cls.shape == (5, 6, 32) and np.isfinite(ex.cls).all()
+        source = open_dataset(alias, "test")
+        np.testing.assert_array_equal(ex.labels, source.labels[ex.indices])
+        assert ex.label_names == source.label_names
+        assert np.ptp(ex.final, axis=0).max() > 0  # different images, different representations

@@ -1,0 +1,126 @@
+"""The measured search: every candidate's MSE is the approximated model's, ranked lowest first."""
+
+import json
+
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+
+from rba_core.analysis import analyze, approximate
+from rba_core.approx import approximate_encoder, count_params
+from rba_core.cache import Cache
+from rba_core.cli import main
+from rba_core.errors import RBAError
+from rba_core.extract import extract
+from rba_core.models import load_encoder
+from rba_core.search import _select, candidate_ranges, chunk_size, search
+
+FIT_N, EVAL_N = 40, 12
+
+
+@pytest.fixture(scope="module")
+def searched(tiny_models, image_folder, tmp_path_factory):
+    cache = Cache(tmp_path_factory.mktemp("search-cache"))
+    return search(tiny_models["vit"], image_folder, FIT_N, EVAL_N, 0, pairs=True, cache=cache), cache
+
+
+def test_candidates_are_every_range_and_every_separated_pair():
+    singles = candidate_ranges(4)
+    assert len(singles) == 10 and singles[0] == ((0, 1),) and ((0, 4),) in singles
+    everything = candidate_ranges(4, pairs=True)
+    # Independent count: choose i1 < j1 < i2 < j2 from 0..4 (a kept block between the ranges).
+    expected = sum(1 for i1 in range(5) for j1 in range(i1 + 1, 5) for i2 in range(j1 + 1, 5) for j2 in range(i2 + 1, 5))
+    assert len(everything) == 10 + expected
+    assert ((0, 1), (2, 4)) in everything and ((0, 1), (1, 2)) not in everything
+
+
+def test_ranked_by_measured_mse_equal_to_approximate(searched, tiny_models, image_folder, tmp_path):
+    result, _ = searched
+    rows = result["candidates"]
+    assert result["evaluated"] == result["considered"] == len(candidate_ranges(4, pairs=True))
+    mse = [r["mse_final"] for r in rows]
+    assert mse == sorted(mse) and mse[0] > 0
+    fresh = Cache(tmp_path / "fresh")  # approximate recomputes everything through ApproximatedEncoder
+    pair = next(r for r in rows if len(r["ranges"]) == 2)
+    for row in (rows[0], pair, rows[-1]):
+        expected = approximate(tiny_models["vit"], image_folder, FIT_N, EVAL_N, 0, row["ranges"], cache=fresh)
+        assert row["mse_final"] == pytest.approx(expected["mse_final"], rel=1e-5)
+        assert row["params"] == expected["params"]["approximated"]
+
+
+def test_cheap_scores_and_their_spearman(searched, tiny_models, image_folder):
+    result, cache = searched
+    analysis = analyze(tiny_models["vit"], image_folder, FIT_N, 0, cache=cache)
+    redundancy, residual = np.array(analysis["block_redundancy"]), analysis["fit_residual"]
+    for row in result["candidates"]:
+        removed = [k for i, j in row["ranges"] for k in range(i + 1, j + 1)]
+        assert row["removed_blocks"] == len(removed)
+        assert row["block_redundancy_score"] == pytest.approx(-redundancy[np.array(removed) - 1].sum())
+        assert row["fit_residual_score"] == pytest.approx(sum(residual[i][j] for i, j in row["ranges"]))
+    mse = [r["mse_final"] for r in result["candidates"]]
+    for name, key in (("block_redundancy", "block_redundancy_score"), ("fit_residual", "fit_residual_score")):
+        expected = spearmanr([r[key] for r in result["candidates"]], mse).statistic
+        assert result["spearman"][name] == pytest.approx(expected)
+
+
+def test_chunks_give_the_same_ranking(searched, tiny_models, image_folder):
+    result, cache = searched
+    assert result["chunk_size"] == EVAL_N  # everything fits in memory
+    chunked = search(tiny_models["vit"], image_folder, FIT_N, EVAL_N, 0, pairs=True, cache=cache, memory_bytes=1)
+    assert chunked["chunk_size"] == 1
+    assert [r["range"] for r in chunked["candidates"]] == [r["range"] for r in result["candidates"]]
+    for a, b in zip(chunked["candidates"], result["candidates"]):
+        assert a["mse_final"] == pytest.approx(b["mse_final"], rel=1e-5)
+    assert chunk_size(256, 197, 384, 13, 6, False, 2 << 30) == 256  # ViT-S, 256 images: about 1 GB
+    assert chunk_size(256, 197, 384, 13, 6, True, 1 << 30) < 256
+
+
+def test_budgets(searched, tiny_models, image_folder):
+    result, cache = searched
+    model = tiny_models["vit"]
+    two = search(model, image_folder, FIT_N, EVAL_N, 0, blocks=2, pairs=True, cache=cache)
+    assert {r["removed_blocks"] for r in two["candidates"]} == {2}
+    assert {r["range"] for r in two["candidates"]} == {r["range"] for r in result["candidates"] if r["removed_blocks"] == 2}
+    # Parameter counts are those of the approximated encoder itself.
+    encoder = load_encoder(model, device="cpu")
+    stats = extract(model, image_folder, FIT_N, 0, cache=cache).stats()
+    for row in two["candidates"][:3]:
+        assert row["params"] == count_params(approximate_encoder(encoder, stats, row["ranges"]))
+    cap = sorted(r["params"] for r in result["candidates"])[5]
+    capped = search(model, image_folder, FIT_N, EVAL_N, 0, max_params=cap, pairs=True, cache=cache)
+    assert capped["evaluated"] >= 6 and all(r["params"] <= cap for r in capped["candidates"])
+    everything = search(model, image_folder, FIT_N, EVAL_N, 0, max_latency_ms=1e9, cache=cache)
+    assert everything["evaluated"] == 10
+    timing = everything["timing_ms_per_image"]  # measured stage times; the estimate adds up what runs
+    for row in everything["candidates"]:
+        removed = {k for i, j in row["ranges"] for k in range(i + 1, j + 1)}
+        kept = sum(t for k, t in enumerate(timing["blocks"], start=1) if k not in removed)
+        assert row["latency_ms_per_image_estimate"] == pytest.approx(
+            timing["embed"] + kept + timing["map"] * len(row["ranges"]) + timing["norm"])
+    # The latency budget on fixed stage times (measured ones vary from run to run on a shared CPU).
+    timing = {"embed": 1.0, "blocks": [10.0, 20.0, 30.0, 40.0], "norm": 0.5, "map": 2.0}
+    fit = extract(model, image_folder, FIT_N, 0, cache=cache)
+    chosen = _select(candidate_ranges(4), fit, "linear", timing, None, None, 63.5)
+    kept = {((i, j),): 100 - sum(timing["blocks"][i:j]) for i in range(4) for j in range(i + 1, 5)}
+    assert set(chosen) == {c for c, ms in kept.items() if 1.0 + ms + 2.0 + 0.5 <= 63.5}
+    assert ((2, 4),) in chosen and ((0, 2),) not in chosen
+    with pytest.raises(RBAError, match="No range fits"):
+        search(model, image_folder, FIT_N, EVAL_N, 0, max_params=10, cache=cache)
+    with pytest.raises(RBAError, match="Cannot remove 5 blocks"):
+        search(model, image_folder, FIT_N, EVAL_N, 0, blocks=5, cache=cache)
+
+
+def test_cli_search_probes_the_best(searched, tiny_models, image_folder, tmp_path):
+    _, cache = searched
+    out = tmp_path / "search.json"
+    assert main(["search", "--model", tiny_models["vit"], "--dataset", image_folder, "--fit-n", str(FIT_N),
+                 "--eval-n", str(EVAL_N), "--blocks", "1", "--probe-top", "2", "--json", str(out),
+                 "--cache-dir", str(cache.root)]) == 0
+    result = json.loads(out.read_text())
+    rows = result["candidates"]
+    assert len(rows) == 4 and [r["removed_blocks"] for r in rows] == [1] * 4
+    assert "accuracy" in rows[0] and "accuracy" in rows[1] and "accuracy" not in rows[2]
+    expected = approximate(tiny_models["vit"], image_folder, FIT_N, EVAL_N, 0, rows[0]["ranges"], probe=True,
+                           cache=cache)
+    assert rows[0]["accuracy"]["approximated"] == expected["accuracy"]["approximated"]
+    assert result["original"]["accuracy"] == expected["accuracy"]["original"]
