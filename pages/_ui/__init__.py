@@ -1,0 +1,1 @@
+"""Shared Streamlit widgets for the dashboard pages (not a page: Streamlit lists only pages/*.py)."""

@@ -1,0 +1,164 @@
+"""Running the core from a page: cached models and results, Compute with a progress bar and ETA.
+
+Results live in the core's on-disk cache; ``stored_*`` read them (never running a model) and are
+memoised per process with ``st.cache_data`` keyed on strings and ints only. ``run_*`` do the work
+inside ``st.status`` with a progress bar and an ETA. No mutable state is kept in module globals.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Callable
+
+import streamlit as st
+
+# transformers resolves its classes lazily and that is not thread-safe, while Streamlit may run two
+# script threads at once (fast reruns, several tabs). Resolving them here, while this module is
+# imported, happens once: Python's per-module import lock makes other threads wait for it.
+from transformers import AutoConfig, AutoImageProcessor, DeiTModel, Dinov2Model, ViTModel  # noqa: F401, E402
+
+from rba_core.analysis import analysis_results, approximate
+from rba_core.cache import Cache, cache_root
+from rba_core.extract import extract
+from rba_core.models import Encoder, load_config, load_encoder
+
+from pages._ui.selection import Selection, on_disk
+
+
+class NotComputed(Exception):
+    """The result is not in the on-disk cache yet; the page offers a Compute button."""
+
+
+def _refuse() -> Encoder:
+    raise NotComputed
+
+
+@st.cache_resource
+def _loading_lock() -> threading.Lock:
+    """One process-wide lock: transformers imports per-family modules lazily while loading."""
+    return threading.Lock()
+
+
+@st.cache_resource(max_entries=2, show_spinner="Loading the model…")
+def encoder(model: str) -> Encoder:
+    """One loaded model per process, shared read-only by all sessions (bounded: models are large)."""
+    with _loading_lock():
+        return load_encoder(model)
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def num_blocks(model: str) -> int:
+    """L, from the model's config alone."""
+    with _loading_lock():
+        return int(load_config(model).num_hidden_layers)
+
+
+@st.cache_data(max_entries=16, show_spinner="Reading stored results…")
+def stored_analysis(model: str, dataset: str, n: int, seed: int, cache_dir: str) -> dict:
+    """The ``analyze`` results from the disk cache; raises :class:`NotComputed` (not memoised) on a miss."""
+    return analysis_results(extract(model, dataset, n, seed, "train", cache=Cache(cache_dir), encoder=_refuse))
+
+
+@st.cache_data(max_entries=16, show_spinner="Reading stored results…")
+def stored_approximation(model: str, dataset: str, fit_n: int, eval_n: int, seed: int, ranges: str,
+                         kind: str, ridge: str, probe: bool, cache_dir: str) -> dict:
+    """The ``approximate`` results from the disk cache (``ranges`` as JSON, ``ridge`` as text)."""
+    return approximate(model, dataset, fit_n, eval_n, seed, json.loads(ranges), kind, ridge=float(ridge),
+                       probe=probe, cache=Cache(cache_dir), encoder=_refuse)
+
+
+def _progress_bar() -> Callable[[int, int], None]:
+    """A progress callback drawing a bar with images done, speed and ETA; restarts on a new stage."""
+    bar = st.progress(0.0, text="Starting…")
+    clock = {"began": time.perf_counter(), "last": 0}
+
+    def update(done: int, total: int) -> None:
+        if done < clock["last"]:  # a new stage started counting from zero
+            clock["began"] = time.perf_counter()
+        clock["last"] = done
+        elapsed = time.perf_counter() - clock["began"]
+        speed = f" · {done / elapsed:.1f} images/s · about {elapsed / done * (total - done):.0f} s left" \
+            if done and elapsed > 0 else ""
+        bar.progress(min(done / max(total, 1), 1.0), text=f"{done}/{total} images{speed}")
+
+    return update
+
+
+def run_analysis(sel: Selection) -> None:
+    """The streaming pass for ``sel`` (or a cache hit), inside ``st.status``."""
+    with st.status(f"Computing {sel.model} on {sel.dataset} (n={sel.n}, seed={sel.seed})…",
+                   expanded=True) as status:
+        began = time.perf_counter()
+        ex = extract(sel.model, sel.dataset, sel.n, sel.seed, "train", cache=Cache(),
+                     progress=_progress_bar(), encoder=lambda: encoder(sel.model))
+        _opened(sel)
+        for note in ex.notes:
+            st.warning(note)
+        status.update(state="complete", expanded=bool(ex.notes), label=(
+            f"Cache hit: results for this selection were already stored (key {ex.key[:12]}…); "
+            "the model was not run." if ex.hit else
+            f"Computed {ex.num_blocks} blocks on {sel.n} images in {time.perf_counter() - began:.1f} s "
+            f"and stored them (key {ex.key[:12]}…)."))
+
+
+def _opened(sel: Selection) -> None:
+    """Remember, for this session, that ``sel``'s dataset is open (downloaded if it had to be)."""
+    opened = st.session_state.setdefault("_opened", [])
+    if repr(sel) not in opened:
+        opened.append(repr(sel))
+
+
+def may_read(sel: Selection) -> bool:
+    """Whether stored results may be looked up without a click: looking opens the dataset, which
+    for a hub dataset may mean downloading it, so that waits until this session pressed Compute."""
+    return on_disk(sel.dataset) or repr(sel) in st.session_state.get("_opened", [])
+
+
+def analysis(sel: Selection, key: str = "compute", label: str = "Compute") -> dict | None:
+    """The analysis for ``sel``: stored results at once, else a Compute button; None until computed."""
+    clicked = st.button(label, key=key, type="primary",
+                        help="One forward pass over the n sampled images (skipped when already stored).")
+    if clicked:
+        run_analysis(sel)
+    elif not may_read(sel):
+        st.info(f"Press {label} to compute {sel.model} on {sel.dataset} (n={sel.n}, seed={sel.seed}), or to "
+                "load it if it is stored; the dataset comes from the hub and may be downloaded first.")
+        return None
+    try:
+        results = stored_analysis(sel.model, sel.dataset, sel.n, sel.seed, str(cache_root()))
+    except NotComputed:
+        st.info(f"{sel.model} on {sel.dataset} (n={sel.n}, seed={sel.seed}) is not computed yet: "
+                f"press {label}.")
+        return None
+    if not clicked:
+        st.caption(f"Loaded from the cache (computed earlier, key {results['cache']['key'][:12]}…); "
+                   "the model was not run.")
+    return results
+
+
+def _stage(status, stage: str) -> None:
+    st.write(stage)
+    status.update(label=stage)
+
+
+def run_approximation(sel: Selection, eval_n: int, ranges: list[tuple[int, int]], kind: str,
+                      ridge: float, probe: bool) -> None:
+    """Fit the maps and evaluate the approximated model (cached stages are skipped), in ``st.status``."""
+    with st.status("Approximating…", expanded=True) as status:
+        progress = _progress_bar()
+        began = time.perf_counter()
+        approximate(sel.model, sel.dataset, sel.n, eval_n, sel.seed, ranges, kind, ridge=ridge, probe=probe,
+                    cache=Cache(), progress=progress, encoder=lambda: encoder(sel.model),
+                    on_stage=lambda stage: _stage(status, stage))
+        _opened(sel)
+        status.update(state="complete", expanded=False,
+                      label=f"Done in {time.perf_counter() - began:.1f} s (stored for next time).")
+
+
+def approximation(sel: Selection, eval_n: int, ranges: list[tuple[int, int]], kind: str, ridge: float,
+                  probe: bool) -> dict:
+    """Stored approximation results; raises :class:`NotComputed` when they are not stored yet."""
+    return stored_approximation(sel.model, sel.dataset, sel.n, eval_n, sel.seed, json.dumps(ranges), kind,
+                                repr(float(ridge)), probe, str(cache_root()))

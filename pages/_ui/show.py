@@ -1,0 +1,81 @@
+"""Showing results and failures: one-sentence errors, CSV/JSON downloads, matrix tables."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from contextlib import contextmanager
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from rba_core.errors import RBAError
+from rba_core.plots import state_labels
+
+from pages._ui.compute import NotComputed
+
+log = logging.getLogger(__name__)
+
+
+def _one_sentence(text: str, limit: int = 300) -> str:
+    text = re.sub(r"\s+", " ", text).strip()
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+@contextmanager
+def errors() -> Iterator[None]:
+    """Show any error raised in the block as one ``st.error`` sentence, never a traceback."""
+    try:
+        yield
+    except RBAError as exc:
+        st.error(_one_sentence(str(exc)))
+    except NotComputed:
+        st.error("These results are not computed yet; press Compute first.")
+    except Exception as exc:  # anything else is a bug: say so in one sentence, details go to the log
+        log.exception("unexpected error in a dashboard page")
+        st.error(_one_sentence(f"Something unexpected went wrong ({type(exc).__name__}: {exc}); "
+                               "the details are in the server log — please report them."))
+
+
+def _plain(value):
+    """The same data with numpy values as Python ones and NaN/inf as null (strict JSON)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def to_json(data: dict) -> str:
+    return json.dumps(_plain(data), indent=1)
+
+
+def matrix_table(matrix, corner: str = "block output") -> pd.DataFrame:
+    """An (L+1, L+1) matrix over block outputs as a table with labelled rows and columns."""
+    labels = state_labels(len(matrix))
+    return pd.DataFrame(matrix, index=labels, columns=labels).rename_axis(corner).reset_index()
+
+
+def result_part(results: dict, *keys: str) -> dict:
+    """Some entries of an analysis, with what identifies it (model, dataset, n, seed), for a download."""
+    return {k: results[k] for k in ("model", "dataset", "n", "seed", *keys)}
+
+
+def downloads(name: str, table: pd.DataFrame | None = None, data: dict | None = None) -> None:
+    """Download buttons (CSV for a table, JSON for a result) that do not rerun the page."""
+    name = re.sub(r"[^\w.-]+", "_", name).strip("_")  # datasets may be folder paths
+    files = []
+    if table is not None:
+        files.append(("Download CSV", table.to_csv(index=False), f"{name}.csv", "text/csv"))
+    if data is not None:
+        files.append(("Download JSON", to_json(data), f"{name}.json", "application/json"))
+    for column, (label, content, file_name, mime) in zip(st.columns([1, 1, 4]), files):
+        column.download_button(label, content, file_name, mime, key=f"download-{file_name}", on_click="ignore",
+                               icon=":material/download:")

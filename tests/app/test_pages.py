@@ -1,0 +1,201 @@
+"""Every page through Streamlit's AppTest on the offline demo: renders, computes, shows errors as st.error.
+
+Charts are opaque to AppTest (their data is tested in tests/unit/test_plots.py and drawn in the
+browser test); here we check what the pages say and that no exception reaches them.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from rba_core.registry import DEMO_PAIR
+
+ROOT = Path(__file__).resolve().parents[2]
+PAGES = ["pages/1_Similarity.py", "pages/2_Redundancy.py", "pages/3_Approximate.py"]
+DEMO = {"model": DEMO_PAIR[0], "dataset": DEMO_PAIR[1]}
+FAST = {"n": "64", "eval_n": "64"}  # small samples keep every compute to a second or two
+
+@pytest.fixture(scope="module", autouse=True)
+def cache_dir(tmp_path_factory):
+    """A fresh on-disk cache for this module (results memoised in-process are keyed on its path)."""
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.mktemp("app-cache")
+        mp.setenv("RBA_CACHE_DIR", str(path))
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        yield path
+
+
+def _app(page: str | None = None, **params: str) -> AppTest:
+    """A fresh session opened on ``page`` with ``params`` in its URL, after its first run."""
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at.query_params.update({**FAST, **params})
+    at.run()
+    if page:
+        # AppTest, unlike the browser, does not carry the URL-bound selection into the first run
+        # after a page switch (the browser test checks real navigation); the second run has it.
+        at.switch_page(page).run()
+        at.run()
+    return at
+
+
+def _texts(elements) -> list[str]:
+    return [e.value for e in elements]
+
+
+def _clean(at: AppTest) -> None:
+    assert not at.exception, _texts(at.exception)
+    assert not at.error, _texts(at.error)
+
+
+@pytest.fixture(scope="module")
+def home():
+    """The home page of a first visit with the hub offline, after pressing Compute."""
+    at = _app()
+    _clean(at)
+    before = _texts(at.info)
+    at.button(key="compute-home").click().run()
+    return before, at
+
+
+def test_home_starts_on_the_demo_says_why_and_computes(home):
+    before, at = home
+    assert any("opened on the offline demo: digits-ViT on digits" in t and "HF_HUB_OFFLINE" in t for t in before)
+    assert any("not computed yet" in t for t in before)
+    _clean(at)
+    assert at.sidebar.selectbox(key="model").value == DEMO_PAIR[0]
+    assert at.sidebar.selectbox(key="dataset").value == DEMO_PAIR[1]
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Blocks L"] == "12" and metrics["Samples n"] == "64"
+    assert [s.label for s in at.status][0].startswith("Computed 12 blocks on 64 images")
+    assert any("unreachable" in t for t in _texts(at.sidebar.caption))
+
+
+def test_a_stored_result_shows_at_once_and_compute_says_cache_hit(home):
+    at = _app(**DEMO)
+    _clean(at)
+    assert any(t.startswith("Loaded from the cache") for t in _texts(at.caption))
+    assert {m.label: m.value for m in at.metric}["Blocks L"] == "12"
+    at.button(key="compute-home").click().run()
+    assert [s.label for s in at.status][0].startswith("Cache hit")
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_renders_on_the_demo(home, page):
+    at = _app(page, **DEMO)
+    _clean(at)
+    charts = len(at.get("plotly_chart"))
+    if page.endswith("Similarity.py"):
+        assert charts == 1
+        at.radio(key="metric").set_value("cka").run()
+        _clean(at)
+        assert len(at.get("plotly_chart")) == 1
+    elif page.endswith("Redundancy.py"):
+        assert charts == 2
+        ranked = at.dataframe[0].value
+        assert len(ranked) == 12 - 4 + 1 and list(ranked["rank"]) == list(range(1, 10))  # 4 blocks removed
+        assert ranked["fit residual"].is_monotonic_increasing
+    else:
+        assert charts == 0 and any("press Approximate" in t for t in _texts(at.info))
+        assert any("paper's notation: **1 5**" in m.value for m in at.markdown)
+
+
+def test_similarity_compares_two_datasets_side_by_side(home, tmp_path):
+    """A second dataset (an image folder made from the digits test split) for the same model."""
+    from rba_core.demo.digits import load_digits_split
+
+    images, labels, _ = load_digits_split("test")
+    for k, (image, label) in enumerate(zip(images[:100], labels[:100])):
+        folder = tmp_path / "train" / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        image.save(folder / f"{k}.png")
+    at = _app("pages/1_Similarity.py", **DEMO, compare="custom", compare_path=str(tmp_path))
+    _clean(at)
+    assert any("not computed yet" in t for t in _texts(at.info))
+    at.button(key="compute-compare").click().run()
+    _clean(at)
+    assert len(at.get("plotly_chart")) == 1 and len(at.get("download_button")) == 4
+
+
+def _approximate(at: AppTest) -> dict[str, str]:
+    at.button(key="approximate").click().run()
+    _clean(at)
+    return {m.label: m.value for m in at.metric} | {f"{m.label} delta": m.delta for m in at.metric}
+
+
+def test_selecting_a_range_updates_the_results(home):
+    at = _app("pages/3_Approximate.py", **DEMO)
+    first = _approximate(at)
+    assert first["Blocks after"] == "8" and first["Blocks after delta"] == "-4 (was 12)"
+    assert first["Parameters after (T included) delta"].startswith("-")
+    assert at.dataframe[0].value.to_dict("records") == [
+        {"range (ours)": "2→6", "removed blocks": "3, 4, 5, 6", "paper notation": "1 5"}]
+    assert len(at.get("plotly_chart")) == 1
+
+    at.number_input(key="start1").set_value(9).run()
+    at.number_input(key="end1").set_value(11).run()
+    _clean(at)
+    assert any("press Approximate" in t for t in _texts(at.info))  # new settings, not computed yet
+    second = _approximate(at)
+    assert second["Blocks after"] == "10"
+    assert second["Final-representation MSE"] != first["Final-representation MSE"]
+    assert at.dataframe[0].value.to_dict("records")[0]["paper notation"] == "8 10"
+
+    at.button(key="probe").click().run()
+    _clean(at)
+    accuracy = at.dataframe[1].value
+    assert list(accuracy["model"]) == ["original model", "approximated (maps)", "skipped (no map)"]
+    assert accuracy["accuracy mean"].between(0, 1).all()
+
+
+@pytest.mark.parametrize("ranges, message", [
+    ({"start1": "6", "end1": "6"}, "start i must be smaller than the end j"),
+    ({"start1": "2", "end1": "13"}, "outside 0..12"),
+    ({"n_ranges": "2", "start1": "2", "end1": "6", "start2": "5", "end2": "8"}, "overlap"),
+])
+def test_an_invalid_range_shows_one_error(home, ranges, message):
+    at = _app("pages/3_Approximate.py", **DEMO, **ranges)
+    assert not at.exception
+    assert len(at.error) == 1 and message in at.error[0].value
+    assert not at.get("plotly_chart")
+
+
+@pytest.mark.parametrize("page, model", [("app.py", {"model": "ViT-S"})] + [
+    (page, {"model": "custom", "model_path": "no-such-org/no-such-model"}) for page in ["app.py", *PAGES]])
+def test_a_hub_model_missing_offline_is_marked_and_one_error(home, page, model):
+    at = _app(None if page == "app.py" else page, dataset="digits", **model)
+    assert not at.exception
+    assert len(at.error) == 1 and "not in the local Hugging Face cache" in at.error[0].value
+    assert any("unavailable offline" in t for t in _texts(at.sidebar.caption))
+
+
+def test_a_bad_model_folder_and_a_bad_dataset_are_errors_not_exceptions(home, tmp_path):
+    missing = {"model": "custom", "model_path": str(tmp_path / "missing-model"), "dataset": "digits"}
+    at = _app("pages/3_Approximate.py", **missing)
+    assert not at.exception and "Could not read the model folder" in at.error[0].value
+    at = _app(**missing)
+    at.button(key="compute-home").click().run()
+    assert not at.exception and "Could not read the model folder" in at.error[0].value
+    at = _app(model=DEMO_PAIR[0], dataset="custom", dataset_path=str(tmp_path / "missing-data"))
+    assert not at.exception and "Unknown dataset" in at.error[0].value
+    (tmp_path / "empty").mkdir()
+    at = _app(model=DEMO_PAIR[0], dataset="custom", dataset_path=str(tmp_path / "empty"))
+    assert not at.exception and "No images found" in at.error[0].value
+    at = _app(model="custom", dataset="digits")
+    assert not at.exception and "Type a hub id or model folder in the sidebar" in at.error[0].value
+
+
+def test_downloads_are_strict_json_and_labelled_tables():
+    import json
+
+    import numpy as np
+
+    from pages._ui.show import matrix_table, to_json
+
+    text = to_json({"a": np.float32(0.5), "b": [np.nan, 1.0], "c": np.arange(3), "d": {"e": float("inf")}})
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON")) == {
+        "a": 0.5, "b": [None, 1.0], "c": [0, 1, 2], "d": {"e": None}}
+    table = matrix_table([[1.0, 0.5], [0.5, 1.0]], corner="from \\ to")
+    assert list(table.columns) == ["from \\ to", "hs[0] (embeddings)", "block 1"]
+    assert table.to_csv(index=False).splitlines()[2] == "block 1,0.5,1.0"
