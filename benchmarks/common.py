@@ -58,5 +58,21 @@ def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
     return 2 * size**3 / best / 1e9
 
 
+def vit_gemm_gflops(hidden: int = 384, mlp: int = 1536, image: int = 224, patch: int = 16,
+                    batch: int = 32, repeats: int = 3) -> float:
+    """fp32 GEMM rate at a ViT block's own shapes (QKV, projection, MLP up and down), GFLOP/s."""
+    rows = batch * ((image // patch) ** 2 + 1)
+    shapes = [(hidden, 3 * hidden), (hidden, hidden), (hidden, mlp), (mlp, hidden)]
+    pairs = [(torch.randn(rows, k), torch.randn(k, n)) for k, n in shapes]
+    flops = sum(2 * rows * k * n for k, n in shapes)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        began = time.perf_counter()
+        for a, b in pairs:
+            a @ b
+        best = min(best, time.perf_counter() - began)
+    return flops / best / 1e9
+
+
 def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"

@@ -11,9 +11,10 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import xxhash
 
 CACHE_DIR_ENV = "RBA_CACHE_DIR"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 log = logging.getLogger(__name__)
 
 
@@ -28,12 +29,13 @@ def make_key(spec: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    sha = hashlib.sha256()
+def _checksum(path: Path) -> str:
+    """xxh3-128 of a file: catches damage at memory speed (entries can be hundreds of MB)."""
+    digest = xxhash.xxh3_128()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 22), b""):
-            sha.update(chunk)
-    return sha.hexdigest()
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 class CacheEntry:
@@ -55,7 +57,7 @@ class CacheEntry:
         from safetensors.numpy import load_file
 
         path = self.folder / f"{group}.safetensors"
-        if not path.is_file() or _sha256(path) != self.meta["files"][group]:
+        if not path.is_file() or _checksum(path) != self.meta["files"][group]:
             raise CorruptEntry(f"{path} is missing or does not match its checksum")
         return load_file(str(path))
 
@@ -106,7 +108,7 @@ class Cache:
             for group, arrays in groups.items():
                 path = tmp / f"{group}.safetensors"
                 save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(path))
-                files[group] = _sha256(path)
+                files[group] = _checksum(path)
             (tmp / "meta.json").write_text(json.dumps({**meta, "files": files}, indent=1))
             try:
                 os.rename(tmp, self.root / key)

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -92,23 +93,28 @@ def _parquet_source(name: str, path: Path, split: str, info: DatasetInfo | None)
         )
     label_col = _pick(columns, info and info.label_column, LABEL_COLUMNS)
     try:
-        table = pq.read_table(path, columns=[c for c in (image_col, label_col) if c])
+        parquet = pq.ParquetFile(path)
+        rows = parquet.metadata.num_rows
+        labels = parquet.read(columns=[label_col]).column(0).to_numpy() if label_col else None
     except Exception as exc:
         raise RBAError(f"Cannot read '{path}' ({exc}); is it a valid parquet file?") from None
-    if table.num_rows == 0:
+    if rows == 0:
         raise RBAError(f"The {split} split of '{name}' is empty; add images or pick another dataset.")
     label_names: list[str] = []
     if label_col:
-        labels = table.column(label_col).to_numpy().astype(np.int64)
+        labels = labels.astype(np.int64)
         meta = json.loads((schema.metadata or {}).get(b"huggingface", b"{}"))
         label_names = meta.get("info", {}).get("features", {}).get(label_col, {}).get("names", [])
+        label_names = label_names or [str(v) for v in range(int(labels.max()) + 1)]
     else:
-        labels = np.full(table.num_rows, -1, dtype=np.int64)
-    if not label_names and label_col:
-        label_names = [str(v) for v in range(int(labels.max()) + 1)]
-    image_column = table.column(image_col)
+        labels = np.full(rows, -1, dtype=np.int64)
     where = f"'{path}'"
-    load = lambda idx: [_decode(image_column[i].as_py(), where) for i in idx]  # noqa: E731
+
+    @lru_cache(maxsize=1)
+    def image_column():  # read on first use: a cache hit needs only the labels
+        return parquet.read(columns=[image_col]).column(0)
+
+    load = lambda idx: [_decode(image_column()[i].as_py(), where) for i in idx]  # noqa: E731
     fingerprint = {"parquet": _stat_fingerprint([path]), "image": image_col, "label": label_col}
     return ImageSource(name, split, labels, label_names, fingerprint, load)
 

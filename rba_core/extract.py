@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -87,24 +88,40 @@ def run_pass(encoder: Encoder, source: ImageSource, indices: np.ndarray, with_st
     final = np.empty((n, d), np.float32)
     acc = StatsAccumulator(states, d, encoder.device) if with_stats else None
     gen = torch.Generator().manual_seed(0)
-    for start in range(0, n, batch_size):
-        stop = min(start + batch_size, n)
-        hidden = encoder.embed(encoder.preprocess(source.images(indices[start:stop])))
-        hs = [hidden]
-        for k in range(1, states):
-            hs.append(encoder.run_blocks(hs[-1], k, k))
-        cls[:, start:stop] = torch.stack([h[:, 0] for h in hs]).cpu().numpy()
-        final[start:stop] = encoder.final_cls(hs[-1]).cpu().numpy()
-        if acc is not None:
-            b, t, _ = hidden.shape
-            rows = _token_rows(b, t, token_fraction, gen)
-            acc.add(hs, None if rows is None else rows.to(hidden.device))
-        if progress:
-            progress(stop, n)
+    batches = [indices[start : start + batch_size] for start in range(0, n, batch_size)]
+    load = lambda batch: encoder.preprocess(source.images(batch))  # noqa: E731
+    # Decode and preprocess the next batch in a thread while the model runs (PIL and numpy
+    # release the GIL), so image handling stays off the critical path.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(load, batches[0])
+        for number, batch in enumerate(batches):
+            pixels = pending.result()
+            if number + 1 < len(batches):
+                pending = pool.submit(load, batches[number + 1])
+            stop = number * batch_size + len(batch)
+            _forward_batch(encoder, pixels, stop - len(batch), cls, final, acc, token_fraction, gen)
+            if progress:
+                progress(stop, n)
     groups = {"reps": {"cls": cls, "final": final}}
     if acc is not None:
         groups["stats"] = acc.result().to_arrays()
     return groups
+
+
+def _forward_batch(encoder: Encoder, pixels: torch.Tensor, start: int, cls: np.ndarray, final: np.ndarray,
+                   acc: StatsAccumulator | None, token_fraction: float, gen: torch.Generator) -> None:
+    """Run one batch through every block, store its CLS rows and add it to the statistics."""
+    stop = start + len(pixels)
+    hidden = encoder.embed(pixels)
+    hs = [hidden]
+    for k in range(1, encoder.num_blocks + 1):
+        hs.append(encoder.run_blocks(hs[-1], k, k))
+    cls[:, start:stop] = torch.stack([h[:, 0] for h in hs]).cpu().numpy()
+    final[start:stop] = encoder.final_cls(hs[-1]).cpu().numpy()
+    if acc is not None:
+        b, t, _ = hidden.shape
+        rows = _token_rows(b, t, token_fraction, gen)
+        acc.add(hs, None if rows is None else rows.to(hidden.device))
 
 
 def extract(model: str, dataset: str, n: int, seed: int = 0, split: str = "train", *,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -201,7 +201,8 @@ def search(model: str, dataset: str, fit_n: int, eval_n: int, seed: int = 0, *, 
            max_params: int | None = None, max_latency_ms: float | None = None, pairs: bool = False,
            probe_top: int = 0, kind: str = "linear", ridge: float = 1e-2, cache: Cache | None = None,
            progress: Progress | None = None, on_stage: Stage | None = None,
-           memory_bytes: int | None = None, encoder: Encoder | None = None) -> dict:
+           memory_bytes: int | None = None,
+           encoder: Encoder | Callable[[], Encoder] | None = None) -> dict:
     """Rank the candidates that fit the budget by measured final-representation MSE (lowest first).
 
     Budgets (any combination; none means every candidate): ``blocks`` removes exactly that many

@@ -56,17 +56,19 @@ class StatsAccumulator:
     def add(self, states: list[torch.Tensor], token_rows: torch.Tensor | None = None) -> None:
         """``states``: L+1 tensors (B, T, D); ``token_rows`` optionally keeps a subset of B·T rows.
 
-        Each batch product runs in the states' dtype (float32: the fast path) and is summed
-        into float64 accumulators, so rounding does not grow with the number of batches.
+        Each product runs in the states' dtype (float32: the fast path) and is summed into
+        float64 accumulators, so rounding does not grow with the number of batches. One
+        (D, D) product per pair avoids copying the states into one wide matrix.
         """
-        z = torch.cat(states, dim=-1).flatten(0, 1)  # (B·T, (L+1)·D)
-        if token_rows is not None:
-            z = z[token_rows]
         d = states[0].shape[-1]
+        xs = [h.reshape(-1, d) for h in states]  # (B·T, D) views
+        if token_rows is not None:
+            xs = [x[token_rows] for x in xs]
         for a, acc in enumerate(self.upper):
-            acc += (z[:, a * d : (a + 1) * d].T @ z[:, a * d :]).double()
-        self.sums += z.sum(0, dtype=torch.float64).view(-1, d)
-        self.count += z.shape[0]
+            for b in range(a, len(xs)):
+                acc[:, (b - a) * d : (b - a + 1) * d] += xs[a].T @ xs[b]
+            self.sums[a] += xs[a].sum(0, dtype=torch.float64)
+        self.count += xs[0].shape[0]
 
     def result(self) -> TokenStats:
         return TokenStats([u.cpu().numpy() for u in self.upper], self.sums.cpu().numpy(), self.count)

@@ -19,13 +19,14 @@ import io
 import json
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from rba_core.analysis import Stage, _LazyEncoder, approximate
 from rba_core.approx import Range, paper_notation, validate_ranges
 from rba_core.cache import Cache
 from rba_core.errors import RBAError
 from rba_core.extract import Progress
+from rba_core.models import Encoder
 
 Row = list[Range]
 PRESETS = ("paper", "all-consecutive")
@@ -74,12 +75,13 @@ def _num_blocks(model: str) -> int:
 def table(model: str, datasets: Sequence[str], fit_n: int, eval_n: int, seed: int = 0,
           rows: str | Sequence[Sequence[Range]] = "paper", kind: str = "linear", *, ridge: float = 1e-2,
           cache: Cache | None = None, progress: Progress | None = None,
-          on_stage: Stage | None = None) -> dict:
+          on_stage: Stage | None = None, encoder: Encoder | Callable[[], Encoder] | None = None) -> dict:
     """The original model's row then one row per range set, for each dataset.
 
     Rows: ``dataset``, ``range`` and ``paper`` (labels), ``ranges`` ([[i, j], ...]),
     ``blocks_left``, ``params`` (T included), ``mse_final``, ``accuracy`` {``approximated``,
     ``skip``} each {mean, std} over probe seeds 0, 1, 2 (``original`` on the original row).
+    ``encoder``: a loaded encoder or a zero-argument loader, called only when a row is not cached.
     """
     if not datasets:
         raise RBAError("Give at least one dataset for the table.")
@@ -87,7 +89,7 @@ def table(model: str, datasets: Sequence[str], fit_n: int, eval_n: int, seed: in
     if not checked:
         raise RBAError("The table has no rows: this model is too shallow for the preset; give ranges like 1:2.")
     cache = cache or Cache()
-    lazy = _LazyEncoder(model)  # loaded once, and only when some row is not cached
+    lazy = _LazyEncoder(model, encoder)  # loaded once, and only when some row is not cached
     stage = on_stage or (lambda _: None)
     out = []
     for dataset in datasets:
