@@ -37,7 +37,7 @@ def analysis_results(ex: Extraction) -> dict:
         "block_redundancy": block_redundancy(ex.cls).tolist(),
         "cosine": cosine_matrix(ex.cls).tolist(),
         "cka": linear_cka_matrix(ex.cls).tolist(),
-        "fit_residual": _matrix(fit_residual_matrix(ex.stats())),
+        "fit_residual": _matrix(ex.fit_residual if ex.fit_residual is not None else fit_residual_matrix(ex.stats())),
         "cache": {"key": ex.key, "hit": ex.hit},
         "notes": ex.notes,
     }

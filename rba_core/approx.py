@@ -11,7 +11,6 @@ import time
 from typing import Literal, Sequence
 
 import numpy as np
-import scipy.linalg
 import torch
 from torch import nn
 
@@ -53,11 +52,13 @@ def validate_ranges(ranges: Sequence[Sequence[int]], num_blocks: int) -> list[Ra
 
 
 def _solve_spd(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
-    """Solve gram @ T = rhs for a symmetric PSD gram; least squares if it is singular."""
-    try:
-        return scipy.linalg.solve(gram, rhs, assume_a="pos")
-    except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
-        return np.linalg.lstsq(gram, rhs, rcond=None)[0]
+    """Solve gram @ T = rhs for a symmetric PSD gram (float64 Cholesky); least squares
+    (minimum norm, SVD-based) if it is singular."""
+    g, r = torch.from_numpy(np.asarray(gram, np.float64)), torch.from_numpy(np.asarray(rhs, np.float64))
+    factor, info = torch.linalg.cholesky_ex(g)
+    if int(info) == 0:
+        return torch.cholesky_solve(r, factor).numpy()
+    return torch.linalg.lstsq(g, r, driver="gelsd").solution.numpy()
 
 
 class LinearMap(nn.Module):

@@ -10,6 +10,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from rba_core.approx import fit_residual_matrix
 from rba_core.cache import Cache, make_key
 from rba_core.data import ImageSource, open_dataset, sample_indices
 from rba_core.models import Encoder, load_encoder, model_fingerprint
@@ -30,6 +31,7 @@ class Extraction:
     labels: np.ndarray
     indices: np.ndarray
     token_stats: TokenStats | None = field(repr=False)
+    fit_residual: np.ndarray | None = None  # (L+1, L+1), stored with the statistics
     notes: list[str] = field(default_factory=list)  # e.g. a damaged cache entry recomputed
 
     @property
@@ -104,7 +106,10 @@ def run_pass(encoder: Encoder, source: ImageSource, indices: np.ndarray, with_st
                 progress(stop, n)
     groups = {"reps": {"cls": cls, "final": final}}
     if acc is not None:
-        groups["stats"] = acc.result().to_arrays()
+        stats = acc.result()
+        groups["stats"] = stats.to_arrays()
+        # Stored once here so that reopening an analysis costs no solves.
+        groups["stats"]["fit_residual"] = fit_residual_matrix(stats)
     return groups
 
 
@@ -172,4 +177,4 @@ def extract(model: str, dataset: str, n: int, seed: int = 0, split: str = "train
 def _extraction(key, hit, meta, reps, stats, source, indices, notes) -> Extraction:
     token_stats = TokenStats.from_arrays(stats) if stats is not None else None
     return Extraction(key, hit, meta, reps["cls"], reps["final"], source.labels[indices], indices,
-                      token_stats, notes)
+                      token_stats, stats.get("fit_residual") if stats is not None else None, notes)
