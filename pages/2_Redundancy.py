@@ -1,17 +1,78 @@
-"""Redundancy page: Block Redundancy per block, fit residual of every range, ranked candidate ranges."""
+"""Redundancy page: Block Redundancy per block, fit residual of every range, ranked candidate ranges,
+and a measured search that checks the cheap scores against the measured error."""
+
+import json
 
 import pandas as pd
 import streamlit as st
 
-from pages._ui.compute import analysis
+from pages._ui.compute import analysis, pass_meta, run_search
 from pages._ui.show import downloads, errors, matrix_table, result_part
-from pages._ui.selection import BOUND, sidebar
+from pages._ui.selection import BOUND, eval_samples, map_choice, sidebar
 from rba_core.approx import paper_notation
 from rba_core.plots import redundancy_bars, residual_heatmap
 from rba_core.ranking import rank_ranges, suggested_removed, top_blocks
 
+BUDGETS = {"blocks": "blocks to remove", "params": "parameters at most", "latency": "latency at most"}
+KEPT_SEARCHES = 4  # results per session (each holds every candidate)
+
 st.set_page_config(page_title="Redundancy · RBA Explorer", page_icon=":material/bar_chart:", layout="wide")
 st.title("Which blocks are redundant")
+
+
+def _budget(results: dict, blocks: int, at) -> dict:
+    """The search budget from its widgets: ``blocks``, ``max_params`` or ``max_latency_ms``."""
+    budget = at[0].selectbox("Budget", list(BUDGETS), format_func=BUDGETS.get, key="search_budget", **BOUND)
+    if budget == "blocks":
+        return {"blocks": int(at[1].number_input("Blocks to remove", min_value=1, max_value=blocks,
+                                                 value=suggested_removed(blocks), key="search_blocks", **BOUND))}
+    if budget == "params":
+        original = pass_meta(results)["num_params"]
+        share = at[1].number_input("Parameters at most, % of the original", min_value=1.0, max_value=100.0,
+                                   value=75.0, step=5.0, key="search_params", **BOUND,
+                                   help=f"The original model has {original:,} parameters; the maps T count.")
+        return {"max_params": int(original * share / 100)}
+    return {"max_latency_ms": float(at[1].number_input(
+        "Latency at most, ms per image", min_value=0.0, value=100.0, format="%.4g", key="search_latency", **BOUND,
+        help="Estimated from the measured time of each stage on this machine; the original model's estimate "
+             "shows with the results."))}
+
+
+def _spearman(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
+def _show_search(result: dict) -> None:
+    """Spearman correlations of the cheap scores with the measured MSE, then the ranked candidates."""
+    cols = st.columns(3)
+    scores = (("block_redundancy", "Block Redundancy"), ("fit_residual", "fit residual"))
+    for col, (name, score) in zip(cols, scores):
+        col.metric(f"Spearman ρ · {score}", _spearman(result["spearman"][name]),
+                   help=f"Spearman correlation, over the candidates, between the {score} score and the measured MSE.")
+    cols[2].metric("Candidates measured", f"{result['evaluated']} of {result['considered']}")
+    st.markdown("A ρ near 1 means that cheap score, free from the one pass, already orders the candidates as the "
+                "measured error does, so it is enough to choose; a lower ρ means measure before choosing "
+                "(— : fewer than 3 candidates).")
+    table = pd.DataFrame([{
+        "rank": rank, "range (ours)": row["range"], "paper notation": row["paper"],
+        "blocks removed": row["removed_blocks"], "params": row["params"],
+        "ms/image (est.)": row["latency_ms_per_image_estimate"], "final MSE": row["mse_final"],
+        "BR score": row["block_redundancy_score"], "residual score": row["fit_residual_score"],
+        **({"accuracy %": 100 * row["accuracy"]["approximated"]["mean"],
+            "skip accuracy %": 100 * row["accuracy"]["skip"]["mean"]} if "accuracy" in row else {}),
+    } for rank, row in enumerate(result["candidates"], start=1)])
+    st.dataframe(table, hide_index=True, column_config={
+        "params": st.column_config.NumberColumn(format="localized"),
+        **{name: st.column_config.NumberColumn(format="%.4g") for name in (
+            "ms/image (est.)", "final MSE", "BR score", "residual score")},
+        **{name: st.column_config.NumberColumn(format="%.2f") for name in ("accuracy %", "skip accuracy %")}})
+    original = result["original"]
+    st.caption(f"Lowest measured MSE first, on {result['eval_n']} test images. The original model: "
+               f"{original['params']:,} parameters, about {original['latency_ms_per_image_estimate']:.3g} ms per "
+               "image (estimated). BR score = −Σ BR(k) over the removed blocks (Block Redundancy); residual score = "
+               "the sum of the ranges' relative fit residuals; lower is better for both.")
+    downloads(f"search-{result['model']}-{result['dataset']}", table=table, data=result)
+
 
 with errors():
     sel = sidebar()
@@ -53,3 +114,29 @@ with errors():
                    "\"i−1 j−1\" in 0-indexed block outputs. Try one on the Approximate page.")
         downloads(f"candidates-{int(removed)}-blocks", table=table, data={
             **result_part(results), "removed_blocks": int(removed), "candidates": table.to_dict(orient="records")})
+
+        st.subheader("Measured search")
+        st.markdown("The scores above are free; this measures. Every range i→j (and, with pairs, every two ranges "
+                    "with a kept block between them) that fits the budget is ranked by its **measured** "
+                    "final-representation MSE on the evaluation images: the original model runs once keeping every "
+                    "block output, then each candidate runs only its map and the blocks after it.")
+        cols = st.columns(4, vertical_alignment="bottom")
+        budget = _budget(results, blocks, cols)
+        pairs = cols[2].checkbox("Also pairs of ranges", key="search_pairs", help="Two ranges with at least one "
+                                 "kept block between them; many more candidates.", **BOUND)
+        probe_top = int(cols[3].number_input("Train the probe for the best k", min_value=0, max_value=20, value=3,
+                                             key="search_probe", **BOUND))
+        cols = st.columns(4)
+        kind, ridge = map_choice(cols[0], cols[1])
+        eval_n = eval_samples(cols[2])
+        spec = json.dumps([sel.model, sel.dataset, sel.n, sel.seed, eval_n, budget, pairs, probe_top, kind, ridge])
+        searched = st.session_state.setdefault("_searched", {})
+        if st.button("Run the measured search", key="search", type="primary", help="Reuses the stored passes; "
+                     "runs the original model once over the evaluation images, then every candidate."):
+            searched[spec] = run_search(sel, eval_n, budget, pairs, probe_top, kind, ridge)
+            while len(searched) > KEPT_SEARCHES:
+                searched.pop(next(iter(searched)))
+        if spec in searched:
+            _show_search(searched[spec])
+        else:
+            st.info("Not searched yet with these settings: press Run the measured search.")

@@ -5,17 +5,15 @@ import json
 import pandas as pd
 import streamlit as st
 
-from pages._ui.compute import NotComputed, approximation, may_read, num_blocks, run_approximation
-from pages._ui.selection import BOUND, sidebar
-from pages._ui.show import downloads, errors
-from rba_core.approx import MAP_KINDS, paper_notation, validate_ranges
+from pages._ui.compute import NotComputed, approximation, may_read, num_blocks, run_approximation, run_export
+from pages._ui.selection import BOUND, Selection, eval_samples, map_choice, sidebar
+from pages._ui.show import downloads, errors, file_download, file_name
+from rba_core.approx import paper_notation, validate_ranges
 from rba_core.plots import pca_scatter
 from rba_core.projection import shared_pca
 
 MAX_RANGES = 4
 DEFAULT_RANGES = [(2, 6), (7, 9), (9, 10), (10, 11)]  # the first is the paper's Table 1 range "1 5"
-MAP_NAMES = {"linear": "linear: least squares, the paper's", "affine": "affine: least squares with a bias",
-             "ridge": "ridge: least squares + λ", "identity": "identity: skip the blocks (the paper's ablation)"}
 
 st.set_page_config(page_title="Approximate · RBA Explorer", page_icon=":material/compress:", layout="wide")
 st.title("Approximate block ranges with linear maps")
@@ -39,6 +37,39 @@ def _metrics(res: dict) -> None:
                    help="Median of 3 timed runs on one batch of evaluation images, on this machine.")
 
 
+def _size(count: int) -> str:
+    return f"{count / 1e6:.2f} MB" if count >= 1e5 else f"{count / 1e3:.1f} kB"
+
+
+def _export(sel: Selection, ranges: list[tuple[int, int]], kind: str, ridge: float) -> None:
+    """Build buttons for the compressed folder (as a zip) and the ONNX file, then their downloads and sizes.
+
+    Built files stay in this session until the settings change (they can be large: one copy each).
+    """
+    name = file_name(f"{sel.model}-{'_'.join(f'{i}-{j}' for i, j in ranges)}-{kind}")
+    spec = json.dumps([sel.model, sel.dataset, sel.n, sel.seed, ranges, kind, ridge])
+    built = st.session_state.setdefault("_exports", {})
+    buttons = st.container(horizontal=True)
+    for what, label in (("zip", "Build the compressed model"), ("onnx", "Build the ONNX file")):
+        if buttons.button(label, key=f"export-{what}"):
+            built[what] = {"spec": spec, **run_export(sel, ranges, kind, ridge, name, onnx=what == "onnx")}
+    for what in [w for w, entry in built.items() if entry["spec"] != spec]:
+        del built[what]
+    if "zip" in built:
+        sizes, params = built["zip"]["sizes"], built["zip"]["record"]["params"]
+        file_download("Download the compressed model (zip)", built["zip"]["content"], f"{name}.zip", "application/zip")
+        st.markdown(f"**Size on disk: {_size(sum(sizes.values()))}** ("
+                    + ", ".join(f"{file} {_size(size)}" for file, size in sizes.items())
+                    + f"); {params['compressed']:,} parameters instead of {params['original']:,} (the original's "
+                    f"float32 weights alone take {_size(4 * params['original'])}). Unzip, then "
+                    f"`rba_core.load_compressed(\"{name}\")`.")
+    if "onnx" in built:
+        size = built["onnx"]["sizes"]["model.onnx"]
+        file_download("Download the ONNX file", built["onnx"]["content"], f"{name}.onnx", "application/octet-stream")
+        st.markdown(f"**Size on disk: {_size(size)}** (model.onnx); input `pixel_values` (batch, 3, H, W) as "
+                    "the model's image processor prepares them, output `final` (batch, D).")
+
+
 def _probe_table(accuracy: dict) -> pd.DataFrame:
     names = {"original": "original model", "approximated": "approximated (maps)", "skip": "skipped (no map)"}
     return pd.DataFrame([{"model": names[k], "accuracy mean": v["mean"], "accuracy std": v["std"],
@@ -52,12 +83,8 @@ with errors():
     cols = st.columns(4)
     count = cols[0].number_input("Number of ranges", min_value=1, max_value=MAX_RANGES, value=1,
                                  key="n_ranges", **BOUND)
-    kind = cols[1].selectbox("Map", MAP_KINDS, key="map", help="; ".join(MAP_NAMES.values()), **BOUND)
-    ridge = cols[2].number_input("Ridge λ", min_value=0.0, value=0.01, format="%.4g", key="ridge",
-                                 disabled=kind != "ridge", help="Only for the ridge map: (XᵀX/n + λI) T = XᵀY/n.",
-                                 **BOUND)
-    eval_n = cols[3].number_input("Evaluation samples (test split)", min_value=2, max_value=100_000, value=256,
-                                  step=64, key="eval_n", **BOUND)
+    kind, ridge = map_choice(cols[1], cols[2])
+    eval_n = eval_samples(cols[3])
     picked = []
     for r in range(1, int(count) + 1):
         cols = st.columns([1, 1, 3], vertical_alignment="bottom")
@@ -71,7 +98,6 @@ with errors():
     ranges = validate_ranges(picked, blocks)
     st.caption(f"{sel.model} has {blocks} blocks (0 ≤ i < j ≤ {blocks}); ranges must not overlap.")
 
-    ridge = float(ridge)
     if st.button("Approximate", key="approximate", type="primary", help="Fits T from the stored token "
                  "statistics (one pass if missing) and runs the approximated model on the evaluation images."):
         run_approximation(sel, int(eval_n), ranges, kind, ridge, probe=False)
@@ -113,3 +139,11 @@ with errors():
                 "accuracy std": st.column_config.NumberColumn(format="%.4f")})
             downloads("probe-accuracy", table=table, data={**{k: v for k, v in summary.items() if k != "cache"},
                                                            "accuracy": accuracy})
+
+        st.subheader("Export")
+        st.markdown("Take this approximated model away: a folder with the kept blocks and the maps as safetensors, "
+                    "the config, the image processor and a record of the ranges and maps (`rba.json`), which "
+                    "`rba_core.load_compressed(folder)` rebuilds as a plain PyTorch module without ever loading "
+                    "pickled code; or the same forward pass as one ONNX file for other runtimes.")
+        with errors():  # a failed export must not hide the results above
+            _export(sel, ranges, kind, ridge)

@@ -64,15 +64,15 @@ class _LazyEncoder:
 
 
 @torch.inference_mode()
-def _approximated_finals(net: ApproximatedEncoder, encoder: Encoder, dataset: str,
-                         ex: Extraction, progress: Progress | None, batch_size: int = 32) -> tuple[np.ndarray, dict]:
-    """Final representations of the approximated model on ``ex``'s samples, plus latencies."""
+def _approximated_finals(net: ApproximatedEncoder, encoder: Encoder, dataset: str, ex: Extraction,
+                         progress: Progress | None, timed: bool, batch_size: int = 32) -> tuple[np.ndarray, dict | None]:
+    """Final representations of the approximated model on ``ex``'s samples, plus latencies if ``timed``."""
     source = open_dataset(dataset, ex.meta["split"])
-    out, latency = np.empty_like(ex.final), {}
+    out, latency = np.empty_like(ex.final), {} if timed else None
     for start in range(0, len(ex.indices), batch_size):
         pixels = encoder.preprocess(source.images(ex.indices[start : start + batch_size]))
         out[start : start + len(pixels)] = net(pixels).cpu().numpy()
-        if not latency:  # timed on the first full batch, both models on the same pixels
+        if latency == {}:  # timed on the first batch, both models on the same pixels
             latency = {
                 "original": latency_ms_per_image(lambda p: encoder.final_cls(encoder.run_blocks(
                     encoder.embed(p), 1, encoder.num_blocks)), pixels),
@@ -85,16 +85,17 @@ def _approximated_finals(net: ApproximatedEncoder, encoder: Encoder, dataset: st
 
 def approximated_outputs(lazy: _LazyEncoder, model: str, dataset: str, fit: Extraction, ex: Extraction,
                          ranges: list[Range], kind: str, ridge: float, cache: Cache,
-                         progress: Progress | None) -> tuple[np.ndarray, dict]:
-    """Cached approximated final representations on ``ex``'s samples, and the run's measurements."""
-    key = make_key({"kind": "approximated", "fit": fit.key, "samples": ex.key,
+                         progress: Progress | None, timed: bool = False) -> tuple[np.ndarray, dict]:
+    """Cached approximated final representations on ``ex``'s samples, and the run's measurements
+    (latency only when ``timed``: the probe's extra runs are not timed)."""
+    key = make_key({"kind": "approximated", "fit": fit.key, "samples": ex.key, "timed": timed,
                     "ranges": ranges, "map": kind, "ridge": ridge if kind == "ridge" else None})
     stored = cache.load(key, "final")
     if stored is not None:
         return stored["final"], cache.get(key).meta
     encoder = lazy()
     net = approximate_encoder(encoder, fit.stats(), ranges, kind, ridge)
-    final, latency = _approximated_finals(net, encoder, dataset, ex, progress)
+    final, latency = _approximated_finals(net, encoder, dataset, ex, progress, timed)
     meta = {"params": count_params(net), "latency_ms_per_image": latency}
     cache.put(key, {"final": {"final": final}}, meta)
     return final, meta
@@ -122,7 +123,8 @@ def approximate(model: str, dataset: str, fit_n: int, eval_n: int, seed: int,
     ev = extract(model, dataset, eval_n, seed, "test", with_stats=False, cache=cache,
                  progress=progress, encoder=lazy)
     stage("Evaluation samples: approximated model")
-    final, measured = approximated_outputs(lazy, model, dataset, fit, ev, ranges, kind, ridge, cache, progress)
+    final, measured = approximated_outputs(lazy, model, dataset, fit, ev, ranges, kind, ridge, cache, progress,
+                                           timed=True)
     removed = sum(j - i for i, j in ranges)
     results = {
         "model": model, "dataset": dataset, "fit_n": fit_n, "eval_n": eval_n, "seed": seed,

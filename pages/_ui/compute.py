@@ -7,10 +7,15 @@ inside ``st.status`` with a progress bar and an ETA. No mutable state is kept in
 
 from __future__ import annotations
 
+import io
 import json
+import tempfile
 import threading
 import time
-from typing import Callable
+import zipfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Sequence
 
 import streamlit as st
 
@@ -20,9 +25,13 @@ import streamlit as st
 from transformers import AutoConfig, AutoImageProcessor, DeiTModel, Dinov2Model, ViTModel  # noqa: F401, E402
 
 from rba_core.analysis import analysis_results, approximate
+from rba_core.approx import approximate_encoder
 from rba_core.cache import Cache, cache_root
+from rba_core.export import ONNX, RECORD, save_compressed
 from rba_core.extract import extract
 from rba_core.models import Encoder, load_config, load_encoder
+from rba_core.search import search
+from rba_core.table import table
 
 from pages._ui.selection import Selection, on_disk
 
@@ -69,8 +78,9 @@ def stored_approximation(model: str, dataset: str, fit_n: int, eval_n: int, seed
                        probe=probe, cache=Cache(cache_dir), encoder=_refuse)
 
 
-def _progress_bar() -> Callable[[int, int], None]:
-    """A progress callback drawing a bar with images done, speed and ETA; restarts on a new stage."""
+def _progress_bar(unit: Callable[[], str] = lambda: "images") -> Callable[[int, int], None]:
+    """A progress callback drawing a bar with items done (``unit()`` names them), speed and ETA;
+    restarts on a new stage."""
     bar = st.progress(0.0, text="Starting…")
     clock = {"began": time.perf_counter(), "last": 0}
 
@@ -79,9 +89,9 @@ def _progress_bar() -> Callable[[int, int], None]:
             clock["began"] = time.perf_counter()
         clock["last"] = done
         elapsed = time.perf_counter() - clock["began"]
-        speed = f" · {done / elapsed:.1f} images/s · about {elapsed / done * (total - done):.0f} s left" \
+        speed = f" · {done / elapsed:.1f} {unit()}/s · about {elapsed / done * (total - done):.0f} s left" \
             if done and elapsed > 0 else ""
-        bar.progress(min(done / max(total, 1), 1.0), text=f"{done}/{total} images{speed}")
+        bar.progress(min(done / max(total, 1), 1.0), text=f"{done}/{total} {unit()}{speed}")
 
     return update
 
@@ -162,3 +172,100 @@ def approximation(sel: Selection, eval_n: int, ranges: list[tuple[int, int]], ki
     """Stored approximation results; raises :class:`NotComputed` when they are not stored yet."""
     return stored_approximation(sel.model, sel.dataset, sel.n, eval_n, sel.seed, json.dumps(ranges), kind,
                                 repr(float(ridge)), probe, str(cache_root()))
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def stored_meta(key: str, cache_dir: str) -> dict:
+    """What a stored pass recorded about its model (``num_params``, ``block_params``, ...)."""
+    entry = Cache(cache_dir).get(key)
+    if entry is None:
+        raise NotComputed
+    return entry.meta
+
+
+def pass_meta(results: dict) -> dict:
+    """The stored metadata of the pass behind an analysis (its ``cache`` key), read without running anything."""
+    return stored_meta(results["cache"]["key"], str(cache_root()))
+
+
+@st.cache_data(max_entries=8, show_spinner="Reading stored results…")
+def stored_table(model: str, datasets: tuple[str, ...], fit_n: int, eval_n: int, seed: int, rows: str, kind: str,
+                 ridge: str, cache_dir: str) -> dict:
+    """The ``table`` results from the disk cache (``ridge`` as text); :class:`NotComputed` on a missing row."""
+    return table(model, list(datasets), fit_n, eval_n, seed, rows, kind, ridge=float(ridge), cache=Cache(cache_dir),
+                 encoder=_refuse)
+
+
+def table_results(sel: Selection, datasets: Sequence[str], eval_n: int, rows: str, kind: str, ridge: float) -> dict:
+    """Stored table rows for the sidebar's model, n and seed; raises :class:`NotComputed` until computed."""
+    return stored_table(sel.model, tuple(datasets), sel.n, eval_n, sel.seed, rows, kind, repr(float(ridge)),
+                        str(cache_root()))
+
+
+def run_table(sel: Selection, datasets: Sequence[str], eval_n: int, rows: str, kind: str, ridge: float) -> None:
+    """Every row of the table (cached rows are read, not recomputed), in ``st.status``."""
+    with st.status("Computing the table…", expanded=True) as status:
+        began = time.perf_counter()
+        result = table(sel.model, list(datasets), sel.n, eval_n, sel.seed, rows, kind, ridge=ridge, cache=Cache(),
+                       progress=_progress_bar(), encoder=lambda: encoder(sel.model),
+                       on_stage=lambda stage: _stage(status, stage))
+        for dataset in datasets:
+            _opened(replace(sel, dataset=dataset))
+        status.update(state="complete", expanded=False, label=f"Computed {len(result['rows'])} rows in "
+                      f"{time.perf_counter() - began:.1f} s (stored for next time).")
+
+
+def run_search(sel: Selection, eval_n: int, budget: dict, pairs: bool, probe_top: int, kind: str,
+               ridge: float) -> dict:
+    """The measured search (``budget``: search's ``blocks``, ``max_params`` or ``max_latency_ms``),
+    in ``st.status``. Not cached on disk: it is cheap next to the passes it reuses."""
+    unit = {"now": "images"}
+
+    def stage(text: str) -> None:
+        # The search counts candidates, the passes and probes before and after it count images.
+        unit["now"] = "candidate runs" if text.startswith("Measured search") else "images"
+        _stage(status, text)
+
+    with st.status("Searching…", expanded=True) as status:
+        result = search(sel.model, sel.dataset, sel.n, eval_n, sel.seed, **budget, pairs=pairs, probe_top=probe_top,
+                        kind=kind, ridge=ridge, cache=Cache(), progress=_progress_bar(lambda: unit["now"]),
+                        on_stage=stage, encoder=lambda: encoder(sel.model))
+        _opened(sel)
+        status.update(state="complete", expanded=False, label=f"Measured {result['evaluated']} candidates on "
+                      f"{eval_n} images in {result['seconds']['total']:.1f} s.")
+    return result
+
+
+def _zip(folder: Path) -> bytes:
+    """The folder as a zip holding one top-level folder of the same name (stored: weights barely compress)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        for path in sorted(folder.iterdir()):
+            archive.write(path, f"{folder.name}/{path.name}")
+    return buffer.getvalue()
+
+
+def run_export(sel: Selection, ranges: list[tuple[int, int]], kind: str, ridge: float, name: str,
+               onnx: bool) -> dict:
+    """The approximated model of the dashboard (maps fitted from the stored statistics) written by
+    :func:`rba_core.export.save_compressed` in a temporary folder, in ``st.status``. Returns
+    ``content`` (the folder as a zip, or with ``onnx`` the ONNX file), ``sizes`` (bytes on disk per
+    file) and ``record`` (rba.json)."""
+    what = "the ONNX file" if onnx else "the compressed model"
+    with st.status(f"Building {what}…", expanded=True) as status:
+        began = time.perf_counter()
+        _stage(status, "Fitting the maps from the stored token statistics")
+        fit = extract(sel.model, sel.dataset, sel.n, sel.seed, "train", cache=Cache(), progress=_progress_bar(),
+                      encoder=lambda: encoder(sel.model))
+        _opened(sel)
+        model = encoder(sel.model)
+        net = approximate_encoder(model, fit.stats(), ranges, kind, ridge)
+        _stage(status, "Exporting to ONNX (tracing the model)" if onnx else
+               "Writing the safetensors weights, config and record")
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = save_compressed(net, Path(tmp) / name, encoder=model, onnx=onnx)
+            sizes = {path.name: path.stat().st_size for path in sorted(folder.iterdir())}
+            content = (folder / ONNX).read_bytes() if onnx else _zip(folder)
+            record = json.loads((folder / RECORD).read_text())
+        status.update(state="complete", expanded=False, label=f"Built {what} in {time.perf_counter() - began:.1f} s.")
+    return {"content": content, "sizes": sizes, "record": record}

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from rba_core.approx import MAP_KINDS
 from rba_core.errors import RBAError
 from rba_core.hub import hub_status
 from rba_core.models import is_available_offline
@@ -30,7 +31,10 @@ DATASET_FOLDER = "Local dataset folder"
 PAGES = [("app.py", "Home", ":material/home:"),
          ("pages/1_Similarity.py", "Similarity", ":material/grid_on:"),
          ("pages/2_Redundancy.py", "Redundancy", ":material/bar_chart:"),
-         ("pages/3_Approximate.py", "Approximate", ":material/compress:")]
+         ("pages/3_Approximate.py", "Approximate", ":material/compress:"),
+         ("pages/4_Table.py", "Table", ":material/table_chart:")]
+MAP_NAMES = {"linear": "linear: least squares, the paper's", "affine": "affine: least squares with a bias",
+             "ridge": "ridge: least squares + λ", "identity": "identity: skip the blocks (the paper's ablation)"}
 
 
 @dataclass(frozen=True)
@@ -134,3 +138,18 @@ def sidebar(announce: bool = False) -> Selection:
         raise RBAError(f"Model '{model}' is not in the local Hugging Face cache and the hub cannot be "
                        f"reached ({reason}); pick {DEMO_PAIR[0]} (the offline demo) or a local model folder.")
     return Selection(model, dataset, int(n), int(seed))
+
+
+def map_choice(kind_at=st, ridge_at=st) -> tuple[str, float]:
+    """The map kind and ridge λ (shared by every page that fits maps, so a choice follows the user)."""
+    kind = kind_at.selectbox("Map", MAP_KINDS, key="map", help="; ".join(MAP_NAMES.values()), **BOUND)
+    ridge = ridge_at.number_input("Ridge λ", min_value=0.0, value=0.01, format="%.4g", key="ridge",
+                                  disabled=kind != "ridge", help="Only for the ridge map: (XᵀX/n + λI) T = XᵀY/n.",
+                                  **BOUND)
+    return kind, float(ridge)
+
+
+def eval_samples(at=st) -> int:
+    """How many test-split images evaluate an approximated model (shared by every such page)."""
+    return int(at.number_input("Evaluation samples (test split)", min_value=2, max_value=100_000, value=256,
+                               step=64, key="eval_n", **BOUND))

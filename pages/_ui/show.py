@@ -68,14 +68,30 @@ def result_part(results: dict, *keys: str) -> dict:
     return {k: results[k] for k in ("model", "dataset", "n", "seed", *keys)}
 
 
-def downloads(name: str, table: pd.DataFrame | None = None, data: dict | None = None) -> None:
-    """Download buttons (CSV for a table, JSON for a result) that do not rerun the page."""
-    name = re.sub(r"[^\w.-]+", "_", name).strip("_")  # datasets may be folder paths
+def file_name(name: str) -> str:
+    """``name`` as a safe file name (datasets and models may be folder paths)."""
+    return re.sub(r"[^\w.-]+", "_", name).strip("_")
+
+
+def file_download(label: str, content: str | bytes, name: str, mime: str, at=st) -> None:
+    """One download button that does not rerun the page; its key is the file name."""
+    at.download_button(label, content, name, mime, key=f"download-{name}", on_click="ignore",
+                       icon=":material/download:")
+
+
+def downloads(name: str, table: pd.DataFrame | str | None = None, data: dict | None = None,
+              markdown: str | None = None) -> None:
+    """Download buttons (CSV for a table or CSV text, Markdown text, JSON for a result) that do
+    not rerun the page."""
+    name = file_name(name)
     files = []
     if table is not None:
-        files.append(("Download CSV", table.to_csv(index=False), f"{name}.csv", "text/csv"))
+        csv = table if isinstance(table, str) else table.to_csv(index=False)
+        files.append(("Download CSV", csv, f"{name}.csv", "text/csv"))
+    if markdown is not None:
+        files.append(("Download Markdown", markdown, f"{name}.md", "text/markdown"))
     if data is not None:
         files.append(("Download JSON", to_json(data), f"{name}.json", "application/json"))
-    for column, (label, content, file_name, mime) in zip(st.columns([1, 1, 4]), files):
-        column.download_button(label, content, file_name, mime, key=f"download-{file_name}", on_click="ignore",
-                               icon=":material/download:")
+    row = st.container(horizontal=True)  # buttons as wide as their labels, side by side
+    for file in files:
+        file_download(*file, at=row)

@@ -4,16 +4,28 @@ Charts are opaque to AppTest (their data is tested in tests/unit/test_plots.py a
 browser test); here we check what the pages say and that no exception reaches them.
 """
 
+import io
 import os
+import zipfile
 from pathlib import Path
 
+import numpy as np
+import onnxruntime
 import pytest
+import torch
+from streamlit.runtime.memory_media_file_storage import _calculate_file_id
 from streamlit.testing.v1 import AppTest
 
+import rba_core
+from rba_core.analysis import approximate
+from rba_core.cache import Cache
+from rba_core.data import open_dataset
+from rba_core.extract import extract
 from rba_core.registry import DEMO_PAIR
+from rba_core.table import table
 
 ROOT = Path(__file__).resolve().parents[2]
-PAGES = ["pages/1_Similarity.py", "pages/2_Redundancy.py", "pages/3_Approximate.py"]
+PAGES = ["pages/1_Similarity.py", "pages/2_Redundancy.py", "pages/3_Approximate.py", "pages/4_Table.py"]
 DEMO = {"model": DEMO_PAIR[0], "dataset": DEMO_PAIR[1]}
 FAST = {"n": "64", "eval_n": "64"}  # small samples keep every compute to a second or two
 
@@ -96,6 +108,9 @@ def test_every_page_renders_on_the_demo(home, page):
         ranked = at.dataframe[0].value
         assert len(ranked) == 12 - 4 + 1 and list(ranked["rank"]) == list(range(1, 10))  # 4 blocks removed
         assert ranked["fit residual"].is_monotonic_increasing
+    elif page.endswith("Table.py"):
+        assert charts == 0 and any("press Compute the table" in t for t in _texts(at.info))
+        assert any("2→6 (1 5), 1→2 (0 1)" in t for t in _texts(at.caption))  # the paper preset's rows
     else:
         assert charts == 0 and any("press Approximate" in t for t in _texts(at.info))
         assert any("paper's notation: **1 5**" in m.value for m in at.markdown)
@@ -199,3 +214,95 @@ def test_downloads_are_strict_json_and_labelled_tables():
     table = matrix_table([[1.0, 0.5], [0.5, 1.0]], corner="from \\ to")
     assert list(table.columns) == ["from \\ to", "hs[0] (embeddings)", "block 1"]
     assert table.to_csv(index=False).splitlines()[2] == "block 1,0.5,1.0"
+
+
+# Issue 4: the Table page, the measured search on Redundancy, the export on Approximate.
+
+TABLE_ROWS = "2:6,3:4+9:11"
+
+
+def test_table_page_shows_the_core_table(home, tmp_path):
+    at = _app("pages/4_Table.py", **DEMO, table_rows="custom", table_custom=TABLE_ROWS)
+    _clean(at)
+    assert any("press Compute the table" in t for t in _texts(at.info))
+    at.button(key="table-compute").click().run()
+    _clean(at)
+    assert [s.label for s in at.status][0].startswith("Computed 3 rows")
+    shown = at.dataframe[0].value
+    # The same settings through the core, from an empty cache of its own.
+    rows = table(DEMO_PAIR[0], [DEMO_PAIR[1]], 64, 64, 0, TABLE_ROWS, cache=Cache(tmp_path))["rows"]
+    assert list(shown["range (ours)"]) == ["original", "2→6", "3→4 + 9→11"] == [r["range"] for r in rows]
+    assert list(shown["paper notation"]) == ["original", "1 5", "2 3 + 8 10"]
+    assert list(shown["blocks left"]) == [r["blocks_left"] for r in rows] == [12, 8, 9]
+    assert list(shown["params"]) == [r["params"] for r in rows]
+    assert list(shown["final MSE"]) == pytest.approx([r["mse_final"] for r in rows], rel=1e-6)
+    assert list(shown["accuracy %"]) == pytest.approx([100 * r["accuracy"]["approximated"]["mean"] for r in rows])
+    assert list(shown["skip accuracy %"][1:]) == pytest.approx([100 * r["accuracy"]["skip"]["mean"] for r in rows[1:]])
+    assert [b.label for b in at.download_button] == ["Download CSV", "Download Markdown", "Download JSON"]
+
+
+@pytest.mark.parametrize("rows, message", [("6:6", "start i must be smaller than the end j"),
+                                           ("2-6", "Cannot read the range '2-6'"), ("1:13", "outside 0..12")])
+def test_an_invalid_custom_table_row_shows_one_error(home, rows, message):
+    at = _app("pages/4_Table.py", **DEMO, table_rows="custom", table_custom=rows)
+    assert not at.exception
+    assert len(at.error) == 1 and message in at.error[0].value
+    assert not at.dataframe
+
+
+def test_measured_search_ranks_by_measured_mse(home):
+    at = _app("pages/2_Redundancy.py", **DEMO, search_blocks="3", search_probe="1")
+    assert any("press Run the measured search" in t for t in _texts(at.info))
+    at.button(key="search").click().run()
+    _clean(at)
+    assert [s.label for s in at.status][0].startswith("Measured 10 candidates on 64 images")
+    ranked = at.dataframe[1].value
+    assert list(ranked["rank"]) == list(range(1, 11)) and (ranked["blocks removed"] == 3).all()
+    assert ranked["final MSE"].is_monotonic_increasing and ranked["final MSE"].iloc[0] > 0
+    assert ranked["accuracy %"].notna().sum() == 1  # the probe for the best one only
+    metrics = {m.label: m.value for m in at.metric}
+    for name in ("Block Redundancy", "fit residual"):
+        assert -1 <= float(metrics[f"Spearman ρ · {name}"]) <= 1
+    assert any("enough to choose" in m.value for m in at.markdown)
+
+    at.selectbox(key="search_budget").set_value("params").run()
+    at.button(key="search").click().run()
+    _clean(at)
+    ranked = at.dataframe[1].value
+    original = list(at.session_state["_searched"].values())[-1]["original"]["params"]
+    assert any(f"{original:,} parameters" in t for t in _texts(at.caption))
+    assert ranked["final MSE"].is_monotonic_increasing and (ranked["params"] <= 0.75 * original).all()
+    assert len(ranked) > 10  # every range removing enough blocks, not only three-block ones
+
+
+def test_exported_zip_reloads_and_reproduces_the_dashboard(home, cache_dir, tmp_path):
+    at = _app("pages/3_Approximate.py", **DEMO)
+    _approximate(at)
+    at.button(key="export-zip").click().run()
+    _clean(at)
+    assert any(m.value.startswith("**Size on disk:") for m in at.markdown)
+    content = at.session_state["_exports"]["zip"]["content"]
+    name = "digits-ViT-2-6-linear"
+    # The download serves exactly these bytes: its URL names their content hash.
+    url = at.download_button(key=f"download-{name}.zip").proto.url
+    assert _calculate_file_id(content, "application/zip", f"{name}.zip") in url
+    zipfile.ZipFile(io.BytesIO(content)).extractall(tmp_path)
+    loaded = rba_core.load_compressed(tmp_path / name)
+    # The finals the dashboard showed, read from its cache (never recomputed here).
+    refuse = lambda: pytest.fail("the dashboard's results should be stored")  # noqa: E731
+    shown = approximate(DEMO_PAIR[0], DEMO_PAIR[1], 64, 64, 0, [(2, 6)], cache=Cache(cache_dir), encoder=refuse)
+    indices = extract(DEMO_PAIR[0], DEMO_PAIR[1], 64, 0, "test", with_stats=False, cache=Cache(cache_dir),
+                      encoder=refuse).indices
+    images = open_dataset(DEMO_PAIR[1], "test").images(indices)
+    pixels = loaded.processor(images=images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        out = loaded(pixels).numpy()
+    np.testing.assert_allclose(out, shown["final"]["approximated"], atol=1e-5, rtol=0)
+
+    at.button(key="export-onnx").click().run()  # the slowest step here (about 10 s: tracing the model)
+    _clean(at)
+    content = at.session_state["_exports"]["onnx"]["content"]
+    url = at.download_button(key=f"download-{name}.onnx").proto.url
+    assert _calculate_file_id(content, "application/octet-stream", f"{name}.onnx") in url
+    session = onnxruntime.InferenceSession(content, providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(["final"], {"pixel_values": pixels.numpy()})[0], out, atol=1e-4, rtol=0)

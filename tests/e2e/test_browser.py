@@ -181,6 +181,15 @@ def test_every_page_in_the_browser(server, page):
     _no_exception(page)
     _shot(page, "approximate")
 
+    _goto(page, "Table")
+    expect(page.get_by_text("2→6 (1 5), 1→2 (0 1)")).to_be_visible()  # the paper preset's rows
+    page.get_by_role("button", name="Compute the table").click()
+    expect(page.get_by_text("Computed 13 rows")).to_be_visible(timeout=4 * WAIT_MS)  # 12 rows, each probed
+    _settle(page)
+    expect(page.locator('[data-testid="stDataFrame"]')).to_have_count(1)
+    _no_exception(page)
+    _shot(page, "table")
+
 
 def test_a_bad_model_is_one_error_sentence(server, page):
     page.goto(f"{server}/?n={N}&model=custom&model_path=%2Fno%2Fsuch%2Fmodel-folder")

@@ -1,0 +1,90 @@
+"""Table page: the paper's Tables 1 and 2 for the sidebar's model on one or two datasets."""
+
+from dataclasses import replace
+
+import pandas as pd
+import streamlit as st
+
+from pages._ui.compute import NotComputed, may_read, num_blocks, run_table, table_results
+from pages._ui.selection import BOUND, DATASET_FOLDER, DATASET_OPTIONS, eval_samples, map_choice, pick, sidebar
+from pages._ui.show import downloads, errors
+from rba_core.errors import RBAError
+from rba_core.table import PRESETS, parse_rows, render, row_label
+
+CUSTOM = "custom"
+NONE = "(none)"
+ROW_NAMES = {"paper": "paper", "all-consecutive": "all consecutive", CUSTOM: "custom"}
+ROWS_HELP = ("paper: Table 1's range 2→6 (the paper's \"1 5\") and Table 2's one-block ranges 1→2 .. L−1→L; "
+             "all consecutive: every one-block range i→i+1; custom: your own rows.")
+
+st.set_page_config(page_title="Table · RBA Explorer", page_icon=":material/table_chart:", layout="wide")
+st.title("The paper's tables for this model")
+st.markdown("Rows like the paper's Tables 1 and 2: the original model, then one row per set of approximated "
+            "ranges with the blocks left, the parameters (T included), the final-representation MSE and the "
+            "linear probe's accuracy (mean ± std over seeds 0, 1, 2) of the approximated model and of the same "
+            "blocks simply skipped. Each row is the Approximate page's result for the same settings and shares "
+            "its cache, so adding rows computes only the new ones.")
+
+
+def _frame(result: dict) -> pd.DataFrame:
+    """The rows with numeric columns, so that sorting by a column sorts by value; accuracies in %."""
+    out = []
+    for row in result["rows"]:
+        accuracy, skip = row["accuracy"]["approximated"], row["accuracy"]["skip"]
+        out.append({"dataset": row["dataset"], "range (ours)": row["range"], "paper notation": row["paper"],
+                    "blocks left": row["blocks_left"], "params": row["params"], "final MSE": row["mse_final"],
+                    "accuracy %": 100 * accuracy["mean"], "accuracy std %": 100 * accuracy["std"],
+                    "skip accuracy %": 100 * skip["mean"] if skip else None,
+                    "skip std %": 100 * skip["std"] if skip else None})
+    return pd.DataFrame(out)
+
+
+with errors():
+    sel = sidebar()
+    blocks = num_blocks(sel.model)
+    cols = st.columns([2, 3], vertical_alignment="bottom")
+    preset = cols[0].radio("Rows", [*PRESETS, CUSTOM], format_func=ROW_NAMES.get, horizontal=True,
+                           key="table_rows", help=ROWS_HELP, **BOUND)
+    spec = preset
+    if preset == CUSTOM:
+        spec = (cols[1].text_input("Custom rows", key="table_custom", placeholder="2:6,8:10+3:4",
+                                   help="I:J removes blocks I+1..J; '+' joins ranges approximated in one model; "
+                                        "',' separates rows; the presets may be mixed in (paper,1:3).",
+                                   **BOUND) or "").strip()
+        if not spec:
+            raise RBAError("Type the custom rows, for example 2:6,8:10+3:4 (I:J removes blocks I+1..J).")
+    rows = parse_rows(spec, blocks)
+    st.caption(f"{len(rows)} rows after the original model, ours (paper's): "
+               + ", ".join("{} ({})".format(*row_label(row)) for row in rows) + ".")
+
+    cols = st.columns(4)
+    kind, ridge = map_choice(cols[0], cols[1])
+    eval_n = eval_samples(cols[2])
+    with cols[3]:
+        also = pick("table_also", "Also on a second dataset", [NONE, *DATASET_OPTIONS], DATASET_FOLDER,
+                    "/path/to/dataset", "The same rows for the same model, n and seed on another dataset.")
+    datasets = [sel.dataset] + ([also] if also and also not in (NONE, sel.dataset) else [])
+    st.caption(f"Maps are fitted on the sidebar's n = {sel.n} train images (seed {sel.seed}) and evaluated on "
+               f"{eval_n} test images; {sel.model} has {blocks} blocks.")
+
+    if st.button("Compute the table", key="table-compute", type="primary",
+                 help="Every row not stored yet: fit, evaluate and probe the approximated and skipped models."):
+        run_table(sel, datasets, eval_n, spec, kind, ridge)
+    try:
+        if not all(may_read(replace(sel, dataset=dataset)) for dataset in datasets):
+            raise NotComputed
+        result = table_results(sel, datasets, eval_n, spec, kind, ridge)
+    except NotComputed:
+        result = None
+        st.info("Not computed yet for these settings: press Compute the table.")
+    if result:
+        st.dataframe(_frame(result), hide_index=True, height="content", column_config={
+            "params": st.column_config.NumberColumn(format="localized"),
+            "final MSE": st.column_config.NumberColumn(format="%.4g"),
+            **{name: st.column_config.NumberColumn(format="%.2f")
+               for name in ("accuracy %", "accuracy std %", "skip accuracy %", "skip std %")}})
+        st.caption("Click a column header to sort. Ours: range i→j removes blocks i+1..j; the paper writes it "
+                   "\"i−1 j−1\" in 0-indexed block outputs (\"emb\" for the embedding output). The downloads "
+                   "are what `python -m rba_core table` writes for the same settings.")
+        downloads(f"table-{sel.model}-{'-'.join(datasets)}", table=render(result, "csv"),
+                  markdown=render(result, "md"), data=result)
