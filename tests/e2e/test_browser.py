@@ -116,6 +116,7 @@ def _shot(page: Page, name: str) -> None:
     page.set_viewport_size({"width": 1400, "height": min(max(1000, int(height)), 8000)})
     page.wait_for_timeout(800)  # plotly re-lays out its charts
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+    assert (SHOTS / f"{name}.png").stat().st_size > 10_000, f"the {name} screenshot is blank"
     page.set_viewport_size({"width": 1400, "height": 1000})
 
 
