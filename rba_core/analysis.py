@@ -49,7 +49,7 @@ def analyze(model: str, dataset: str, n: int, seed: int = 0, split: str = "train
     return analysis_results(extract(model, dataset, n, seed, split, cache=cache, progress=progress))
 
 
-class _LazyEncoder:
+class LazyEncoder:
     """Loads the model only when a forward pass is really needed (never on a full cache hit)."""
 
     def __init__(self, model: str, encoder: Encoder | Callable[[], Encoder] | None = None):
@@ -83,7 +83,7 @@ def _approximated_finals(net: ApproximatedEncoder, encoder: Encoder, dataset: st
     return out, latency
 
 
-def approximated_outputs(lazy: _LazyEncoder, model: str, dataset: str, fit: Extraction, ex: Extraction,
+def approximated_outputs(lazy: LazyEncoder, model: str, dataset: str, fit: Extraction, ex: Extraction,
                          ranges: list[Range], kind: str, ridge: float, cache: Cache,
                          progress: Progress | None, timed: bool = False) -> tuple[np.ndarray, dict]:
     """Cached approximated final representations on ``ex``'s samples, and the run's measurements
@@ -104,7 +104,7 @@ def approximated_outputs(lazy: _LazyEncoder, model: str, dataset: str, fit: Extr
 def approximate(model: str, dataset: str, fit_n: int, eval_n: int, seed: int,
                 ranges: Sequence[Sequence[int]], kind: str = "linear", *, ridge: float = 1e-2,
                 probe: bool = False, cache: Cache | None = None, progress: Progress | None = None,
-                on_stage: Stage | None = None, encoder: Encoder | _LazyEncoder | Callable[[], Encoder] | None = None) -> dict:
+                on_stage: Stage | None = None, encoder: Encoder | LazyEncoder | Callable[[], Encoder] | None = None) -> dict:
     """Fit maps on ``fit_n`` train images, evaluate the approximated model on ``eval_n`` test images.
 
     Returns the ``approximate`` JSON plus ``final``: original and approximated final
@@ -114,8 +114,8 @@ def approximate(model: str, dataset: str, fit_n: int, eval_n: int, seed: int,
         raise RBAError(f"Unknown map '{kind}': use one of {', '.join(MAP_KINDS)}.")
     cache = cache or Cache()
     stage = on_stage or (lambda _: None)
-    # A shared _LazyEncoder lets many calls (table rows, search probes) load the model at most once.
-    lazy = encoder if isinstance(encoder, _LazyEncoder) else _LazyEncoder(model, encoder)
+    # A shared LazyEncoder lets many calls (table rows, search probes) load the model at most once.
+    lazy = encoder if isinstance(encoder, LazyEncoder) else LazyEncoder(model, encoder)
     ranges = validate_ranges(ranges, load_config(model).num_hidden_layers)  # before any pass
     stage("Fit samples (train split): representations and token statistics")
     fit = extract(model, dataset, fit_n, seed, "train", cache=cache, progress=progress, encoder=lazy)

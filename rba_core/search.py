@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from rba_core.analysis import Stage, _LazyEncoder, approximate
+from rba_core.analysis import Stage, LazyEncoder, approximate
 from rba_core.approx import MAP_KINDS, LinearMap, Range, fit_map, fit_residual_matrix
 from rba_core.cache import Cache
 from rba_core.data import open_dataset
@@ -216,7 +216,7 @@ def search(model: str, dataset: str, fit_n: int, eval_n: int, seed: int = 0, *, 
     began = time.perf_counter()
     cache = cache or Cache()
     stage = on_stage or (lambda _: None)
-    lazy = _LazyEncoder(model, encoder)
+    lazy = LazyEncoder(model, encoder)
     stage("Fit samples (train split): representations and token statistics")
     fit = extract(model, dataset, fit_n, seed, "train", cache=cache, progress=progress, encoder=lazy)
     stage("Evaluation samples (test split): original model")

@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 from typing import Callable, Sequence
 
-from rba_core.analysis import Stage, _LazyEncoder, approximate
+from rba_core.analysis import Stage, LazyEncoder, approximate
 from rba_core.approx import Range, paper_notation, validate_ranges
 from rba_core.cache import Cache
 from rba_core.errors import RBAError
@@ -89,7 +89,7 @@ def table(model: str, datasets: Sequence[str], fit_n: int, eval_n: int, seed: in
     if not checked:
         raise RBAError("The table has no rows: this model is too shallow for the preset; give ranges like 1:2.")
     cache = cache or Cache()
-    lazy = _LazyEncoder(model, encoder)  # loaded once, and only when some row is not cached
+    lazy = LazyEncoder(model, encoder)  # loaded once, and only when some row is not cached
     stage = on_stage or (lambda _: None)
     out = []
     for dataset in datasets:
