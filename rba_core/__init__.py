@@ -1,17 +1,48 @@
-"""RBA Explorer core: find redundant blocks in vision transformers and approximate them linearly.
+"""RBA Explorer core: find redundant blocks in transformers and approximate them with linear maps.
 
-Importing this package has no side effects; the heavy modules (torch, transformers) load lazily.
+The library API, for notebooks and scripts::
+
+    import rba_core
+    result = rba_core.analyze("MiniLM-L6", "debian-descriptions", n=256)   # or a loaded model, a list of texts
+    result.block_redundancy, result.to_frame()
+    approx = rba_core.approximate("MiniLM-L6", "debian-descriptions", 256, 128, 0, [(2, 4)])
+
+Importing this package has no side effects; every name below loads its module (and torch,
+transformers) only when first used.
 """
 
 from rba_core.errors import RBAError
 
-__all__ = ["RBAError", "load_compressed"]
+#: public name -> module that defines it
+_EXPORTS = {
+    "analyze": "rba_core.analysis",
+    "approximate": "rba_core.analysis",
+    "search": "rba_core.search",
+    "table": "rba_core.table",
+    "load_compressed": "rba_core.export",
+    "save_compressed": "rba_core.export",
+    "block_redundancy": "rba_core.metrics",
+    "cosine_matrix": "rba_core.metrics",
+    "linear_cka_matrix": "rba_core.metrics",
+    "ADAPTERS": "rba_core.models",
+    "adapter_class": "rba_core.models",
+    "load_encoder": "rba_core.models",
+    "MAPS": "rba_core.maps",
+    "MapParams": "rba_core.maps",
+    "fit_map": "rba_core.maps",
+    "AnalysisResult": "rba_core.results",
+    "ApproximationResult": "rba_core.results",
+    "SearchResult": "rba_core.results",
+    "TableResult": "rba_core.results",
+}
+
+__all__ = ["RBAError", *_EXPORTS]
 
 
 def __getattr__(name: str):
-    """``rba_core.load_compressed`` imports torch only when first used."""
-    if name == "load_compressed":
-        from rba_core.export import load_compressed
+    """Load the module behind a public name on first use."""
+    if name in _EXPORTS:
+        import importlib
 
-        return load_compressed
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'rba_core' has no attribute {name!r}")

@@ -1,7 +1,5 @@
-"""Entry point for ``python -m rba_core``."""
+"""Entry point for ``python -m rba_core`` (the ``rba`` console script is the same)."""
 
-import sys
+from rba_core.cli import main_exit
 
-from rba_core.cli import main
-
-sys.exit(main())
+main_exit()

@@ -7,15 +7,16 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from rba_core.approx import (MAP_KINDS, ApproximatedEncoder, Range, approximate_encoder, count_params,
-                             fit_residual_matrix, latency_ms_per_image, paper_notation, validate_ranges)
+from rba_core.approx import (ApproximatedEncoder, Range, approximate_encoder, count_params, latency_ms_per_image,
+                             paper_notation, validate_ranges)
 from rba_core.cache import Cache, make_key
 from rba_core.data import open_dataset
-from rba_core.errors import RBAError
 from rba_core.extract import Extraction, Progress, extract
+from rba_core.maps import MapParams, fit_residual_matrix, map_kind
 from rba_core.metrics import block_redundancy, cosine_matrix, linear_cka_matrix
-from rba_core.models import Encoder, load_config, load_encoder
+from rba_core.models import Encoder, load_encoder, model_ref
 from rba_core.probe import probe_accuracy
+from rba_core.results import AnalysisResult, ApproximationResult
 
 Stage = Callable[[str], None]
 
@@ -24,131 +25,135 @@ def _matrix(values: np.ndarray) -> list[list[float | None]]:
     return [[None if np.isnan(v) else float(v) for v in row] for row in values]
 
 
-def analysis_results(ex: Extraction) -> dict:
-    """The ``analyze`` JSON: BR for blocks 1..L, cosine, CKA and fit-residual matrices over 0..L."""
-    return {
-        "model": ex.meta["model"],
-        "dataset": ex.meta["dataset"],
-        "split": ex.meta["split"],
-        "num_blocks": ex.num_blocks,
-        "hidden_size": ex.hidden_size,
-        "n": int(len(ex.indices)),
-        "seed": ex.meta["seed"],
-        "block_redundancy": block_redundancy(ex.cls).tolist(),
-        "cosine": cosine_matrix(ex.cls).tolist(),
-        "cka": linear_cka_matrix(ex.cls).tolist(),
-        "fit_residual": _matrix(ex.fit_residual if ex.fit_residual is not None else fit_residual_matrix(ex.stats())),
-        "cache": {"key": ex.key, "hit": ex.hit},
-        "notes": ex.notes,
-    }
+def analysis_results(ex: Extraction) -> AnalysisResult:
+    """The ``analyze`` result: BR for blocks 1..L, cosine, CKA and fit-residual matrices over 0..L."""
+    meta = ex.meta
+    return AnalysisResult(
+        model=meta["model"], dataset=meta["dataset"], split=meta["split"],
+        modality=meta.get("modality", "image"), family=meta["family"], pooling=meta.get("pooling", "first"),
+        max_length=meta.get("max_length"), num_blocks=ex.num_blocks, hidden_size=ex.hidden_size,
+        n=int(len(ex.indices)), seed=meta["seed"],
+        block_redundancy=block_redundancy(ex.pooled).tolist(),
+        cosine=cosine_matrix(ex.pooled).tolist(),
+        cka=linear_cka_matrix(ex.pooled).tolist(),
+        fit_residual=_matrix(ex.fit_residual if ex.fit_residual is not None else fit_residual_matrix(ex.stats())),
+        cache={"key": ex.key, "hit": ex.hit},
+        notes=ex.notes,
+    )
 
 
-def analyze(model: str, dataset: str, n: int, seed: int = 0, split: str = "train", *,
-            cache: Cache | None = None, progress: Progress | None = None) -> dict:
-    """Extract (or reopen) and compute every redundancy metric."""
-    return analysis_results(extract(model, dataset, n, seed, split, cache=cache, progress=progress))
+def analyze(model, dataset, n: int, seed: int = 0, split: str = "train", *, max_length: int = 128,
+            cache: Cache | None = None, progress: Progress | None = None) -> AnalysisResult:
+    """Extract (or reopen) and compute every redundancy metric.
+
+    ``model``: alias, hub id, folder or a loaded model; ``dataset``: alias, folder or a list of samples."""
+    return analysis_results(extract(model, dataset, n, seed, split, max_length=max_length, cache=cache,
+                                    progress=progress))
 
 
 class LazyEncoder:
     """Loads the model only when a forward pass is really needed (never on a full cache hit)."""
 
-    def __init__(self, model: str, encoder: Encoder | Callable[[], Encoder] | None = None):
-        self.model, self.encoder = model, encoder  # a zero-arg loader lets the app share its model cache
+    def __init__(self, model, encoder: Encoder | Callable[[], Encoder] | None = None, max_length: int = 128):
+        # A zero-arg loader lets the app share its model cache; a loaded model is used as it is.
+        self.model, self.encoder, self.max_length = model, encoder, max_length
+        if encoder is None and not isinstance(model, str):
+            self.encoder = model_ref(model, max_length).loaded
 
     def __call__(self) -> Encoder:
         if self.encoder is None:
-            self.encoder = load_encoder(self.model)
+            self.encoder = load_encoder(self.model, max_length=self.max_length)
         elif not isinstance(self.encoder, Encoder):
             self.encoder = self.encoder()
-        return self.encoder
+        return self.encoder.with_max_length(self.max_length)
 
 
 @torch.inference_mode()
-def _approximated_finals(net: ApproximatedEncoder, encoder: Encoder, dataset: str, ex: Extraction,
+def _approximated_finals(net: ApproximatedEncoder, encoder: Encoder, dataset, ex: Extraction,
                          progress: Progress | None, timed: bool, batch_size: int = 32) -> tuple[np.ndarray, dict | None]:
     """Final representations of the approximated model on ``ex``'s samples, plus latencies if ``timed``."""
     source = open_dataset(dataset, ex.meta["split"])
     out, latency = np.empty_like(ex.final), {} if timed else None
+    original = ApproximatedEncoder(encoder, [], [])  # no range: the original model's own path
     for start in range(0, len(ex.indices), batch_size):
-        pixels = encoder.preprocess(source.images(ex.indices[start : start + batch_size]))
-        out[start : start + len(pixels)] = net(pixels).cpu().numpy()
-        if latency == {}:  # timed on the first batch, both models on the same pixels
-            latency = {
-                "original": latency_ms_per_image(lambda p: encoder.final_cls(encoder.run_blocks(
-                    encoder.embed(p), 1, encoder.num_blocks)), pixels),
-                "approximated": latency_ms_per_image(net, pixels),
-            }
+        inputs = encoder.preprocess(source.items(ex.indices[start : start + batch_size]))
+        out[start : start + batch_size] = net(**inputs).cpu().numpy()
+        if latency == {}:  # timed on the first batch, both models on the same inputs
+            latency = {"original": latency_ms_per_image(original, inputs),
+                       "approximated": latency_ms_per_image(net, inputs)}
         if progress:
             progress(min(start + batch_size, len(ex.indices)), len(ex.indices))
     return out, latency
 
 
-def approximated_outputs(lazy: LazyEncoder, model: str, dataset: str, fit: Extraction, ex: Extraction,
-                         ranges: list[Range], kind: str, ridge: float, cache: Cache,
-                         progress: Progress | None, timed: bool = False) -> tuple[np.ndarray, dict]:
+def approximated_outputs(lazy: LazyEncoder, dataset, fit: Extraction, ex: Extraction, ranges: list[Range],
+                         kind: str, params: MapParams, cache: Cache, progress: Progress | None,
+                         timed: bool = False) -> tuple[np.ndarray, dict]:
     """Cached approximated final representations on ``ex``'s samples, and the run's measurements
     (latency only when ``timed``: the probe's extra runs are not timed)."""
     key = make_key({"kind": "approximated", "fit": fit.key, "samples": ex.key, "timed": timed,
-                    "ranges": ranges, "map": kind, "ridge": ridge if kind == "ridge" else None})
+                    "ranges": ranges, "map": kind, "map_params": map_kind(kind).key(params)})
     stored = cache.load(key, "final")
     if stored is not None:
         return stored["final"], cache.get(key).meta
     encoder = lazy()
-    net = approximate_encoder(encoder, fit.stats(), ranges, kind, ridge)
+    net = approximate_encoder(encoder, fit.stats(), ranges, kind, params)
     final, latency = _approximated_finals(net, encoder, dataset, ex, progress, timed)
     meta = {"params": count_params(net), "latency_ms_per_image": latency}
     cache.put(key, {"final": {"final": final}}, meta)
     return final, meta
 
 
-def approximate(model: str, dataset: str, fit_n: int, eval_n: int, seed: int,
-                ranges: Sequence[Sequence[int]], kind: str = "linear", *, ridge: float = 1e-2,
-                probe: bool = False, cache: Cache | None = None, progress: Progress | None = None,
-                on_stage: Stage | None = None, encoder: Encoder | LazyEncoder | Callable[[], Encoder] | None = None) -> dict:
-    """Fit maps on ``fit_n`` train images, evaluate the approximated model on ``eval_n`` test images.
+def approximate(model, dataset, fit_n: int, eval_n: int, seed: int,
+                ranges: Sequence[Sequence[int]], kind: str = "linear", *, map_params: MapParams | None = None,
+                probe: bool = False, max_length: int = 128, cache: Cache | None = None,
+                progress: Progress | None = None, on_stage: Stage | None = None,
+                encoder: Encoder | LazyEncoder | Callable[[], Encoder] | None = None) -> ApproximationResult:
+    """Fit maps on ``fit_n`` train samples, evaluate the approximated model on ``eval_n`` test samples.
 
-    Returns the ``approximate`` JSON plus ``final``: original and approximated final
-    representations of the evaluation samples with their labels (numpy; not JSON).
+    The result's ``final`` holds the original and approximated final representations of the
+    evaluation samples with their labels (numpy; not in the JSON).
     """
-    if kind not in MAP_KINDS:
-        raise RBAError(f"Unknown map '{kind}': use one of {', '.join(MAP_KINDS)}.")
+    declared = map_kind(kind)  # an unknown map fails before any work
+    params = map_params or MapParams()
     cache = cache or Cache()
     stage = on_stage or (lambda _: None)
     # A shared LazyEncoder lets many calls (table rows, search probes) load the model at most once.
-    lazy = encoder if isinstance(encoder, LazyEncoder) else LazyEncoder(model, encoder)
-    ranges = validate_ranges(ranges, load_config(model).num_hidden_layers)  # before any pass
+    lazy = encoder if isinstance(encoder, LazyEncoder) else LazyEncoder(model, encoder, max_length)
+    info = model_ref(lazy.encoder if isinstance(lazy.encoder, Encoder) else model, max_length).info
+    ranges = validate_ranges(ranges, info.num_blocks)  # before any pass
     stage("Fit samples (train split): representations and token statistics")
-    fit = extract(model, dataset, fit_n, seed, "train", cache=cache, progress=progress, encoder=lazy)
+    fit = extract(model, dataset, fit_n, seed, "train", max_length=max_length, cache=cache, progress=progress,
+                  encoder=lazy)
     stage("Evaluation samples (test split): original model")
-    ev = extract(model, dataset, eval_n, seed, "test", with_stats=False, cache=cache,
+    ev = extract(model, dataset, eval_n, seed, "test", with_stats=False, max_length=max_length, cache=cache,
                  progress=progress, encoder=lazy)
     stage("Evaluation samples: approximated model")
-    final, measured = approximated_outputs(lazy, model, dataset, fit, ev, ranges, kind, ridge, cache, progress,
+    final, measured = approximated_outputs(lazy, dataset, fit, ev, ranges, kind, params, cache, progress,
                                            timed=True)
     removed = sum(j - i for i, j in ranges)
-    results = {
-        "model": model, "dataset": dataset, "fit_n": fit_n, "eval_n": eval_n, "seed": seed,
-        "num_blocks": fit.num_blocks,
-        "ranges": [{"start": i, "end": j, "removed_blocks": list(range(i + 1, j + 1)),
-                    "paper": paper_notation((i, j))} for i, j in ranges],
-        "map": kind, "ridge": ridge if kind == "ridge" else None,
-        "blocks": {"original": fit.num_blocks, "approximated": fit.num_blocks - removed},
-        "mse_final": float(np.mean((final.astype(np.float64) - ev.final) ** 2)),
-        "params": {"original": fit.meta["num_params"], "approximated": measured["params"]},
-        "latency_ms_per_image": measured["latency_ms_per_image"],
-        "cache": {"fit": fit.key, "eval": ev.key},
-        "notes": sorted(set(fit.notes + ev.notes)),
-        "final": {"original": ev.final, "approximated": final, "labels": ev.labels,
-                  "label_names": fit.label_names},
-    }
+    result = ApproximationResult(
+        model=fit.meta["model"], dataset=fit.meta["dataset"], modality=info.modality, pooling=info.pooling,
+        max_length=fit.meta.get("max_length"), fit_n=fit_n, eval_n=eval_n, seed=seed, num_blocks=fit.num_blocks,
+        ranges=[{"start": i, "end": j, "removed_blocks": list(range(i + 1, j + 1)),
+                 "paper": paper_notation((i, j))} for i, j in ranges],
+        map=kind, map_params=declared.key(params),
+        blocks={"original": fit.num_blocks, "approximated": fit.num_blocks - removed},
+        mse_final=float(np.mean((final.astype(np.float64) - ev.final) ** 2)),
+        params={"original": fit.meta["num_params"], "approximated": measured["params"]},
+        latency_ms_per_image=measured["latency_ms_per_image"],
+        cache={"fit": fit.key, "eval": ev.key},
+        notes=sorted(set(fit.notes + ev.notes)),
+        final={"original": ev.final, "approximated": final, "labels": ev.labels, "label_names": fit.label_names},
+    )
     if probe:
         stage("Linear probe: approximated and skipped models on the fit samples")
         train = {"original": fit.final}
         test = {"original": ev.final}
-        for name, map_kind in (("approximated", kind), ("skip", "identity")):
-            train[name] = approximated_outputs(lazy, model, dataset, fit, fit, ranges, map_kind, ridge, cache, progress)[0]
-            test[name] = final if map_kind == kind else approximated_outputs(
-                lazy, model, dataset, fit, ev, ranges, map_kind, ridge, cache, progress)[0]
-        results["accuracy"] = {name: probe_accuracy(train[name], fit.labels, test[name], ev.labels)
-                               for name in ("original", "approximated", "skip")}
-    return results
+        for name, map_name in (("approximated", kind), ("skip", "identity")):
+            train[name] = approximated_outputs(lazy, dataset, fit, fit, ranges, map_name, params, cache, progress)[0]
+            test[name] = final if map_name == kind else approximated_outputs(
+                lazy, dataset, fit, ev, ranges, map_name, params, cache, progress)[0]
+        result.accuracy = {name: probe_accuracy(train[name], fit.labels, test[name], ev.labels)
+                           for name in ("original", "approximated", "skip")}
+    return result

@@ -1,26 +1,22 @@
-"""Closed-form maps T for block ranges i→j, and the approximated encoder that uses them.
+"""Block ranges i→j and the approximated encoder that replaces them by maps.
 
 A range i→j (0 <= i < j <= L) removes blocks i+1..j and sends hs[i] to hs[j] with one map
-shared by all tokens. Maps come from token statistics (:mod:`rba_core.stats`), never from a
-second pass over the model.
+shared by all tokens (:mod:`rba_core.maps`).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Literal, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from rba_core.errors import RBAError
+from rba_core.maps import LinearMap, MapParams, Range, fit_map
 from rba_core.models import Encoder
 from rba_core.stats import TokenStats
-
-MapKind = Literal["linear", "affine", "ridge", "identity"]
-MAP_KINDS: tuple[str, ...] = ("linear", "affine", "ridge", "identity")
-Range = tuple[int, int]
 
 
 def paper_notation(rng: Range) -> str:
@@ -51,100 +47,21 @@ def validate_ranges(ranges: Sequence[Sequence[int]], num_blocks: int) -> list[Ra
     return checked
 
 
-def _solve_spd(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
-    """Solve gram @ T = rhs for a symmetric PSD gram (float64 Cholesky); least squares
-    (minimum norm, SVD-based) if it is singular."""
-    g, r = torch.from_numpy(np.asarray(gram, np.float64)), torch.from_numpy(np.asarray(rhs, np.float64))
-    factor, info = torch.linalg.cholesky_ex(g)
-    if int(info) == 0:
-        return torch.cholesky_solve(r, factor).numpy()
-    return torch.linalg.lstsq(g, r, driver="gelsd").solution.numpy()
-
-
-class LinearMap(nn.Module):
-    """h ↦ h @ weight + bias, applied to every token. ``weight``: (D, D)."""
-
-    def __init__(self, weight: np.ndarray | torch.Tensor, bias: np.ndarray | torch.Tensor | None = None):
-        super().__init__()
-        self.weight = nn.Parameter(torch.as_tensor(weight, dtype=torch.float32), requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(torch.as_tensor(bias, dtype=torch.float32), requires_grad=False)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        out = hidden @ self.weight
-        return out if self.bias is None else out + self.bias
-
-
-def fit_map(stats: TokenStats, rng: Range, kind: MapKind = "linear", ridge: float = 1e-2) -> LinearMap | None:
-    """The map for range i→j minimising ||hs[i] T - hs[j]||² over all fitted tokens.
-
-    ``ridge`` is λ in (Gᵢᵢ/n + λI) T = Cᵢⱼ/n, i.e. in units of the per-token second moment.
-    Returns None for ``identity`` (the blocks are skipped).
-    """
-    i, j = rng
-    if kind == "identity":
-        return None
-    gram, cross = stats.gram(i, i), stats.gram(i, j)
-    if kind == "linear":
-        return LinearMap(_solve_spd(gram, cross))
-    if kind == "ridge":
-        n, d = stats.count, stats.hidden_size
-        return LinearMap(_solve_spd(gram / n + ridge * np.eye(d), cross / n))
-    if kind == "affine":
-        sums, n = stats.sums, stats.count
-        aug = np.block([[gram, sums[i][:, None]], [sums[i][None, :], np.array([[n]])]])
-        solution = _solve_spd(aug, np.vstack([cross, sums[j][None, :]]))
-        return LinearMap(solution[:-1], solution[-1])
-    raise RBAError(f"Unknown map '{kind}': use one of {', '.join(MAP_KINDS)}.")
-
-
-def all_pair_maps(stats: TokenStats):
-    """Least-squares maps for every range i→j, one factorisation per i.
-
-    Yields ``(i, maps)`` where ``maps``: (D, (L-i)·D) float64 holds T for j = i+1..L side by side.
-    """
-    d = stats.hidden_size
-    for i in range(stats.num_blocks):
-        yield i, _solve_spd(stats.gram(i, i), stats.upper[i][:, d:])
-
-
-def fit_residual_matrix(stats: TokenStats) -> np.ndarray:
-    """Relative residual ||hs[i] T - hs[j]||² / ||hs[j]||² of the least-squares map for every
-    i < j, (L+1, L+1) float64, NaN where i >= j. Needs no forward pass."""
-    states, d = stats.num_blocks + 1, stats.hidden_size
-    out = np.full((states, states), np.nan)
-    for i, maps in all_pair_maps(stats):
-        cross = stats.upper[i][:, d:]
-        for j in range(i + 1, states):
-            block = slice((j - i - 1) * d, (j - i) * d)
-            target = np.trace(stats.gram(j, j))
-            explained = np.sum(maps[:, block] * cross[:, block])  # tr(Tᵀ C) = tr(Tᵀ G T) at optimum
-            out[i, j] = max(target - explained, 0.0) / target
-    return out
-
-
-class _Block(nn.Module):
-    """A transformer block that always returns a tensor."""
-
-    def __init__(self, block: nn.Module):
-        super().__init__()
-        self.block = block
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        out = self.block(hidden)
-        return out[0] if isinstance(out, tuple) else out
-
-
 class ApproximatedEncoder(nn.Module):
-    """Blocks 1..i, T, blocks j+1..L, final norm: only what the compressed model computes.
+    """Blocks 1..i, T, blocks j+1..L, final norm and pooling: only what the compressed model computes.
 
-    Shares (never modifies) the original encoder's modules. ``forward`` returns the final
-    representation (B, D): the final-norm CLS token.
+    Shares (never modifies) the original encoder's modules: ``stem`` (what runs before the first
+    block), the kept blocks and the final norm, plus the maps. ``forward(**inputs)`` takes the
+    encoder's own inputs (``pixel_values``, or ``input_ids`` and ``attention_mask``) and returns
+    the final representation (B, D). Padding tokens are mapped too but never reach a real token
+    (attention masks them) or the pooling.
     """
 
     def __init__(self, encoder: Encoder, ranges: Sequence[Range], maps: Sequence[LinearMap | None]):
         super().__init__()
+        self.encoder = encoder  # not a submodule: its model holds the removed blocks too
         self.ranges = list(ranges)
-        self.embeddings = encoder.model.embeddings
+        self.stem = nn.ModuleDict(encoder.stem())
         starts = {i: (j, m) for (i, j), m in zip(ranges, maps)}
         steps, k = [], 0
         while k < encoder.num_blocks:
@@ -153,19 +70,30 @@ class ApproximatedEncoder(nn.Module):
                 if linear_map is not None:
                     steps.append(linear_map.to(encoder.device))
             else:
-                steps.append(_Block(encoder.blocks[k]))
+                steps.append(encoder.blocks[k])
                 k += 1
-        self.steps = nn.Sequential(*steps)
+        self.steps = nn.ModuleList(steps)
         self.norm = encoder.final_norm
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.steps(self.embeddings(pixel_values)))[:, 0, :]
+    def __setattr__(self, name, value):
+        if name == "encoder":  # keep the adapter out of the module tree (and the state dict)
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        enc = self.encoder
+        hidden = enc.embed(inputs)
+        ctx = enc.context(inputs, hidden)
+        for step in self.steps:
+            hidden = step(hidden) if isinstance(step, LinearMap) else enc.run_block(step, hidden, ctx)
+        return enc.final(hidden, enc.token_mask(inputs))
 
 
 def approximate_encoder(encoder: Encoder, stats: TokenStats, ranges: Sequence[Range],
-                        kind: MapKind = "linear", ridge: float = 1e-2) -> ApproximatedEncoder:
+                        kind: str = "linear", params: MapParams | None = None) -> ApproximatedEncoder:
     """Fit one map per range and build the approximated encoder."""
-    maps = [fit_map(stats, rng, kind, ridge) for rng in ranges]
+    maps = [fit_map(stats, rng, kind, params) for rng in ranges]
     return ApproximatedEncoder(encoder, ranges, maps).eval()
 
 
@@ -174,15 +102,16 @@ def count_params(module: nn.Module) -> int:
 
 
 @torch.inference_mode()
-def latency_ms_per_image(forward, pixel_values: torch.Tensor, repeats: int = 3) -> float:
-    """Median wall time of ``forward(pixel_values)`` over ``repeats`` runs after a warm-up, in ms per image."""
-    sync = torch.cuda.synchronize if pixel_values.is_cuda else (lambda: None)
-    forward(pixel_values)
+def latency_ms_per_image(forward, inputs: dict[str, torch.Tensor], repeats: int = 3) -> float:
+    """Median wall time of ``forward(**inputs)`` over ``repeats`` runs after a warm-up, in ms per sample."""
+    first = next(iter(inputs.values()))
+    sync = torch.cuda.synchronize if first.is_cuda else (lambda: None)
+    forward(**inputs)
     times = []
     for _ in range(repeats):
         sync()
         began = time.perf_counter()
-        forward(pixel_values)
+        forward(**inputs)
         sync()
         times.append(time.perf_counter() - began)
-    return 1000.0 * float(np.median(times)) / len(pixel_values)
+    return 1000.0 * float(np.median(times)) / len(first)

@@ -1,4 +1,5 @@
-"""Open a dataset split as labelled PIL images (hub, parquet folder, image folder, digits) and sample it."""
+"""Open a dataset split as labelled samples, images or texts (hub, parquet/CSV/JSONL folder, image folder,
+digits), and sample it."""
 
 from __future__ import annotations
 
@@ -14,31 +15,53 @@ import numpy as np
 from PIL import Image
 
 from rba_core.errors import RBAError
-from rba_core.registry import DATA_DIR_ENV, DatasetInfo, dataset_info, local_dataset_dir
+from rba_core.registry import DATA_DIR_ENV, DATASETS, DatasetInfo, dataset_info, local_dataset_dir
 
 SPLITS = ("train", "test")
 IMAGE_COLUMNS = ("image", "img", "pixel_values", "picture")
 LABEL_COLUMNS = ("label", "labels", "fine_label", "coarse_label", "class")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+#: Text columns, in order of preference: one text, or a pair read as (text_a, text_b).
+TEXT_COLUMNS: tuple[tuple[str, ...], ...] = (("text",), ("sentence",), ("text_a", "text_b"),
+                                             ("premise", "hypothesis"), ("sentence1", "sentence2"))
+TABLE_SUFFIXES = (".parquet", ".csv", ".jsonl", ".json")
+UNITS = {"image": "images", "text": "texts"}
 
 
 @dataclass
-class ImageSource:
-    """One split of a dataset: labels in memory, images decoded on demand."""
+class Source:
+    """One split of a dataset: labels in memory, samples (PIL images or texts) read on demand.
+
+    A text sample is a string, or a (text_a, text_b) pair for pair datasets such as MNLI.
+    """
 
     name: str
     split: str
     labels: np.ndarray  # (N,) int64; -1 where the dataset has no labels
     label_names: list[str]
     fingerprint: dict  # identifies the content, for cache keys
-    _load: Callable[[Sequence[int]], list[Image.Image]] = field(repr=False)
+    _load: Callable[[Sequence[int]], list] = field(repr=False)
+    modality: str = "image"  # "image" or "text"
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def images(self, indices: Sequence[int]) -> list[Image.Image]:
-        """Decode the images at ``indices`` as RGB (grayscale is converted)."""
-        return [im.convert("RGB") for im in self._load([int(i) for i in indices])]
+    @property
+    def unit(self) -> str:
+        """What one sample is called in messages: "images" or "texts"."""
+        return UNITS[self.modality]
+
+    def items(self, indices: Sequence[int]) -> list:
+        """The samples at ``indices``: RGB images (grayscale is converted) or texts."""
+        loaded = self._load([int(i) for i in indices])
+        if self.modality == "image":
+            return [im.convert("RGB") for im in loaded]
+        for index, text in zip(indices, loaded):
+            parts = text if isinstance(text, tuple) else (text,)
+            if any(not isinstance(p, str) or not p.strip() for p in parts):
+                raise RBAError(f"Sample {int(index)} of the {self.split} split of '{self.name}' has an empty "
+                               "text; remove empty rows from the dataset.")
+        return loaded
 
 
 def sample_indices(total: int, n: int, seed: int) -> np.ndarray:
@@ -80,34 +103,87 @@ def _stat_fingerprint(paths: Sequence[Path]) -> str:
     return sha.hexdigest()
 
 
-def _parquet_source(name: str, path: Path, split: str, info: DatasetInfo | None) -> ImageSource:
+def _text_columns(columns: Sequence[str], preferred: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    for candidate in ((preferred,) if preferred else ()) + TEXT_COLUMNS:
+        if all(c in columns for c in candidate):
+            return candidate
+    return None
+
+
+def _labels(name: str, split: str, rows: int, values, names: list[str] | None) -> tuple[np.ndarray, list[str]]:
+    """Labels as int64 (-1 where unlabelled) and their names (class indices when unnamed)."""
+    if rows == 0:
+        raise RBAError(f"The {split} split of '{name}' is empty; add samples or pick another dataset.")
+    if values is None:
+        return np.full(rows, -1, dtype=np.int64), []
+    labels = np.asarray(values).astype(np.int64)
+    return labels, list(names or []) or [str(v) for v in range(int(labels.max()) + 1)]
+
+
+def _text_source(name: str, split: str, table, text_cols: tuple[str, ...], label_col: str | None,
+                 names: list[str] | None, fingerprint: dict) -> Source:
+    """A text split held in memory (texts are small): one column, or a pair of columns."""
+    columns = [table.column(c).to_pylist() for c in text_cols]
+    texts = columns[0] if len(columns) == 1 else list(zip(*columns))
+    labels, label_names = _labels(name, split, len(texts), None if label_col is None else
+                                  table.column(label_col).to_numpy(zero_copy_only=False), names)
+    load = lambda idx: [texts[i] for i in idx]  # noqa: E731
+    fingerprint = {**fingerprint, "text": list(text_cols), "label": label_col}
+    return Source(name, split, labels, label_names, fingerprint, load, "text")
+
+
+def _no_columns(name: str, columns: Sequence[str]) -> RBAError:
+    return RBAError(
+        f"Dataset '{name}' has no image or text column (looked for {', '.join(IMAGE_COLUMNS)} and "
+        f"{', '.join('/'.join(c) for c in TEXT_COLUMNS)}; it has {', '.join(columns)}); rename the column "
+        "to 'image' or 'text'.")
+
+
+def _table_source(name: str, path: Path, split: str, info: DatasetInfo | None) -> Source:
+    """A CSV or JSONL file of texts (tables of images come as parquet)."""
+    import pyarrow.csv as pcsv
+    import pyarrow.json as pjson
+
+    try:
+        table = pcsv.read_csv(path) if path.suffix == ".csv" else pjson.read_json(path)
+    except Exception as exc:
+        raise RBAError(f"Cannot read '{path}' ({exc.__class__.__name__}); is it valid "
+                       f"{'CSV' if path.suffix == '.csv' else 'JSON Lines'}?") from None
+    text_cols = _text_columns(table.column_names, info and info.text_columns)
+    if text_cols is None:
+        raise _no_columns(name, table.column_names)
+    label_col = _pick(table.column_names, info and info.label_column, LABEL_COLUMNS)
+    return _text_source(name, split, table, text_cols, label_col, None, {"table": _stat_fingerprint([path])})
+
+
+def _parquet_source(name: str, path: Path, split: str, info: DatasetInfo | None) -> Source:
     import pyarrow.parquet as pq
 
-    schema = pq.read_schema(path)
+    try:
+        schema = pq.read_schema(path)
+    except Exception as exc:
+        raise RBAError(f"Cannot read '{path}' ({exc}); is it a valid parquet file?") from None
     columns = schema.names
-    image_col = _pick(columns, info and info.image_column, IMAGE_COLUMNS)
-    if image_col is None:
-        raise RBAError(
-            f"Dataset '{name}' has no image column (looked for {', '.join(IMAGE_COLUMNS)}; "
-            f"it has {', '.join(columns)}); rename the image column to 'image'."
-        )
     label_col = _pick(columns, info and info.label_column, LABEL_COLUMNS)
+    meta = json.loads((schema.metadata or {}).get(b"huggingface", b"{}"))
+    names = meta.get("info", {}).get("features", {}).get(label_col, {}).get("names") if label_col else None
+    image_col = _pick(columns, info and info.image_column, IMAGE_COLUMNS)
+    text_cols = _text_columns(columns, info and info.text_columns)
+    if image_col is None and text_cols is None:
+        raise _no_columns(name, columns)
+    if image_col is None:
+        try:
+            table = pq.read_table(path, columns=list(text_cols) + ([label_col] if label_col else []))
+        except Exception as exc:
+            raise RBAError(f"Cannot read '{path}' ({exc}); is it a valid parquet file?") from None
+        return _text_source(name, split, table, text_cols, label_col, names, {"parquet": _stat_fingerprint([path])})
     try:
         parquet = pq.ParquetFile(path)
         rows = parquet.metadata.num_rows
-        labels = parquet.read(columns=[label_col]).column(0).to_numpy() if label_col else None
+        values = parquet.read(columns=[label_col]).column(0).to_numpy() if label_col else None
     except Exception as exc:
         raise RBAError(f"Cannot read '{path}' ({exc}); is it a valid parquet file?") from None
-    if rows == 0:
-        raise RBAError(f"The {split} split of '{name}' is empty; add images or pick another dataset.")
-    label_names: list[str] = []
-    if label_col:
-        labels = labels.astype(np.int64)
-        meta = json.loads((schema.metadata or {}).get(b"huggingface", b"{}"))
-        label_names = meta.get("info", {}).get("features", {}).get(label_col, {}).get("names", [])
-        label_names = label_names or [str(v) for v in range(int(labels.max()) + 1)]
-    else:
-        labels = np.full(rows, -1, dtype=np.int64)
+    labels, label_names = _labels(name, split, rows, values, names)
     where = f"'{path}'"
 
     @lru_cache(maxsize=1)
@@ -116,18 +192,20 @@ def _parquet_source(name: str, path: Path, split: str, info: DatasetInfo | None)
 
     load = lambda idx: [_decode(image_column()[i].as_py(), where) for i in idx]  # noqa: E731
     fingerprint = {"parquet": _stat_fingerprint([path]), "image": image_col, "label": label_col}
-    return ImageSource(name, split, labels, label_names, fingerprint, load)
+    return Source(name, split, labels, label_names, fingerprint, load)
 
 
-def _parquet_file(folder: Path, split: str) -> Path | None:
-    for pattern in (f"{split}.parquet", f"{split}-*.parquet", f"data/{split}-*.parquet"):
-        found = sorted(folder.glob(pattern))
-        if found:
-            return found[0]
+def _split_file(folder: Path, split: str) -> Path | None:
+    """``train.parquet`` (or ``train-*.parquet``, ``data/train-*.parquet``, ``train.csv``, ``train.jsonl``)."""
+    for suffix in TABLE_SUFFIXES:
+        for pattern in (f"{split}{suffix}", f"{split}-*{suffix}", f"data/{split}-*{suffix}"):
+            found = sorted(folder.glob(pattern))
+            if found:
+                return found[0]
     return None
 
 
-def _image_folder_source(name: str, folder: Path, split: str) -> ImageSource:
+def _image_folder_source(name: str, folder: Path, split: str) -> Source:
     """Class-per-sub-folder images; ``train/`` and ``test/`` sub-folders are used when present,
     otherwise a fixed hash split sends one file in five to ``test``."""
     root = folder / split if (folder / split).is_dir() else folder
@@ -153,47 +231,80 @@ def _image_folder_source(name: str, folder: Path, split: str) -> ImageSource:
         return [_decode(files[i].read_bytes(), f"'{files[i]}'") for i in idx]
 
     fingerprint = {"folder": _stat_fingerprint(files)}
-    return ImageSource(name, split, np.asarray(labels, np.int64), classes, fingerprint, load)
+    return Source(name, split, np.asarray(labels, np.int64), classes, fingerprint, load)
 
 
-def _folder_source(name: str, folder: Path, split: str, info: DatasetInfo | None) -> ImageSource:
-    parquet = _parquet_file(folder, split)
-    if parquet is not None:
-        return _parquet_source(name, parquet, split, info)
-    if any(folder.glob("*.parquet")):
-        raise RBAError(f"'{folder}' has no {split}.parquet; provide train.parquet and test.parquet.")
+def _folder_source(name: str, folder: Path, split: str, info: DatasetInfo | None) -> Source:
+    table = _split_file(folder, split)
+    if table is not None:
+        read = _parquet_source if table.suffix == ".parquet" else _table_source
+        return read(name, table, split, info)
+    if any(next(folder.glob(f"*{suffix}"), None) for suffix in TABLE_SUFFIXES):
+        raise RBAError(f"'{folder}' has no {split} file; provide {split}.parquet (or .csv, .jsonl) next to the "
+                       "other split.")
     return _image_folder_source(name, folder, split)
 
 
-def _digits_source(split: str) -> ImageSource:
+def _digits_source(split: str) -> Source:
     from rba_core.demo.digits import load_digits_split
 
     images, labels, names = load_digits_split(split)
     load = lambda idx: [images[i] for i in idx]  # noqa: E731
-    return ImageSource("digits", split, labels, names, {"sklearn": "digits", "split": split}, load)
+    return Source("digits", split, labels, names, {"sklearn": "digits", "split": split}, load)
 
 
-def _hub_source(info: DatasetInfo, split: str) -> ImageSource:
+def _hub_source(info: DatasetInfo, split: str) -> Source:
     try:
         import datasets
 
-        dataset = datasets.load_dataset(info.hub_id, split=split)
+        dataset = datasets.load_dataset(info.hub_id, info.hub_config, split=info.hub_split(split))
     except Exception as exc:  # network, missing repo, auth: all need the same advice
         raise RBAError(
             f"Dataset '{info.alias}' ({info.hub_id}) cannot be loaded from the hub ({exc.__class__.__name__}); "
             f"connect to the internet, or set {DATA_DIR_ENV} to a folder with a local copy "
             f"({info.local_name}/train.parquet, {info.local_name}/test.parquet)."
         ) from None
-    labels = np.asarray(dataset[info.label_column], np.int64)
     names = list(getattr(dataset.features[info.label_column], "names", None) or [])
-    load = lambda idx: list(dataset.select(idx)[info.image_column])  # noqa: E731
     fingerprint = {"hub": info.hub_id, "fingerprint": dataset._fingerprint}
-    return ImageSource(info.alias, split, labels, names, fingerprint, load)
+    if info.modality == "text":
+        return _text_source(info.alias, split, dataset.with_format("arrow")[:], info.text_columns,
+                            info.label_column, names, fingerprint)
+    labels = np.asarray(dataset[info.label_column], np.int64)
+    load = lambda idx: list(dataset.select(idx)[info.image_column])  # noqa: E731
+    return Source(info.alias, split, labels, names, fingerprint, load)
 
 
-def open_dataset(name: str, split: str = "train") -> ImageSource:
-    """Open a dataset alias (local copy under ``$RBA_DATA_DIR`` first, then the hub) or folder."""
+def _in_memory_source(samples: Sequence, split: str) -> Source:
+    """A list of samples (PIL images or texts), or of (sample, label) pairs, as both splits."""
+    import xxhash
+
+    if not len(samples):
+        raise RBAError("The list of samples is empty; pass at least one image or text.")
+    labelled = isinstance(samples[0], tuple) and len(samples[0]) == 2 and isinstance(samples[0][1], (int, np.integer))
+    items = [s[0] for s in samples] if labelled else list(samples)
+    labels = np.asarray([s[1] for s in samples] if labelled else [-1] * len(items), np.int64)
+    modality = "text" if isinstance(items[0], (str, tuple)) else "image"
+    digest = xxhash.xxh3_128()
+    for item in items:
+        digest.update(repr(item).encode() if modality == "text" else item.tobytes())
+    digest.update(labels.tobytes())
+    names = [str(v) for v in range(int(labels.max()) + 1)] if labelled else []
+    load = lambda idx: [items[i] for i in idx]  # noqa: E731
+    return Source(f"in-memory ({len(items)} {UNITS[modality]})", split, labels, names,
+                  {"memory": digest.hexdigest()}, load, modality)
+
+
+def dataset_name(dataset) -> str:
+    """How results name a dataset: the alias or folder, or "in-memory (N images)"."""
+    return dataset if isinstance(dataset, str) else _in_memory_source(dataset, "train").name
+
+
+def open_dataset(name, split: str = "train") -> Source:
+    """Open a dataset alias (local copy under ``$RBA_DATA_DIR`` first, then the hub) or folder;
+    a list of samples (or of (sample, label) pairs) serves as both splits."""
     _check_split(split)
+    if not isinstance(name, str):
+        return _in_memory_source(name, split)
     info = dataset_info(name)
     if info is not None:
         if info.hub_id == "sklearn:digits":
@@ -201,11 +312,14 @@ def open_dataset(name: str, split: str = "train") -> ImageSource:
         local = local_dataset_dir(info)
         if local is not None:
             return _folder_source(info.alias, local, split, info)
+        if info.hub_id is None:
+            raise RBAError(f"Dataset '{info.alias}' has no hub copy: set {DATA_DIR_ENV} to a folder holding "
+                           f"{info.local_name}/train.parquet and {info.local_name}/test.parquet.")
         return _hub_source(info, split)
     folder = Path(name).expanduser()
     if folder.is_dir():
         return _folder_source(str(folder), folder, split, None)
     raise RBAError(
-        f"Unknown dataset '{name}': use an alias (MNIST, Fashion-MNIST, CIFAR-10, "
-        "CIFAR-100-coarse, CIFAR-100-fine, digits) or a folder of parquet files or class folders."
+        f"Unknown dataset '{name}': use an alias ({', '.join(DATASETS)}) or a folder of parquet, "
+        "CSV or JSONL files or of class folders."
     )

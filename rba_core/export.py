@@ -3,11 +3,11 @@ of its ranges and maps, loaded back as a plain ``nn.Module`` (and an ONNX file f
 
 Folder layout::
 
-    config.json                 the original encoder's config (ViT, DeiT or DINOv2)
-    preprocessor_config.json    its image processor
-    model.safetensors           the compressed weights only: embeddings, kept blocks, maps, final norm
+    config.json                 the original encoder's config (any supported family)
+    preprocessor_config.json    its image processor, or its tokenizer files (timm: inside config.json)
+    model.safetensors           the compressed weights only: stem, kept blocks, maps, final norm
     rba.json                    the record: ranges, map kinds, kept blocks, tensor shapes, file digests
-    model.onnx                  optional: the same forward, pixel_values (B, 3, H, W) -> final (B, D)
+    model.onnx                  optional (image models): pixel_values (B, 3, H, W) -> final (B, D)
 
 Loading never unpickles: JSON and safetensors only. The weights' metadata holds the sha256 of
 ``rba.json`` and the record holds the sha256 of every other file, so an edited, swapped or
@@ -24,14 +24,14 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from rba_core.approx import ApproximatedEncoder, LinearMap, Range, _Block, count_params, paper_notation, validate_ranges
+from rba_core.approx import ApproximatedEncoder, count_params, paper_notation, validate_ranges
 from rba_core.errors import RBAError
-from rba_core.models import Encoder, load_config
+from rba_core.maps import LinearMap, Range
+from rba_core.models import Encoder, adapter_class, load_config
 
 FORMAT = "rba-compressed"
-VERSION = 1
-RECORD, WEIGHTS, CONFIG, PREPROCESSOR, ONNX = (
-    "rba.json", "model.safetensors", "config.json", "preprocessor_config.json", "model.onnx")
+VERSION = 2
+RECORD, WEIGHTS, CONFIG, ONNX = ("rba.json", "model.safetensors", "config.json", "model.onnx")
 _DIGEST_KEY = "rba_record_sha256"
 
 Compressed = ApproximatedEncoder | tuple[Encoder, Sequence[Range], Sequence[LinearMap | None]]
@@ -51,7 +51,7 @@ def _maps_of(net: ApproximatedEncoder) -> list[LinearMap | None]:
     the other way round, which computes the same function)."""
     steps = list(net.steps)
     starts = dict(net.ranges)
-    num_blocks = sum(isinstance(s, _Block) for s in steps) + sum(j - i for i, j in net.ranges)
+    num_blocks = sum(not isinstance(s, LinearMap) for s in steps) + sum(j - i for i, j in net.ranges)
     maps, k, position = [], 0, 0
     while k < num_blocks:
         if k in starts:
@@ -66,10 +66,10 @@ def _maps_of(net: ApproximatedEncoder) -> list[LinearMap | None]:
 
 def _parts(compressed: Compressed, encoder: Encoder | None) -> tuple[Encoder, list[Range], list[LinearMap | None]]:
     if isinstance(compressed, ApproximatedEncoder):
-        if encoder is None or compressed.embeddings is not encoder.model.embeddings:
-            raise RBAError("Pass the encoder the approximated model was built from (encoder=...): "
-                           "its config and image processor are saved with the weights.")
-        return encoder, list(compressed.ranges), _maps_of(compressed)
+        if encoder is not None and compressed.encoder.model is not encoder.model:
+            raise RBAError("The approximated model was built from another encoder than encoder=...; pass the "
+                           "one it was built from, or leave encoder out.")
+        return compressed.encoder, list(compressed.ranges), _maps_of(compressed)
     encoder, ranges, maps = compressed
     if len(maps) != len(ranges):
         raise RBAError(f"Give one map per range: {len(ranges)} ranges but {len(maps)} maps.")
@@ -79,26 +79,25 @@ def _parts(compressed: Compressed, encoder: Encoder | None) -> tuple[Encoder, li
 
 def save_compressed(compressed: Compressed, folder: Path | str, *, encoder: Encoder | None = None,
                     onnx: bool = False) -> Path:
-    """Save an :class:`ApproximatedEncoder` (with ``encoder=`` the one it was built from) or an
-    ``(encoder, ranges, maps)`` triple to ``folder``; ``onnx=True`` adds ``model.onnx``."""
+    """Save an :class:`ApproximatedEncoder` or an ``(encoder, ranges, maps)`` triple to ``folder``;
+    ``onnx=True`` adds ``model.onnx`` (image models)."""
     from safetensors.torch import save_file
 
     encoder, ranges, maps = _parts(compressed, encoder)
+    if onnx and encoder.modality != "image":
+        raise RBAError("ONNX export is available for image models; export this text model without ONNX.")
     net = ApproximatedEncoder(encoder, ranges, maps).eval()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in (RECORD, WEIGHTS, ONNX, ONNX + ".data"):  # never leave a file of an older export
-        (folder / stale).unlink(missing_ok=True)
-    encoder.model.config.to_json_file(folder / CONFIG)
-    encoder.processor.save_pretrained(folder)
+    _clear_earlier_export(folder)
+    encoder.save_pretrained_files(folder)
     state = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in net.state_dict().items()}
-    files = [CONFIG, PREPROCESSOR]
     if onnx:
-        export_onnx(net, folder / ONNX, _image_size(encoder.processor, encoder.model.config))
-        files.append(ONNX)
+        export_onnx(net, folder / ONNX, encoder.image_size())
+    files = sorted(p.name for p in folder.iterdir() if p.is_file())
     removed = {k for i, j in ranges for k in range(i + 1, j + 1)}
     record = {
-        "format": FORMAT, "version": VERSION, "family": encoder.family, "source": encoder.source,
+        "format": FORMAT, "version": VERSION, "source": encoder.source, **encoder.describe(),
         "num_blocks": encoder.num_blocks, "hidden_size": encoder.hidden_size,
         "ranges": [{"start": i, "end": j, "paper": paper_notation((i, j)), "map": _map_kind(m)}
                    for (i, j), m in zip(ranges, maps)],
@@ -112,13 +111,21 @@ def save_compressed(compressed: Compressed, folder: Path | str, *, encoder: Enco
     return folder
 
 
-def _image_size(processor, config) -> tuple[int, int]:
-    """(H, W) of the processor's output: crop size when it crops, else its resize size, else the config's."""
-    for attr in ("crop_size", "size"):
-        size = getattr(processor, attr, None) or {}
-        if "height" in size and (attr == "crop_size" or not getattr(processor, "do_center_crop", False)):
-            return int(size["height"]), int(size["width"])
-    return int(config.image_size), int(config.image_size)
+def _clear_earlier_export(folder: Path) -> None:
+    """Remove the files of an earlier export in ``folder`` (never anything else); a non-empty folder
+    that holds no export is refused, so nothing of the user's is overwritten."""
+    present = {p.name for p in folder.iterdir()}
+    if not present:
+        return
+    if RECORD not in present:
+        raise RBAError(f"'{folder}' is not empty and holds no earlier export; choose an empty or new folder.")
+    try:
+        earlier = set(json.loads((folder / RECORD).read_text()).get("files", {}))
+    except ValueError:
+        earlier = set()
+    for name in earlier | {RECORD, WEIGHTS, ONNX, ONNX + ".data"}:
+        if "/" not in name:
+            (folder / name).unlink(missing_ok=True)
 
 
 def _refuse(folder: Path, what: str) -> RBAError:
@@ -131,7 +138,7 @@ def _read_record(folder: Path) -> dict:
 
     if not folder.is_dir():
         raise RBAError(f"'{folder}' is not a folder: give the folder save_compressed wrote.")
-    for name in (RECORD, WEIGHTS, CONFIG, PREPROCESSOR):
+    for name in (RECORD, WEIGHTS, CONFIG):
         if not (folder / name).is_file():
             raise _refuse(folder, f"lacks {name}")
     try:
@@ -152,40 +159,38 @@ def _read_record(folder: Path) -> dict:
     return record
 
 
-def _skeleton(folder: Path, record: dict) -> tuple[ApproximatedEncoder, object]:
-    """The approximated encoder's modules, on the meta device (no memory, no random init)."""
-    from transformers import DeiTModel, Dinov2Model, ViTModel
-
+def _skeleton(folder: Path, record: dict) -> ApproximatedEncoder:
+    """The approximated encoder's modules with random weights, ready for the stored ones."""
     config = load_config(str(folder))
     family = config.model_type
-    if family != record["family"] or config.num_hidden_layers != record["num_blocks"]:
+    cls = adapter_class(family)
+    if family != record["family"] or cls.num_blocks_of(config) != record["num_blocks"]:
         raise _refuse(folder, f"has a {CONFIG} that does not match its {RECORD}")
-    kwargs = {} if family == "dinov2" else {"add_pooling_layer": False}
-    model_class = {"vit": ViTModel, "deit": DeiTModel, "dinov2": Dinov2Model}[family]
-    with torch.device("meta"):
-        model = model_class(config, **kwargs)
-    encoder = Encoder(str(folder), str(folder), family, model, None, "meta")
-    d = config.hidden_size
+    model = cls.build_empty(config).eval().requires_grad_(False)
+    encoder = cls(str(folder), str(folder), family, model, cls.load_processor(str(folder)), "cpu",
+                  record.get("pooling", "first"), record.get("max_length"), config=config)
+    d = encoder.hidden_size
     maps = []
     for rng in record["ranges"]:
-        bias = torch.empty(d, device="meta") if rng["map"] == "affine" else None
-        maps.append(None if rng["map"] == "identity" else LinearMap(torch.empty(d, d, device="meta"), bias))
-    ranges = validate_ranges([(r["start"], r["end"]) for r in record["ranges"]], config.num_hidden_layers)
-    return ApproximatedEncoder(encoder, ranges, maps), config
+        bias = torch.empty(d) if rng["map"] == "affine" else None
+        maps.append(None if rng["map"] == "identity" else LinearMap(torch.empty(d, d), bias))
+    ranges = validate_ranges([(r["start"], r["end"]) for r in record["ranges"]], encoder.num_blocks)
+    return ApproximatedEncoder(encoder, ranges, maps)
 
 
 def load_compressed(path: Path | str) -> ApproximatedEncoder:
-    """Rebuild a saved approximated encoder on CPU, in eval mode: ``forward(pixel_values) -> (B, D)``.
+    """Rebuild a saved approximated encoder on CPU, in eval mode: ``forward(**inputs) -> (B, D)``
+    with the encoder's own inputs (``pixel_values``, or ``input_ids`` and ``attention_mask``).
 
-    The module also carries ``processor`` (the image processor), ``config`` and ``record``.
+    The module also carries ``processor`` (image processor or tokenizer), ``preprocess(samples)``
+    (images or texts -> inputs), ``config`` and ``record``.
     """
     from safetensors import safe_open
     from safetensors.torch import load_file
-    from transformers import AutoImageProcessor
 
     folder = Path(path)
     record = _read_record(folder)
-    net, config = _skeleton(folder, record)
+    net = _skeleton(folder, record)
     expected = {name: list(t.shape) for name, t in net.state_dict().items()}
     with safe_open(str(folder / WEIGHTS), framework="pt") as weights:
         stored = {name: list(weights.get_slice(name).get_shape()) for name in weights.keys()}
@@ -198,8 +203,8 @@ def load_compressed(path: Path | str) -> ApproximatedEncoder:
             raise _refuse(folder, f"has tensor '{name}' of shape {stored[name]} where this model needs "
                                   f"{expected[name]}")
     net.load_state_dict(load_file(str(folder / WEIGHTS)), strict=True, assign=True)
-    net.processor = AutoImageProcessor.from_pretrained(str(folder), backend="pil")
-    net.config, net.record = config, record
+    net.processor, net.preprocess = net.encoder.processor, net.encoder.preprocess
+    net.config, net.record = net.encoder.config, record
     return net.eval().requires_grad_(False)
 
 
@@ -208,10 +213,21 @@ def export_onnx(net: nn.Module, path: Path | str, image_size: tuple[int, int]) -
     path = Path(path)
     example = torch.zeros(2, 3, *image_size)
     batch = torch.export.Dim("batch", min=1, max=4096)
-    torch.onnx.export(net.eval(), (example,), str(path), input_names=["pixel_values"], output_names=["final"],
+    torch.onnx.export(_PixelsIn(net).eval(), (example,), str(path), input_names=["pixel_values"], output_names=["final"],
                       dynamic_shapes={"pixel_values": {0: batch}}, external_data=False, dynamo=True,
                       verbose=False)
     return path
+
+
+class _PixelsIn(nn.Module):
+    """``forward(pixel_values)``: the one positional input an ONNX graph of an image model takes."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.net(pixel_values=pixel_values)
 
 
 def onnx_session(path: Path | str):

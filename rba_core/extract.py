@@ -1,4 +1,4 @@
-"""The streaming pass: run the encoder once over sampled images and cache what every view needs."""
+"""The streaming pass: run the encoder once over sampled images or texts and cache what every view needs."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from rba_core.approx import fit_residual_matrix
 from rba_core.cache import Cache, make_key
-from rba_core.data import ImageSource, open_dataset, sample_indices
-from rba_core.models import Encoder, load_encoder, model_fingerprint
+from rba_core.data import Source, open_dataset, sample_indices
+from rba_core.errors import RBAError
+from rba_core.maps import fit_residual_matrix
+from rba_core.models import Encoder, load_encoder, model_ref
 from rba_core.stats import StatsAccumulator, TokenStats
 
 Progress = Callable[[int, int], None]
@@ -21,12 +22,13 @@ Progress = Callable[[int, int], None]
 
 @dataclass
 class Extraction:
-    """Cached result of one pass. ``cls``: (L+1, N, D) CLS of every block output; ``final``: (N, D)."""
+    """Cached result of one pass. ``pooled``: (L+1, N, D), the pooled vector (CLS / first token, or
+    the mean over real tokens) of every block output; ``final``: (N, D) final representations."""
 
     key: str
     hit: bool
     meta: dict
-    cls: np.ndarray
+    pooled: np.ndarray
     final: np.ndarray
     labels: np.ndarray
     indices: np.ndarray
@@ -36,11 +38,11 @@ class Extraction:
 
     @property
     def num_blocks(self) -> int:
-        return self.cls.shape[0] - 1
+        return self.pooled.shape[0] - 1
 
     @property
     def hidden_size(self) -> int:
-        return self.cls.shape[2]
+        return self.pooled.shape[2]
 
     @property
     def label_names(self) -> list[str]:
@@ -53,58 +55,74 @@ class Extraction:
         return self.token_stats
 
 
-def extraction_key(model: str, source: ImageSource, indices: np.ndarray, with_stats: bool,
-                   token_fraction: float) -> str:
-    """Cache key: every input that changes the stored arrays (not the batch size or device)."""
-
+def extraction_key(model: dict, source: Source, indices: np.ndarray, with_stats: bool,
+                   token_fraction: float, pooling: str, max_length: int | None) -> str:
+    """Cache key: every input that changes the stored arrays (not the batch size, device or workers).
+    ``model`` is the model's fingerprint (:func:`rba_core.models.model_fingerprint`)."""
     return make_key({
         "kind": "extraction",
-        "model": model_fingerprint(model),
+        "model": model,
         "dataset": source.fingerprint,
         "split": source.split,
         "indices": indices.tolist(),
         "stats": with_stats,
         "token_fraction": token_fraction if with_stats else None,
+        "pooling": pooling,
+        "max_length": max_length if source.modality == "text" else None,
         "dtype": "float32",
     })
 
 
-def _token_rows(batch: int, tokens: int, fraction: float, gen: torch.Generator) -> torch.Tensor | None:
-    """Random patch tokens kept for the statistics (CLS always kept); None keeps all."""
-    if fraction >= 1.0:
+def token_rows(indices: np.ndarray, mask: torch.Tensor | None, tokens: int, fraction: float) -> torch.Tensor | None:
+    """Rows of the flattened (B·T) batch that enter the statistics: every real token, or with
+    ``fraction`` < 1 the first token plus a random share of the other real tokens, drawn from a
+    generator seeded by the sample's index, so the choice depends neither on the batch size nor
+    on how samples are split across workers. None keeps every row."""
+    if mask is None and fraction >= 1.0:
         return None
-    keep = max(1, round((tokens - 1) * fraction))
-    rows = [torch.zeros(1, dtype=torch.long)]
-    rows += [1 + torch.randperm(tokens - 1, generator=gen)[:keep]]
-    per_image = torch.cat(rows)
-    return (torch.arange(batch)[:, None] * tokens + per_image[None, :]).flatten()
+    rows = []
+    for b, index in enumerate(indices):
+        real = torch.arange(tokens) if mask is None else mask[b].nonzero().flatten().cpu()
+        if fraction < 1.0 and len(real) > 1:
+            keep = max(1, round((len(real) - 1) * fraction))
+            gen = torch.Generator().manual_seed(int(index))
+            real = torch.cat([real[:1], real[1:][torch.randperm(len(real) - 1, generator=gen)[:keep]]])
+        rows.append(b * tokens + real)
+    return torch.cat(rows)
 
 
 @torch.inference_mode()
-def run_pass(encoder: Encoder, source: ImageSource, indices: np.ndarray, with_stats: bool,
+def run_pass(encoder: Encoder, source: Source, indices: np.ndarray, with_stats: bool,
              batch_size: int = 32, token_fraction: float = 1.0,
              progress: Progress | None = None) -> dict[str, dict[str, np.ndarray]]:
     """One forward pass over ``indices``; returns array groups ``reps`` and (optionally) ``stats``."""
     n, states, d = len(indices), encoder.num_blocks + 1, encoder.hidden_size
-    cls = np.empty((states, n, d), np.float32)
+    pooled = np.empty((states, n, d), np.float32)
     final = np.empty((n, d), np.float32)
     acc = StatsAccumulator(states, d, encoder.device) if with_stats else None
-    gen = torch.Generator().manual_seed(0)
     batches = [indices[start : start + batch_size] for start in range(0, n, batch_size)]
-    load = lambda batch: encoder.preprocess(source.images(batch))  # noqa: E731
-    # Decode and preprocess the next batch in a thread while the model runs (PIL and numpy
-    # release the GIL), so image handling stays off the critical path.
+    load = lambda batch: encoder.preprocess(source.items(batch))  # noqa: E731
+    # Read and preprocess the next batch in a thread while the model runs (PIL, numpy and the
+    # tokenizers release the GIL), so data handling stays off the critical path.
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(load, batches[0])
+        start = 0
         for number, batch in enumerate(batches):
-            pixels = pending.result()
+            inputs = pending.result()
             if number + 1 < len(batches):
                 pending = pool.submit(load, batches[number + 1])
-            stop = number * batch_size + len(batch)
-            _forward_batch(encoder, pixels, stop - len(batch), cls, final, acc, token_fraction, gen)
+            hs, _ = encoder.hidden_states(inputs)
+            mask = encoder.token_mask(inputs)
+            stop = start + len(batch)
+            pooled[:, start:stop] = torch.stack([encoder.pool(h, mask) for h in hs]).cpu().numpy()
+            final[start:stop] = encoder.final(hs[-1], mask).cpu().numpy()
+            if acc is not None:
+                rows = token_rows(batch, mask, hs[0].shape[1], token_fraction)
+                acc.add(hs, None if rows is None else rows.to(hs[0].device))
+            start = stop
             if progress:
                 progress(stop, n)
-    groups = {"reps": {"cls": cls, "final": final}}
+    groups = {"reps": {"pooled": pooled, "final": final}}
     if acc is not None:
         stats = acc.result()
         groups["stats"] = stats.to_arrays()
@@ -113,40 +131,31 @@ def run_pass(encoder: Encoder, source: ImageSource, indices: np.ndarray, with_st
     return groups
 
 
-def _forward_batch(encoder: Encoder, pixels: torch.Tensor, start: int, cls: np.ndarray, final: np.ndarray,
-                   acc: StatsAccumulator | None, token_fraction: float, gen: torch.Generator) -> None:
-    """Run one batch through every block, store its CLS rows and add it to the statistics."""
-    stop = start + len(pixels)
-    hidden = encoder.embed(pixels)
-    hs = [hidden]
-    for k in range(1, encoder.num_blocks + 1):
-        hs.append(encoder.run_blocks(hs[-1], k, k))
-    cls[:, start:stop] = torch.stack([h[:, 0] for h in hs]).cpu().numpy()
-    final[start:stop] = encoder.final_cls(hs[-1]).cpu().numpy()
-    if acc is not None:
-        b, t, _ = hidden.shape
-        rows = _token_rows(b, t, token_fraction, gen)
-        acc.add(hs, None if rows is None else rows.to(hidden.device))
-
-
-def extract(model: str, dataset: str, n: int, seed: int = 0, split: str = "train", *,
+def extract(model, dataset, n: int, seed: int = 0, split: str = "train", *,
             with_stats: bool = True, token_fraction: float = 1.0, batch_size: int = 32,
-            cache: Cache | None = None, progress: Progress | None = None,
+            max_length: int = 128, cache: Cache | None = None, progress: Progress | None = None,
             device: str | None = None,
             encoder: Encoder | Callable[[], Encoder] | None = None) -> Extraction:
-    """Per-block CLS, final representations and (optionally) token statistics, from the cache
-    when present; otherwise one streaming pass. A cache hit never loads the model.
+    """Per-block pooled vectors, final representations and (optionally) token statistics, from
+    the cache when present; otherwise one streaming pass. A cache hit never loads the model.
 
-    ``encoder`` may be a loaded encoder or a function that loads one (called only on a miss).
+    ``model`` is an alias, hub id or folder, or a loaded model (:class:`Encoder` or Hugging Face
+    object); ``dataset`` an alias or folder, or a list of samples. ``encoder`` may be a loaded
+    encoder or a function that loads one (called only on a miss). ``max_length`` truncates texts.
     """
     cache = cache or Cache()
     seen = len(cache.damaged)
+    ref = model_ref(model, max_length)
     source = open_dataset(dataset, split)
+    check_modality(ref.info.modality, source, ref.name)
+    if source.modality == "text" and max_length < 2:
+        raise RBAError(f"The maximum text length must be at least 2 tokens, got {max_length}.")
     indices = sample_indices(len(source), n, seed)
+    length = max_length if source.modality == "text" else None
     # An entry with statistics also serves a request without them; the last key is the one stored.
-    keys = [extraction_key(model, source, indices, True, token_fraction)]
+    keys = [extraction_key(ref.fingerprint, source, indices, True, token_fraction, ref.info.pooling, length)]
     if not with_stats:
-        keys.append(extraction_key(model, source, indices, False, token_fraction))
+        keys.append(extraction_key(ref.fingerprint, source, indices, False, token_fraction, ref.info.pooling, length))
     for key in keys:
         entry = cache.get(key)
         if entry is None or (with_stats and not entry.has("stats")):
@@ -155,12 +164,13 @@ def extract(model: str, dataset: str, n: int, seed: int = 0, split: str = "train
         stats = cache.load(key, "stats") if with_stats else None
         if reps is not None and (stats is not None or not with_stats):
             return _extraction(key, True, entry.meta, reps, stats, source, indices, cache.damaged[seen:])
-    encoder = encoder() if callable(encoder) else encoder or load_encoder(model, device)
+    encoder = ref.loaded or (encoder() if callable(encoder) else encoder) or load_encoder(model, device, max_length)
+    encoder = encoder.with_max_length(length)
     began = time.perf_counter()
     groups = run_pass(encoder, source, indices, with_stats, batch_size, token_fraction, progress)
     meta = {
-        "model": model, "source": encoder.source, "family": encoder.family,
-        "dataset": dataset, "split": split, "n": n, "seed": seed,
+        "model": ref.name, "source": encoder.source, **encoder.describe(),
+        "dataset": source.name, "split": split, "n": n, "seed": seed,
         "num_blocks": encoder.num_blocks, "hidden_size": encoder.hidden_size,
         "num_params": encoder.num_params(),
         "block_params": [encoder.block_params(k) for k in range(1, encoder.num_blocks + 1)],
@@ -174,7 +184,14 @@ def extract(model: str, dataset: str, n: int, seed: int = 0, split: str = "train
                        indices, cache.damaged[seen:])
 
 
+def check_modality(modality: str, source: Source, model: str) -> None:
+    """One sentence when a text model is given images or an image model texts."""
+    if modality != source.modality:
+        raise RBAError(f"'{model}' reads {modality}s but '{source.name}' holds {source.unit}: pick a "
+                       f"{modality} dataset for this model, or a {source.modality} model for this dataset.")
+
+
 def _extraction(key, hit, meta, reps, stats, source, indices, notes) -> Extraction:
     token_stats = TokenStats.from_arrays(stats) if stats is not None else None
-    return Extraction(key, hit, meta, reps["cls"], reps["final"], source.labels[indices], indices,
+    return Extraction(key, hit, meta, reps["pooled"], reps["final"], source.labels[indices], indices,
                       token_stats, stats.get("fit_residual") if stats is not None else None, notes)

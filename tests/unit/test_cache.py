@@ -24,7 +24,7 @@ def _no_model(*args, **kwargs):
 
 
 def assert_same(a, b) -> None:
-    for name in ("cls", "final", "labels", "indices"):
+    for name in ("pooled", "final", "labels", "indices"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
     if a.token_stats is not None:
         np.testing.assert_array_equal(a.stats().sums, b.stats().sums)
@@ -56,15 +56,15 @@ def test_second_extract_is_a_hit_without_loading_the_model(first, tiny_models, i
     # A request without statistics is served by the entry that has them.
     light = extract(tiny_models["vit"], image_folder, 8, seed=3, with_stats=False, cache=Cache(cache.root))
     assert light.hit
-    np.testing.assert_array_equal(light.cls, first.cls)
+    np.testing.assert_array_equal(light.pooled, first.pooled)
 
 
 def test_miss_without_loader_loads_the_model(tiny_models, image_folder, cache, monkeypatch):
     loaded = []
 
-    def counting_loader(name, device=None):
+    def counting_loader(name, device=None, max_length=128):
         loaded.append(name)
-        return load_encoder(name, device)
+        return load_encoder(name, device, max_length)
 
     monkeypatch.setattr(rba_core.extract, "load_encoder", counting_loader)
     extract(tiny_models["deit"], image_folder, 4, seed=0, cache=cache, device="cpu")
@@ -144,7 +144,7 @@ def test_changed_weights_in_the_same_folder_change_the_key(tiny_models, image_fo
     enc.model.save_pretrained(folder)
     after = extract(str(folder), image_folder, 4, seed=0, with_stats=False, cache=cache, device="cpu")
     assert after.key != before.key and not after.hit
-    assert not np.allclose(after.cls[1], before.cls[1])
+    assert not np.allclose(after.pooled[1], before.pooled[1])
 
 
 def test_make_key_is_order_independent_and_content_sensitive():

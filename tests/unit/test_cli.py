@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rba_core.approx import fit_residual_matrix
+from rba_core.maps import fit_residual_matrix
 from rba_core.cache import Cache
 from rba_core.extract import extract
 from rba_core.metrics import block_redundancy, cosine_matrix, linear_cka_matrix
@@ -95,9 +95,9 @@ def test_analyze_numbers_are_the_metrics_of_the_cached_extraction(runs):
     ex = extract(runs["model"], runs["dataset"], 12, seed=2, cache=Cache(runs["tmp"] / "cache"),
                  encoder=lambda: pytest.fail("not a cache hit"))
     result = runs["first"]
-    np.testing.assert_allclose(result["block_redundancy"], block_redundancy(ex.cls))
-    np.testing.assert_allclose(result["cosine"], cosine_matrix(ex.cls))
-    np.testing.assert_allclose(result["cka"], linear_cka_matrix(ex.cls))
+    np.testing.assert_allclose(result["block_redundancy"], block_redundancy(ex.pooled))
+    np.testing.assert_allclose(result["cosine"], cosine_matrix(ex.pooled))
+    np.testing.assert_allclose(result["cka"], linear_cka_matrix(ex.pooled))
     np.testing.assert_allclose(np.array(result["fit_residual"], dtype=float), fit_residual_matrix(ex.stats()))
 
 

@@ -50,7 +50,7 @@ def test_image_folder_splits_are_disjoint_cover_all_files_and_keep_labels(image_
         source = open_dataset(image_folder, split)
         assert source.label_names == ["class0", "class1", "class2"]
         assert len(source) > 0
-        images = source.images(range(len(source)))
+        images = source.items(range(len(source)))
         for image, label in zip(images, source.labels):
             digest = _digest(image)
             assert digest not in seen, "an image is in both splits"
@@ -66,7 +66,7 @@ def test_grayscale_images_become_rgb(image_folder):
     gray = {_digest(Image.open(f)): np.asarray(Image.open(f)) for f in files if Image.open(f).mode == "L"}
     assert gray
     found = 0
-    for image in source.images(range(len(source))):
+    for image in source.items(range(len(source))):
         assert image.mode == "RGB" and image.size == (24, 20)
         pixels = np.asarray(image)
         if _digest(image) in gray:
@@ -106,13 +106,13 @@ def test_parquet_folder_reads_images_and_labels(tmp_path):
     _write_parquet(tmp_path, pa.table({"img": images, "label": [0, 1, 2, 1, 0]}))
     source = open_dataset(str(tmp_path), "test")
     assert source.labels.tolist() == [0, 1, 2, 1, 0] and source.label_names == ["0", "1", "2"]
-    decoded = source.images([3])[0]
+    decoded = source.items([3])[0]
     assert decoded.mode == "RGB" and np.asarray(decoded)[0, 0].tolist() == [30, 30, 30]
 
 
 def test_parquet_without_image_column(tmp_path):
     _write_parquet(tmp_path, pa.table({"pixels_png": [b"x"], "label": [0]}))
-    with pytest.raises(RBAError, match="image column"):
+    with pytest.raises(RBAError, match="no image or text column"):
         open_dataset(str(tmp_path), "train")
 
 
@@ -133,18 +133,18 @@ def test_digits_alias_ships_offline():
     train, test = open_dataset("digits", "train"), open_dataset("digits", "test")
     assert len(train) + len(test) == 1797
     assert train.label_names == [str(d) for d in range(10)]
-    assert train.images([0])[0].mode == "RGB"
+    assert train.items([0])[0].mode == "RGB"
 
 
 @needs_shared
 def test_real_mnist_and_cifar10_folders():
     mnist = open_dataset(str(SHARED_DATASETS / "mnist"), "test")
     assert len(mnist) == 10_000 and set(mnist.labels.tolist()) == set(range(10))
-    image = mnist.images([0])[0]
+    image = mnist.items([0])[0]
     assert image.mode == "RGB" and image.size == (28, 28)
     cifar = open_dataset(str(SHARED_DATASETS / "cifar10"), "test")
     assert len(cifar) == 10_000 and cifar.label_names == CIFAR10_NAMES
-    assert cifar.images([5])[0].size == (32, 32)
+    assert cifar.items([5])[0].size == (32, 32)
 
 
 @needs_shared
@@ -154,13 +154,13 @@ def test_real_datasets_through_aliases_and_data_dir(monkeypatch, tiny_models, tm
     assert cifar.name == "CIFAR-10" and cifar.label_names == CIFAR10_NAMES
     direct = open_dataset(str(SHARED_DATASETS / "cifar10"), "test")
     np.testing.assert_array_equal(cifar.labels, direct.labels)
-    assert _digest(cifar.images([7])[0]) == _digest(direct.images([7])[0])
+    assert _digest(cifar.items([7])[0]) == _digest(direct.items([7])[0])
     mnist = open_dataset("mnist", "test")  # aliases are case-insensitive
     assert len(mnist) == 10_000
     for alias in ("CIFAR-10", "MNIST"):
         ex = extract(tiny_models["vit"], alias, 6, seed=1, split="test", with_stats=False,
                      cache=Cache(tmp_path / alias), device="cpu")
-        assert ex.cls.shape == (5, 6, 32) and np.isfinite(ex.cls).all()
+        assert ex.pooled.shape == (5, 6, 32) and np.isfinite(ex.pooled).all()
         source = open_dataset(alias, "test")
         np.testing.assert_array_equal(ex.labels, source.labels[ex.indices])
         assert ex.label_names == source.label_names

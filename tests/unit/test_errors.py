@@ -9,7 +9,8 @@ import torch
 
 from rba_core import RBAError
 from rba_core.analysis import approximate
-from rba_core.approx import fit_map, validate_ranges
+from rba_core.approx import validate_ranges
+from rba_core.maps import fit_map
 from rba_core.cache import Cache
 from rba_core.data import open_dataset
 from rba_core.extract import extract
@@ -33,14 +34,14 @@ def test_unknown_hub_model_offline():
     assert "no-such-org/no-such-vit-model" in message and "local folder" in message
 
 
-@pytest.mark.parametrize("family", ["bert", "resnet"])
+@pytest.mark.parametrize("family", ["t5", "resnet"])
 def test_folder_with_unsupported_architecture(family, tmp_path):
-    from transformers import BertConfig, ResNetConfig
+    from transformers import ResNetConfig, T5Config
 
-    config = BertConfig(hidden_size=32, num_hidden_layers=1) if family == "bert" else ResNetConfig()
+    config = T5Config(d_model=32, num_layers=1) if family == "t5" else ResNetConfig()
     config.save_pretrained(tmp_path)
     message = raises(family, load_encoder, str(tmp_path), "cpu")
-    for name in ("ViT", "DeiT", "DINOv2"):
+    for name in ("vit", "deit", "dinov2", "clip", "bert", "modernbert"):  # the supported families are listed
         assert name in message
 
 
@@ -105,7 +106,7 @@ def test_image_that_cannot_be_decoded(tmp_path):
     for k in range(10):
         (tmp_path / "a" / f"{k}.png").write_bytes(b"not a png")
     source = open_dataset(str(tmp_path), "train")
-    raises(r"cannot be decoded", source.images, [0])
+    raises(r"cannot be decoded", source.items, [0])
     assert np.all(source.labels == 0)
 
 

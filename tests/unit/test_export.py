@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 
 import rba_core
 from rba_core.analysis import approximate
-from rba_core.approx import ApproximatedEncoder, approximate_encoder, count_params, fit_map
+from rba_core.approx import ApproximatedEncoder, approximate_encoder, count_params
+from rba_core.maps import fit_map
 from rba_core.data import open_dataset
 from rba_core.errors import RBAError
 from rba_core.export import RECORD, WEIGHTS, onnx_session, save_compressed
@@ -38,7 +39,7 @@ def fitted(tiny_models, image_folder, tmp_path_factory):
 @pytest.fixture(scope="module")
 def pixels(fitted, image_folder):
     encoder = fitted[0]["vit"]
-    return encoder.preprocess(open_dataset(image_folder, "test").images(range(5)))
+    return encoder.preprocess(open_dataset(image_folder, "test").items(range(5)))
 
 
 @pytest.fixture
@@ -63,7 +64,7 @@ def test_round_trip_reproduces_the_approximated_encoder(family, fitted, pixels, 
     assert loaded.record["kept_blocks"] == [2] and count_params(loaded) == count_params(net)
     assert count_params(loaded) == loaded.record["params"]["compressed"] < encoder.num_params()
     with torch.no_grad():
-        assert torch.allclose(loaded(pixels), net(pixels), atol=1e-5, rtol=0)
+        assert torch.allclose(loaded(**pixels), net(**pixels), atol=1e-5, rtol=0)
     # The original weights stay untouched and unshared.
     assert all(p.data_ptr() != q.data_ptr() for p in loaded.parameters() for q in encoder.model.parameters())
 
@@ -76,11 +77,11 @@ def test_loaded_model_reproduces_the_dashboard_outputs(fitted, tiny_models, imag
     loaded = rba_core.load_compressed(folder)
     source = open_dataset(image_folder, "test")
     indices = extract(tiny_models["vit"], image_folder, EVAL_N, 0, "test", with_stats=False, cache=cache).indices
-    images = source.images(indices)
+    images = source.items(indices)
     # The folder's own processor gives the same pixels as the original encoder's.
     pixels = loaded.processor(images=images, return_tensors="pt")["pixel_values"]
     with torch.no_grad():
-        out = loaded(pixels).numpy()
+        out = loaded(pixel_values=pixels).numpy()
     np.testing.assert_allclose(out, result["final"]["approximated"], atol=1e-5, rtol=0)
 
 
@@ -89,10 +90,10 @@ def test_onnx_matches_onnxruntime(fitted, pixels, tmp_path):
     net = approximate_encoder(encoders["vit"], stats["vit"], [(1, 3)], "affine")
     folder = save_compressed(net, tmp_path / "onnx", encoder=encoders["vit"], onnx=True)
     session = onnx_session(folder)
-    batch = torch.cat([pixels, pixels[:2]])  # a batch size other than the export example's
+    batch = torch.cat([pixels["pixel_values"], pixels["pixel_values"][:2]])  # another batch size than the example's
     out = session.run(["final"], {"pixel_values": batch.numpy()})[0]
     with torch.no_grad():
-        np.testing.assert_allclose(out, net(batch).numpy(), atol=1e-4, rtol=0)
+        np.testing.assert_allclose(out, net(pixel_values=batch).numpy(), atol=1e-4, rtol=0)
     (folder / "model.onnx").write_bytes((folder / "model.onnx").read_bytes() + b"\0")
     with pytest.raises(RBAError, match="model.onnx that was changed"):
         onnx_session(folder)
@@ -146,16 +147,27 @@ def test_loading_never_unpickles(saved, pixels, monkeypatch):
     monkeypatch.setattr(torch, "load", refuse)
     loaded = rba_core.load_compressed(folder)
     with torch.no_grad():
-        assert torch.allclose(loaded(pixels), net(pixels), atol=1e-5, rtol=0)
+        assert torch.allclose(loaded(**pixels), net(**pixels), atol=1e-5, rtol=0)
 
 
-def test_needs_the_source_encoder_for_a_module(fitted, tmp_path):
+def test_a_module_carries_its_encoder_and_a_wrong_one_is_refused(fitted, tmp_path, pixels):
     encoders, stats, _ = fitted
     net = approximate_encoder(encoders["vit"], stats["vit"], [(1, 3)])
-    with pytest.raises(RBAError, match="encoder the approximated model was built from"):
-        save_compressed(net, tmp_path / "x")
-    with pytest.raises(RBAError, match="encoder the approximated model was built from"):
+    with pytest.raises(RBAError, match="built from another encoder"):
         save_compressed(net, tmp_path / "x", encoder=encoders["deit"])
+    loaded = rba_core.load_compressed(save_compressed(net, tmp_path / "y"))  # the module knows its encoder
+    with torch.no_grad():
+        assert torch.allclose(loaded(**pixels), net(**pixels), atol=1e-5, rtol=0)
+
+
+def test_export_never_overwrites_a_folder_it_did_not_write(fitted, tmp_path):
+    encoders, stats, _ = fitted
+    net = approximate_encoder(encoders["vit"], stats["vit"], [(1, 3)])
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(RBAError, match="not empty"):
+        save_compressed(net, tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
 def test_package_import_stays_light():

@@ -13,8 +13,8 @@ def cls(tiny_models, image_folder, tmp_path_factory) -> np.ndarray:
     """(L+1, 40, D) CLS of a tiny ViT with D = 32: more samples than dimensions."""
     ex = extract(tiny_models["vit"], image_folder, 40, seed=0, with_stats=False, device="cpu",
                  cache=Cache(tmp_path_factory.mktemp("cache")))
-    assert ex.cls.shape == (5, 40, 32)
-    return ex.cls
+    assert ex.pooled.shape == (5, 40, 32)
+    return ex.pooled
 
 
 def test_block_redundancy_is_negative_mean_squared_change(cls):

@@ -21,7 +21,7 @@ def encoders(tiny_models):
 
 @pytest.fixture(scope="module")
 def pixels(encoders, image_folder):
-    images = open_dataset(image_folder, "train").images(range(5))
+    images = open_dataset(image_folder, "train").items(range(5))
     return {fam: enc.preprocess(images) for fam, enc in encoders.items()}
 
 
@@ -55,25 +55,25 @@ def test_parameter_accounting(family, encoders):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_run_blocks_reproduces_hidden_states(family, encoders, pixels):
     enc, px = encoders[family], pixels[family]
-    assert px.shape == (5, 3, 32, 32)
+    assert px["pixel_values"].shape == (5, 3, 32, 32)
     with torch.no_grad():
-        out = enc.model(pixel_values=px, output_hidden_states=True)
+        out = enc.model(**px, output_hidden_states=True)
         hs = out.hidden_states
         L = enc.num_blocks
         assert len(hs) == L + 1
-        hs0 = enc.embed(px)
-        torch.testing.assert_close(hs0, hs[0], rtol=0, atol=1e-6)
+        ours, ctx = enc.hidden_states(px)
+        torch.testing.assert_close(ours[0], hs[0], rtol=0, atol=1e-6)
         for k in range(1, L + 1):
-            torch.testing.assert_close(enc.run_blocks(hs0, 1, k), hs[k], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(enc.final_cls(enc.run_blocks(hs0, 1, L)),
+            torch.testing.assert_close(ours[k], hs[k], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(enc.final(ours[L], enc.token_mask(px)),
                                    out.last_hidden_state[:, 0], rtol=1e-5, atol=1e-5)
         # Starting from any block output reaches the same later outputs.
         for start in range(1, L):
             for end in range(start + 1, L + 1):
-                torch.testing.assert_close(enc.run_blocks(hs[start], start + 1, end), hs[end],
+                torch.testing.assert_close(enc.run_blocks(hs[start], start + 1, end, ctx), hs[end],
                                            rtol=1e-5, atol=1e-5)
         # The final norm is really applied (hs[L] is before it).
-        assert not torch.allclose(enc.final_cls(hs[L]), hs[L][:, 0])
+        assert not torch.allclose(enc.final(hs[L], None), hs[L][:, 0])
 
 
 def _hooks(model: torch.nn.Module) -> list[str]:

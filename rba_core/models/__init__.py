@@ -1,0 +1,269 @@
+"""Which model families RBA Explorer runs, and how to load one: a registry of family adapters.
+
+The registry maps a config's ``model_type`` to the adapter class of its family (one file each in
+this package). Adding a family is one new file and one line in :data:`ADAPTERS`. Nothing outside
+this package names a family.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from rba_core.errors import RBAError
+from rba_core.models.base import Encoder
+from rba_core.registry import resolve_model
+
+#: config ``model_type`` -> "module:Adapter" in this package (imported on first use).
+ADAPTERS: dict[str, str] = {
+    "vit": "vit:ViTEncoder",
+    "deit": "vit:ViTEncoder",
+    "dinov2": "dinov2:Dinov2Encoder",
+    "clip": "clip:CLIPVisionEncoder",
+    "clip_vision_model": "clip:CLIPVisionEncoder",
+    "timm": "timm_vit:TimmViTEncoder",
+    "bert": "bert:BertEncoder",
+    "roberta": "bert:BertEncoder",
+    "xlm-roberta": "bert:BertEncoder",
+    "distilbert": "distilbert:DistilBertEncoder",
+    "mpnet": "mpnet:MPNetEncoder",
+    "modernbert": "modernbert:ModernBertEncoder",
+}
+
+__all__ = ["ADAPTERS", "Encoder", "ModelInfo", "ModelRef", "adapter_class", "model_ref", "default_device", "is_available_offline",
+           "load_config", "load_encoder", "model_fingerprint", "model_info", "supported_families"]
+
+
+def supported_families() -> str:
+    """The supported ``model_type`` values, for messages."""
+    return ", ".join(sorted(ADAPTERS))
+
+
+def adapter_class(model_type: str) -> type[Encoder]:
+    """The adapter of a family; an :class:`RBAError` listing the supported ones otherwise."""
+    if model_type not in ADAPTERS:
+        raise RBAError(f"'{model_type}' models are not supported; RBA Explorer runs these families: "
+                       f"{supported_families()}.")
+    module, name = ADAPTERS[model_type].split(":")
+    return getattr(importlib.import_module(f"rba_core.models.{module}"), name)
+
+
+def default_device() -> str:
+    """CUDA when present, else CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _hub_cache_dir(repo_id: str) -> Path:
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    return Path(HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
+
+
+def is_available_offline(name: str) -> bool:
+    """True when ``name`` is a local folder or a hub id already in the local Hugging Face cache."""
+    source = resolve_model(name)
+    if Path(source).is_dir():
+        return (Path(source) / "config.json").is_file()
+    return (_hub_cache_dir(source) / "snapshots").is_dir()
+
+
+@lru_cache(maxsize=64)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+_FINGERPRINTED = {".json", ".safetensors", ".bin", ".txt", ".model"}
+
+
+def model_fingerprint(name: str, revision: str = "main") -> dict:
+    """What identifies a model's weights, tokenizer or processor and pooling, without loading it.
+
+    A local folder is identified by the content of its files (sub-folders such as
+    ``1_Pooling/`` included); a hub id by its id and the commit its ``revision`` points to in
+    the local cache (``revision`` itself when not cached).
+    """
+    source = resolve_model(name)
+    folder = Path(source)
+    if folder.is_dir():
+        digests = {}
+        for path in sorted(folder.rglob("*")):
+            if path.suffix in _FINGERPRINTED and path.is_file() and not path.name.startswith("."):
+                stat = path.stat()
+                digests[str(path.relative_to(folder))] = _file_digest(str(path), stat.st_size, stat.st_mtime_ns)
+        return {"model": str(folder.resolve()), "files": digests}
+    ref = _hub_cache_dir(source) / "refs" / revision
+    commit = ref.read_text().strip() if ref.is_file() else revision
+    return {"model": source, "revision": commit}
+
+
+def _load_error(source: str, exc: Exception) -> RBAError:
+    if Path(source).exists() or source.startswith((".", "/", "~")):
+        return RBAError(
+            f"Could not read the model folder '{source}': it needs a config.json, weights "
+            f"(model.safetensors) and its preprocessing files, as save_pretrained writes them "
+            f"({exc.__class__.__name__})."
+        )
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or "connect" in str(exc).lower():
+        return RBAError(
+            f"Model '{source}' is not in the local Hugging Face cache and the hub cannot be "
+            "reached; connect to the internet once to download it, or pass a local folder."
+        )
+    return RBAError(
+        f"Model '{source}' was not found: use an alias (python -m rba_core models lists them), "
+        "a Hugging Face hub id or a local folder."
+    )
+
+
+def _read_json(source: str, filename: str) -> dict | None:
+    """A JSON file of a folder or of a hub repo (local cache first); None when absent."""
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        path = folder / filename
+    else:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = Path(hf_hub_download(source, filename))
+        except Exception:  # missing file, offline, unknown repo: the caller decides
+            return None
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except ValueError:
+        raise RBAError(f"'{path}' is not valid JSON; repair the file or download the model again.") from None
+
+
+def load_config(name: str):
+    """The model's config (Hugging Face, or timm's config.json), checked to be a supported family."""
+    source = resolve_model(name)
+    raw = _read_json(source, "config.json")
+    if raw is not None and "model_type" not in raw and "architecture" in raw:
+        from rba_core.models.timm_vit import TimmConfig
+
+        return TimmConfig(raw)
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        if "does not recognize this architecture" in str(exc) or "model_type" in str(exc):
+            kind = (raw or {}).get("model_type", "unknown")
+            raise RBAError(f"'{name}' is a '{kind}' model; RBA Explorer runs these families: "
+                           f"{supported_families()}.") from None
+        raise _load_error(source, exc) from None
+    adapter_class(getattr(config, "model_type", "unknown"))  # unsupported families fail here
+    return config
+
+
+def _pooling(source: str) -> str:
+    """Mean over real tokens for sentence-transformers folders with mean pooling, else the first token."""
+    from rba_core.models.base import sentence_pooling
+
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        return sentence_pooling(folder) or "first"
+    raw = _read_json(source, "1_Pooling/config.json")
+    if raw is None:
+        return "first"
+    return "mean" if raw.get("pooling_mode_mean_tokens") else "first"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the tool knows of a model from its config alone: no weights are loaded."""
+
+    family: str
+    modality: str  # "image" or "text"
+    num_blocks: int
+    pooling: str  # "first" or "mean"
+
+
+def model_info(name: str) -> ModelInfo:
+    """Family, modality, number of blocks and pooling of a model, read from its config files."""
+    config = load_config(name)
+    cls = adapter_class(config.model_type)
+    pooling = _pooling(resolve_model(name)) if cls.modality == "text" else "first"
+    return ModelInfo(config.model_type, cls.modality, cls.num_blocks_of(config), pooling)
+
+
+def load_encoder(name, device: str | None = None, max_length: int | None = 128) -> Encoder:
+    """Load an alias, hub id or local folder as an :class:`Encoder` in float32, eval mode.
+
+    ``name`` may also be an already loaded Hugging Face model object (its processor or tokenizer
+    is then loaded from ``name.name_or_path``). ``max_length`` truncates texts (text models only).
+    """
+    if not isinstance(name, str):
+        return _wrap_loaded(name, device, max_length)
+    source = resolve_model(name)
+    config = load_config(name)
+    cls = adapter_class(config.model_type)
+    pooling = _pooling(source) if cls.modality == "text" else "first"
+    try:
+        model = cls.load_model(source, config)
+        processor = cls.load_processor(source)
+    except (OSError, ValueError) as exc:
+        raise _load_error(source, exc) from None
+    device = device or default_device()
+    model.eval().requires_grad_(False).to(device)
+    return cls(name, source, config.model_type, model, processor, device, pooling,
+               max_length if cls.modality == "text" else None, config=config)
+
+
+def _wrap_loaded(model, device: str | None, max_length: int | None) -> Encoder:
+    """An :class:`Encoder` around a Hugging Face model object a notebook user already loaded."""
+    config = getattr(model, "config", None)
+    family = getattr(config, "model_type", None)
+    if family is None:
+        raise RBAError("Pass a model id, a folder, or a loaded Hugging Face model (it has a .config).")
+    cls = adapter_class(family)
+    source = getattr(config, "name_or_path", "") or ""
+    if not source:
+        raise RBAError("This loaded model does not say where it came from (config.name_or_path is empty), "
+                       "so its processor or tokenizer cannot be found; pass its folder or hub id instead.")
+    pooling = _pooling(source) if cls.modality == "text" else "first"
+    device = device or str(next(model.parameters()).device)
+    model.eval().requires_grad_(False).to(device)
+    return cls(source, source, family, model, cls.load_processor(source), device, pooling,
+               max_length if cls.modality == "text" else None)
+
+
+@dataclass
+class ModelRef:
+    """A model as a request names it: its display name, what identifies it (for cache keys), what
+    its config says, and the loaded encoder when the caller passed one."""
+
+    name: str
+    fingerprint: dict
+    info: ModelInfo
+    loaded: Encoder | None = None
+
+
+def _weights_digest(encoder: Encoder) -> str:
+    import torch
+    import xxhash
+
+    digest = xxhash.xxh3_128()
+    for name, tensor in sorted(encoder.model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def model_ref(model, max_length: int | None = 128) -> ModelRef:
+    """Resolve what a caller passed as the model: an alias, hub id or folder (nothing is loaded),
+    a loaded :class:`Encoder`, or a loaded Hugging Face model object (identified by its weights)."""
+    if isinstance(model, str):
+        return ModelRef(model, model_fingerprint(model), model_info(model))
+    encoder = model if isinstance(model, Encoder) else load_encoder(model, max_length=max_length)
+    info = ModelInfo(encoder.family, encoder.modality, encoder.num_blocks, encoder.pooling)
+    return ModelRef(encoder.name, {"weights": _weights_digest(encoder), "family": encoder.family}, info, encoder)

@@ -1,0 +1,44 @@
+"""BERT-style text encoders: BERT, RoBERTa and XLM-RoBERTa (post-LN blocks in ``model.encoder.layer``).
+
+The blocks end in a LayerNorm, so there is no final norm: the final representation is the
+pooling of hs[L] ([CLS], or the mean over real tokens for sentence-transformers folders).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rba_core.models.base import TextEncoder
+
+
+class BertEncoder(TextEncoder):
+    """``BertModel`` / ``RobertaModel`` / ``XLMRobertaModel`` without the pooler."""
+
+    @classmethod
+    def load_model(cls, source: str, config):
+        from transformers import AutoModel
+
+        return AutoModel.from_pretrained(source, config=config, dtype=torch.float32, trust_remote_code=False,
+                                         add_pooling_layer=False)
+
+    @classmethod
+    def build_empty(cls, config):
+        from transformers import AutoModel
+
+        return AutoModel.from_config(config, add_pooling_layer=False)
+
+    @property
+    def blocks(self):
+        return self.model.encoder.layer
+
+    def stem(self):
+        return {"embeddings": self.model.embeddings}
+
+    def embed(self, inputs):
+        return self.model.embeddings(input_ids=inputs["input_ids"], token_type_ids=inputs.get("token_type_ids"))
+
+    def context(self, inputs, hidden):
+        return {"mask": self.bidirectional_mask(inputs, hidden)}
+
+    def call_block(self, block, hidden, ctx):
+        return block(hidden, ctx["mask"])

@@ -1,0 +1,52 @@
+"""CLIP vision towers (``CLIPVisionModel``, also from a full ``CLIPModel`` checkpoint).
+
+hs[0] is the patch embeddings after CLIP's pre-LayerNorm (``pre_layrnorm``); the final
+representation is the CLS token of hs[L] after ``post_layernorm``, as CLIP's own pooled output.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rba_core.models.base import ImageEncoder
+
+
+def _vision_config(config):
+    return getattr(config, "vision_config", config)  # a CLIPModel config holds the tower's config
+
+
+class CLIPVisionEncoder(ImageEncoder):
+    """Blocks in ``model.encoder.layers``."""
+
+    @classmethod
+    def load_model(cls, source: str, config):
+        from transformers import CLIPVisionModel
+
+        return CLIPVisionModel.from_pretrained(source, dtype=torch.float32, trust_remote_code=False)
+
+    @classmethod
+    def build_empty(cls, config):
+        from transformers import CLIPVisionModel
+
+        return CLIPVisionModel(_vision_config(config))
+
+    @classmethod
+    def num_blocks_of(cls, config) -> int:
+        return int(_vision_config(config).num_hidden_layers)
+
+    @property
+    def blocks(self):
+        return self.model.encoder.layers
+
+    @property
+    def final_norm(self):
+        return self.model.post_layernorm
+
+    def stem(self):
+        return {"embeddings": self.model.embeddings, "pre_layrnorm": self.model.pre_layrnorm}
+
+    def embed(self, inputs):
+        return self.model.pre_layrnorm(self.model.embeddings(inputs["pixel_values"]))
+
+    def call_block(self, block, hidden, ctx):
+        return block(hidden, None)

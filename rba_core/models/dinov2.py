@@ -1,0 +1,37 @@
+"""DINOv2 image encoders (Hugging Face ``Dinov2Model``, layer scale inside each block): CLS after the final LayerNorm."""
+
+from __future__ import annotations
+
+import torch
+
+from rba_core.models.base import ImageEncoder
+
+
+class Dinov2Encoder(ImageEncoder):
+    """Blocks in ``model.encoder.layer``; final norm ``model.layernorm``."""
+
+    @classmethod
+    def load_model(cls, source: str, config):
+        from transformers import Dinov2Model
+
+        return Dinov2Model.from_pretrained(source, dtype=torch.float32, trust_remote_code=False)
+
+    @classmethod
+    def build_empty(cls, config):
+        from transformers import Dinov2Model
+
+        return Dinov2Model(config)
+
+    @property
+    def blocks(self):
+        return self.model.encoder.layer
+
+    @property
+    def final_norm(self):
+        return self.model.layernorm
+
+    def stem(self):
+        return {"embeddings": self.model.embeddings}
+
+    def embed(self, inputs):
+        return self.model.embeddings(inputs["pixel_values"])

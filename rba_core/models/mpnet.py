@@ -1,0 +1,42 @@
+"""MPNet text encoders: post-LN blocks in ``model.encoder.layer`` sharing one relative position bias."""
+
+from __future__ import annotations
+
+import torch
+
+from rba_core.models.base import TextEncoder
+
+
+class MPNetEncoder(TextEncoder):
+    """``MPNetModel`` without the pooler; the position bias is computed once per batch, as its forward does."""
+
+    @classmethod
+    def load_model(cls, source: str, config):
+        from transformers import MPNetModel
+
+        return MPNetModel.from_pretrained(source, dtype=torch.float32, trust_remote_code=False,
+                                          add_pooling_layer=False)
+
+    @classmethod
+    def build_empty(cls, config):
+        from transformers import MPNetModel
+
+        return MPNetModel(config, add_pooling_layer=False)
+
+    @property
+    def blocks(self):
+        return self.model.encoder.layer
+
+    def stem(self):
+        return {"embeddings": self.model.embeddings,
+                "relative_attention_bias": self.model.encoder.relative_attention_bias}
+
+    def embed(self, inputs):
+        return self.model.embeddings(input_ids=inputs["input_ids"])
+
+    def context(self, inputs, hidden):
+        return {"mask": self.bidirectional_mask(inputs, hidden),
+                "position_bias": self.model.encoder.compute_position_bias(hidden)}
+
+    def call_block(self, block, hidden, ctx):
+        return block(hidden, ctx["mask"], ctx["position_bias"])

@@ -1,0 +1,183 @@
+"""What the operations return: typed results that the CLI, the pages and notebooks share.
+
+Each result is a dataclass whose fields are the JSON keys the CLI writes (``to_json()``), with a
+``to_frame()`` giving its main table as a pandas DataFrame. Results read like their JSON too
+(``result["mse_final"]``), so a saved JSON file and a live result are used the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import numpy as np
+
+
+def plain(value):
+    """The same data with numpy values as Python ones and NaN as None (strict JSON)."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [plain(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+class Result:
+    """Shared behaviour: JSON out, read access by key, an optional non-JSON ``arrays`` field."""
+
+    _not_json: tuple[str, ...] = ()
+
+    def to_json(self) -> dict:
+        """The CLI's JSON (numpy arrays and fields in ``_not_json`` left out)."""
+        return plain({f.name: getattr(self, f.name) for f in fields(self) if f.name not in self._not_json})
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in {f.name for f in fields(self)}:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key: str, default=None):
+        return getattr(self, key, default)
+
+    def keys(self):
+        return [f.name for f in fields(self) if f.name not in self._not_json]
+
+
+@dataclass
+class AnalysisResult(Result):
+    """``analyze``: Block Redundancy of blocks 1..L; cosine, CKA and fit residual over states 0..L."""
+
+    model: str
+    dataset: str
+    split: str
+    modality: str
+    family: str
+    pooling: str
+    max_length: int | None
+    num_blocks: int
+    hidden_size: int
+    n: int
+    seed: int
+    block_redundancy: list[float]
+    cosine: list[list[float]]
+    cka: list[list[float]]
+    fit_residual: list[list[float | None]]
+    cache: dict
+    notes: list[str] = field(default_factory=list)
+
+    def to_frame(self):
+        """One row per block k = 1..L: its Block Redundancy and the fit residual of range k-1→k."""
+        import pandas as pd
+
+        return pd.DataFrame({"block": range(1, self.num_blocks + 1), "block_redundancy": self.block_redundancy,
+                             "fit_residual_prev": [self.fit_residual[k - 1][k] for k in range(1, self.num_blocks + 1)]})
+
+
+@dataclass
+class ApproximationResult(Result):
+    """``approximate``: the approximated model against the original on the evaluation samples.
+
+    ``final`` (original and approximated final representations with labels, numpy) is not JSON."""
+
+    _not_json = ("final",)
+
+    model: str
+    dataset: str
+    modality: str
+    pooling: str
+    max_length: int | None
+    fit_n: int
+    eval_n: int
+    seed: int
+    num_blocks: int
+    ranges: list[dict]
+    map: str
+    map_params: dict
+    blocks: dict
+    mse_final: float
+    params: dict
+    latency_ms_per_image: dict | None
+    cache: dict
+    notes: list[str]
+    final: dict = field(repr=False)
+    accuracy: dict | None = None
+
+    def to_json(self) -> dict:
+        data = super().to_json()
+        if self.accuracy is None:
+            data.pop("accuracy")
+        return data
+
+    def to_frame(self):
+        """One row per model (original, approximated, and skip when probed): blocks, parameters, accuracy."""
+        import pandas as pd
+
+        rows = [{"model": "original", "blocks": self.blocks["original"], "params": self.params["original"],
+                 "mse_final": 0.0},
+                {"model": "approximated", "blocks": self.blocks["approximated"],
+                 "params": self.params["approximated"], "mse_final": self.mse_final}]
+        if self.accuracy:
+            for row in rows:
+                row["accuracy"] = self.accuracy[row["model"]]["mean"]
+            rows.append({"model": "skip", "blocks": self.blocks["approximated"], "accuracy":
+                         self.accuracy["skip"]["mean"]})
+        return pd.DataFrame(rows)
+
+
+@dataclass
+class SearchResult(Result):
+    """``search``: every candidate that fits the budget, lowest measured final MSE first."""
+
+    model: str
+    dataset: str
+    fit_n: int
+    eval_n: int
+    seed: int
+    num_blocks: int
+    map: str
+    map_params: dict
+    budget: dict
+    pairs: bool
+    considered: int
+    evaluated: int
+    chunk_size: int
+    original: dict
+    timing_ms_per_image: dict
+    spearman: dict
+    candidates: list[dict]
+    cache: dict
+    notes: list[str]
+    seconds: dict
+
+    def to_frame(self):
+        """One row per candidate, in ranking order."""
+        import pandas as pd
+
+        return pd.DataFrame([{k: v for k, v in row.items() if k not in ("ranges", "accuracy")}
+                             for row in self.candidates])
+
+
+@dataclass
+class TableResult(Result):
+    """``table``: rows like the paper's Tables 1 and 2, per dataset."""
+
+    model: str
+    datasets: list[str]
+    fit_n: int
+    eval_n: int
+    seed: int
+    map: str
+    map_params: dict
+    rows: list[dict]
+
+    def to_frame(self):
+        """The rows as CSV/Markdown columns (see :func:`rba_core.table.flat_row`)."""
+        import pandas as pd
+
+        from rba_core.table import flat_row
+
+        return pd.DataFrame([flat_row(r) for r in self.rows])
