@@ -18,12 +18,12 @@ from rba_core.ranking import rank_ranges, suggested_removed, top_blocks  # noqa:
 st.set_page_config(page_title="RBA Explorer", page_icon=":material/layers:", layout="wide")
 st.title("RBA Explorer")
 st.markdown(
-    "RBA Explorer measures how much each block of a vision transformer changes its input "
+    "RBA Explorer measures how much each block of a transformer (vision or text) changes its input "
     "(**Block Redundancy**) and how similar the outputs of its blocks are to each other. "
     "It replaces a range of redundant blocks by one closed-form linear map and shows what that "
     "costs in accuracy and saves in parameters and time. "
     "Pick a model and a dataset in the sidebar, press **Compute** for one pass over the sampled "
-    "images, then explore the pages on the left.")
+    "images or texts, then explore the pages on the left.")
 
 with errors():
     sel = sidebar(announce=True)

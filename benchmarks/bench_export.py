@@ -54,16 +54,16 @@ def main() -> None:
         loaded = rba_core.load_compressed(out)
         session = onnx_session(out)
         # The original model through the same exporter, for a like-for-like onnxruntime comparison.
-        full_onnx = export_onnx(ApproximatedEncoder(encoder, [], []), Path(tmp) / "original.onnx", (224, 224))
+        original = ApproximatedEncoder(encoder, [], [])  # no range: the original model's own path
+        full_onnx = export_onnx(original, Path(tmp) / "original.onnx", (224, 224))
         full_session = onnxruntime.InferenceSession(str(full_onnx), providers=["CPUExecutionProvider"])
-        pixels = encoder.preprocess(open_dataset(dataset, "test").images(range(args.batch)))
-        original = lambda p: encoder.final_cls(encoder.run_blocks(encoder.embed(p), 1, encoder.num_blocks))  # noqa: E731
-        run_onnx = lambda p: session.run(["final"], {"pixel_values": p.numpy()})[0]  # noqa: E731
-        run_full_onnx = lambda p: full_session.run(["final"], {"pixel_values": p.numpy()})[0]  # noqa: E731
+        pixels = encoder.preprocess(open_dataset(dataset, "test").items(range(args.batch)))
+        run_onnx = lambda pixel_values: session.run(["final"], {"pixel_values": pixel_values.numpy()})[0]  # noqa: E731
+        run_full_onnx = lambda pixel_values: full_session.run(["final"], {"pixel_values": pixel_values.numpy()})[0]  # noqa: E731, E501
         with torch.inference_mode():
-            reference = net(pixels)
-            loaded_diff = float((loaded(pixels) - reference).abs().max())
-        onnx_diff = float(np.abs(run_onnx(pixels) - reference.numpy()).max())
+            reference = net(**pixels)
+            loaded_diff = float((loaded(**pixels) - reference).abs().max())
+        onnx_diff = float(np.abs(run_onnx(**pixels) - reference.numpy()).max())
         latency = {
             "original_pytorch": latency_ms_per_image(original, pixels),
             "compressed_pytorch": latency_ms_per_image(loaded, pixels),

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 import common
-from rba_core.approx import fit_map
+from rba_core.maps import fit_map
 from rba_core.data import open_dataset, sample_indices
 from rba_core.extract import run_pass
 from rba_core.models import load_encoder

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 import common
-from rba_core.approx import all_pair_maps
+from rba_core.maps import all_pair_maps
 from rba_core.data import open_dataset, sample_indices
 from rba_core.models import load_encoder
 from rba_core.stats import StatsAccumulator, TokenStats
@@ -52,9 +52,7 @@ def prepare(folder: Path, n: int, batch: int = 32) -> None:
     states, d = encoder.num_blocks + 1, encoder.hidden_size
     acc, tokens = StatsAccumulator(states, d, "cpu"), None
     for start in range(0, n, batch):
-        hs = [encoder.embed(encoder.preprocess(source.images(indices[start : start + batch])))]
-        for k in range(1, states):
-            hs.append(encoder.run_blocks(hs[-1], k, k))
+        hs, _ = encoder.hidden_states(encoder.preprocess(source.items(indices[start : start + batch])))
         acc.add(hs)
         if tokens is None:
             t = hs[0].shape[1]

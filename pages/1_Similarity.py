@@ -13,7 +13,8 @@ NONE = "(none)"
 
 st.set_page_config(page_title="Similarity · RBA Explorer", page_icon=":material/grid_on:", layout="wide")
 st.title("Similarity between block outputs")
-st.markdown("Mean similarity, over the sampled images, between the CLS representations of every pair "
+st.markdown("Mean similarity, over the sampled images or texts, between the pooled representations (CLS, or "
+            "the mean over real tokens for sentence-transformers models) of every pair "
             "of block outputs (the paper's Figure 2). Bright squares along the diagonal are runs of "
             "blocks that barely change the representation.")
 

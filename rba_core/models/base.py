@@ -35,6 +35,7 @@ class Encoder:
     """A loaded model of one family with the pieces the method needs. Hidden states are (B, T, D)."""
 
     modality: str = "image"  # "image" or "text": what the model reads
+    hf_classes: tuple[str, ...] = ()  # transformers classes the family loads (see models.preload)
 
     def __init__(self, name: str, source: str, family: str, model: nn.Module, processor: Any,
                  device: str, pooling: str = "first", max_length: int | None = None, config=None):

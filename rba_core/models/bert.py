@@ -14,6 +14,8 @@ from rba_core.models.base import TextEncoder
 class BertEncoder(TextEncoder):
     """``BertModel`` / ``RobertaModel`` / ``XLMRobertaModel`` without the pooler."""
 
+    hf_classes = ("BertModel", "RobertaModel", "XLMRobertaModel")
+
     @classmethod
     def load_model(cls, source: str, config):
         from transformers import AutoModel

@@ -18,6 +18,8 @@ def _vision_config(config):
 class CLIPVisionEncoder(ImageEncoder):
     """Blocks in ``model.encoder.layers``."""
 
+    hf_classes = ("CLIPVisionModel",)
+
     @classmethod
     def load_model(cls, source: str, config):
         from transformers import CLIPVisionModel

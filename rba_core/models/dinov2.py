@@ -10,6 +10,8 @@ from rba_core.models.base import ImageEncoder
 class Dinov2Encoder(ImageEncoder):
     """Blocks in ``model.encoder.layer``; final norm ``model.layernorm``."""
 
+    hf_classes = ("Dinov2Model",)
+
     @classmethod
     def load_model(cls, source: str, config):
         from transformers import Dinov2Model

@@ -10,6 +10,8 @@ from rba_core.models.base import TextEncoder
 class DistilBertEncoder(TextEncoder):
     """``DistilBertModel``; the final representation is the pooling of hs[L] (no final norm)."""
 
+    hf_classes = ("DistilBertModel",)
+
     @classmethod
     def load_model(cls, source: str, config):
         from transformers import DistilBertModel

@@ -14,6 +14,8 @@ from rba_core.models.base import TextEncoder
 class ModernBertEncoder(TextEncoder):
     """``ModernBertModel``: blocks in ``model.layers``, final norm ``model.final_norm``."""
 
+    hf_classes = ("ModernBertModel",)
+
     @classmethod
     def load_model(cls, source: str, config):
         from transformers import ModernBertModel

@@ -10,6 +10,8 @@ from rba_core.models.base import TextEncoder
 class MPNetEncoder(TextEncoder):
     """``MPNetModel`` without the pooler; the position bias is computed once per batch, as its forward does."""
 
+    hf_classes = ("MPNetModel",)
+
     @classmethod
     def load_model(cls, source: str, config):
         from transformers import MPNetModel

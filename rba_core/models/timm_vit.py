@@ -55,8 +55,9 @@ class TimmViTEncoder(ImageEncoder):
 
     @classmethod
     def build_empty(cls, config):
-        return _timm().create_model(config.architecture, pretrained=False, num_classes=0,
-                                    **config.get("model_args", {}))
+        # save_for_hf records num_classes inside model_args too: one value, no classifier.
+        kwargs = {**config.get("model_args", {}), "num_classes": 0}
+        return _timm().create_model(config.architecture, pretrained=False, **kwargs)
 
     @classmethod
     def load_processor(cls, source: str):

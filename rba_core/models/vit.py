@@ -10,6 +10,8 @@ from rba_core.models.base import ImageEncoder
 class ViTEncoder(ImageEncoder):
     """Blocks in ``model.layers``; final norm ``model.layernorm``; the pooler is never used."""
 
+    hf_classes = ("ViTModel", "DeiTModel")
+
     @classmethod
     def _model_class(cls, config):
         from transformers import DeiTModel, ViTModel

