@@ -8,14 +8,15 @@ import numpy as np
 import torch
 
 from rba_core.approx import (MAP_KINDS, ApproximatedEncoder, Range, approximate_encoder, count_params,
-                             fit_residual_matrix, latency_ms_per_image, paper_notation, validate_ranges)
+                             fit_residual_matrix, paper_notation, validate_ranges)
 from rba_core.cache import Cache, make_key
 from rba_core.data import open_dataset
 from rba_core.errors import RBAError
 from rba_core.extract import Extraction, Progress, extract
+from rba_core.latency import BATCH as LATENCY_BATCH, METHOD as LATENCY_METHOD, measure as measure_latency
 from rba_core.metrics import block_redundancy, cosine_matrix, linear_cka_matrix
 from rba_core.models import Encoder, load_config, load_encoder
-from rba_core.probe import probe_accuracy
+from rba_core.probe import converged_probe_accuracy, probe_accuracy, small_classes_note
 
 Stage = Callable[[str], None]
 
@@ -72,12 +73,9 @@ def _approximated_finals(net: ApproximatedEncoder, encoder: Encoder, dataset: st
     for start in range(0, len(ex.indices), batch_size):
         pixels = encoder.preprocess(source.images(ex.indices[start : start + batch_size]))
         out[start : start + len(pixels)] = net(pixels).cpu().numpy()
-        if latency == {}:  # timed on the first batch, both models on the same pixels
-            latency = {
-                "original": latency_ms_per_image(lambda p: encoder.final_cls(encoder.run_blocks(
-                    encoder.embed(p), 1, encoder.num_blocks)), pixels),
-                "approximated": latency_ms_per_image(net, pixels),
-            }
+        if latency == {}:  # timed on the first batch, both models interleaved on the same pixels
+            latency = measure_latency({"original": lambda p: encoder.final_cls(encoder.run_blocks(
+                encoder.embed(p), 1, encoder.num_blocks)), "approximated": net}, pixels[:LATENCY_BATCH])
         if progress:
             progress(min(start + batch_size, len(ex.indices)), len(ex.indices))
     return out, latency
@@ -88,17 +86,23 @@ def approximated_outputs(lazy: LazyEncoder, model: str, dataset: str, fit: Extra
                          progress: Progress | None, timed: bool = False) -> tuple[np.ndarray, dict]:
     """Cached approximated final representations on ``ex``'s samples, and the run's measurements
     (latency only when ``timed``: the probe's extra runs are not timed)."""
-    key = make_key({"kind": "approximated", "fit": fit.key, "samples": ex.key, "timed": timed,
+    key = make_key({"kind": "approximated", "fit": fit.key, "samples": ex.key, "timed": timed and LATENCY_METHOD,
                     "ranges": ranges, "map": kind, "ridge": ridge if kind == "ridge" else None})
-    stored = cache.load(key, "final")
-    if stored is not None:
-        return stored["final"], cache.get(key).meta
-    encoder = lazy()
-    net = approximate_encoder(encoder, fit.stats(), ranges, kind, ridge)
-    final, latency = _approximated_finals(net, encoder, dataset, ex, progress, timed)
-    meta = {"params": count_params(net), "latency_ms_per_image": latency}
-    cache.put(key, {"final": {"final": final}}, meta)
-    return final, meta
+
+    def lookup() -> tuple[np.ndarray, dict] | None:
+        stored = cache.load(key, "final")
+        return None if stored is None else (stored["final"], cache.get(key).meta)
+
+    def compute(progress: Progress | None) -> tuple[np.ndarray, dict]:
+        encoder = lazy()
+        net = approximate_encoder(encoder, fit.stats(), ranges, kind, ridge)
+        final, measured = _approximated_finals(net, encoder, dataset, ex, progress, timed)
+        meta = {"params": count_params(net), "latency_ms_per_image": measured, "model": model, "dataset": dataset,
+                "split": ex.meta["split"], "n": len(ex.indices), "ranges": ranges, "map": kind}
+        cache.put(key, {"final": {"final": final}}, meta)
+        return final, meta
+
+    return cache.single_flight(key, lookup, compute, progress)  # one run per key across processes
 
 
 def approximate(model: str, dataset: str, fit_n: int, eval_n: int, seed: int,
@@ -151,4 +155,7 @@ def approximate(model: str, dataset: str, fit_n: int, eval_n: int, seed: int,
                 lazy, model, dataset, fit, ev, ranges, map_kind, ridge, cache, progress)[0]
         results["accuracy"] = {name: probe_accuracy(train[name], fit.labels, test[name], ev.labels)
                                for name in ("original", "approximated", "skip")}
+        results["accuracy_converged"] = {name: converged_probe_accuracy(train[name], fit.labels, test[name], ev.labels)
+                                         for name in ("original", "approximated", "skip")}
+        results["notes"] += [note] if (note := small_classes_note(ev.labels, fit.label_names)) else []
     return results

@@ -14,9 +14,8 @@ from rba_core.approx import fit_residual_matrix
 from rba_core.cache import Cache, make_key
 from rba_core.data import ImageSource, open_dataset, sample_indices
 from rba_core.models import Encoder, load_encoder, model_fingerprint
+from rba_core.progress import Progress
 from rba_core.stats import StatsAccumulator, TokenStats
-
-Progress = Callable[[int, int], None]
 
 
 @dataclass
@@ -147,31 +146,38 @@ def extract(model: str, dataset: str, n: int, seed: int = 0, split: str = "train
     keys = [extraction_key(model, source, indices, True, token_fraction)]
     if not with_stats:
         keys.append(extraction_key(model, source, indices, False, token_fraction))
-    for key in keys:
-        entry = cache.get(key)
-        if entry is None or (with_stats and not entry.has("stats")):
-            continue
-        reps = cache.load(key, "reps")
-        stats = cache.load(key, "stats") if with_stats else None
-        if reps is not None and (stats is not None or not with_stats):
-            return _extraction(key, True, entry.meta, reps, stats, source, indices, cache.damaged[seen:])
-    encoder = encoder() if callable(encoder) else encoder or load_encoder(model, device)
-    began = time.perf_counter()
-    groups = run_pass(encoder, source, indices, with_stats, batch_size, token_fraction, progress)
-    meta = {
-        "model": model, "source": encoder.source, "family": encoder.family,
-        "dataset": dataset, "split": split, "n": n, "seed": seed,
-        "num_blocks": encoder.num_blocks, "hidden_size": encoder.hidden_size,
-        "num_params": encoder.num_params(),
-        "block_params": [encoder.block_params(k) for k in range(1, encoder.num_blocks + 1)],
-        "label_names": source.label_names, "token_fraction": token_fraction,
-        "seconds": time.perf_counter() - began,
-    }
-    groups["reps"].update(labels=source.labels[indices], indices=indices.astype(np.int64))
-    key = keys[-1]
-    entry = cache.put(key, groups, meta)
-    return _extraction(key, False, entry.meta, groups["reps"], groups.get("stats"), source,
-                       indices, cache.damaged[seen:])
+
+    def lookup() -> Extraction | None:
+        for key in keys:
+            entry = cache.get(key)
+            if entry is None or (with_stats and not entry.has("stats")):
+                continue
+            reps = cache.load(key, "reps")
+            stats = cache.load(key, "stats") if with_stats else None
+            if reps is not None and (stats is not None or not with_stats):
+                return _extraction(key, True, entry.meta, reps, stats, source, indices, cache.damaged[seen:])
+        return None
+
+    def compute(progress: Progress | None) -> Extraction:
+        loaded = encoder() if callable(encoder) else encoder or load_encoder(model, device)
+        began = time.perf_counter()
+        groups = run_pass(loaded, source, indices, with_stats, batch_size, token_fraction, progress)
+        meta = {
+            "model": model, "source": loaded.source, "family": loaded.family,
+            "dataset": dataset, "split": split, "n": n, "seed": seed,
+            "num_blocks": loaded.num_blocks, "hidden_size": loaded.hidden_size,
+            "num_params": loaded.num_params(),
+            "block_params": [loaded.block_params(k) for k in range(1, loaded.num_blocks + 1)],
+            "label_names": source.label_names, "token_fraction": token_fraction,
+            "seconds": time.perf_counter() - began,
+        }
+        groups["reps"].update(labels=source.labels[indices], indices=indices.astype(np.int64))
+        entry = cache.put(keys[-1], groups, meta)
+        return _extraction(keys[-1], False, entry.meta, groups["reps"], groups.get("stats"), source,
+                           indices, cache.damaged[seen:])
+
+    # One pass per key across threads and processes: a second asker waits, then reads the stored entry.
+    return cache.single_flight(keys[-1], lookup, compute, progress)
 
 
 def _extraction(key, hit, meta, reps, stats, source, indices, notes) -> Extraction:
