@@ -7,7 +7,6 @@ second pass over the model.
 
 from __future__ import annotations
 
-import time
 from typing import Literal, Sequence
 
 import numpy as np
@@ -171,18 +170,3 @@ def approximate_encoder(encoder: Encoder, stats: TokenStats, ranges: Sequence[Ra
 
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-@torch.inference_mode()
-def latency_ms_per_image(forward, pixel_values: torch.Tensor, repeats: int = 3) -> float:
-    """Median wall time of ``forward(pixel_values)`` over ``repeats`` runs after a warm-up, in ms per image."""
-    sync = torch.cuda.synchronize if pixel_values.is_cuda else (lambda: None)
-    forward(pixel_values)
-    times = []
-    for _ in range(repeats):
-        sync()
-        began = time.perf_counter()
-        forward(pixel_values)
-        sync()
-        times.append(time.perf_counter() - began)
-    return 1000.0 * float(np.median(times)) / len(pixel_values)
