@@ -6,7 +6,8 @@ A random-weight ViT-S (224 px) whose range i→j (default 2→6, the paper's "1 
 left) is replaced by the least-squares map fitted on real CIFAR-10 images. It is saved with
 ``save_compressed(..., onnx=True)``, loaded back with ``rba_core.load_compressed`` and run by
 PyTorch and by onnxruntime (the original model is exported the same way for comparison);
-latency is the median of 3 timed runs on one batch, per image.
+latency per image is measured by ``rba_core.latency.measure`` (warm-up, interleaved runs on one
+batch until the interquartile spread is within 5% or 5 s are used; median and p25-p75).
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ import torch
 
 import common
 import rba_core
-from rba_core.approx import ApproximatedEncoder, approximate_encoder, latency_ms_per_image
+from rba_core.approx import ApproximatedEncoder, approximate_encoder
 from rba_core.cache import Cache
 from rba_core.data import open_dataset
 from rba_core.export import ONNX, WEIGHTS, export_onnx, onnx_session, save_compressed
 from rba_core.extract import extract
+from rba_core.latency import measure
 from rba_core.models import load_encoder
 
 
@@ -64,12 +66,9 @@ def main() -> None:
             reference = net(**pixels)
             loaded_diff = float((loaded(**pixels) - reference).abs().max())
         onnx_diff = float(np.abs(run_onnx(**pixels) - reference.numpy()).max())
-        latency = {
-            "original_pytorch": latency_ms_per_image(original, pixels),
-            "compressed_pytorch": latency_ms_per_image(loaded, pixels),
-            "original_onnxruntime": latency_ms_per_image(run_full_onnx, pixels),
-            "compressed_onnxruntime": latency_ms_per_image(run_onnx, pixels),
-        }
+        # Interleaved on the same pixels, repeated to a stated spread: median and p25-p75 per forward.
+        latency = measure({"original_pytorch": original, "compressed_pytorch": loaded,
+                           "original_onnxruntime": run_full_onnx, "compressed_onnxruntime": run_onnx}, pixels)
         sizes = {
             "original_model_safetensors": _mb(Path(folder) / "model.safetensors"),
             "compressed_model_safetensors": _mb(out / WEIGHTS),

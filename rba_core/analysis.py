@@ -7,15 +7,15 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from rba_core.approx import (ApproximatedEncoder, Range, approximate_encoder, count_params, latency_ms_per_image,
-                             paper_notation, validate_ranges)
+from rba_core.approx import ApproximatedEncoder, Range, approximate_encoder, count_params, paper_notation, validate_ranges
 from rba_core.cache import Cache, make_key
 from rba_core.data import open_dataset
 from rba_core.extract import Extraction, Progress, extract
+from rba_core.latency import BATCH as LATENCY_BATCH, METHOD as LATENCY_METHOD, measure as measure_latency
 from rba_core.maps import MapParams, fit_residual_matrix, map_kind
 from rba_core.metrics import block_redundancy, cosine_matrix, linear_cka_matrix
 from rba_core.models import Encoder, load_encoder, model_ref
-from rba_core.probe import probe_accuracy
+from rba_core.probe import converged_probe_accuracy, probe_accuracy, small_classes_note
 from rba_core.results import AnalysisResult, ApproximationResult
 
 Stage = Callable[[str], None]
@@ -78,9 +78,9 @@ def _approximated_finals(net: ApproximatedEncoder, encoder: Encoder, dataset, ex
     for start in range(0, len(ex.indices), batch_size):
         inputs = encoder.preprocess(source.items(ex.indices[start : start + batch_size]))
         out[start : start + batch_size] = net(**inputs).cpu().numpy()
-        if latency == {}:  # timed on the first batch, both models on the same inputs
-            latency = {"original": latency_ms_per_image(original, inputs),
-                       "approximated": latency_ms_per_image(net, inputs)}
+        if latency == {}:  # timed on the first batch, both models interleaved on the same inputs
+            latency = measure_latency({"original": original, "approximated": net},
+                                      {k: v[:LATENCY_BATCH] for k, v in inputs.items()})
         if progress:
             progress(min(start + batch_size, len(ex.indices)), len(ex.indices))
     return out, latency
@@ -91,17 +91,24 @@ def approximated_outputs(lazy: LazyEncoder, dataset, fit: Extraction, ex: Extrac
                          timed: bool = False) -> tuple[np.ndarray, dict]:
     """Cached approximated final representations on ``ex``'s samples, and the run's measurements
     (latency only when ``timed``: the probe's extra runs are not timed)."""
-    key = make_key({"kind": "approximated", "fit": fit.key, "samples": ex.key, "timed": timed,
+    key = make_key({"kind": "approximated", "fit": fit.key, "samples": ex.key, "timed": timed and LATENCY_METHOD,
                     "ranges": ranges, "map": kind, "map_params": map_kind(kind).key(params)})
-    stored = cache.load(key, "final")
-    if stored is not None:
-        return stored["final"], cache.get(key).meta
-    encoder = lazy()
-    net = approximate_encoder(encoder, fit.stats(), ranges, kind, params)
-    final, latency = _approximated_finals(net, encoder, dataset, ex, progress, timed)
-    meta = {"params": count_params(net), "latency_ms_per_image": latency}
-    cache.put(key, {"final": {"final": final}}, meta)
-    return final, meta
+
+    def lookup() -> tuple[np.ndarray, dict] | None:
+        stored = cache.load(key, "final")
+        return None if stored is None else (stored["final"], cache.get(key).meta)
+
+    def compute(progress: Progress | None) -> tuple[np.ndarray, dict]:
+        encoder = lazy()
+        net = approximate_encoder(encoder, fit.stats(), ranges, kind, params)
+        final, measured = _approximated_finals(net, encoder, dataset, ex, progress, timed)
+        meta = {"params": count_params(net), "latency_ms_per_image": measured, "model": fit.meta["model"],
+                "dataset": fit.meta["dataset"], "split": ex.meta["split"], "n": len(ex.indices), "ranges": ranges,
+                "map": kind}
+        cache.put(key, {"final": {"final": final}}, meta)
+        return final, meta
+
+    return cache.single_flight(key, lookup, compute, progress)  # one run per key across processes
 
 
 def approximate(model, dataset, fit_n: int, eval_n: int, seed: int,
@@ -156,4 +163,7 @@ def approximate(model, dataset, fit_n: int, eval_n: int, seed: int,
                 lazy, dataset, fit, ev, ranges, map_name, params, cache, progress)[0]
         result.accuracy = {name: probe_accuracy(train[name], fit.labels, test[name], ev.labels)
                            for name in ("original", "approximated", "skip")}
+        result.accuracy_converged = {name: converged_probe_accuracy(train[name], fit.labels, test[name], ev.labels)
+                                     for name in ("original", "approximated", "skip")}
+        result.notes += [note] if (note := small_classes_note(ev.labels, fit.label_names)) else []
     return result

@@ -6,10 +6,8 @@ shared by all tokens (:mod:`rba_core.maps`).
 
 from __future__ import annotations
 
-import time
 from typing import Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -99,19 +97,3 @@ def approximate_encoder(encoder: Encoder, stats: TokenStats, ranges: Sequence[Ra
 
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-@torch.inference_mode()
-def latency_ms_per_image(forward, inputs: dict[str, torch.Tensor], repeats: int = 3) -> float:
-    """Median wall time of ``forward(**inputs)`` over ``repeats`` runs after a warm-up, in ms per sample."""
-    first = next(iter(inputs.values()))
-    sync = torch.cuda.synchronize if first.is_cuda else (lambda: None)
-    forward(**inputs)
-    times = []
-    for _ in range(repeats):
-        sync()
-        began = time.perf_counter()
-        forward(**inputs)
-        sync()
-        times.append(time.perf_counter() - began)
-    return 1000.0 * float(np.median(times)) / len(first)

@@ -15,9 +15,8 @@ from rba_core.data import Source, open_dataset, sample_indices
 from rba_core.errors import RBAError
 from rba_core.maps import fit_residual_matrix
 from rba_core.models import Encoder, load_encoder, model_ref
+from rba_core.progress import Progress
 from rba_core.stats import StatsAccumulator, TokenStats
-
-Progress = Callable[[int, int], None]
 
 
 @dataclass
@@ -156,32 +155,39 @@ def extract(model, dataset, n: int, seed: int = 0, split: str = "train", *,
     keys = [extraction_key(ref.fingerprint, source, indices, True, token_fraction, ref.info.pooling, length)]
     if not with_stats:
         keys.append(extraction_key(ref.fingerprint, source, indices, False, token_fraction, ref.info.pooling, length))
-    for key in keys:
-        entry = cache.get(key)
-        if entry is None or (with_stats and not entry.has("stats")):
-            continue
-        reps = cache.load(key, "reps")
-        stats = cache.load(key, "stats") if with_stats else None
-        if reps is not None and (stats is not None or not with_stats):
-            return _extraction(key, True, entry.meta, reps, stats, source, indices, cache.damaged[seen:])
-    encoder = ref.loaded or (encoder() if callable(encoder) else encoder) or load_encoder(model, device, max_length)
-    encoder = encoder.with_max_length(length)
-    began = time.perf_counter()
-    groups = run_pass(encoder, source, indices, with_stats, batch_size, token_fraction, progress)
-    meta = {
-        "model": ref.name, "source": encoder.source, **encoder.describe(),
-        "dataset": source.name, "split": split, "n": n, "seed": seed,
-        "num_blocks": encoder.num_blocks, "hidden_size": encoder.hidden_size,
-        "num_params": encoder.num_params(),
-        "block_params": [encoder.block_params(k) for k in range(1, encoder.num_blocks + 1)],
-        "label_names": source.label_names, "token_fraction": token_fraction,
-        "seconds": time.perf_counter() - began,
-    }
-    groups["reps"].update(labels=source.labels[indices], indices=indices.astype(np.int64))
-    key = keys[-1]
-    entry = cache.put(key, groups, meta)
-    return _extraction(key, False, entry.meta, groups["reps"], groups.get("stats"), source,
-                       indices, cache.damaged[seen:])
+
+    def lookup() -> Extraction | None:
+        for key in keys:
+            entry = cache.get(key)
+            if entry is None or (with_stats and not entry.has("stats")):
+                continue
+            reps = cache.load(key, "reps")
+            stats = cache.load(key, "stats") if with_stats else None
+            if reps is not None and (stats is not None or not with_stats):
+                return _extraction(key, True, entry.meta, reps, stats, source, indices, cache.damaged[seen:])
+        return None
+
+    def compute(progress: Progress | None) -> Extraction:
+        loaded = ref.loaded or (encoder() if callable(encoder) else encoder) or load_encoder(model, device, max_length)
+        loaded = loaded.with_max_length(length)
+        began = time.perf_counter()
+        groups = run_pass(loaded, source, indices, with_stats, batch_size, token_fraction, progress)
+        meta = {
+            "model": ref.name, "source": loaded.source, **loaded.describe(),
+            "dataset": source.name, "split": split, "n": n, "seed": seed,
+            "num_blocks": loaded.num_blocks, "hidden_size": loaded.hidden_size,
+            "num_params": loaded.num_params(),
+            "block_params": [loaded.block_params(k) for k in range(1, loaded.num_blocks + 1)],
+            "label_names": source.label_names, "token_fraction": token_fraction,
+            "seconds": time.perf_counter() - began,
+        }
+        groups["reps"].update(labels=source.labels[indices], indices=indices.astype(np.int64))
+        entry = cache.put(keys[-1], groups, meta)
+        return _extraction(keys[-1], False, entry.meta, groups["reps"], groups.get("stats"), source,
+                           indices, cache.damaged[seen:])
+
+    # One pass per key across threads and processes: a second asker waits, then reads the stored entry.
+    return cache.single_flight(keys[-1], lookup, compute, progress)
 
 
 def check_modality(modality: str, source: Source, model: str) -> None:

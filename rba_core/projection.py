@@ -6,17 +6,17 @@ import numpy as np
 
 
 def shared_pca(original: np.ndarray, approximated: np.ndarray, components: int = 2) -> dict:
-    """Fit PCA on both sets together and project each; inputs (N, D), outputs (N, components).
+    """Fit scikit-learn's PCA on both sets together and project each; inputs (N, D), outputs (N, components).
 
+    One basis for both sets means a shift between them shows up as a shift in the coordinates.
     Returns ``original``, ``approximated`` (coordinates) and ``explained`` (variance ratios).
     """
+    from sklearn.decomposition import PCA
+
     both = np.concatenate([original, approximated]).astype(np.float64)
-    mean = both.mean(axis=0)
-    _, singular, vt = np.linalg.svd(both - mean, full_matrices=False)
-    basis = vt[:components].T
-    explained = singular**2 / max(np.sum(singular**2), 1e-300)
+    pca = PCA(n_components=min(components, *both.shape)).fit(both)
     return {
-        "original": (original - mean) @ basis,
-        "approximated": (approximated - mean) @ basis,
-        "explained": explained[:components],
+        "original": pca.transform(np.asarray(original, np.float64)),
+        "approximated": pca.transform(np.asarray(approximated, np.float64)),
+        "explained": pca.explained_variance_ratio_,
     }

@@ -104,12 +104,14 @@ class ApproximationResult(Result):
     cache: dict
     notes: list[str]
     final: dict = field(repr=False)
-    accuracy: dict | None = None
+    accuracy: dict | None = None  # the paper's probe protocol (Adam, 5 epochs, batch 256, seeds 0-2)
+    accuracy_converged: dict | None = None  # scikit-learn LogisticRegression trained to convergence
 
     def to_json(self) -> dict:
         data = super().to_json()
-        if self.accuracy is None:
-            data.pop("accuracy")
+        for key in ("accuracy", "accuracy_converged"):
+            if data[key] is None:
+                data.pop(key)
         return data
 
     def to_frame(self):

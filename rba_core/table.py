@@ -6,7 +6,8 @@ table with more rows runs the model only for the new ones.
 
 Row syntax: ``I:J`` is range i→j; ``I:J+K:L`` approximates several ranges in one model; rows are
 separated by commas and may include presets. ``all-consecutive`` is every one-block range i→i+1
-(i = 0..L-1); ``paper`` is the paper's Table 1 range "1 5" (2→6 here, 8 of 12 blocks left) followed by the
+(i = 0..L-1); ``paper`` is the paper's Table 1 range "1 5" (2→6 here, 8 of 12 blocks left; only for models
+with at least 12 blocks, as the paper's are) followed by the
 consecutive one-block ranges of its Table 2 in its notation, "0 1" .. "L-2 L-1" (1→2 .. L-1→L
 here; the paper's notation cannot name the embedding output hs[0]). The paper's tables could not
 be consulted offline, so the Table 2 preset is our reading of "consecutive ranges".
@@ -33,6 +34,7 @@ from rba_core.results import TableResult
 Row = list[Range]
 PRESETS = ("paper", "all-consecutive")
 FORMATS = (".csv", ".md", ".json")
+ACCURACIES = ("accuracy", "accuracy_converged")  # the paper's probe protocol, the converged probe
 _RANGE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
@@ -41,7 +43,7 @@ def preset_rows(name: str, num_blocks: int) -> list[Row]:
     if name == "all-consecutive":
         return [[(i, i + 1)] for i in range(num_blocks)]
     if name == "paper":
-        table1 = [[(2, 6)]] if num_blocks >= 6 else []
+        table1 = [[(2, 6)]] if num_blocks >= 12 else []  # the paper's range is for its 12-block models
         return table1 + [[(i, i + 1)] for i in range(1, num_blocks)]
     raise RBAError(f"Unknown preset '{name}': use {' or '.join(PRESETS)}, or ranges like 2:6,8:10+3:4.")
 
@@ -77,7 +79,8 @@ def table(model, datasets: Sequence[str], fit_n: int, eval_n: int, seed: int = 0
 
     Rows: ``dataset``, ``range`` and ``paper`` (labels), ``ranges`` ([[i, j], ...]),
     ``blocks_left``, ``params`` (T included), ``mse_final``, ``accuracy`` {``approximated``,
-    ``skip``} each {mean, std} over probe seeds 0, 1, 2 (``original`` on the original row).
+    ``skip``} each {mean, std} over probe seeds 0, 1, 2 (``original`` on the original row), and
+    ``accuracy_converged`` the same for the converged probe (one deterministic run, std 0).
     ``encoder``: a loaded encoder or a zero-argument loader, called only when a row is not cached.
     """
     if not datasets:
@@ -100,29 +103,34 @@ def table(model, datasets: Sequence[str], fit_n: int, eval_n: int, seed: int = 0
             if n == 0:
                 out.append({"dataset": dataset, "range": "original", "paper": "original", "ranges": [],
                             "blocks_left": res["blocks"]["original"], "params": res["params"]["original"],
-                            "mse_final": 0.0, "accuracy": {"approximated": res["accuracy"]["original"],
-                                                           "skip": None}})
+                            "mse_final": 0.0, **{key: {"approximated": res[key]["original"], "skip": None}
+                                                 for key in ACCURACIES}})
             out.append({"dataset": dataset, "range": label, "paper": paper, "ranges": [list(r) for r in row],
                         "blocks_left": res["blocks"]["approximated"], "params": res["params"]["approximated"],
                         "mse_final": res["mse_final"],
-                        "accuracy": {"approximated": res["accuracy"]["approximated"],
-                                     "skip": res["accuracy"]["skip"]}})
+                        **{key: {"approximated": res[key]["approximated"], "skip": res[key]["skip"]}
+                           for key in ACCURACIES}})
     return TableResult(model=res.model, datasets=[str(d) for d in datasets], fit_n=fit_n, eval_n=eval_n, seed=seed,
                        map=kind, map_params=declared.key(params), rows=out)
 
 
 def flat_row(row: dict) -> dict:
     """A row as CSV/Markdown columns (accuracies as fractions, empty where not applicable)."""
-    acc = row["accuracy"]
-    skip = acc["skip"] or {}
+    acc, converged = row["accuracy"], row["accuracy_converged"]
+    skip, converged_skip = acc["skip"] or {}, converged["skip"] or {}
     return {"dataset": row["dataset"], "range": row["range"], "paper": row["paper"],
             "blocks_left": row["blocks_left"], "params": row["params"], "mse_final": row["mse_final"],
             "acc_mean": acc["approximated"]["mean"], "acc_std": acc["approximated"]["std"],
-            "skip_acc_mean": skip.get("mean", ""), "skip_acc_std": skip.get("std", "")}
+            "skip_acc_mean": skip.get("mean", ""), "skip_acc_std": skip.get("std", ""),
+            "converged_acc": converged["approximated"]["mean"],
+            "converged_skip_acc": converged_skip.get("mean", "")}
 
 
-def _percent(mean, std) -> str:
-    return "" if mean == "" else f"{100 * mean:.2f} ± {100 * std:.2f}"
+def _percent(mean, std=None) -> str:
+    """"91.20 ± 0.35" (or "91.20" without a std); empty where there is no value."""
+    if mean == "":
+        return ""
+    return f"{100 * mean:.2f}" + ("" if std is None else f" ± {100 * std:.2f}")
 
 
 def render(result: dict, fmt: str) -> str:
@@ -137,11 +145,12 @@ def render(result: dict, fmt: str) -> str:
         writer.writerows(rows)
         return text.getvalue()
     if fmt == "md":
-        lines = ["| dataset | range (ours) | paper | blocks left | params | final MSE | accuracy % | skip accuracy % |",
-                 "|---|---|---|---:|---:|---:|---:|---:|"]
+        lines = ["| dataset | range (ours) | paper | blocks left | params | final MSE | accuracy % | skip accuracy % "
+                 "| converged probe % | converged skip % |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| {r['dataset']} | {r['range']} | {r['paper']} | {r['blocks_left']} | {r['params']:,} | "
                   f"{r['mse_final']:.4g} | {_percent(r['acc_mean'], r['acc_std'])} | "
-                  f"{_percent(r['skip_acc_mean'], r['skip_acc_std'])} |" for r in rows]
+                  f"{_percent(r['skip_acc_mean'], r['skip_acc_std'])} | {_percent(r['converged_acc'])} | "
+                  f"{_percent(r['converged_skip_acc'])} |" for r in rows]
         return "\n".join(lines) + "\n"
     raise RBAError(f"Unknown table format '{fmt}': use csv, md or json.")
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from rba_core.models.base import ImageEncoder
+from rba_core.models.vit import ViTEncoder
 
 
-class Dinov2Encoder(ImageEncoder):
-    """Blocks in ``model.encoder.layer``; final norm ``model.layernorm``."""
+class Dinov2Encoder(ViTEncoder):
+    """As ViT (embeddings, final norm ``model.layernorm``, CLS), with blocks in ``model.encoder.layer``."""
 
     hf_classes = ("Dinov2Model",)
 
@@ -27,13 +27,3 @@ class Dinov2Encoder(ImageEncoder):
     @property
     def blocks(self):
         return self.model.encoder.layer
-
-    @property
-    def final_norm(self):
-        return self.model.layernorm
-
-    def stem(self):
-        return {"embeddings": self.model.embeddings}
-
-    def embed(self, inputs):
-        return self.model.embeddings(inputs["pixel_values"])

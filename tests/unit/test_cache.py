@@ -1,9 +1,16 @@
 """The cache: misses then hits with identical arrays, never loads the model on a hit, detects and
-recomputes damaged entries, keys on everything that changes a result, survives concurrent writers."""
+recomputes damaged entries, keys on everything that changes a result, survives concurrent writers,
+computes each key once across processes, stores nothing when stopped, cleans up after killed writers."""
 
 import json
+import os
 import shutil
+import signal
+import stat
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +20,10 @@ import torch
 import rba_core.analysis
 import rba_core.extract
 from rba_core.analysis import approximate
-from rba_core.cache import CACHE_DIR_ENV, Cache, make_key
+from rba_core.cache import CACHE_DIR_ENV, WAITING, Cache, make_key
 from rba_core.extract import extract
 from rba_core.models import load_encoder
+from rba_core.progress import Cancelled
 from rba_core.stats import StatsAccumulator
 
 
@@ -215,3 +223,207 @@ def test_approximate_on_a_full_cache_hit_never_loads_the_model(tiny_models, imag
     assert again["accuracy"] == first["accuracy"]
     assert again["params"] == first["params"]
     np.testing.assert_array_equal(again["final"]["approximated"], first["final"]["approximated"])
+
+
+# One computation per key, crash-safe temporary folders, stops, listing and deleting (issue 10).
+
+ROOT = Path(__file__).resolve().parents[2]
+
+TWIN = """
+import hashlib, json, os, sys, time
+from pathlib import Path
+from rba_core.cache import Cache
+from rba_core.extract import extract
+from rba_core.models import load_encoder
+from rba_core.progress import Cancelled
+model, data, root, me, go = sys.argv[1:6]
+waits, seen, loads = [], [], []
+
+def slow(done, total):  # a slow pass, so that the other process asks while this one computes
+    seen.append([done, total])
+    time.sleep(0.3)
+
+Path(me).touch()  # a barrier: both processes are ready, then the test says go
+while not Path(go).exists():
+    time.sleep(0.01)
+ex = extract(model, data, 8, seed=1, batch_size=2, cache=Cache(root, on_wait=waits.append), progress=slow,
+             encoder=lambda: loads.append(1) or load_encoder(model, "cpu"))
+print(json.dumps({"hit": ex.hit, "key": ex.key, "loads": len(loads), "waits": waits, "progress": seen,
+                  "pooled": hashlib.sha256(ex.pooled.tobytes()).hexdigest()}))
+"""
+
+
+def _python(code: str, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _wait_for(path: Path, process: subprocess.Popen | None = None, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process is None or process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_two_processes_asking_for_one_key_run_one_pass(tiny_models, image_folder, tmp_path):
+    root, go = tmp_path / "cache", tmp_path / "go"
+    twins = [_python(TWIN, tiny_models["vit"], image_folder, str(root), str(tmp_path / f"ready{k}"), str(go))
+             for k in range(2)]
+    for k, twin in enumerate(twins):
+        _wait_for(tmp_path / f"ready{k}", twin)
+    go.touch()
+    results = []
+    for twin in twins:
+        out, err = twin.communicate(timeout=300)
+        assert twin.returncode == 0, err
+        results.append(json.loads(out))
+    computed, waited = sorted(results, key=lambda r: r["hit"])
+    assert (computed["hit"], waited["hit"]) == (False, True)
+    assert computed["loads"] == 1 and waited["loads"] == 0  # one pass in all
+    assert computed["key"] == waited["key"] and computed["pooled"] == waited["pooled"]
+    assert waited["waits"] == [WAITING]
+    # The waiter showed the holder's progress while it waited.
+    assert waited["progress"] and all(p in computed["progress"] for p in waited["progress"])
+    assert sorted(p.name for p in root.iterdir()) == [".locks", computed["key"]]
+    assert not any((root / ".locks").iterdir())  # the holder removed its lock and progress files
+
+
+def test_single_flight_across_threads_computes_once(tmp_path):
+    cache = Cache(tmp_path)
+    calls, barrier, results = [], threading.Barrier(4), []
+
+    def compute(progress):
+        calls.append(1)
+        for done in range(1, 4):
+            time.sleep(0.1)
+            progress(done, 3)
+        return cache.put("k" * 64, {"g": {"x": np.arange(5.0)}}, {}).load("g")["x"]
+
+    def ask():
+        barrier.wait()
+        results.append(cache.single_flight("k" * 64, lambda: (cache.load("k" * 64, "g") or {}).get("x"), compute))
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(results) == 4
+    for x in results:
+        np.testing.assert_array_equal(x, np.arange(5.0))
+
+
+def test_a_stop_mid_pass_stores_nothing_and_releases_the_key(tiny_models, image_folder, tmp_path, vit):
+    root = tmp_path / "cache"
+
+    def stop_after_two_batches(done, total):
+        if done >= 4:
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        extract(tiny_models["vit"], image_folder, 8, seed=5, batch_size=2, cache=Cache(root), encoder=vit,
+                progress=stop_after_two_batches)
+    assert [p.name for p in root.iterdir()] == [".locks"] and not any((root / ".locks").iterdir())
+    again = extract(tiny_models["vit"], image_folder, 8, seed=5, batch_size=2, cache=Cache(root), encoder=vit)
+    assert not again.hit and again.notes == []
+    fresh = extract(tiny_models["vit"], image_folder, 8, seed=5, batch_size=2, cache=Cache(tmp_path / "fresh"),
+                    encoder=vit)
+    assert_same(again, fresh)
+
+
+WRITER = """
+import sys, time
+from collections.abc import Mapping
+from pathlib import Path
+import numpy as np
+from rba_core.cache import Cache
+root, writing, go = sys.argv[1:4]
+
+class Blocking(Mapping):
+    '''Metadata that blocks when read: the writer stops inside Cache.put, after its arrays are written.'''
+
+    def __getitem__(self, key):
+        return 1
+
+    def __len__(self):
+        return 1
+
+    def __iter__(self):
+        Path(writing).touch()
+        while not Path(go).exists():
+            time.sleep(0.05)
+        return iter(["x"])
+
+Cache(root).put("k" * 64, {"g": {"a": np.arange(1000, dtype=np.float32)}}, Blocking())
+"""
+
+
+def _temporaries(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.name.startswith(".tmp-"))
+
+
+@pytest.mark.parametrize("writer", ["killed", "alive"])
+def test_temporary_folders_of_dead_writers_are_removed_on_open(tmp_path, writer):
+    root, writing, go = tmp_path / "cache", tmp_path / "writing", tmp_path / "go"
+    process = _python(WRITER, str(root), str(writing), str(go))
+    _wait_for(writing, process)
+    left = _temporaries(root)
+    assert len(left) == 2 and left[1] == left[0] + ".lock"
+    assert (root / left[0] / "g.safetensors").is_file()  # caught in the middle of the write
+    if writer == "killed":
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+        Cache(root)  # the next open
+        assert _temporaries(root) == []
+        return
+    Cache(root)
+    assert _temporaries(root) == left  # a live writer's folder is never touched
+    go.touch()
+    assert process.wait(timeout=60) == 0, process.communicate()
+    assert _temporaries(root) == []
+    np.testing.assert_array_equal(Cache(root).load("k" * 64, "g")["a"], np.arange(1000, dtype=np.float32))
+
+
+def test_temporary_folders_without_a_lock_are_removed_after_a_day(tmp_path):
+    old, young = tmp_path / ".tmp-old", tmp_path / ".tmp-young"
+    for folder in (old, young):
+        folder.mkdir()
+        (folder / "g.safetensors").write_bytes(b"partial")
+    day_ago = time.time() - 25 * 3600
+    os.utime(old, (day_ago, day_ago))
+    Cache(tmp_path)
+    assert _temporaries(tmp_path) == [".tmp-young"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o007])
+def test_entries_get_the_permissions_the_umask_gives(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        entry = Cache(tmp_path).put("k" * 64, {"g": {"x": np.zeros(3)}, "h": {"y": np.ones(2)}}, {})
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(entry.folder.stat().st_mode) == 0o777 & ~umask
+    for path in entry.folder.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
+
+
+def test_entries_are_listed_and_deleted(tiny_models, image_folder, tmp_path, vit):
+    cache = Cache(tmp_path)
+    result = approximate(tiny_models["vit"], image_folder, 8, 4, 0, [(1, 3)], cache=cache, encoder=vit)
+    entries = {e.key: e for e in cache.entries()}
+    assert set(entries) == {result["cache"]["fit"], result["cache"]["eval"],
+                            *(p.name for p in tmp_path.iterdir() if not p.name.startswith("."))}
+    assert sorted(e.kind for e in entries.values()) == ["approximated run", "pass", "pass"]
+    fit = entries[result["cache"]["fit"]]
+    assert (fit.model, fit.dataset, fit.split, fit.n) == (tiny_models["vit"], image_folder, "train", 8)
+    run = next(e for e in entries.values() if e.kind == "approximated run")
+    assert (run.model, run.split, run.n) == (tiny_models["vit"], "test", 4)
+    for e in entries.values():
+        assert e.size == sum(p.stat().st_size for p in (tmp_path / e.key).iterdir())
+        assert abs(e.created - time.time()) < 600
+    assert cache.delete(fit.key) and not (tmp_path / fit.key).exists()
+    assert not cache.delete(fit.key)
+    assert cache.clear() == 2 and cache.entries() == [] and _temporaries(tmp_path) == []

@@ -1,12 +1,12 @@
-"""The linear probe learns what a linear classifier can learn, reproducibly; the shared PCA is sklearn's
-PCA of both sets together."""
+"""The linear probes learn what a linear classifier can learn (the paper's reproducibly, the converged one to
+the optimum of its objective); the shared PCA is PCA of both sets together."""
 
 import numpy as np
 import pytest
 from sklearn.decomposition import PCA
 
 from rba_core import RBAError
-from rba_core.probe import probe_accuracy
+from rba_core.probe import converged_probe, converged_probe_accuracy, probe_accuracy, small_classes_note
 from rba_core.projection import shared_pca
 
 
@@ -76,3 +76,61 @@ def test_shared_pca_is_pca_of_the_concatenation():
             np.testing.assert_allclose(sign * result[name][:, c], expected[:, c], rtol=1e-4, atol=1e-4)
     # One basis for both: the shift between the sets shows up in the coordinates.
     assert np.linalg.norm(result["approximated"].mean(0) - result["original"].mean(0)) > 0.5
+
+
+def _softmax_regression_by_hand(x: np.ndarray, y: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray]:
+    """Multinomial logistic regression minimised with scipy: Σ cross-entropy + ||W||² / (2c), bias unpenalised,
+    on features standardised by hand. Returns (W, b) in standardised units."""
+    from scipy.optimize import minimize
+    from scipy.special import logsumexp
+
+    n, d = x.shape
+    k = int(y.max()) + 1
+    onehot = np.eye(k)[y]
+
+    def objective(theta):
+        w, b = theta[: d * k].reshape(d, k), theta[d * k:]
+        logits = x @ w + b
+        loss = np.sum(logsumexp(logits, axis=1) - np.sum(onehot * logits, axis=1)) + np.sum(w**2) / (2 * c)
+        p = np.exp(logits - logsumexp(logits, axis=1, keepdims=True))
+        grad_w = x.T @ (p - onehot) + w / c
+        return loss, np.concatenate([grad_w.ravel(), (p - onehot).sum(0)])
+
+    result = minimize(objective, np.zeros(d * k + k), jac=True, method="L-BFGS-B",
+                      options={"maxiter": 10_000, "gtol": 1e-10, "ftol": 1e-14})
+    return result.x[: d * k].reshape(d, k), result.x[d * k:]
+
+
+def test_converged_probe_is_the_optimum_of_its_objective():
+    """Against an independent fit of the same objective: the same predictions and probabilities."""
+    x, y = separable(300, 0, d=6)
+    rng = np.random.default_rng(4)
+    x = x + rng.standard_normal(x.shape) * 3.0  # overlapping classes: the optimum is not trivially perfect
+    tx, ty = separable(200, 1, d=6)
+    tx = tx + rng.standard_normal(tx.shape) * 3.0
+    result = converged_probe_accuracy(x, y, tx, ty, c=0.5)
+    mean, std = x.astype(np.float64).mean(0), x.astype(np.float64).std(0)
+    w, b = _softmax_regression_by_hand((x - mean) / std, y, c=0.5)
+    logits = (tx - mean) / std @ w + b
+    expected = float(np.mean(logits.argmax(1) == ty))
+    assert 0.4 < expected < 0.95
+    assert result == {"mean": pytest.approx(expected), "std": 0.0, "per_seed": [pytest.approx(expected)]}
+    probabilities = converged_probe(x, y, c=0.5).predict_proba(tx)
+    by_hand = np.exp(logits - logits.max(1, keepdims=True))
+    np.testing.assert_allclose(probabilities, by_hand / by_hand.sum(1, keepdims=True), atol=1e-4)
+
+
+def test_converged_probe_separates_what_is_separable_and_needs_two_classes():
+    x, y = separable(400, 0)
+    tx, ty = separable(200, 1)
+    assert converged_probe_accuracy(x, y, tx, ty)["mean"] == 1.0
+    with pytest.raises(RBAError, match="two classes"):
+        converged_probe_accuracy(x, np.zeros(400, int), tx, ty)
+
+
+def test_small_classes_note_counts_the_rarest_class():
+    labels = np.array([0] * 12 + [1] * 3 + [2] * 15)
+    note = small_classes_note(labels, ["cat", "dog", "bird"])
+    assert "only 3 image(s) of class 'dog'" in note and "raise the evaluation samples" in note
+    assert "only 0 image(s) of class 'fish'" in small_classes_note(labels, ["cat", "dog", "bird", "fish"])
+    assert small_classes_note(np.repeat([0, 1, 2], 10), ["a", "b", "c"]) is None

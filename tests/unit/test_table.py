@@ -37,13 +37,15 @@ def test_rows_equal_the_approximate_command(tiny_models, image_folder, tmp_path)
         assert row["params"] == expected["params"]["approximated"]
         assert row["mse_final"] == pytest.approx(expected["mse_final"], rel=1e-6)
         for name in ("approximated", "skip"):
-            assert row["accuracy"][name]["mean"] == pytest.approx(expected["accuracy"][name]["mean"], abs=1e-6)
-            assert row["accuracy"][name]["std"] == pytest.approx(expected["accuracy"][name]["std"], abs=1e-6)
+            for key in ("accuracy", "accuracy_converged"):
+                assert row[key][name]["mean"] == pytest.approx(expected[key][name]["mean"], abs=1e-6)
+                assert row[key][name]["std"] == pytest.approx(expected[key][name]["std"], abs=1e-6)
     original = rows[0]
     assert original["blocks_left"] == 4 and original["mse_final"] == 0.0
     assert original["params"] == expected["params"]["original"]
     assert original["accuracy"]["approximated"]["mean"] == pytest.approx(expected["accuracy"]["original"]["mean"])
-    assert original["accuracy"]["skip"] is None
+    assert original["accuracy"]["skip"] is None and original["accuracy_converged"]["skip"] is None
+    assert original["accuracy_converged"]["approximated"] == expected["accuracy_converged"]["original"]
 
 
 def test_second_run_computes_only_the_new_rows(tiny_models, image_folder, tmp_path):
@@ -79,7 +81,9 @@ def test_several_datasets_each_get_an_original_row(tiny_models, image_folder, tm
     assert parsed[0]["skip_acc_mean"] == ""
     markdown = render(result, "md").splitlines()
     assert markdown[0].startswith("| dataset | range (ours) | paper |") and len(markdown) == 2 + 4
-    assert " ± " in markdown[3]
+    assert " ± " in markdown[3] and "None" not in "".join(markdown)
+    assert "converged probe %" in markdown[0] and parsed[0]["converged_skip_acc"] == ""
+    assert float(parsed[1]["converged_acc"]) == result["rows"][1]["accuracy_converged"]["approximated"]["mean"]
 
 
 def test_presets_and_range_syntax():
@@ -88,6 +92,7 @@ def test_presets_and_range_syntax():
     assert [row_label(r)[1] for r in paper[1:]] == [f"{k} {k + 1}" for k in range(11)]
     assert preset_rows("all-consecutive", 4) == [[(0, 1)], [(1, 2)], [(2, 3)], [(3, 4)]]
     assert preset_rows("paper", 4) == [[(1, 2)], [(2, 3)], [(3, 4)]]  # too shallow for 2→6
+    assert [(2, 6)] not in preset_rows("paper", 6)  # 2→6 would leave 2 of 6 blocks: not the paper's range
     assert parse_rows("8:10+2:6, 3:4", 12) == [[(2, 6), (8, 10)], [(3, 4)]]
     assert parse_rows([[(1, 2)]], 4) == [[(1, 2)]]
     assert parse_rows("all-consecutive,0:2+3:4", 4) == preset_rows("all-consecutive", 4) + [[(0, 2), (3, 4)]]

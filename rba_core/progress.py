@@ -1,0 +1,58 @@
+"""How far long work got and how it stops: the progress callback type, the stop exception, the stop sentence.
+
+Long work in the core reports ``progress(done, total)`` after each batch. A caller stops it by
+raising from that callback (:class:`Cancelled`, or any exception: Ctrl-C's KeyboardInterrupt,
+Streamlit's rerun); results reach the cache only after their loop has finished, so a stopped
+computation stores nothing partial and the next request computes it afresh.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+Progress = Callable[[int, int], None]
+
+#: Stages whose progress counts something other than images (the search counts candidate runs).
+_STAGE_UNITS = {"Measured search": "candidate runs"}
+
+
+class Cancelled(Exception):
+    """Raised by a progress callback to stop the computation; nothing partial is stored.
+
+    Deliberately not an :class:`~rba_core.errors.RBAError`: stopping is the user's wish, not a mistake.
+    """
+
+
+def stage_unit(stage: str) -> str:
+    """What a stage's progress counts: ``"images"`` unless the stage names something else."""
+    return next((unit for prefix, unit in _STAGE_UNITS.items() if stage.startswith(prefix)), "images")
+
+
+def stopped_sentence(done: int, total: int, unit: str = "images") -> str:
+    """The one sentence that reports a stop, e.g. "Stopped after 12 of 40 images; nothing partial was stored."."""
+    if total <= 0:
+        return "Stopped before any work was counted; nothing was stored."
+    return f"Stopped after {done} of {total} {unit}; nothing partial was stored."
+
+
+class Tracker:
+    """A progress callback that remembers how far the current stage got (``done``, ``total``, ``unit``)
+    and forwards each report to ``report``; ``stage(text)`` starts a stage (and picks its unit)."""
+
+    def __init__(self, report: Progress | None = None, on_stage: Callable[[str], None] | None = None):
+        self.report, self.on_stage = report, on_stage
+        self.done, self.total, self.unit = 0, 0, "images"
+
+    def __call__(self, done: int, total: int) -> None:
+        self.done, self.total = done, total
+        if self.report:
+            self.report(done, total)
+
+    def stage(self, text: str) -> None:
+        self.done, self.total, self.unit = 0, 0, stage_unit(text)
+        if self.on_stage:
+            self.on_stage(text)
+
+    def stopped(self) -> str:
+        """The stop sentence for where this tracker is now."""
+        return stopped_sentence(self.done, self.total, self.unit)
