@@ -20,6 +20,12 @@ class CLIPVisionEncoder(ImageEncoder):
 
     hf_classes = ("CLIPVisionModel",)
 
+    def __init__(self, name, source, family, model, *args, config=None, **kwargs):
+        vision = getattr(model, "vision_model", None)
+        if vision is not None:  # a loaded full CLIPModel: its vision tower, described by the full config
+            config, model = config or model.config, vision
+        super().__init__(name, source, family, model, *args, config=config, **kwargs)
+
     @classmethod
     def load_model(cls, source: str, config):
         from transformers import CLIPVisionModel

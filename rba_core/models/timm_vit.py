@@ -41,7 +41,8 @@ class TimmConfig(dict):
 
 
 class TimmViTEncoder(ImageEncoder):
-    """``model.blocks``, final norm ``model.norm``, pooling and ``fc_norm`` as timm's head does."""
+    """``model.blocks``, final norm ``model.norm``, pooling and ``fc_norm`` as timm's head does
+    (``final_norm`` holds ``norm`` and the head's parameters, so they are counted and exported)."""
 
     @classmethod
     def load_model(cls, source: str, config):
@@ -55,9 +56,12 @@ class TimmViTEncoder(ImageEncoder):
 
     @classmethod
     def build_empty(cls, config):
-        # save_for_hf records num_classes inside model_args too: one value, no classifier.
+        # save_for_hf records num_classes inside model_args too: one value, no classifier. The
+        # saved pretrained_cfg (input size, mean, std, crop) is what timm's own loader uses; without
+        # it the architecture's default (224 px) would build the transform of an exported model.
         kwargs = {**config.get("model_args", {}), "num_classes": 0}
-        return _timm().create_model(config.architecture, pretrained=False, **kwargs)
+        return _timm().create_model(config.architecture, pretrained=False,
+                                    pretrained_cfg=config.get("pretrained_cfg"), **kwargs)
 
     @classmethod
     def load_processor(cls, source: str):
@@ -85,7 +89,7 @@ class TimmViTEncoder(ImageEncoder):
 
     @property
     def final_norm(self):
-        return self.model.norm
+        return _FinalNorm(self.model)
 
     def stem(self):
         return {"patch_embed": self.model.patch_embed, "pos": _PositionEmbedding(self.model),
@@ -116,11 +120,38 @@ class TimmViTEncoder(ImageEncoder):
 
 
 class _PositionEmbedding(torch.nn.Module):
-    """The position embedding and prefix tokens (cls, registers) a timm ViT adds to the patches."""
+    """The position embedding and prefix tokens (cls, registers) a timm ViT adds to the patches.
+
+    They are parameters of the ViT itself, shared here; loading a state dict (also with
+    ``assign=True``, which swaps in new tensors) gives them back to the ViT, whose forward reads them.
+    """
 
     def __init__(self, model):
         super().__init__()
+        object.__setattr__(self, "_owner", model)  # not a submodule: its blocks are not part of the stem
         for name in ("cls_token", "reg_token", "pos_embed"):
             value = getattr(model, name, None)
             if isinstance(value, torch.nn.Parameter):
                 self.register_parameter(name, value)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        for name, param in self._parameters.items():
+            setattr(self._owner, name, param)
+
+
+class _FinalNorm(torch.nn.Module):
+    """timm's final ``norm`` (what ``forward_features`` ends with) together with the parameters its
+    pooling head uses (``fc_norm``, the attention pool): what follows the last block, no classifier.
+    Calling it applies ``norm``; :meth:`TimmViTEncoder.final` runs timm's own ``forward_head``."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.norm = model.norm
+        for name in ("fc_norm", "attn_pool"):
+            module = getattr(model, name, None)
+            if isinstance(module, torch.nn.Module):
+                self.add_module(name, module)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.norm(hidden)

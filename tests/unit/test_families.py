@@ -257,7 +257,8 @@ def _ref_inputs(family: str, folder: str, samples, **tokenizer_args) -> dict[str
         keep = ("input_ids", "attention_mask") + (("token_type_ids",) if family in ("bert", "sentence-bert") else ())
         return {k: v for k, v in encoded.items() if k in keep}
     processor = AutoImageProcessor.from_pretrained(folder, backend="pil")
-    return {"pixel_values": processor(images=[im.convert("RGB") for im in samples], return_tensors="pt")["pixel_values"]}
+    pixels = processor(images=[im.convert("RGB") for im in samples], return_tensors="pt")["pixel_values"]
+    return {"pixel_values": pixels}
 
 
 def _masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -330,8 +331,11 @@ def test_adapter_loads_the_family(family, zoo):
     assert enc.num_blocks == BLOCKS and enc.hidden_size == WIDTH
     assert enc.pooling == ("mean" if family == "sentence-bert" else "first")
     assert not enc.model.training
+    # Parameters of the stem, blocks and final norm: the whole loaded model (no pooler, no head).
+    assert enc.num_params() == sum(p.numel() for p in enc.model.parameters())
     info = model_info(zoo.folder(family))  # from the config files alone
-    assert (info.family, info.modality, info.num_blocks, info.pooling) == (enc.family, enc.modality, BLOCKS, enc.pooling)
+    assert (info.family, info.modality, info.num_blocks) == (enc.family, enc.modality, BLOCKS)
+    assert info.pooling == enc.pooling
     # Every weight of the loaded blocks is the saved one (nothing newly initialised).
     reference = zoo.reference(family)
     for ours, theirs in zip(enc.blocks, _layer_list(family, reference)):
@@ -375,6 +379,39 @@ def test_text_pairs_use_the_tokenizers_pair_encoding(zoo):
         hs, _ = enc.hidden_states(inputs)
     own, _ = _own_states("bert", zoo.reference("bert"), dict(expected))
     _assert_close(_real(hs[-1], expected), _real(own[-1], expected))
+
+
+def test_a_text_pair_dataset_is_read_as_pairs(zoo, tmp_path):
+    """A local dataset with text_a/text_b columns (MNLI-style): pooled vectors of the encoded pairs."""
+    pairs = [("the data file", "a game"), ("python library", "sound"), ("it is not a viewer", "the mail server")]
+    for split in ("train", "test"):
+        rows = [{"text_a": a, "text_b": b, "label": k} for k, (a, b) in enumerate(pairs)]
+        _write_jsonl(tmp_path / f"{split}.jsonl", rows)
+    ex = extract(zoo.folder("bert"), str(tmp_path), 3, cache=Cache(tmp_path / "cache"), encoder=zoo.encoder("bert"))
+    from transformers import AutoTokenizer
+
+    encoded = AutoTokenizer.from_pretrained(zoo.folder("bert"))([pairs[i][0] for i in ex.indices],
+                                                                [pairs[i][1] for i in ex.indices], padding="longest",
+                                                                return_tensors="pt")
+    own, final = _own_states("bert", zoo.reference("bert"), dict(encoded))
+    _assert_close(ex.final, final, what="final representations of the pairs")
+    assert ex.stats().count == int(encoded["attention_mask"].sum())
+
+
+@pytest.mark.parametrize("family", ["sentence-bert", "roberta", "clip-full"])
+def test_a_loaded_model_object_works_like_its_folder(family, zoo, images):
+    """A notebook user's already loaded Hugging Face model (a full CLIPModel too) gives the same encoder."""
+    import transformers as tf
+
+    folder = zoo.folder(family)
+    model = tf.CLIPModel.from_pretrained(folder) if family == "clip-full" else tf.AutoModel.from_pretrained(folder)
+    enc, by_folder = load_encoder(model, device="cpu"), zoo.encoder(family)
+    assert (enc.family, enc.pooling, enc.num_blocks) == (by_folder.family, by_folder.pooling, BLOCKS)
+    inputs = by_folder.preprocess(_samples(family, images))
+    with torch.no_grad():
+        ours, theirs = enc.hidden_states(inputs)[0], by_folder.hidden_states(inputs)[0]
+        mask = by_folder.token_mask(inputs)
+        _assert_close(enc.final(ours[-1], mask), by_folder.final(theirs[-1], mask))
 
 
 # --- 2. the fitted map is numpy's least squares on the real tokens -------------------------------
@@ -565,21 +602,24 @@ def test_cache_hit_loads_no_model(family, zoo, images, text_folder, tmp_path, mo
     # A different truncation is a different result: a miss, which needs the model.
     if family in TEXT_FAMILIES:
         with pytest.raises(AssertionError, match="loaded on a cache hit"):
-            extract(zoo.folder(family), dataset, 6, seed=1, max_length=4, cache=Cache(tmp_path), encoder=_refuse_to_load)
+            extract(zoo.folder(family), dataset, 6, seed=1, max_length=4, cache=Cache(tmp_path),
+                    encoder=_refuse_to_load)
 
 
 # --- 9. export round trip of text families -------------------------------------------------------
 
-@pytest.mark.parametrize("family", ["bert", "modernbert", "sentence-bert"])
-def test_export_round_trip_of_a_text_model(family, zoo, extractions, tmp_path):
+@pytest.mark.parametrize("family", ["bert", "modernbert", "sentence-bert", "clip", "clip-full"])
+def test_export_round_trip(family, zoo, extractions, images, tmp_path):
+    """Text families (and CLIP towers, whose config may be a full CLIP checkpoint's) export and reload."""
     enc = zoo.encoder(family)
     net = approximate_encoder(enc, extractions(family).stats(), [(1, 3)])
     save_compressed(net, tmp_path / "out")
     loaded = load_compressed(tmp_path / "out")
     assert loaded.record["family"] == MODEL_TYPES[family] and loaded.record["pooling"] == enc.pooling
     assert loaded.record["kept_blocks"] == [1, 4]
-    inputs = loaded.preprocess(BATCH_TEXTS)  # the exported tokenizer
-    for name, tensor in enc.preprocess(BATCH_TEXTS).items():
+    samples = _samples(family, images)
+    inputs = loaded.preprocess(samples)  # the exported tokenizer or image processor
+    for name, tensor in enc.preprocess(samples).items():
         assert torch.equal(inputs[name], tensor), name
     with torch.no_grad():
         _assert_close(loaded(**inputs), net(**inputs), rtol=1e-6, atol=1e-6, what="exported model")
@@ -656,7 +696,8 @@ def test_empty_text_in_a_sampled_row(zoo, tmp_path):
     for split in ("train", "test"):
         _write_jsonl(tmp_path / f"{split}.jsonl", [{"text": t, "label": 0} for t in texts])
     with pytest.raises(RBAError) as error:
-        extract(zoo.folder("bert"), str(tmp_path), len(texts), cache=Cache(tmp_path / "cache"), encoder=zoo.encoder("bert"))
+        extract(zoo.folder("bert"), str(tmp_path), len(texts), cache=Cache(tmp_path / "cache"),
+                encoder=zoo.encoder("bert"))
     assert "empty" in _one_sentence(error) and "2" in str(error.value)
     # A sample that leaves the empty row out works.
     seed = next(s for s in range(100) if 2 not in sample_indices(len(texts), 3, s))
@@ -720,6 +761,7 @@ def _timm_states(model, pixels) -> tuple[list[torch.Tensor], torch.Tensor, torch
 def test_timm_hand_run_blocks_equal_forward_features(variant, timm_models, images):
     folder, enc, own = timm_models[variant]
     assert enc.family == "timm" and enc.num_blocks == BLOCKS and enc.hidden_size == WIDTH
+    assert enc.num_params() == sum(p.numel() for p in own.parameters())  # fc_norm and prefix tokens included
     info = model_info(folder)
     assert (info.family, info.modality, info.num_blocks) == ("timm", "image", BLOCKS)
     pixels = enc.preprocess(images[:5])["pixel_values"]
@@ -763,8 +805,9 @@ def test_timm_identity_map_equals_deleting_blocks(variant, timm_models, images):
         _assert_close(ours, theirs, what=f"{ranges}")
 
 
-def test_timm_export_round_trip(timm_models, images, tmp_path):
-    folder, enc, _ = timm_models["avg-reg"]
+@pytest.mark.parametrize("variant", list(TIMM_VARIANTS))
+def test_timm_export_round_trip(variant, timm_models, images, tmp_path):
+    folder, enc, _ = timm_models[variant]
     ex = extract(folder, images, 8, seed=0, cache=Cache(tmp_path / "cache"), encoder=enc)
     net = approximate_encoder(enc, ex.stats(), [(1, 3)])
     save_compressed(net, tmp_path / "out")
@@ -778,11 +821,7 @@ def test_timm_export_round_trip(timm_models, images, tmp_path):
 
 def test_timm_missing_is_one_sentence(tmp_path, monkeypatch):
     """Where timm cannot be imported, a timm folder gets one sentence saying what to install."""
-    try:
-        import timm  # noqa: F401
-        monkeypatch.setitem(sys.modules, "timm", None)  # make the import fail here too
-    except Exception:
-        pass
+    monkeypatch.setitem(sys.modules, "timm", None)  # `import timm` fails, also where timm is installed
     (tmp_path / "config.json").write_text(json.dumps({"architecture": "vit_small_patch16_224", "num_classes": 0,
                                                       "model_args": TIMM_VARIANTS["token"]}))
     with pytest.raises(RBAError) as error:
