@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -14,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from rba_core.errors import RBAError
+from rba_core.hub import require_available
 from rba_core.registry import DATA_DIR_ENV, DatasetInfo, dataset_info, local_dataset_dir
 
 SPLITS = ("train", "test")
@@ -41,12 +43,20 @@ class ImageSource:
         return [im.convert("RGB") for im in self._load([int(i) for i in indices])]
 
 
-def sample_indices(total: int, n: int, seed: int) -> np.ndarray:
-    """A seeded random subset of ``n`` distinct indices in ``range(total)``, sorted."""
+#: What the samples of each split are for, and the setting that chooses how many: errors name them.
+SAMPLE_ROLES = {"train": ("samples n (train split)", "samples n"),
+                "test": ("evaluation samples (test split)", "the evaluation samples")}
+
+
+def sample_indices(total: int, n: int, seed: int, split: str | None = None) -> np.ndarray:
+    """A seeded random subset of ``n`` distinct indices in ``range(total)``, sorted; ``split`` names the
+    samples' role in the error when there are too few images."""
+    role, setting = SAMPLE_ROLES.get(split, ("samples", "n"))
     if n <= 0:
-        raise RBAError(f"The number of samples must be positive, got {n}.")
+        raise RBAError(f"The number of {role} must be positive, got {n}.")
     if n > total:
-        raise RBAError(f"Asked for {n} samples but the split has only {total} images; lower n.")
+        raise RBAError(f"Asked for {n} {role} but the {split or 'chosen'} split has only {total} images; "
+                       f"lower {setting} to at most {total}.")
     rng = np.random.default_rng(seed)
     return np.sort(rng.choice(total, size=n, replace=False))
 
@@ -62,13 +72,16 @@ def _pick(columns: Sequence[str], preferred: str | None, candidates: Sequence[st
     return next((c for c in candidates if c in columns), None)
 
 
-def _decode(value: dict | bytes, where: str) -> Image.Image:
+def _decode(value: dict | bytes, file: Path, index: int) -> Image.Image:
+    """The image in ``value``: sample ``index`` of the split, stored in ``file`` (named if it cannot be decoded)."""
     data = value["bytes"] if isinstance(value, dict) else value
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
     except Exception as exc:  # PIL raises many types for bad bytes
-        raise RBAError(f"An image in {where} cannot be decoded ({exc}); check the file.") from None
+        reason = re.sub(r"\s*<[^>]* at 0x[0-9a-fA-F]+>", "", str(exc)).strip() or type(exc).__name__
+        raise RBAError(f"Sample {index} ('{file}') cannot be decoded as an image ({reason}); "
+                       "replace or remove that image.") from None
     return image
 
 
@@ -108,13 +121,11 @@ def _parquet_source(name: str, path: Path, split: str, info: DatasetInfo | None)
         label_names = label_names or [str(v) for v in range(int(labels.max()) + 1)]
     else:
         labels = np.full(rows, -1, dtype=np.int64)
-    where = f"'{path}'"
-
     @lru_cache(maxsize=1)
     def image_column():  # read on first use: a cache hit needs only the labels
         return parquet.read(columns=[image_col]).column(0)
 
-    load = lambda idx: [_decode(image_column()[i].as_py(), where) for i in idx]  # noqa: E731
+    load = lambda idx: [_decode(image_column()[i].as_py(), path, i) for i in idx]  # noqa: E731
     fingerprint = {"parquet": _stat_fingerprint([path]), "image": image_col, "label": label_col}
     return ImageSource(name, split, labels, label_names, fingerprint, load)
 
@@ -150,7 +161,7 @@ def _image_folder_source(name: str, folder: Path, split: str) -> ImageSource:
         )
 
     def load(idx: Sequence[int]) -> list[Image.Image]:
-        return [_decode(files[i].read_bytes(), f"'{files[i]}'") for i in idx]
+        return [_decode(files[i].read_bytes(), files[i], i) for i in idx]
 
     fingerprint = {"folder": _stat_fingerprint(files)}
     return ImageSource(name, split, np.asarray(labels, np.int64), classes, fingerprint, load)
@@ -174,6 +185,7 @@ def _digits_source(split: str) -> ImageSource:
 
 
 def _hub_source(info: DatasetInfo, split: str) -> ImageSource:
+    require_available(datasets=[info.alias])  # offline and not cached: one sentence at once, no retries
     try:
         import datasets
 
@@ -205,6 +217,8 @@ def open_dataset(name: str, split: str = "train") -> ImageSource:
     folder = Path(name).expanduser()
     if folder.is_dir():
         return _folder_source(str(folder), folder, split, None)
+    if name.strip().startswith((".", "/", "~")) or "/" in name:
+        raise RBAError(f"The dataset folder '{folder}' does not exist; check the path, or pick a listed dataset.")
     raise RBAError(
         f"Unknown dataset '{name}': use an alias (MNIST, Fashion-MNIST, CIFAR-10, "
         "CIFAR-100-coarse, CIFAR-100-fine, digits) or a folder of parquet files or class folders."

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from rba_core.errors import RBAError
+from rba_core.hub import hub_cache_dir, require_available
 from rba_core.registry import SUPPORTED_FAMILIES, resolve_model
 
 _FAMILY_NAMES = "ViT, DeiT and DINOv2 encoders"
@@ -25,20 +26,6 @@ _FAMILY_NAMES = "ViT, DeiT and DINOv2 encoders"
 def default_device() -> str:
     """CUDA when present, else CPU."""
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _hub_cache_dir(repo_id: str) -> Path:
-    from huggingface_hub.constants import HF_HUB_CACHE
-
-    return Path(HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
-
-
-def is_available_offline(name: str) -> bool:
-    """True when ``name`` is a local folder or a hub id already in the local Hugging Face cache."""
-    source = resolve_model(name)
-    if Path(source).is_dir():
-        return (Path(source) / "config.json").is_file()
-    return (_hub_cache_dir(source) / "snapshots").is_dir()
 
 
 @lru_cache(maxsize=64)
@@ -65,7 +52,7 @@ def model_fingerprint(name: str, revision: str = "main") -> dict:
                 stat = path.stat()
                 digests[path.name] = _file_digest(str(path), stat.st_size, stat.st_mtime_ns)
         return {"model": str(folder.resolve()), "files": digests}
-    ref = _hub_cache_dir(source) / "refs" / revision
+    ref = hub_cache_dir(source) / "refs" / revision
     commit = ref.read_text().strip() if ref.is_file() else revision
     return {"model": source, "revision": commit}
 
@@ -149,6 +136,7 @@ def load_config(name: str):
     from transformers import AutoConfig
 
     source = resolve_model(name)
+    require_available(model=name)  # offline and not cached: one sentence at once, no retries
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=False)
     except (OSError, ValueError) as exc:
