@@ -141,7 +141,7 @@ def extract(model: str, dataset: str, n: int, seed: int = 0, split: str = "train
     cache = cache or Cache()
     seen = len(cache.damaged)
     source = open_dataset(dataset, split)
-    indices = sample_indices(len(source), n, seed)
+    indices = sample_indices(len(source), n, seed, split)
     # An entry with statistics also serves a request without them; the last key is the one stored.
     keys = [extraction_key(model, source, indices, True, token_fraction)]
     if not with_stats:
