@@ -122,3 +122,14 @@ def test_rank_ranges_handles_ties_nan_and_impossible_sizes():
 
 def test_suggested_removed_is_a_third_of_the_blocks():
     assert [suggested_removed(L) for L in (1, 2, 4, 12, 24)] == [1, 1, 1, 4, 8]
+
+
+def test_side_by_side_ticks_stay_short_and_rows_are_labelled_once():
+    """Half-width heatmaps (1400 px: about 600 px each) with 13 full labels collided; block numbers do not."""
+    fig = similarity_side_by_side({"MNIST": _symmetric(1, 13), "CIFAR-10": _symmetric(2, 13)})
+    short = ["emb"] + [str(k) for k in range(1, 13)]
+    for axis in (fig.layout.xaxis, fig.layout.xaxis2, fig.layout.yaxis, fig.layout.yaxis2):
+        assert list(axis.ticktext) == short and list(axis.tickvals) == state_labels(13)
+    assert fig.layout.xaxis.tickangle == 0 and fig.layout.xaxis2.tickangle == 0
+    assert fig.layout.yaxis.showticklabels is True and fig.layout.yaxis2.showticklabels is False
+    assert list(fig.data[1].y) == state_labels(13)  # the hover still names every block output in full
