@@ -50,8 +50,9 @@ def suggested_removed(num_blocks: int) -> int:
 
 
 def default_ranges(num_blocks: int, count: int = 1) -> list[tuple[int, int]]:
-    """``count`` disjoint ranges to start from: the paper's 2→6 first on a model with at least 12 blocks,
-    else about a third of the blocks ending one block before the last; then one-block ranges after it."""
+    """Up to ``count`` disjoint ranges to start from, the main one first: the paper's 2→6 on a model with at
+    least 12 blocks, else about a third of the blocks ending one block before the last; then one-block
+    ranges after it, then before it. The first does not depend on ``count``."""
     removed = suggested_removed(num_blocks)
     first = (2, 6) if num_blocks >= 12 else (max(0, num_blocks - 1 - removed), max(1, num_blocks - 1))
     ranges, start = [first], first[1] + 1
@@ -63,4 +64,4 @@ def default_ranges(num_blocks: int, count: int = 1) -> list[tuple[int, int]]:
         if end < 1:
             break
         ranges.append((end - 1, end))
-    return sorted(ranges)
+    return ranges

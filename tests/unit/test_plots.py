@@ -5,7 +5,7 @@ import pytest
 
 from rba_core.plots import (APPROXIMATED_SYMBOL, HIGHLIGHT, ORIGINAL_SYMBOL, PLAIN, pca_scatter, redundancy_bars,
                             residual_heatmap, similarity_heatmap, similarity_side_by_side, state_labels)
-from rba_core.ranking import rank_ranges, suggested_removed, top_blocks
+from rba_core.ranking import default_ranges, rank_ranges, suggested_removed, top_blocks
 
 LABELS_4 = ["hs[0] (embeddings)", "block 1", "block 2", "block 3", "block 4"]
 
@@ -133,3 +133,14 @@ def test_side_by_side_ticks_stay_short_and_rows_are_labelled_once():
     assert fig.layout.xaxis.tickangle == 0 and fig.layout.xaxis2.tickangle == 0
     assert fig.layout.yaxis.showticklabels is True and fig.layout.yaxis2.showticklabels is False
     assert list(fig.data[1].y) == state_labels(13)  # the hover still names every block output in full
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 3, 4, 6, 12, 24])
+def test_default_ranges_fit_the_model(blocks):
+    from rba_core.approx import validate_ranges
+
+    ranges = default_ranges(blocks, 4)
+    assert validate_ranges(ranges, blocks)  # inside 0..L and disjoint
+    assert all(default_ranges(blocks, count)[0] == ranges[0] for count in (1, 2, 3))
+    assert (ranges[0] == (2, 6)) == (blocks >= 12)  # the paper's range only where the paper's models are
+    assert ranges[0][1] - ranges[0][0] == (4 if blocks >= 12 else suggested_removed(blocks))
