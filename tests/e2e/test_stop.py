@@ -6,28 +6,15 @@ needing one. Pressing Stop during a pass must stop it within about one batch, st
 the key's lock, say how far it got, and leave the next Compute working normally.
 """
 
-import os
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
-import pytest
 from streamlit.proto.BackMsg_pb2 import BackMsg
 from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
 from streamlit.proto.WidgetStates_pb2 import WidgetState
 from websockets.sync.client import connect
 
-ROOT = Path(__file__).resolve().parents[2]
 N = 256  # eight batches of the demo model: long enough to stop in the middle, short enough to redo
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Session:
@@ -79,38 +66,10 @@ def _entries(cache: Path) -> list[str]:
     return sorted(p.name for p in cache.iterdir() if not p.name.startswith(".")) if cache.is_dir() else []
 
 
-@pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    """The app on a free local port, hub offline, a fresh cache; always stopped afterwards."""
-    port, tmp = _free_port(), tmp_path_factory.mktemp("stop")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "RBA_CACHE_DIR": str(tmp / "cache"),
-           "OMP_NUM_THREADS": "1"}
-    log = open(tmp / "streamlit.log", "w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.address", "127.0.0.1", "--server.port",
-         str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
-         "--server.fileWatcherType", "none"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
-                    break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, (tmp / "streamlit.log").read_text()
-                time.sleep(0.5)
-        yield url.replace("http", "ws"), tmp / "cache"
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
-        log.close()
-
-
-def test_stop_during_a_pass_stores_nothing_and_the_next_compute_works(app):
-    url, cache = app
+def test_stop_during_a_pass_stores_nothing_and_the_next_compute_works(server):
+    url = server.replace("http://", "ws://")
     with connect(f"{url}/_stcore/stream", subprotocols=["streamlit"], max_size=None) as socket:
-        _stop_and_compute_again(Session(socket, f"n={N}"), cache)
+        _stop_and_compute_again(Session(socket, f"n={N}"), server.cache)
 
 
 def _stop_and_compute_again(tab: Session, cache: Path) -> None:
