@@ -25,6 +25,8 @@ if not CHROMIUM.is_file():
 from playwright.sync_api import Page, expect, sync_playwright  # noqa: E402
 from playwright.sync_api import TimeoutError as PlaywrightTimeout  # noqa: E402
 
+from app_process import server  # noqa: F401, E402  (the fixture)
+
 expect.set_options(timeout=WAIT_MS)  # the first script run imports torch and transformers
 
 

@@ -14,6 +14,8 @@ from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
 from streamlit.proto.WidgetStates_pb2 import WidgetState
 from websockets.sync.client import connect
 
+from app_process import server  # noqa: F401  (the fixture)
+
 N = 256  # eight batches of the demo model: long enough to stop in the middle, short enough to redo
 
 

@@ -128,23 +128,36 @@ def test_a_hub_miss_with_the_hub_unreachable_fails_fast_in_one_sentence(tmp_path
     assert ("local folder" if how == "cli model" else "RBA_DATA_DIR") in line
 
 
-def test_an_unused_head_is_not_reported_but_missing_weights_are(tmp_path, capfd):
-    import torch
+def test_an_unused_head_is_not_reported_but_missing_weights_are(tmp_path):
+    import logging
+
     from safetensors.torch import load_file, save_file
 
-    from rba_core.models import load_encoder
-    from rba_core.quiet import silence_library_noise
-
-    silence_library_noise()
-    silence_library_noise()  # idempotent
-    load_encoder("digits-ViT", "cpu")  # a classification checkpoint: its classifier is UNEXPECTED here
-    assert "LOAD REPORT" not in capfd.readouterr().err
     from conftest import save_tiny_model
+    from rba_core.models import load_encoder
+    from rba_core.quiet import LOAD_REPORT_LOGGER, UnusedHeadReport, silence_library_noise
 
-    folder = save_tiny_model(tmp_path / "vit", "vit")
-    weights = load_file(folder / "model.safetensors")
-    del weights["layernorm.weight"]
-    save_file({k: v.contiguous() for k, v in weights.items()}, folder / "model.safetensors", metadata={"format": "pt"})
-    load_encoder(str(folder), "cpu")
-    err = capfd.readouterr().err
-    assert "LOAD REPORT" in err and "MISSING" in err and torch.is_tensor(weights["layernorm.bias"])
+    reports = []
+    collect = logging.Handler()
+    collect.emit = lambda record: reports.append(record.getMessage())
+    logger = logging.getLogger(LOAD_REPORT_LOGGER)  # a handler sees only what the logger's filters let through
+    logger.addHandler(collect)
+    try:
+        for quiet in [f for f in logger.filters if isinstance(f, UnusedHeadReport)]:
+            logger.removeFilter(quiet)  # as transformers alone would do
+        load_encoder("digits-ViT", "cpu")  # a classification checkpoint: its classifier is UNEXPECTED here
+        assert [r for r in reports if "LOAD REPORT" in r and "UNEXPECTED" in r and "classifier" in r]
+        reports.clear()
+        silence_library_noise()
+        silence_library_noise()  # idempotent
+        load_encoder("digits-ViT", "cpu")
+        assert not [r for r in reports if "LOAD REPORT" in r]
+        folder = save_tiny_model(tmp_path / "vit", "vit")
+        weights = load_file(folder / "model.safetensors")
+        del weights["layernorm.weight"]
+        save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+        load_encoder(str(folder), "cpu")
+        (report,) = [r for r in reports if "LOAD REPORT" in r]
+        assert "MISSING" in report and "layernorm.weight" in report
+    finally:
+        logger.removeHandler(collect)

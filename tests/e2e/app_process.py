@@ -1,4 +1,7 @@
-"""The real app for end-to-end tests: `streamlit run app.py` on a free local port, hub offline, a fresh cache."""
+"""The real app for end-to-end tests: `streamlit run app.py` on a free local port, hub offline, a fresh cache.
+
+A module, not a conftest.py: a second conftest would shadow tests/conftest.py, which tests import by name.
+"""
 
 import os
 import socket
