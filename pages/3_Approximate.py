@@ -42,8 +42,8 @@ def _metrics(res: dict) -> None:
                    help="Median and, in brackets, the 25th–75th percentiles of the timed runs.")
     steady = before["converged"] and after["converged"]
     st.caption(f"Latency per image on this machine, median (p25–p75) of runs timed after a warm-up, the original "
-               f"and the approximated model taking turns on the same {res['eval_n']} evaluation images' first "
-               f"batch: original {describe(before)}, approximated {describe(after)}. "
+               f"and the approximated model taking turns on the same {before['images']} evaluation images: "
+               f"original {describe(before)}, approximated {describe(after)}. "
                + ("Both spreads are within the target of "
                   f"{before['target_spread']:.0%} of the median." if steady else
                   f"A spread stayed above the target of {before['target_spread']:.0%} of the median within the "

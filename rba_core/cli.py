@@ -126,7 +126,7 @@ def _run(args: argparse.Namespace, tracker: Tracker) -> int:
     from rba_core.cache import Cache
 
     cache = Cache(args.cache_dir, on_wait=lambda s: print(s, file=sys.stderr))
-    progress = tracker  # remembers how far each stage got, for the stop sentence
+    progress = tracker  # also remembers how far each stage got, for the stop sentence
     try:
         if args.command == "analyze":
             results = analyze(args.model, args.dataset, args.n, args.seed, args.split,

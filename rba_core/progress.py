@@ -31,7 +31,7 @@ def stage_unit(stage: str) -> str:
 def stopped_sentence(done: int, total: int, unit: str = "images") -> str:
     """The one sentence that reports a stop, e.g. "Stopped after 12 of 40 images; nothing partial was stored."."""
     if total <= 0:
-        return "Stopped before any work was counted; nothing was stored."
+        return f"Stopped before any {unit} were counted; nothing partial was stored."
     return f"Stopped after {done} of {total} {unit}; nothing partial was stored."
 
 

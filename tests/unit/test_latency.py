@@ -22,7 +22,7 @@ def test_a_repeated_measurement_reports_a_spread_with_the_median_inside(tiny):
     half = lambda p: tiny.final_cls(tiny.run_blocks(tiny.embed(p), 1, 2))  # noqa: E731
     result = measure({"original": full, "approximated": half}, pixels, budget_s=1.0)
     for name, m in result.items():
-        assert 5 <= m["repeats"] <= 200, name
+        assert 5 <= m["repeats"] <= 200 and m["images"] == 4, name
         assert 0 < m["low"] <= m["median"] <= m["high"], name
         assert m["relative_spread"] == pytest.approx((m["high"] - m["low"]) / m["median"])
         assert m["converged"] == (m["relative_spread"] <= m["target_spread"])
