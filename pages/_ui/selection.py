@@ -81,7 +81,8 @@ def sidebar(announce: bool = False) -> Selection:
     """Draw the shared sidebar and return the selection; ``announce`` says in the page why the
     session opened on the offline demo (the home page does).
 
-    Raises :class:`RBAError` when the selected hub model cannot be used offline (after drawing).
+    Raises :class:`RBAError` (after drawing) when the selected hub model or dataset cannot be used offline,
+    or a number is out of its range.
     """
     reachable, reason = hub_status()  # probed once per process; unreachable makes later hub calls offline
     # Through the widgets' defaults (see the module docstring): the paper's pair online, the demo offline.
