@@ -49,4 +49,6 @@ with errors():
     st.markdown("**Similarity**: heatmaps of cosine similarity or linear CKA between all block outputs "
                 "(optionally two datasets side by side). **Redundancy**: Block Redundancy per block, the fit "
                 "residual of every range i→j and the best candidate ranges. **Approximate**: replace ranges "
-                "by linear maps and compare representations, parameters, latency and probe accuracy.")
+                "by linear maps and compare representations, parameters, latency and probe accuracy. **Table**: the "
+                "paper's Tables 1–2 for this model. **Cache**: what is stored on disk, and deleting it. Every long "
+                "computation has a **Stop** button; a stopped one stores nothing.")

@@ -40,4 +40,5 @@ with errors():
             fig = similarity_heatmap(results[metric], metric, f"{metric_title(metric)} · {sel.model} on {sel.dataset}")
         st.plotly_chart(fig, key="similarity")
         for dataset, shown in [(sel.dataset, results)] + ([(compare, other)] if other else []):
-            downloads(f"{metric}-{dataset}", table=matrix_table(shown[metric]), data=result_part(shown, metric))
+            downloads(f"{metric}-{dataset}", table=matrix_table(shown[metric]), data=result_part(shown, metric),
+                      of=dataset if other else None)

@@ -7,8 +7,8 @@ from dataclasses import asdict
 import pandas as pd
 import streamlit as st
 
-from pages._ui.compute import analysis, pass_meta, run_search
-from pages._ui.show import downloads, errors, matrix_table, result_part
+from pages._ui.compute import analysis, pass_meta, run_search, start_button
+from pages._ui.show import dataframe, downloads, errors, matrix_table, result_part
 from pages._ui.selection import BOUND, eval_samples, map_choice, sidebar
 from rba_core.approx import paper_notation
 from rba_core.plots import redundancy_bars, residual_heatmap
@@ -62,7 +62,7 @@ def _show_search(result: dict) -> None:
         **({"accuracy %": 100 * row["accuracy"]["approximated"]["mean"],
             "skip accuracy %": 100 * row["accuracy"]["skip"]["mean"]} if "accuracy" in row else {}),
     } for rank, row in enumerate(result["candidates"], start=1)])
-    st.dataframe(table, hide_index=True, column_config={
+    dataframe(table, column_config={
         "params": st.column_config.NumberColumn(format="localized"),
         **{name: st.column_config.NumberColumn(format="%.4g") for name in (
             "ms/image (est.)", "final MSE", "BR score", "residual score")},
@@ -109,8 +109,7 @@ with errors():
             "removed blocks": ", ".join(map(str, c.removed_blocks)),
             "paper notation": paper_notation((c.start, c.end)), "fit residual": c.residual,
         } for rank, c in enumerate(ranked, start=1)])
-        st.dataframe(table, hide_index=True, column_config={
-            "fit residual": st.column_config.NumberColumn(format="%.4g")})
+        dataframe(table, column_config={"fit residual": st.column_config.NumberColumn(format="%.4g")})
         st.caption("Ours: range i→j removes blocks i+1..j; the paper's tables write the same range as "
                    "\"i−1 j−1\" in 0-indexed block outputs. Try one on the Approximate page.")
         downloads(f"candidates-{int(removed)}-blocks", table=table, data={
@@ -132,8 +131,8 @@ with errors():
         eval_n = eval_samples(cols[2])
         spec = json.dumps([sel.model, sel.dataset, sel.n, sel.seed, eval_n, budget, pairs, probe_top, kind, asdict(params)])
         searched = st.session_state.setdefault("_searched", {})
-        if st.button("Run the measured search", key="search", type="primary", help="Reuses the stored passes; "
-                     "runs the original model once over the evaluation samples, then every candidate."):
+        if start_button("Run the measured search", key="search", type="primary", help="Reuses the stored passes; "
+                        "runs the original model once over the evaluation samples, then every candidate."):
             searched[spec] = run_search(sel, eval_n, budget, pairs, probe_top, kind, params)
             while len(searched) > KEPT_SEARCHES:
                 searched.pop(next(iter(searched)))

@@ -1,16 +1,20 @@
 """Command line: ``python -m rba_core analyze|approximate|table|search ...`` writing the results as JSON
-(``table`` also as CSV or Markdown)."""
+(``--json FILE``, or ``--json -`` for stdout; without it a short summary; ``table`` writes CSV, Markdown
+or JSON). Progress goes to stderr; Ctrl-C or SIGTERM stops with one sentence and exit status 130."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from rba_core.errors import RBAError
 from rba_core.maps import MAPS, MapParams
+from rba_core.progress import Cancelled, Tracker
 from rba_core.registry import DATASETS, MODELS
 
 
@@ -22,7 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--dataset", required=True, help=f"alias ({', '.join(DATASETS)}) or folder")
     common.add_argument("--max-length", type=int, default=128, help="text models: truncate texts to this many tokens")
     common.add_argument("--seed", type=int, default=0)
-    common.add_argument("--json", required=True, type=Path, help="where to write the results")
+    common.add_argument("--json", type=Path, help="where to write the results as JSON ('-': stdout); "
+                        "without it a short summary is printed")
     common.add_argument("--cache-dir", type=Path, help="cache folder (default $RBA_CACHE_DIR or cache/)")
     analyze = sub.add_parser("analyze", parents=[common], help="Block Redundancy, similarity and fit residuals")
     analyze.add_argument("--n", type=int, required=True, help="number of sampled images")
@@ -37,6 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     approx.add_argument("--probe", action="store_true", help="also train the linear probe (3 seeds)")
     _add_table_and_search(sub, common)
     return parser
+
+
+def _map_help() -> str:
+    return "; ".join(kind.label for kind in MAPS.values())
 
 
 def _add_table_and_search(sub, common: argparse.ArgumentParser) -> None:
@@ -67,45 +76,79 @@ def _add_table_and_search(sub, common: argparse.ArgumentParser) -> None:
     search.add_argument("--ridge", type=float, default=1e-2, help="λ for --map ridge")
 
 
-def _map_help() -> str:
-    return "; ".join(kind.label for kind in MAPS.values())
+class _Bar:
+    """A tqdm progress bar on stderr per stage (a new one when the count restarts); ``unit()`` names the items."""
 
+    def __init__(self, unit=lambda: "images"):
+        self.unit, self.bar = unit, None
 
-def _progress():
-    from tqdm import tqdm
+    def __call__(self, done: int, total: int) -> None:
+        from tqdm import tqdm
 
-    bar = {}
-
-    def update(done: int, total: int) -> None:
-        if "bar" not in bar or bar["bar"].total != total or done < bar["bar"].n:
-            bar.get("bar") and bar["bar"].close()
-            bar["bar"] = tqdm(total=total, unit="sample", file=sys.stderr)
-        bar["bar"].update(done - bar["bar"].n)
+        if self.bar is None or self.bar.total != total or done < self.bar.n:
+            self.close()
+            self.bar = tqdm(total=total, unit=f" {self.unit()}", file=sys.stderr)
+        self.bar.update(done - self.bar.n)
         if done >= total:
-            bar.pop("bar").close()
+            self.close()
 
-    return update
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _stop_on_sigterm(signum, frame):
+    raise KeyboardInterrupt  # stop exactly as Ctrl-C does
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    tracker = Tracker(on_stage=lambda s: print(s, file=sys.stderr))
+    tracker.report = bar = _Bar(lambda: tracker.unit)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm) if main_thread else None
+    try:
+        return _run(args, tracker)
+    except (KeyboardInterrupt, Cancelled):
+        bar.close()  # now, or it would draw itself again after the sentence
+        print(tracker.stopped(), file=sys.stderr)
+        return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace, tracker: Tracker) -> int:
+    from rba_core.hub import require_available
+    from rba_core.quiet import silence_library_noise
+
+    silence_library_noise()
+    try:  # before the heavy imports: a hub model or dataset that cannot be had fails at once
+        require_available(args.model, args.dataset if args.command == "table" else [args.dataset])
+    except RBAError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     from rba_core.analysis import analyze, approximate
     from rba_core.cache import Cache
 
-    cache = Cache(args.cache_dir)
+    cache = Cache(args.cache_dir, on_wait=lambda s: print(s, file=sys.stderr))
+    progress = tracker  # also remembers how far each stage got, for the stop sentence
     try:
+        from rba_core.data import dataset_unit
+
+        tracker.samples = tracker.unit = dataset_unit(args.dataset[0] if args.command == "table" else args.dataset)
         if args.command == "analyze":
             results = analyze(args.model, args.dataset, args.n, args.seed, args.split, max_length=args.max_length,
-                              cache=cache, progress=_progress())
+                              cache=cache, progress=progress)
         elif args.command == "table":
             from rba_core.table import table, table_format, write_table
 
             table_format(args.out)  # a bad suffix fails before any work
             results = table(args.model, args.dataset, args.fit_n, args.eval_n, args.seed, args.ranges, args.map,
                             map_params=MapParams(ridge=args.ridge), max_length=args.max_length, cache=cache,
-                            progress=_progress(),
-                            on_stage=lambda s: print(s, file=sys.stderr))
+                            progress=progress, on_stage=tracker.stage)
             args.json = write_table(results, args.out)
         elif args.command == "search":
             from rba_core.search import search
@@ -114,22 +157,36 @@ def main(argv: list[str] | None = None) -> int:
                              max_params=args.max_params, max_latency_ms=args.max_latency_ms, pairs=args.pairs,
                              probe_top=args.probe_top, kind=args.map, map_params=MapParams(ridge=args.ridge),
                              max_length=args.max_length, cache=cache,
-                             progress=_progress(), on_stage=lambda s: print(s, file=sys.stderr))
+                             progress=progress, on_stage=tracker.stage)
         else:
             results = approximate(args.model, args.dataset, args.fit_n, args.eval_n, args.seed, args.range,
                                   args.map, map_params=MapParams(ridge=args.ridge), probe=args.probe,
                                   max_length=args.max_length, cache=cache,
-                                  progress=_progress(), on_stage=lambda s: print(s, file=sys.stderr))
-        if args.command != "table":  # the table wrote itself in the format its suffix names
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(results.to_json(), indent=1))
+                                  progress=progress, on_stage=tracker.stage)
     except RBAError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for note in results.get("notes", []):
         print(f"note: {note}", file=sys.stderr)
-    print(f"wrote {args.json}", file=sys.stderr)
+    _write(args, results)
     return 0
+
+
+def _write(args: argparse.Namespace, results) -> None:
+    """The results as JSON in ``--json`` (``-``: stdout), else a short summary on stdout; the table has
+    written itself already, in the format its ``--out`` suffix names."""
+    from rba_core.report import summarise
+
+    if args.command == "table":
+        print(f"wrote {args.json}", file=sys.stderr)
+    elif args.json is None:
+        sys.stdout.write(summarise(args.command, results.to_json()))
+    elif str(args.json) == "-":
+        sys.stdout.write(json.dumps(results.to_json(), indent=1) + "\n")
+    else:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results.to_json(), indent=1))
+        print(f"wrote {args.json}", file=sys.stderr)
 
 
 def main_exit() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -15,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from rba_core.errors import RBAError
+from rba_core.hub import require_available
 from rba_core.registry import DATA_DIR_ENV, DATASETS, DatasetInfo, dataset_info, local_dataset_dir
 
 SPLITS = ("train", "test")
@@ -64,12 +66,20 @@ class Source:
         return loaded
 
 
-def sample_indices(total: int, n: int, seed: int) -> np.ndarray:
-    """A seeded random subset of ``n`` distinct indices in ``range(total)``, sorted."""
+#: What the samples of each split are for, and the setting that chooses how many: errors name them.
+SAMPLE_ROLES = {"train": ("samples n (train split)", "samples n"),
+                "test": ("evaluation samples (test split)", "the evaluation samples")}
+
+
+def sample_indices(total: int, n: int, seed: int, split: str | None = None, unit: str = "samples") -> np.ndarray:
+    """A seeded random subset of ``n`` distinct indices in ``range(total)``, sorted; ``split`` names the
+    samples' role and ``unit`` what they are ("images", "texts") in the error when there are too few."""
+    role, setting = SAMPLE_ROLES.get(split, ("samples", "n"))
     if n <= 0:
-        raise RBAError(f"The number of samples must be positive, got {n}.")
+        raise RBAError(f"The number of {role} must be positive, got {n}.")
     if n > total:
-        raise RBAError(f"Asked for {n} samples but the split has only {total} images; lower n.")
+        raise RBAError(f"Asked for {n} {role} but the {split or 'chosen'} split has only {total} {unit}; "
+                       f"lower {setting} to at most {total}.")
     rng = np.random.default_rng(seed)
     return np.sort(rng.choice(total, size=n, replace=False))
 
@@ -85,13 +95,16 @@ def _pick(columns: Sequence[str], preferred: str | None, candidates: Sequence[st
     return next((c for c in candidates if c in columns), None)
 
 
-def _decode(value: dict | bytes, where: str) -> Image.Image:
+def _decode(value: dict | bytes, file: Path, index: int) -> Image.Image:
+    """The image in ``value``: sample ``index`` of the split, stored in ``file`` (named if it cannot be decoded)."""
     data = value["bytes"] if isinstance(value, dict) else value
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
     except Exception as exc:  # PIL raises many types for bad bytes
-        raise RBAError(f"An image in {where} cannot be decoded ({exc}); check the file.") from None
+        reason = re.sub(r"\s*<[^>]* at 0x[0-9a-fA-F]+>", "", str(exc)).strip() or type(exc).__name__
+        raise RBAError(f"Sample {index} ('{file}') cannot be decoded as an image ({reason}); "
+                       "replace or remove that image.") from None
     return image
 
 
@@ -184,13 +197,12 @@ def _parquet_source(name: str, path: Path, split: str, info: DatasetInfo | None)
     except Exception as exc:
         raise RBAError(f"Cannot read '{path}' ({exc}); is it a valid parquet file?") from None
     labels, label_names = _labels(name, split, rows, values, names)
-    where = f"'{path}'"
 
     @lru_cache(maxsize=1)
     def image_column():  # read on first use: a cache hit needs only the labels
         return parquet.read(columns=[image_col]).column(0)
 
-    load = lambda idx: [_decode(image_column()[i].as_py(), where) for i in idx]  # noqa: E731
+    load = lambda idx: [_decode(image_column()[i].as_py(), path, i) for i in idx]  # noqa: E731
     fingerprint = {"parquet": _stat_fingerprint([path]), "image": image_col, "label": label_col}
     return Source(name, split, labels, label_names, fingerprint, load)
 
@@ -228,7 +240,7 @@ def _image_folder_source(name: str, folder: Path, split: str) -> Source:
         )
 
     def load(idx: Sequence[int]) -> list[Image.Image]:
-        return [_decode(files[i].read_bytes(), f"'{files[i]}'") for i in idx]
+        return [_decode(files[i].read_bytes(), files[i], i) for i in idx]
 
     fingerprint = {"folder": _stat_fingerprint(files)}
     return Source(name, split, np.asarray(labels, np.int64), classes, fingerprint, load)
@@ -254,6 +266,7 @@ def _digits_source(split: str) -> Source:
 
 
 def _hub_source(info: DatasetInfo, split: str) -> Source:
+    require_available(datasets=[info.alias])  # offline and not cached: one sentence at once, no retries
     try:
         import datasets
 
@@ -294,6 +307,13 @@ def _in_memory_source(samples: Sequence, split: str) -> Source:
                   {"memory": digest.hexdigest()}, load, modality)
 
 
+def dataset_unit(dataset) -> str:
+    """What a dataset's samples are called ("images" or "texts"): from the registry for an alias,
+    else from the data itself (a folder's labels and columns are read, no image is decoded)."""
+    info = dataset_info(dataset) if isinstance(dataset, str) else None
+    return UNITS[info.modality] if info else open_dataset(dataset, "train").unit
+
+
 def dataset_name(dataset) -> str:
     """How results name a dataset: the alias or folder, or "in-memory (N images)"."""
     return dataset if isinstance(dataset, str) else _in_memory_source(dataset, "train").name
@@ -319,6 +339,8 @@ def open_dataset(name, split: str = "train") -> Source:
     folder = Path(name).expanduser()
     if folder.is_dir():
         return _folder_source(str(folder), folder, split, None)
+    if name.strip().startswith((".", "/", "~")) or "/" in name:
+        raise RBAError(f"The dataset folder '{folder}' does not exist; check the path, or pick a listed dataset.")
     raise RBAError(
         f"Unknown dataset '{name}': use an alias ({', '.join(DATASETS)}) or a folder of parquet, "
         "CSV or JSONL files or of class folders."

@@ -149,7 +149,7 @@ def extract(model, dataset, n: int, seed: int = 0, split: str = "train", *,
     check_modality(ref.info.modality, source, ref.name)
     if source.modality == "text" and max_length < 2:
         raise RBAError(f"The maximum text length must be at least 2 tokens, got {max_length}.")
-    indices = sample_indices(len(source), n, seed)
+    indices = sample_indices(len(source), n, seed, split, source.unit)
     length = max_length if source.modality == "text" else None
     # An entry with statistics also serves a request without them; the last key is the one stored.
     keys = [extraction_key(ref.fingerprint, source, indices, True, token_fraction, ref.info.pooling, length)]
@@ -194,7 +194,7 @@ def check_modality(modality: str, source: Source, model: str) -> None:
     """One sentence when a text model is given images or an image model texts."""
     if modality != source.modality:
         raise RBAError(f"'{model}' reads {modality}s but '{source.name}' holds {source.unit}: pick a "
-                       f"{modality} dataset for this model, or a {source.modality} model for this dataset.")
+                       f"{modality} dataset for this model, or a model that reads {source.unit} for this dataset.")
 
 
 def _extraction(key, hit, meta, reps, stats, source, indices, notes) -> Extraction:

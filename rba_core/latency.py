@@ -29,13 +29,13 @@ METHOD = "interleaved median, IQR spread (v1)"
 def summarise(seconds: list[float], items: int, target_spread: float = TARGET_SPREAD) -> dict:
     """Median and spread in ms per image of timed runs over ``items`` inputs each.
 
-    Returns ``median``, ``low`` and ``high`` (25th and 75th percentiles), ``repeats``,
+    Returns ``median``, ``low`` and ``high`` (25th and 75th percentiles), ``repeats``, ``images`` (per run),
     ``relative_spread`` ((high - low) / median), ``target_spread`` and ``converged`` (spread <= target).
     """
     low, median, high = (1000.0 * float(v) / items for v in np.percentile(seconds, [25, 50, 75]))
     spread = (high - low) / median if median > 0 else float("inf")
-    return {"median": median, "low": low, "high": high, "repeats": len(seconds), "relative_spread": spread,
-            "target_spread": target_spread, "converged": bool(spread <= target_spread)}
+    return {"median": median, "low": low, "high": high, "repeats": len(seconds), "images": items,
+            "relative_spread": spread, "target_spread": target_spread, "converged": bool(spread <= target_spread)}
 
 
 @torch.inference_mode()

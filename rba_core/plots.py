@@ -53,14 +53,28 @@ def similarity_heatmap(matrix: np.ndarray, metric: str = "cosine", title: str | 
     return fig
 
 
+def short_state_labels(num_states: int) -> list[str]:
+    """Compact tick text for the block outputs 0..L ("emb", "1", ..., "L"), where full labels would collide."""
+    return ["emb"] + [str(k) for k in range(1, num_states)]
+
+
 def similarity_side_by_side(matrices: Mapping[str, np.ndarray], metric: str = "cosine") -> go.Figure:
-    """One heatmap per dataset (same model), on one shared colour scale so they compare directly."""
+    """One heatmap per dataset (same model), on one shared colour scale so they compare directly.
+
+    Two heatmaps side by side leave each half the width: ticks show block numbers ("emb" for hs[0]),
+    upright, and only the left heatmap labels the shared rows; the hover keeps the full names.
+    """
     names = list(matrices)
     values = np.concatenate([np.ravel(m) for m in matrices.values()])
-    fig = make_subplots(rows=1, cols=len(names), subplot_titles=names, horizontal_spacing=0.12)
+    fig = make_subplots(rows=1, cols=len(names), subplot_titles=names, horizontal_spacing=0.06, shared_yaxes=True)
     for col, name in enumerate(names, start=1):
         fig.add_trace(_similarity_trace(matrices[name], metric, coloraxis="coloraxis", name=name), row=1, col=col)
         _matrix_axes(fig, row=1, col=col)
+        labels = state_labels(len(matrices[name]))
+        ticks = {"tickvals": labels, "ticktext": short_state_labels(len(labels))}
+        fig.update_xaxes(tickangle=0, title_text="block output (emb = hs[0])", **ticks, row=1, col=col)
+        fig.update_yaxes(**ticks, showticklabels=col == 1, title_text="block output" if col == 1 else None,
+                         row=1, col=col)
     fig.update_layout(coloraxis={"colorscale": "Viridis", "cmin": float(np.nanmin(values)),
                                  "cmax": float(np.nanmax(values)),
                                  "colorbar": {"title": {"text": METRIC_NAMES[metric]}}},

@@ -23,15 +23,16 @@ class Cancelled(Exception):
     """
 
 
-def stage_unit(stage: str) -> str:
-    """What a stage's progress counts: ``"images"`` unless the stage names something else."""
-    return next((unit for prefix, unit in _STAGE_UNITS.items() if stage.startswith(prefix)), "images")
+def stage_unit(stage: str, samples: str = "images") -> str:
+    """What a stage's progress counts: the dataset's ``samples`` ("images", "texts") unless the stage
+    names something else."""
+    return next((unit for prefix, unit in _STAGE_UNITS.items() if stage.startswith(prefix)), samples)
 
 
 def stopped_sentence(done: int, total: int, unit: str = "images") -> str:
     """The one sentence that reports a stop, e.g. "Stopped after 12 of 40 images; nothing partial was stored."."""
     if total <= 0:
-        return "Stopped before any work was counted; nothing was stored."
+        return f"Stopped before any {unit} were counted; nothing partial was stored."
     return f"Stopped after {done} of {total} {unit}; nothing partial was stored."
 
 
@@ -39,9 +40,10 @@ class Tracker:
     """A progress callback that remembers how far the current stage got (``done``, ``total``, ``unit``)
     and forwards each report to ``report``; ``stage(text)`` starts a stage (and picks its unit)."""
 
-    def __init__(self, report: Progress | None = None, on_stage: Callable[[str], None] | None = None):
-        self.report, self.on_stage = report, on_stage
-        self.done, self.total, self.unit = 0, 0, "images"
+    def __init__(self, report: Progress | None = None, on_stage: Callable[[str], None] | None = None,
+                 samples: str = "images"):
+        self.report, self.on_stage, self.samples = report, on_stage, samples
+        self.done, self.total, self.unit = 0, 0, samples
 
     def __call__(self, done: int, total: int) -> None:
         self.done, self.total = done, total
@@ -49,7 +51,7 @@ class Tracker:
             self.report(done, total)
 
     def stage(self, text: str) -> None:
-        self.done, self.total, self.unit = 0, 0, stage_unit(text)
+        self.done, self.total, self.unit = 0, 0, stage_unit(text, self.samples)
         if self.on_stage:
             self.on_stage(text)
 

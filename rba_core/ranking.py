@@ -47,3 +47,21 @@ def top_blocks(redundancy: np.ndarray, k: int) -> list[int]:
 def suggested_removed(num_blocks: int) -> int:
     """How many blocks to try removing first: a third, as in the paper's 12 → 8 blocks example."""
     return max(1, num_blocks // 3)
+
+
+def default_ranges(num_blocks: int, count: int = 1) -> list[tuple[int, int]]:
+    """Up to ``count`` disjoint ranges to start from, the main one first: the paper's 2→6 on a model with at
+    least 12 blocks, else about a third of the blocks ending one block before the last; then one-block
+    ranges after it, then before it. The first does not depend on ``count``."""
+    removed = suggested_removed(num_blocks)
+    first = (2, 6) if num_blocks >= 12 else (max(0, num_blocks - 1 - removed), max(1, num_blocks - 1))
+    ranges, start = [first], first[1] + 1
+    while len(ranges) < count and start < num_blocks:
+        ranges.append((start, start + 1))
+        start += 2
+    while len(ranges) < count:  # no room after the first: before it, one block each
+        end = min(r[0] for r in ranges) - 1
+        if end < 1:
+            break
+        ranges.append((end - 1, end))
+    return ranges

@@ -40,6 +40,9 @@ class Result:
             raise KeyError(key)
         return getattr(self, key)
 
+    def __contains__(self, key: str) -> bool:
+        return key in self.keys() and getattr(self, key) is not None
+
     def get(self, key: str, default=None):
         return getattr(self, key, default)
 

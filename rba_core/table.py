@@ -6,10 +6,10 @@ table with more rows runs the model only for the new ones.
 
 Row syntax: ``I:J`` is range i→j; ``I:J+K:L`` approximates several ranges in one model; rows are
 separated by commas and may include presets. ``all-consecutive`` is every one-block range i→i+1
-(i = 0..L-1); ``paper`` is the paper's Table 1 range "1 5" (2→6 here, 8 of 12 blocks left; only for models
-with at least 12 blocks, as the paper's are) followed by the
-consecutive one-block ranges of its Table 2 in its notation, "0 1" .. "L-2 L-1" (1→2 .. L-1→L
-here; the paper's notation cannot name the embedding output hs[0]). The paper's tables could not
+(i = 0..L-1); ``paper`` is the paper's Table 1 range "1 5" (2→6 here, 8 of 12 blocks left; only
+for models with at least 12 blocks, as the paper's are) followed by the consecutive one-block
+ranges of its Table 2 in its notation, "0 1" .. "L-2 L-1" (1→2 .. L-1→L here; the paper's
+notation cannot name the embedding output hs[0]). The paper's tables could not
 be consulted offline, so the Table 2 preset is our reading of "consecutive ranges".
 """
 

@@ -1,8 +1,16 @@
-"""Running the core from a page: cached models and results, Compute with a progress bar and ETA.
+"""Running the core from a page: cached models and results, and long work the user can follow and stop.
 
-Results live in the core's on-disk cache; ``stored_*`` read them (never running a model) and are
-memoised per process with ``st.cache_data`` keyed on strings and ints only. ``run_*`` do the work
-inside ``st.status`` with a progress bar and an ETA. No mutable state is kept in module globals.
+Results live in the core's on-disk cache; ``stored_*`` read them (never running a model, never waiting
+for another session's computation) and are memoised per process with ``st.cache_data`` keyed on
+strings and ints only. ``run_*`` do the work inside :func:`_working`: a status box with a progress
+bar, an ETA and a Stop button, which ends complete, or in the error state with the error's sentence.
+
+Stop: any widget interaction makes Streamlit stop the running script at its next Streamlit call
+(with ``runner.fastReruns``, the default, the new run starts at once while the old one raises
+StopException at its next call: here the next progress update, so within about one batch). The
+core stores a result only after its loop, so a stopped computation stores nothing, and the key's
+single-flight lock is released as the exception unwinds. The Stop button's callback keeps how far
+the work got; :func:`start_button` says so on the next run. No mutable state is kept in module globals.
 """
 
 from __future__ import annotations
@@ -13,9 +21,10 @@ import tempfile
 import threading
 import time
 import zipfile
-from dataclasses import asdict, replace
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import streamlit as st
 
@@ -31,16 +40,21 @@ from rba_core.approx import approximate_encoder
 from rba_core.cache import Cache, cache_root
 from rba_core.export import ONNX, RECORD, save_compressed
 from rba_core.extract import extract
+from rba_core.hub import hub_status, on_disk
+from rba_core.data import dataset_unit
 from rba_core.maps import MapParams
 from rba_core.models import Encoder, load_encoder, model_info
+from rba_core.progress import stage_unit, stopped_sentence
+from rba_core.quiet import silence_library_noise
 from rba_core.search import search
 from rba_core.table import table
 
-from pages._ui.selection import Selection, on_disk
+from pages._ui.selection import Selection
+from pages._ui.show import NotComputed, not_computed, sentence
 
+silence_library_noise()  # transformers' report of an unused classification head, on every model load
 
-class NotComputed(Exception):
-    """The result is not in the on-disk cache yet; the page offers a Compute button."""
+STARTED_BY, PROGRESS, STOPPED = "_started_by", "_progress", "_stopped"  # session-state keys
 
 
 def _refuse() -> Encoder:
@@ -69,10 +83,8 @@ def num_blocks(model: str) -> int:
 
 @st.cache_data(max_entries=32, show_spinner=False)
 def unit(dataset: str) -> str:
-    """What the dataset's samples are called: "images" or "texts" (opening the dataset's labels only)."""
-    from rba_core.data import open_dataset
-
-    return open_dataset(dataset, "train").unit
+    """What the dataset's samples are called: "images" or "texts"."""
+    return dataset_unit(dataset)
 
 
 def _params(params: str) -> MapParams:
@@ -84,49 +96,141 @@ def params_key(params: MapParams) -> str:
     return json.dumps(asdict(params), sort_keys=True)
 
 
+def _reading(read: Callable[[Cache], dict], cache_dir: str) -> dict:
+    """``read(cache)`` on a cache that never waits for another asker; a miss raises :class:`NotComputed`
+    carrying what the cache found on the way (a damaged entry is removed on read, so its sentence is
+    carried to the page here or never)."""
+    cache = Cache(cache_dir, wait=False)
+    try:
+        return read(cache)
+    except NotComputed:
+        raise NotComputed(cache.damaged) from None
+
+
 @st.cache_data(max_entries=16, show_spinner="Reading stored results…")
 def stored_analysis(model: str, dataset: str, n: int, seed: int, cache_dir: str) -> dict:
     """The ``analyze`` results from the disk cache; raises :class:`NotComputed` (not memoised) on a miss."""
-    return analysis_results(extract(model, dataset, n, seed, "train", cache=Cache(cache_dir), encoder=_refuse))
+    return _reading(lambda cache: analysis_results(extract(model, dataset, n, seed, "train", cache=cache,
+                                                           encoder=_refuse)), cache_dir)
 
 
 @st.cache_data(max_entries=16, show_spinner="Reading stored results…")
 def stored_approximation(model: str, dataset: str, fit_n: int, eval_n: int, seed: int, ranges: str,
                          kind: str, params: str, probe: bool, cache_dir: str) -> dict:
     """The ``approximate`` results from the disk cache (``ranges`` and the map's ``params`` as JSON)."""
-    return approximate(model, dataset, fit_n, eval_n, seed, json.loads(ranges), kind, map_params=_params(params),
-                       probe=probe, cache=Cache(cache_dir), encoder=_refuse)
+    return _reading(lambda cache: approximate(model, dataset, fit_n, eval_n, seed, json.loads(ranges), kind,
+                                              map_params=_params(params), probe=probe, cache=cache,
+                                              encoder=_refuse),
+                    cache_dir)
 
 
-def _progress_bar(unit: Callable[[], str] = lambda: "samples") -> Callable[[int, int], None]:
-    """A progress callback drawing a bar with items done (``unit()`` names them), speed and ETA;
-    restarts on a new stage."""
+@st.cache_data(max_entries=8, show_spinner="Reading stored results…")
+def stored_table(model: str, datasets: tuple[str, ...], fit_n: int, eval_n: int, seed: int, rows: str, kind: str,
+                 params: str, cache_dir: str) -> dict:
+    """The ``table`` results from the disk cache (``params`` as JSON); :class:`NotComputed` on a missing row."""
+    return _reading(lambda cache: table(model, list(datasets), fit_n, eval_n, seed, rows, kind,
+                                        map_params=_params(params), cache=cache, encoder=_refuse), cache_dir)
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def stored_meta(key: str, cache_dir: str) -> dict:
+    """What a stored pass recorded about its model (``num_params``, ``block_params``, ...)."""
+    entry = Cache(cache_dir, wait=False).get(key)
+    if entry is None:
+        raise NotComputed
+    return entry.meta
+
+
+# Long work: a button that starts it, a status box that shows it and can stop it.
+
+def start_button(label: str, key: str, help: str, at=st, **kwargs) -> bool:
+    """A button that starts long work; on the run after a Stop of the work it started, it says how far that got."""
+    clicked = at.button(label, key=key, help=help, **kwargs)
+    stopped = st.session_state.get(STOPPED)
+    if stopped and stopped["by"] == key:
+        del st.session_state[STOPPED]
+        if not clicked:
+            at.warning(stopped_sentence(stopped["done"], stopped["total"], stopped["unit"]))
+    if clicked:
+        st.session_state[STARTED_BY] = key
+    return clicked
+
+
+def _stop(by: str) -> None:
+    """The Stop button's callback (it runs before the next run): keep how far the stopped work got."""
+    progress = st.session_state.get(PROGRESS) or {}
+    st.session_state[STOPPED] = {"done": 0, "total": 0, "unit": "samples", **progress, "by": by}
+
+
+@dataclass
+class _Work:
+    """What a running computation reports to: its status box, progress callback and cache."""
+
+    status: object
+    samples: str = "images"  # what the dataset's samples are called: images or texts
+    cache: Cache | None = None
+    unit: str = "images"
+    progress: Callable[[int, int], None] = field(default=lambda done, total: None)
+
+    def stage(self, text: str) -> None:
+        """A new stage: written in the box, named in its label; the progress bar counts its unit."""
+        self.unit = stage_unit(text, self.samples)
+        st.write(text)
+        self.status.update(label=text)
+
+
+def _progress_bar(work: _Work, by: str) -> tuple[object, Callable[[int, int], None]]:
+    """A bar with items done, speed and ETA (restarting on a new stage); each update is also kept in the
+    session, for the Stop button's sentence."""
     bar = st.progress(0.0, text="Starting…")
     clock = {"began": time.perf_counter(), "last": 0}
 
     def update(done: int, total: int) -> None:
+        st.session_state[PROGRESS] = {"done": done, "total": total, "unit": work.unit}
         if done < clock["last"]:  # a new stage started counting from zero
             clock["began"] = time.perf_counter()
         clock["last"] = done
         elapsed = time.perf_counter() - clock["began"]
-        speed = f" · {done / elapsed:.1f} {unit()}/s · about {elapsed / done * (total - done):.0f} s left" \
+        speed = f" · {done / elapsed:.1f} {work.unit}/s · about {elapsed / done * (total - done):.0f} s left" \
             if done and elapsed > 0 else ""
-        bar.progress(min(done / max(total, 1), 1.0), text=f"{done}/{total} {unit()}{speed}")
+        bar.progress(min(done / max(total, 1), 1.0), text=f"{done}/{total} {work.unit}{speed}")
 
-    return update
+    return bar, update
+
+
+@contextmanager
+def _working(label: str, samples: str = "images") -> Iterator[_Work]:
+    """``st.status`` around one long computation, with a Stop button and a progress bar; it ends in the error
+    state, labelled with the error's sentence, when the computation fails (the page shows the error too)."""
+    by = st.session_state.get(STARTED_BY, "")
+    st.session_state[PROGRESS] = {}
+    with st.status(label, expanded=True) as status:
+        stop = st.empty()
+        stop.button("Stop", key=f"stop-{by}", on_click=_stop, args=(by,), icon=":material/stop_circle:",
+                    help="Stops within about one batch; nothing partial is stored.")
+        work = _Work(status, samples, unit=samples)
+        work.cache = Cache(on_wait=work.stage)  # another tab or process computing the same: wait, then read
+        bar, work.progress = _progress_bar(work, by)
+        try:
+            yield work
+        except Exception as exc:  # not Streamlit's StopException: a stopped run makes no more calls
+            stop.empty()
+            bar.empty()
+            status.update(state="error", expanded=False, label=sentence(exc))
+            raise
+        stop.empty()
 
 
 def run_analysis(sel: Selection) -> None:
-    """The streaming pass for ``sel`` (or a cache hit), inside ``st.status``."""
-    with st.status(f"Computing {sel.model} on {sel.dataset} (n={sel.n}, seed={sel.seed})…",
-                   expanded=True) as status:
+    """The streaming pass for ``sel`` (or a cache hit), inside :func:`_working`."""
+    with _working(f"Computing {sel.model} on {sel.dataset} (n={sel.n}, seed={sel.seed})…", unit(sel.dataset)) as work:
         began = time.perf_counter()
-        ex = extract(sel.model, sel.dataset, sel.n, sel.seed, "train", cache=Cache(),
-                     progress=_progress_bar(lambda: unit(sel.dataset)), encoder=lambda: encoder(sel.model))
+        ex = extract(sel.model, sel.dataset, sel.n, sel.seed, "train", cache=work.cache,
+                     progress=work.progress, encoder=lambda: encoder(sel.model))
         _opened(sel)
         for note in ex.notes:
             st.warning(note)
-        status.update(state="complete", expanded=bool(ex.notes), label=(
+        work.status.update(state="complete", expanded=bool(ex.notes), label=(
             f"Cache hit: results for this selection were already stored (key {ex.key[:12]}…); "
             "the model was not run." if ex.hit else
             f"Computed {ex.num_blocks} blocks on {sel.n} {unit(sel.dataset)} in {time.perf_counter() - began:.1f} s "
@@ -148,19 +252,20 @@ def may_read(sel: Selection) -> bool:
 
 def analysis(sel: Selection, key: str = "compute", label: str = "Compute") -> dict | None:
     """The analysis for ``sel``: stored results at once, else a Compute button; None until computed."""
-    clicked = st.button(label, key=key, type="primary",
-                        help="One forward pass over the n sampled images or texts (skipped when already stored).")
+    clicked = start_button(label, key=key, type="primary",
+                           help="One forward pass over the n sampled images or texts (skipped when already stored).")
     if clicked:
         run_analysis(sel)
     elif not may_read(sel):
+        source = "may be downloaded first" if hub_status()[0] else "is read from the local Hugging Face cache"
         st.info(f"Press {label} to compute {sel.model} on {sel.dataset} (n={sel.n}, seed={sel.seed}), or to "
-                "load it if it is stored; the dataset comes from the hub and may be downloaded first.")
+                f"load it if it is stored; the dataset comes from the hub and {source}.")
         return None
     try:
         results = stored_analysis(sel.model, sel.dataset, sel.n, sel.seed, str(cache_root()))
-    except NotComputed:
-        st.info(f"{sel.model} on {sel.dataset} (n={sel.n}, seed={sel.seed}) is not computed yet: "
-                f"press {label}.")
+    except NotComputed as exc:
+        not_computed(exc, f"{sel.model} on {sel.dataset} (n={sel.n}, seed={sel.seed}) is not computed yet: "
+                          f"press {label}.")
         return None
     if not clicked:
         st.caption(f"Loaded from the cache (computed earlier, key {results['cache']['key'][:12]}…); "
@@ -168,23 +273,17 @@ def analysis(sel: Selection, key: str = "compute", label: str = "Compute") -> di
     return results
 
 
-def _stage(status, stage: str) -> None:
-    st.write(stage)
-    status.update(label=stage)
-
-
 def run_approximation(sel: Selection, eval_n: int, ranges: list[tuple[int, int]], kind: str,
                       params: MapParams, probe: bool) -> None:
-    """Fit the maps and evaluate the approximated model (cached stages are skipped), in ``st.status``."""
-    with st.status("Approximating…", expanded=True) as status:
-        progress = _progress_bar()
+    """Fit the maps and evaluate the approximated model (cached stages are skipped), in :func:`_working`."""
+    with _working("Approximating…", unit(sel.dataset)) as work:
         began = time.perf_counter()
         approximate(sel.model, sel.dataset, sel.n, eval_n, sel.seed, ranges, kind, map_params=params, probe=probe,
-                    cache=Cache(), progress=progress, encoder=lambda: encoder(sel.model),
-                    on_stage=lambda stage: _stage(status, stage))
+                    cache=work.cache, progress=work.progress, encoder=lambda: encoder(sel.model),
+                    on_stage=work.stage)
         _opened(sel)
-        status.update(state="complete", expanded=False,
-                      label=f"Done in {time.perf_counter() - began:.1f} s (stored for next time).")
+        work.status.update(state="complete", expanded=False,
+                           label=f"Done in {time.perf_counter() - began:.1f} s (stored for next time).")
 
 
 def approximation(sel: Selection, eval_n: int, ranges: list[tuple[int, int]], kind: str, params: MapParams,
@@ -194,26 +293,9 @@ def approximation(sel: Selection, eval_n: int, ranges: list[tuple[int, int]], ki
                                 params_key(params), probe, str(cache_root()))
 
 
-@st.cache_data(max_entries=32, show_spinner=False)
-def stored_meta(key: str, cache_dir: str) -> dict:
-    """What a stored pass recorded about its model (``num_params``, ``block_params``, ...)."""
-    entry = Cache(cache_dir).get(key)
-    if entry is None:
-        raise NotComputed
-    return entry.meta
-
-
 def pass_meta(results: dict) -> dict:
     """The stored metadata of the pass behind an analysis (its ``cache`` key), read without running anything."""
     return stored_meta(results["cache"]["key"], str(cache_root()))
-
-
-@st.cache_data(max_entries=8, show_spinner="Reading stored results…")
-def stored_table(model: str, datasets: tuple[str, ...], fit_n: int, eval_n: int, seed: int, rows: str, kind: str,
-                 params: str, cache_dir: str) -> dict:
-    """The ``table`` results from the disk cache (``params`` as JSON); :class:`NotComputed` on a missing row."""
-    return table(model, list(datasets), fit_n, eval_n, seed, rows, kind, map_params=_params(params), cache=Cache(cache_dir),
-                 encoder=_refuse)
 
 
 def table_results(sel: Selection, datasets: Sequence[str], eval_n: int, rows: str, kind: str, params: MapParams) -> dict:
@@ -223,37 +305,28 @@ def table_results(sel: Selection, datasets: Sequence[str], eval_n: int, rows: st
 
 
 def run_table(sel: Selection, datasets: Sequence[str], eval_n: int, rows: str, kind: str, params: MapParams) -> None:
-    """Every row of the table (cached rows are read, not recomputed), in ``st.status``."""
-    with st.status("Computing the table…", expanded=True) as status:
+    """Every row of the table (cached rows are read, not recomputed), in :func:`_working`."""
+    with _working("Computing the table…", unit(sel.dataset)) as work:
         began = time.perf_counter()
-        result = table(sel.model, list(datasets), sel.n, eval_n, sel.seed, rows, kind, map_params=params, cache=Cache(),
-                       progress=_progress_bar(), encoder=lambda: encoder(sel.model),
-                       on_stage=lambda stage: _stage(status, stage))
+        result = table(sel.model, list(datasets), sel.n, eval_n, sel.seed, rows, kind, map_params=params, cache=work.cache,
+                       progress=work.progress, encoder=lambda: encoder(sel.model), on_stage=work.stage)
         for dataset in datasets:
             _opened(replace(sel, dataset=dataset))
-        status.update(state="complete", expanded=False, label=f"Computed {len(result['rows'])} rows in "
-                      f"{time.perf_counter() - began:.1f} s (stored for next time).")
+        work.status.update(state="complete", expanded=False, label=f"Computed {len(result['rows'])} rows in "
+                           f"{time.perf_counter() - began:.1f} s (stored for next time).")
 
 
 def run_search(sel: Selection, eval_n: int, budget: dict, pairs: bool, probe_top: int, kind: str,
                params: MapParams) -> dict:
     """The measured search (``budget``: search's ``blocks``, ``max_params`` or ``max_latency_ms``),
-    in ``st.status``. Not cached on disk: it is cheap next to the passes it reuses."""
-    samples = unit(sel.dataset)
-    now = {"unit": samples}
-
-    def stage(text: str) -> None:
-        # The search counts candidates, the passes and probes before and after it count samples.
-        now["unit"] = "candidate runs" if text.startswith("Measured search") else samples
-        _stage(status, text)
-
-    with st.status("Searching…", expanded=True) as status:
+    in :func:`_working`. Not cached on disk: it is cheap next to the passes it reuses."""
+    with _working("Searching…", unit(sel.dataset)) as work:
         result = search(sel.model, sel.dataset, sel.n, eval_n, sel.seed, **budget, pairs=pairs, probe_top=probe_top,
-                        kind=kind, map_params=params, cache=Cache(), progress=_progress_bar(lambda: now["unit"]),
-                        on_stage=stage, encoder=lambda: encoder(sel.model))
+                        kind=kind, map_params=params, cache=work.cache, progress=work.progress, on_stage=work.stage,
+                        encoder=lambda: encoder(sel.model))
         _opened(sel)
-        status.update(state="complete", expanded=False, label=f"Measured {result['evaluated']} candidates on "
-                      f"{eval_n} {samples} in {result['seconds']['total']:.1f} s.")
+        work.status.update(state="complete", expanded=False, label=f"Measured {result['evaluated']} candidates on "
+                           f"{eval_n} {unit(sel.dataset)} in {result['seconds']['total']:.1f} s.")
     return result
 
 
@@ -269,24 +342,25 @@ def _zip(folder: Path) -> bytes:
 def run_export(sel: Selection, ranges: list[tuple[int, int]], kind: str, params: MapParams, name: str,
                onnx: bool) -> dict:
     """The approximated model of the dashboard (maps fitted from the stored statistics) written by
-    :func:`rba_core.export.save_compressed` in a temporary folder, in ``st.status``. Returns
+    :func:`rba_core.export.save_compressed` in a temporary folder, in :func:`_working`. Returns
     ``content`` (the folder as a zip, or with ``onnx`` the ONNX file), ``sizes`` (bytes on disk per
     file) and ``record`` (rba.json)."""
     what = "the ONNX file" if onnx else "the compressed model"
-    with st.status(f"Building {what}…", expanded=True) as status:
+    with _working(f"Building {what}…", unit(sel.dataset)) as work:
         began = time.perf_counter()
-        _stage(status, "Fitting the maps from the stored token statistics")
-        fit = extract(sel.model, sel.dataset, sel.n, sel.seed, "train", cache=Cache(), progress=_progress_bar(),
+        work.stage("Fitting the maps from the stored token statistics")
+        fit = extract(sel.model, sel.dataset, sel.n, sel.seed, "train", cache=work.cache, progress=work.progress,
                       encoder=lambda: encoder(sel.model))
         _opened(sel)
         model = encoder(sel.model)
         net = approximate_encoder(model, fit.stats(), ranges, kind, params)
-        _stage(status, "Exporting to ONNX (tracing the model)" if onnx else
-               "Writing the safetensors weights, config and record")
+        work.stage("Exporting to ONNX (tracing the model)" if onnx else
+                   "Writing the safetensors weights, config and record")
         with tempfile.TemporaryDirectory() as tmp:
             folder = save_compressed(net, Path(tmp) / name, onnx=onnx)
             sizes = {path.name: path.stat().st_size for path in sorted(folder.iterdir())}
             content = (folder / ONNX).read_bytes() if onnx else _zip(folder)
             record = json.loads((folder / RECORD).read_text())
-        status.update(state="complete", expanded=False, label=f"Built {what} in {time.perf_counter() - began:.1f} s.")
+        work.status.update(state="complete", expanded=False,
+                           label=f"Built {what} in {time.perf_counter() - began:.1f} s.")
     return {"content": content, "sizes": sizes, "record": record}

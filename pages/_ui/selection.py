@@ -9,18 +9,15 @@ such a write does not reach the URL and is lost on the next page.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import streamlit as st
 
 from rba_core.maps import MAPS, MapParams
 from rba_core.errors import RBAError
-from rba_core.hub import hub_status
-from rba_core.models import is_available_offline
+from rba_core.hub import hub_status, is_available_offline, is_hub_model, offline_problem
 from rba_core.registry import (DATA_DIR_ENV, DATASETS, DEMO_PAIR, MINILM_ID, MODEL_ALIASES, MODELS, TEXT_DEMO_PAIR,
-                               dataset_info, local_dataset_dir, model_alias, resolve_model)
+                               dataset_info, local_dataset_dir, model_alias)
 
 # Grouped by what they read: image models, then text models (and likewise the datasets).
 MODEL_OPTIONS = [m.alias for m in MODEL_ALIASES if m.modality == "image"] + \
@@ -36,7 +33,9 @@ PAGES = [("app.py", "Home", ":material/home:"),
          ("pages/1_Similarity.py", "Similarity", ":material/grid_on:"),
          ("pages/2_Redundancy.py", "Redundancy", ":material/bar_chart:"),
          ("pages/3_Approximate.py", "Approximate", ":material/compress:"),
-         ("pages/4_Table.py", "Table", ":material/table_chart:")]
+         ("pages/4_Table.py", "Table", ":material/table_chart:"),
+         ("pages/5_Cache.py", "Cache", ":material/storage:")]
+MAX_SAMPLES = 100_000
 
 
 @dataclass(frozen=True)
@@ -49,35 +48,17 @@ class Selection:
     seed: int
 
 
-@st.cache_data(ttl=300, show_spinner="Checking whether the Hugging Face hub can be reached…")
-def hub() -> tuple[bool, str]:
-    """(reachable, reason), checked at most every five minutes per process."""
-    return hub_status()
-
-
-def _is_hub_id(name: str) -> bool:
-    source = resolve_model(name)
-    return not (Path(source).expanduser().exists() or source.startswith((".", "/", "~")))
-
-
 def _model_note(name: str, reachable: bool) -> str:
     """What the selected model is, and whether it can be used right now."""
     alias = model_alias(name)
     note = "the offline demo, trained on scikit-learn digits" if alias == DEMO_PAIR[0] else (
-        f"hub id {MODELS[alias]}" if alias and _is_hub_id(MODELS[alias]) else "local folder" if alias
-        else "hub id" if _is_hub_id(name) else "local folder")
+        f"hub id {MODELS[alias]}" if alias and is_hub_model(MODELS[alias]) else "local folder" if alias
+        else "hub id" if is_hub_model(name) else "local folder")
     if alias:
         note = f"{MODALITY[alias]} model · {note}"
-    if not reachable and _is_hub_id(name) and not is_available_offline(name):
+    if not reachable and is_hub_model(name) and not is_available_offline(name):
         note += " · unavailable offline (not in the local Hugging Face cache)"
     return note
-
-
-def on_disk(dataset: str) -> bool:
-    """True when opening ``dataset`` reads local files only (a folder, digits, a copy under
-    $RBA_DATA_DIR); otherwise it goes to the hub and may download the whole dataset."""
-    info = dataset_info(dataset)
-    return info is None or info.hub_id == "sklearn:digits" or local_dataset_dir(info) is not None
 
 
 def _dataset_note(name: str, reachable: bool) -> str:
@@ -118,12 +99,10 @@ def sidebar(announce: bool = False) -> Selection:
     """Draw the shared sidebar and return the selection; ``announce`` says in the page why the
     session opened on the offline demo (the home page does).
 
-    Raises :class:`RBAError` when the selected hub model cannot be used offline (after drawing).
+    Raises :class:`RBAError` (after drawing) when the selected hub model or dataset cannot be used offline,
+    or a number is out of its range.
     """
-    reachable, reason = hub()
-    if not reachable:
-        # Later hub calls in this process fail fast instead of retrying a dead network.
-        os.environ["HF_HUB_OFFLINE"] = "1"
+    reachable, reason = hub_status()  # probed once per process; unreachable makes later hub calls offline
     # Through the widgets' defaults (see the module docstring): the paper's pair online, the demo offline.
     default = PAPER_PAIR if reachable else DEMO_PAIR
     with st.sidebar:
@@ -140,11 +119,14 @@ def sidebar(announce: bool = False) -> Selection:
                        "files (parquet, CSV or JSONL with an image or a text column) or one sub-folder of images "
                        "per class.", default[1])
         st.caption(_dataset_note(dataset, reachable) if dataset else "Type a folder above.")
-        n = st.number_input("Samples n (train split)", min_value=2, max_value=100_000, value=256, step=64,
-                            key="n", help="Images or texts sampled for the analysis and for fitting the maps.",
-                            **BOUND)
-        seed = st.number_input("Seed", min_value=0, max_value=2**31 - 1, value=0, key="seed",
-                               help="Chooses which samples are drawn.", **BOUND)
+        if not reachable:
+            st.caption(f"Offline, a listed dataset needs a local copy: start the app with {DATA_DIR_ENV}=/path "
+                       "(sub-folders mnist/, fashion_mnist/, cifar10/, cifar100/, sst2/, ag_news/, imdb/, mnli/, "
+                       "debian_descriptions/ with train.parquet and test.parquet), or choose custom and type a "
+                       "local folder.")
+        n = count_input("Samples n (train split)", "n", 256, 2, MAX_SAMPLES, step=64,
+                        help="Images or texts sampled for the analysis and for fitting the maps.")
+        seed = count_input("Seed", "seed", 0, 0, 2**31 - 1, help="Chooses which samples are drawn.")
         st.caption("Hugging Face hub: reachable." if reachable else
                    f"Hugging Face hub: unreachable ({reason}); only local folders, downloaded "
                    "models and the offline demos work.")
@@ -162,10 +144,26 @@ def sidebar(announce: bool = False) -> Selection:
     if announce and not reachable and (model, dataset) == DEMO_PAIR:
         st.info(f"The Hugging Face hub cannot be reached ({reason}), so the app opened on the offline demo: "
                 f"{DEMO_PAIR[0]} on {DEMO_PAIR[1]}.")
-    if not reachable and _is_hub_id(model) and not is_available_offline(model):
-        raise RBAError(f"Model '{model}' is not in the local Hugging Face cache and the hub cannot be "
-                       f"reached ({reason}); pick {DEMO_PAIR[0]} (the offline demo) or a local model folder.")
-    return Selection(model, dataset, int(n), int(seed))
+    problem = offline_problem(model, [dataset])
+    if problem:
+        raise RBAError(problem)
+    return Selection(model, dataset, checked(n, "Samples n (train split)", 2, MAX_SAMPLES),
+                     checked(seed, "Seed", 0, 2**31 - 1))
+
+
+def count_input(label: str, key: str, default: int, low: int, high: int, at=st, **kwargs) -> int:
+    """An integer field bound to the URL. It has no bounds of its own: the browser would refuse a value
+    outside them with only a red mark and keep the previous value (showing results for it); :func:`checked`
+    says what is wrong instead."""
+    return at.number_input(label, value=default, step=kwargs.pop("step", 1), key=key,
+                           help=f"{kwargs.pop('help', '')} From {low:,} to {high:,}.".strip(), **BOUND, **kwargs)
+
+
+def checked(value: int, label: str, low: int, high: int) -> int:
+    """``value`` when it lies in ``low..high``, else an :class:`RBAError` sentence naming the field."""
+    if not low <= value <= high:
+        raise RBAError(f"{label} must be between {low:,} and {high:,} (it is {value:,}); change it to see results.")
+    return int(value)
 
 
 def map_choice(kind_at=st, ridge_at=st) -> tuple[str, MapParams]:
@@ -179,5 +177,5 @@ def map_choice(kind_at=st, ridge_at=st) -> tuple[str, MapParams]:
 
 def eval_samples(at=st) -> int:
     """How many test-split images evaluate an approximated model (shared by every such page)."""
-    return int(at.number_input("Evaluation samples (test split)", min_value=2, max_value=100_000, value=256,
-                               step=64, key="eval_n", **BOUND))
+    label = "Evaluation samples (test split)"
+    return checked(count_input(label, "eval_n", 256, 2, MAX_SAMPLES, at, step=64), label, 2, MAX_SAMPLES)

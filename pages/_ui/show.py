@@ -1,4 +1,4 @@
-"""Showing results and failures: one-sentence errors, CSV/JSON downloads, matrix tables."""
+"""Showing results and failures: one-sentence errors, not-computed notices, tables, CSV/JSON downloads."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 import logging
 import re
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import pandas as pd
 import streamlit as st
@@ -15,9 +15,17 @@ from rba_core.errors import RBAError
 from rba_core.plots import state_labels
 from rba_core.results import Result, plain
 
-from pages._ui.compute import NotComputed
-
 log = logging.getLogger(__name__)
+MISSING = "—"  # what a table cell without a value shows
+
+
+class NotComputed(Exception):
+    """The result is not in the on-disk cache yet; the page offers a Compute button. ``notes`` are what
+    looking for it found on the way (a damaged entry, removed: the CLI's warning sentence)."""
+
+    def __init__(self, notes: Sequence[str] = ()):
+        super().__init__("These results are not computed yet; press Compute first.")
+        self.notes = list(notes)
 
 
 def _one_sentence(text: str, limit: int = 300) -> str:
@@ -25,19 +33,37 @@ def _one_sentence(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def sentence(exc: Exception) -> str:
+    """The one sentence a page shows for ``exc``: the user's mistake as the core words it, or a bug report."""
+    if isinstance(exc, (RBAError, NotComputed)):
+        return _one_sentence(str(exc))
+    return _one_sentence(f"Something unexpected went wrong ({type(exc).__name__}: {exc}); "
+                         "the details are in the server log — please report them.")
+
+
+def not_computed(exc: NotComputed, message: str) -> None:
+    """Say that results are not stored yet (``message``), after any damaged entry found while looking."""
+    for note in exc.notes:
+        st.warning(note)
+    st.info(message)
+
+
 @contextmanager
 def errors() -> Iterator[None]:
     """Show any error raised in the block as one ``st.error`` sentence, never a traceback."""
     try:
         yield
-    except RBAError as exc:
-        st.error(_one_sentence(str(exc)))
-    except NotComputed:
-        st.error("These results are not computed yet; press Compute first.")
-    except Exception as exc:  # anything else is a bug: say so in one sentence, details go to the log
-        log.exception("unexpected error in a dashboard page")
-        st.error(_one_sentence(f"Something unexpected went wrong ({type(exc).__name__}: {exc}); "
-                               "the details are in the server log — please report them."))
+    except Exception as exc:
+        if not isinstance(exc, (RBAError, NotComputed)):  # a bug: the details go to the log
+            log.exception("unexpected error in a dashboard page")
+        for note in getattr(exc, "notes", []):
+            st.warning(note)
+        st.error(sentence(exc))
+
+
+def dataframe(frame: pd.DataFrame, **kwargs) -> None:
+    """A table without its index, where a missing value reads "—" (never "None")."""
+    st.dataframe(frame, hide_index=True, placeholder=MISSING, **kwargs)
 
 
 def to_json(data) -> str:
@@ -68,18 +94,19 @@ def file_download(label: str, content: str | bytes, name: str, mime: str, at=st)
 
 
 def downloads(name: str, table: pd.DataFrame | str | None = None, data: dict | None = None,
-              markdown: str | None = None) -> None:
+              markdown: str | None = None, of: str | None = None) -> None:
     """Download buttons (CSV for a table or CSV text, Markdown text, JSON for a result) that do
-    not rerun the page."""
+    not rerun the page; ``of`` names what they hold when a page shows several (e.g. the dataset)."""
     name = file_name(name)
+    suffix = f" · {of}" if of else ""
     files = []
     if table is not None:
         csv = table if isinstance(table, str) else table.to_csv(index=False)
-        files.append(("Download CSV", csv, f"{name}.csv", "text/csv"))
+        files.append((f"Download CSV{suffix}", csv, f"{name}.csv", "text/csv"))
     if markdown is not None:
-        files.append(("Download Markdown", markdown, f"{name}.md", "text/markdown"))
+        files.append((f"Download Markdown{suffix}", markdown, f"{name}.md", "text/markdown"))
     if data is not None:
-        files.append(("Download JSON", to_json(data), f"{name}.json", "application/json"))
+        files.append((f"Download JSON{suffix}", to_json(data), f"{name}.json", "application/json"))
     row = st.container(horizontal=True)  # buttons as wide as their labels, side by side
     for file in files:
         file_download(*file, at=row)

@@ -16,6 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from rba_core.errors import RBAError
+from rba_core.hub import hub_cache_dir, is_available_offline, require_available
 from rba_core.models.base import Encoder
 from rba_core.registry import resolve_model
 
@@ -60,20 +61,6 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _hub_cache_dir(repo_id: str) -> Path:
-    from huggingface_hub.constants import HF_HUB_CACHE
-
-    return Path(HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
-
-
-def is_available_offline(name: str) -> bool:
-    """True when ``name`` is a local folder or a hub id already in the local Hugging Face cache."""
-    source = resolve_model(name)
-    if Path(source).is_dir():
-        return (Path(source) / "config.json").is_file()
-    return (_hub_cache_dir(source) / "snapshots").is_dir()
-
-
 @lru_cache(maxsize=64)
 def _file_digest(path: str, size: int, mtime_ns: int) -> str:
     sha = hashlib.sha256()
@@ -102,7 +89,7 @@ def model_fingerprint(name: str, revision: str = "main") -> dict:
                 stat = path.stat()
                 digests[str(path.relative_to(folder))] = _file_digest(str(path), stat.st_size, stat.st_mtime_ns)
         return {"model": str(folder.resolve()), "files": digests}
-    ref = _hub_cache_dir(source) / "refs" / revision
+    ref = hub_cache_dir(source) / "refs" / revision
     commit = ref.read_text().strip() if ref.is_file() else revision
     return {"model": source, "revision": commit}
 
@@ -146,6 +133,7 @@ def _read_json(source: str, filename: str) -> dict | None:
 def load_config(name: str):
     """The model's config (Hugging Face, or timm's config.json), checked to be a supported family."""
     source = resolve_model(name)
+    require_available(model=name)  # offline and not cached: one sentence at once, no retries
     raw = _read_json(source, "config.json")
     if raw is not None and "model_type" not in raw and "architecture" in raw:
         from rba_core.models.timm_vit import TimmConfig

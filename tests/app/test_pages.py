@@ -6,6 +6,9 @@ browser test); here we check what the pages say and that no exception reaches th
 
 import io
 import os
+import re
+import shutil
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -21,11 +24,14 @@ from rba_core.analysis import approximate
 from rba_core.cache import Cache
 from rba_core.data import open_dataset
 from rba_core.extract import extract
+from rba_core.cli import main
+from rba_core.ranking import default_ranges
 from rba_core.registry import DEMO_PAIR
 from rba_core.table import table
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = ["pages/1_Similarity.py", "pages/2_Redundancy.py", "pages/3_Approximate.py", "pages/4_Table.py"]
+CACHE_PAGE = "pages/5_Cache.py"
 DEMO = {"model": DEMO_PAIR[0], "dataset": DEMO_PAIR[1]}
 FAST = {"n": "64", "eval_n": "64"}  # small samples keep every compute to a second or two
 
@@ -131,6 +137,9 @@ def test_similarity_compares_two_datasets_side_by_side(home, tmp_path):
     at.button(key="compute-compare").click().run()
     _clean(at)
     assert len(at.get("plotly_chart")) == 1 and len(at.get("download_button")) == 4
+    labels = [b.label for b in at.get("download_button")]
+    assert labels[:2] == ["Download CSV · digits", "Download JSON · digits"]
+    assert labels[2:] == [f"Download CSV · {tmp_path}", f"Download JSON · {tmp_path}"]
 
 
 def _approximate(at: AppTest) -> dict[str, str]:
@@ -157,11 +166,17 @@ def test_selecting_a_range_updates_the_results(home):
     assert second["Final-representation MSE"] != first["Final-representation MSE"]
     assert at.dataframe[0].value.to_dict("records")[0]["paper notation"] == "8 10"
 
+    # The latency figure carries its spread; 64 evaluation images of 10 classes are too few for the probe.
+    latency = next(m for m in at.metric if m.label.startswith("Latency"))
+    assert re.fullmatch(r"[\d.e-]+ \([\d.e-]+–[\d.e-]+\)", latency.value), latency.value
+    assert any("median (p25–p75)" in t and " runs)" in t for t in _texts(at.caption))
+    assert any("fewer than 10 per class" in w and "raise the evaluation samples" in w for w in _texts(at.warning))
     at.button(key="probe").click().run()
     _clean(at)
     accuracy = at.dataframe[1].value
     assert list(accuracy["model"]) == ["original model", "approximated (maps)", "skipped (no map)"]
-    assert accuracy["accuracy mean"].between(0, 1).all()
+    assert accuracy["accuracy mean"].between(0, 1).all() and accuracy["converged probe accuracy"].between(0, 1).all()
+    assert any("which the paper's tables used" in m.value and "converged probe" in m.value for m in at.markdown)
 
 
 @pytest.mark.parametrize("ranges, message", [
@@ -192,8 +207,11 @@ def test_a_bad_model_folder_and_a_bad_dataset_are_errors_not_exceptions(home, tm
     at = _app(**missing)
     at.button(key="compute-home").click().run()
     assert not at.exception and "Could not read the model folder" in at.error[0].value
+    # The status box ends in the error state with the sentence: no running box, no empty bar, no Stop.
+    assert [(s.state, s.label) for s in at.status] == [("error", at.error[0].value)]
+    assert not at.get("progress") and not [b for b in at.button if b.label == "Stop"]
     at = _app(model=DEMO_PAIR[0], dataset="custom", dataset_path=str(tmp_path / "missing-data"))
-    assert not at.exception and "Unknown dataset" in at.error[0].value
+    assert not at.exception and "does not exist" in at.error[0].value
     (tmp_path / "empty").mkdir()
     at = _app(model=DEMO_PAIR[0], dataset="custom", dataset_path=str(tmp_path / "empty"))
     assert not at.exception and "No images found" in at.error[0].value
@@ -341,3 +359,114 @@ def test_a_text_dataset_for_an_image_model_is_one_sentence():
     at = _app(model=DEMO_PAIR[0], dataset="debian-descriptions")
     assert not at.exception
     assert len(at.error) == 1 and "reads images but debian-descriptions holds texts" in at.error[0].value
+
+
+# Issue 10: damaged entries, bad numbers, the cache page, offline hints, defaults that follow the model.
+
+
+def test_a_damaged_entry_shows_the_clis_warning_sentence(home, cache_dir, capsys):
+    """The page reports it exactly as `python -m rba_core analyze` does, then offers Compute."""
+    ex = extract(DEMO_PAIR[0], DEMO_PAIR[1], 48, 0, cache=Cache(cache_dir))  # an n no other test reads
+    entry = cache_dir / ex.key
+    (entry / "reps.safetensors").write_bytes(b"damaged")
+    shutil.copytree(entry, cache_dir.parent / "damaged-copy")
+    at = _app(**DEMO, n="48")
+    assert not at.exception and not at.error
+    (shown,) = _texts(at.warning)
+    assert any("not computed yet: press Compute" in t for t in _texts(at.info))
+    shutil.copytree(cache_dir.parent / "damaged-copy", entry)  # the same damage, now through the CLI
+    capsys.readouterr()
+    assert main(["analyze", "--model", DEMO_PAIR[0], "--dataset", DEMO_PAIR[1], "--n", "48",
+                 "--cache-dir", str(cache_dir), "--json", str(cache_dir.parent / "analysis.json")]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
+    assert notes == [f"note: {shown}"] and ex.key[:12] in shown and shown.endswith("and is recomputed")
+
+
+@pytest.mark.parametrize("params, field", [({"n": "0"}, "Samples n (train split)"),
+                                           ({"n": "1000000000"}, "Samples n (train split)"),
+                                           ({"seed": "-1"}, "Seed")])
+def test_a_number_out_of_range_is_a_sentence_and_shows_no_results(home, params, field):
+    at = _app(**DEMO, **params)
+    assert not at.exception and len(at.error) == 1
+    assert at.error[0].value.startswith(f"{field} must be between") and "change it to see results" in at.error[0].value
+    assert not at.metric and not at.get("plotly_chart")
+
+
+def test_too_many_evaluation_samples_name_that_field(home):
+    at = _app("pages/3_Approximate.py", **DEMO, eval_n="0")
+    assert [e.value for e in at.error] == [
+        "Evaluation samples (test split) must be between 2 and 100,000 (it is 0); change it to see results."]
+    at = _app("pages/3_Approximate.py", **DEMO, eval_n="400")  # the digits test split has 360 images
+    at.button(key="approximate").click().run()
+    assert not at.exception and len(at.error) == 1
+    assert at.error[0].value == ("Asked for 400 evaluation samples (test split) but the test split has only 360 "
+                                 "images; lower the evaluation samples to at most 360.")
+    assert [s.state for s in at.status] == ["error"] and not at.metric
+
+
+def test_offline_a_hub_dataset_points_to_local_copies(home):
+    at = _app(model=DEMO_PAIR[0], dataset="CIFAR-10")
+    assert not at.exception and len(at.error) == 1
+    assert "RBA_DATA_DIR" in at.error[0].value and "HF_HUB_OFFLINE is set" in at.error[0].value
+    assert any("RBA_DATA_DIR=/path" in t and "local folder" in t for t in _texts(at.sidebar.caption))
+    everything = _texts(at.info) + _texts(at.error) + _texts(at.caption) + _texts(at.sidebar.caption)
+    assert not any("downloaded first" in t for t in everything)
+
+
+def test_custom_table_rows_ask_before_they_complain_and_empty_cells_are_dashes(home):
+    at = _app("pages/4_Table.py", **DEMO, table_rows="custom")
+    assert not at.exception and not at.error
+    assert any("Type the custom rows" in t for t in _texts(at.info))
+    at = _app("pages/4_Table.py", **DEMO, table_rows="custom", table_custom="2:6")
+    at.button(key="table-compute").click().run()
+    _clean(at)
+    shown = at.dataframe[0]
+    assert shown.proto.placeholder == "—" and shown.value["skip accuracy %"].isna().tolist() == [True, False]
+    assert shown.value["converged %"].between(0, 100).all()
+
+
+def test_default_ranges_follow_the_model(home, tiny_models):
+    at = _app("pages/3_Approximate.py", model="custom", model_path=tiny_models["vit"], dataset=DEMO_PAIR[1])
+    assert not at.exception
+    assert (at.number_input(key="start1").value, at.number_input(key="end1").value) == default_ranges(4)[0]
+    assert default_ranges(4)[0] != (2, 6)
+    at.selectbox(key="model").set_value(DEMO_PAIR[0]).run()
+    assert (at.number_input(key="start1").value, at.number_input(key="end1").value) == (2, 6)  # 12 blocks
+
+
+def test_cache_page_lists_and_deletes_with_a_confirmation(home, tmp_path, monkeypatch):
+    monkeypatch.setenv("RBA_CACHE_DIR", str(tmp_path))
+    result = approximate(DEMO_PAIR[0], DEMO_PAIR[1], 16, 16, 0, [(2, 6)], cache=Cache(tmp_path))
+    at = _app(CACHE_PAGE, **DEMO)
+    _clean(at)
+    metrics = {m.label: m.value for m in at.metric}
+    size = sum(p.stat().st_size for p in tmp_path.glob("[!.]*/*"))  # every file of every entry
+    assert 1e6 <= size < 1e9 and metrics["Total size"] == f"{size / 1e6:.1f} MB"
+    assert metrics["Stored results"] == "3" and str(tmp_path) in at.markdown[0].value
+    listed = at.dataframe[0].value
+    assert sorted(listed["kind"]) == ["approximated run"] + ["pass (representations, statistics)"] * 2
+    assert set(listed["key"]) == {k[:12] for k in (result["cache"]["fit"], result["cache"]["eval"])} | {
+        p.name[:12] for p in tmp_path.iterdir() if not p.name.startswith(".")}
+    fit = next(r for _, r in listed.iterrows() if r["key"] == result["cache"]["fit"][:12])
+    assert (fit["model"], fit["dataset"], fit["split"], fit["n"]) == (DEMO_PAIR[0], DEMO_PAIR[1], "train", 16)
+
+    at.selectbox(key="cache-entry").set_value(result["cache"]["fit"]).run()
+    at.button(key="cache-delete-one").click().run()
+    assert any(t.startswith(f"Delete the stored result {result['cache']['fit'][:12]}") for t in _texts(at.warning))
+    assert (tmp_path / result["cache"]["fit"]).is_dir()  # nothing happens before the confirmation
+    at.button(key="cache-confirm").click().run()
+    _clean(at)
+    assert not (tmp_path / result["cache"]["fit"]).exists() and {m.label: m.value for m in at.metric}[
+        "Stored results"] == "2"
+    at.button(key="cache-delete-all").click().run()
+    at.button(key="cache-cancel").click().run()
+    assert {m.label: m.value for m in at.metric}["Stored results"] == "2"
+    at.button(key="cache-delete-all").click().run()
+    at.button(key="cache-confirm").click().run()
+    _clean(at)
+    assert any("Nothing is stored yet" in t for t in _texts(at.info)) and Cache(tmp_path).entries() == []
+
+
+def test_the_deploy_button_is_hidden_and_the_menu_kept():
+    config = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
+    assert config["client"]["toolbarMode"] == "viewer"  # hides Deploy, Rerun, Clear cache; keeps the menu

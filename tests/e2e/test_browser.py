@@ -6,11 +6,6 @@ exception element appears, and saves screenshots under tests/e2e/screenshots/ (g
 
 import os
 import re
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -30,43 +25,9 @@ if not CHROMIUM.is_file():
 from playwright.sync_api import Page, expect, sync_playwright  # noqa: E402
 from playwright.sync_api import TimeoutError as PlaywrightTimeout  # noqa: E402
 
+from app_process import server  # noqa: F401, E402  (the fixture)
+
 expect.set_options(timeout=WAIT_MS)  # the first script run imports torch and transformers
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """The app on a free local port, hub offline, a fresh cache; always stopped afterwards."""
-    port, tmp = _free_port(), tmp_path_factory.mktemp("e2e")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "RBA_CACHE_DIR": str(tmp / "cache")}
-    log = open(tmp / "streamlit.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.address", "127.0.0.1",
-         "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
-         "--server.fileWatcherType", "none"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"streamlit did not start:\n{(tmp / 'streamlit.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
-        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +109,7 @@ def test_every_page_in_the_browser(server, page):
     _settle(page)
     _charts(page, 1)
     _no_exception(page)
+    expect(page.get_by_role("button", name="Deploy")).to_have_count(0)  # client.toolbarMode = "viewer"
     _shot(page, "home")
 
     _goto(page, "Similarity")
@@ -190,6 +152,12 @@ def test_every_page_in_the_browser(server, page):
     expect(page.locator('[data-testid="stDataFrame"]')).to_have_count(1)
     _no_exception(page)
     _shot(page, "table")
+
+    _goto(page, "Cache")
+    expect(page.get_by_text("Total size")).to_be_visible()
+    expect(page.locator('[data-testid="stDataFrame"]')).to_have_count(1)
+    _no_exception(page)
+    _shot(page, "cache")
 
 
 def test_a_bad_model_is_one_error_sentence(server, page):

@@ -1,10 +1,15 @@
-"""``python -m rba_core`` writes the README's JSON contract and fails on user errors with exit 2 and one
-sentence on stderr, never a traceback."""
+"""``python -m rba_core`` writes the README's JSON contract (to a file, to stdout, or a summary), fails on
+user errors with exit 2 and one sentence on stderr, never a traceback, and stops on Ctrl-C or SIGTERM with
+exit 130 and one sentence, storing nothing."""
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -133,3 +138,49 @@ def test_reversed_range_exits_2_with_one_sentence(runs):
 def test_unknown_model_exits_2_with_one_sentence(runs):
     assert "no-such-org/no-such-vit" in user_error(runs["unknown"])
     assert not (runs["tmp"] / "unknown.json").exists()
+
+
+def test_json_dash_writes_the_json_to_stdout_and_progress_stays_on_stderr(runs):
+    args = ["analyze", "--model", runs["model"], "--dataset", runs["dataset"], "--seed", "2", "--n", "12",
+            "--cache-dir", str(runs["tmp"] / "cache")]
+    run = finish(start(*args, "--json", "-"))
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert result["cache"] == {"key": runs["first"]["cache"]["key"], "hit": True}
+    assert result["block_redundancy"] == runs["first"]["block_redundancy"]
+    assert "{" not in run.stderr and not (ROOT / "-").exists()
+
+
+def test_without_json_a_short_summary(runs):
+    run = finish(start("approximate", "--model", runs["model"], "--dataset", runs["dataset"], "--seed", "2",
+                       "--cache-dir", str(runs["tmp"] / "cache"), "--fit-n", "12", "--eval-n", "6",
+                       "--range", "1", "3", "--range", "3", "4", "--probe"))
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0].endswith("1→3 (paper: 0 2), 3→4 (paper: 2 3), linear map; blocks 4 → 1.")
+    expected = runs["approx"]
+    assert f"Final-representation MSE {expected['mse_final']:.4g} on 6 test images." in lines
+    latency = expected["latency_ms_per_image"]["original"]  # the stored measurement, read back
+    assert any(line.startswith("Latency per image") and f"{latency['median']:.3g} ms" in line for line in lines)
+    assert any(line.startswith("Probe accuracy, converged: original") for line in lines)
+
+
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_mid_run_exits_130_with_one_sentence_and_stores_nothing(tmp_path, how):
+    process = start("analyze", "--model", "digits-ViT", "--dataset", "digits", "--n", "1000",
+                    "--cache-dir", str(tmp_path / "cache"))
+    seen = []
+    reader = threading.Thread(target=lambda: seen.extend(iter(lambda: process.stderr.read(1), "")), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 120
+    while not re.search(r"\b[1-9]\d*/1000\b", "".join(seen)):  # the pass is under way
+        assert process.poll() is None and time.monotonic() < deadline, "".join(seen)
+        time.sleep(0.05)
+    process.send_signal(how)
+    assert process.wait(timeout=60) == 130
+    reader.join(timeout=10)
+    last = "".join(seen).strip().splitlines()[-1]
+    assert re.fullmatch(r"Stopped after \d+ of 1000 images; nothing partial was stored\.", last), last
+    assert "Traceback" not in "".join(seen) and process.stdout.read() == ""
+    assert not any(p for p in (tmp_path / "cache").iterdir() if not p.name.startswith("."))
+    assert not any((tmp_path / "cache" / ".locks").iterdir())

@@ -84,6 +84,13 @@ def test_unknown_dataset_and_split(image_folder):
 def test_more_samples_than_the_split_has(tiny_models, image_folder, tmp_path):
     raises(r"only \d+ images", extract, tiny_models["vit"], image_folder, 10_000,
            cache=Cache(tmp_path), device="cpu")
+    # The error names the setting to change: the evaluation samples for the test split.
+    message = raises(r"Asked for 256 evaluation samples \(test split\) but the test split has only \d+ images; "
+                     r"lower the evaluation samples to at most \d+\.", approximate, tiny_models["vit"], image_folder,
+                     8, 256, 0, [(1, 2)], cache=Cache(tmp_path))
+    assert "samples n" not in message
+    raises(r"Asked for 999 samples n \(train split\).*lower samples n", extract, tiny_models["vit"], image_folder,
+           999, cache=Cache(tmp_path))
 
 
 def test_unknown_map_kind(tiny_models, image_folder, tmp_path):
@@ -106,8 +113,14 @@ def test_image_that_cannot_be_decoded(tmp_path):
     for k in range(10):
         (tmp_path / "a" / f"{k}.png").write_bytes(b"not a png")
     source = open_dataset(str(tmp_path), "train")
-    raises(r"cannot be decoded", source.items, [0])
+    message = raises(r"cannot be decoded", source.items, [0, 3])
+    assert message.startswith(f"Sample 0 ('{tmp_path / 'a'}/") and "BytesIO" not in message and " at 0x" not in message
     assert np.all(source.labels == 0)
+
+
+def test_missing_dataset_folder_says_it_does_not_exist(tmp_path):
+    message = raises(r"does not exist", open_dataset, str(tmp_path / "missing-data"), "train")
+    assert str(tmp_path / "missing-data") in message and "Unknown dataset" not in message
 
 
 def test_folder_without_images(tmp_path):

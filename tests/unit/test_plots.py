@@ -5,7 +5,7 @@ import pytest
 
 from rba_core.plots import (APPROXIMATED_SYMBOL, HIGHLIGHT, ORIGINAL_SYMBOL, PLAIN, pca_scatter, redundancy_bars,
                             residual_heatmap, similarity_heatmap, similarity_side_by_side, state_labels)
-from rba_core.ranking import rank_ranges, suggested_removed, top_blocks
+from rba_core.ranking import default_ranges, rank_ranges, suggested_removed, top_blocks
 
 LABELS_4 = ["hs[0] (embeddings)", "block 1", "block 2", "block 3", "block 4"]
 
@@ -122,3 +122,25 @@ def test_rank_ranges_handles_ties_nan_and_impossible_sizes():
 
 def test_suggested_removed_is_a_third_of_the_blocks():
     assert [suggested_removed(L) for L in (1, 2, 4, 12, 24)] == [1, 1, 1, 4, 8]
+
+
+def test_side_by_side_ticks_stay_short_and_rows_are_labelled_once():
+    """Half-width heatmaps (1400 px: about 600 px each) with 13 full labels collided; block numbers do not."""
+    fig = similarity_side_by_side({"MNIST": _symmetric(1, 13), "CIFAR-10": _symmetric(2, 13)})
+    short = ["emb"] + [str(k) for k in range(1, 13)]
+    for axis in (fig.layout.xaxis, fig.layout.xaxis2, fig.layout.yaxis, fig.layout.yaxis2):
+        assert list(axis.ticktext) == short and list(axis.tickvals) == state_labels(13)
+    assert fig.layout.xaxis.tickangle == 0 and fig.layout.xaxis2.tickangle == 0
+    assert fig.layout.yaxis.showticklabels is True and fig.layout.yaxis2.showticklabels is False
+    assert list(fig.data[1].y) == state_labels(13)  # the hover still names every block output in full
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 3, 4, 6, 12, 24])
+def test_default_ranges_fit_the_model(blocks):
+    from rba_core.approx import validate_ranges
+
+    ranges = default_ranges(blocks, 4)
+    assert validate_ranges(ranges, blocks)  # inside 0..L and disjoint
+    assert all(default_ranges(blocks, count)[0] == ranges[0] for count in (1, 2, 3))
+    assert (ranges[0] == (2, 6)) == (blocks >= 12)  # the paper's range only where the paper's models are
+    assert ranges[0][1] - ranges[0][0] == (4 if blocks >= 12 else suggested_removed(blocks))

@@ -1,0 +1,64 @@
+"""What a result says in a few lines of plain text: the CLI's summary when no ``--json`` file is asked for."""
+
+from __future__ import annotations
+
+from rba_core.latency import describe
+from rba_core.ranking import rank_ranges, suggested_removed, top_blocks
+
+_MODELS = (("original", "original"), ("approximated", "approximated"), ("skip", "skipped"))
+
+
+def _accuracy(scores: dict, std: bool = True) -> str:
+    return ", ".join(f"{label} {100 * scores[k]['mean']:.2f}%" + (f" ± {100 * scores[k]['std']:.2f}" if std else "")
+                     for k, label in _MODELS if k in scores)
+
+
+def _cache(results: dict) -> str:
+    cache = results["cache"]
+    return f"Cache: {'hit' if cache['hit'] else 'computed and stored'} (key {cache['key'][:12]}…)."
+
+
+def summarise_analysis(results: dict) -> list[str]:
+    blocks = results["num_blocks"]
+    removed = suggested_removed(blocks)
+    best = rank_ranges(results["fit_residual"], removed)
+    lines = [f"{results['model']} on {results['dataset']} ({results['split']} split, n={results['n']}, "
+             f"seed={results['seed']}): {blocks} blocks, hidden size {results['hidden_size']}.",
+             "Most redundant blocks (highest Block Redundancy): "
+             + ", ".join(f"block {k}" for k in top_blocks(results["block_redundancy"], 3)) + "."]
+    if best:
+        lines.append(f"Best range removing {removed} blocks: {best[0].start}→{best[0].end} "
+                     f"(fit residual {best[0].residual:.4g}).")
+    return lines + [_cache(results)]
+
+
+def summarise_approximation(results: dict) -> list[str]:
+    ranges = ", ".join(f"{r['start']}→{r['end']} (paper: {r['paper']})" for r in results["ranges"])
+    blocks, params, latency = results["blocks"], results["params"], results["latency_ms_per_image"]
+    lines = [f"{results['model']} on {results['dataset']}: {ranges}, {results['map']} map; blocks "
+             f"{blocks['original']} → {blocks['approximated']}.",
+             f"Final-representation MSE {results['mse_final']:.4g} on {results['eval_n']} test images.",
+             f"Parameters {params['original']:,} → {params['approximated']:,} "
+             f"({params['approximated'] / params['original'] - 1:+.1%}).",
+             f"Latency per image, median (p25–p75): original {describe(latency['original'])}, "
+             f"approximated {describe(latency['approximated'])}."]
+    if "accuracy" in results:
+        lines += [f"Probe accuracy, paper protocol (mean ± std, seeds 0-2): {_accuracy(results['accuracy'])}.",
+                  f"Probe accuracy, converged: {_accuracy(results['accuracy_converged'], std=False)}."]
+    return lines
+
+
+def summarise_search(results: dict, top: int = 5) -> list[str]:
+    lines = [f"{results['model']} on {results['dataset']}: {results['evaluated']} of {results['considered']} "
+             f"candidates fit the budget; best by measured final MSE on {results['eval_n']} test images:"]
+    for rank, row in enumerate(results["candidates"][:top], start=1):
+        lines.append(f"  {rank}. {row['range']} (paper: {row['paper']}): MSE {row['mse_final']:.4g}, "
+                     f"{row['params']:,} parameters, about {row['latency_ms_per_image_estimate']:.3g} ms per image")
+    return lines
+
+
+def summarise(command: str, results: dict) -> str:
+    """The summary of an ``analyze``, ``approximate`` or ``search`` result (its notes go to stderr)."""
+    lines = {"analyze": summarise_analysis, "approximate": summarise_approximation,
+             "search": summarise_search}[command](results)
+    return "\n".join(lines) + "\n"
