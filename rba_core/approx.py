@@ -8,13 +8,27 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
 from rba_core.errors import RBAError
-from rba_core.maps import LinearMap, MapParams, Range, fit_map
+from rba_core.maps import MapParams, Range, fit_map
 from rba_core.models import Encoder
 from rba_core.stats import TokenStats
+
+
+class LinearMap(nn.Module):
+    """h ↦ h @ weight + bias, applied to every token. ``weight``: (D, D)."""
+
+    def __init__(self, weight: np.ndarray | torch.Tensor, bias: np.ndarray | torch.Tensor | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.as_tensor(weight, dtype=torch.float32), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(torch.as_tensor(bias, dtype=torch.float32), requires_grad=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = hidden @ self.weight
+        return out if self.bias is None else out + self.bias
 
 
 def paper_notation(rng: Range) -> str:

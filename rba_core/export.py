@@ -26,7 +26,8 @@ from torch import nn
 
 from rba_core.approx import ApproximatedEncoder, count_params, paper_notation, validate_ranges
 from rba_core.errors import RBAError
-from rba_core.maps import LinearMap, Range
+from rba_core.approx import LinearMap
+from rba_core.maps import Range
 from rba_core.models import Encoder, adapter_class, load_config
 
 FORMAT = "rba-compressed"

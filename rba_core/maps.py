@@ -3,20 +3,23 @@
 A map for range i→j sends hs[i] to hs[j], one map shared by all (real) tokens, fitted in closed
 form from token statistics (:mod:`rba_core.stats`), never from a second pass over the model. The
 CLI's choices, the search, the export and the pages' pickers all read :data:`MAPS`; a map's
-hyperparameters travel as one :class:`MapParams`.
+hyperparameters travel as one :class:`MapParams`. A fitted map is a
+:class:`rba_core.approx.LinearMap` module; this module itself imports no torch, so the CLI lists
+the kinds without loading it.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import torch
-from torch import nn
 
 from rba_core.errors import RBAError
-from rba_core.stats import TokenStats
+
+if TYPE_CHECKING:  # torch loads only when a map is fitted: the CLI can list the kinds without it
+    from rba_core.approx import LinearMap
+    from rba_core.stats import TokenStats
 
 Range = tuple[int, int]
 
@@ -28,22 +31,11 @@ class MapParams:
     ridge: float = 1e-2  # λ of the ridge map, in units of the per-token second moment
 
 
-class LinearMap(nn.Module):
-    """h ↦ h @ weight + bias, applied to every token. ``weight``: (D, D)."""
-
-    def __init__(self, weight: np.ndarray | torch.Tensor, bias: np.ndarray | torch.Tensor | None = None):
-        super().__init__()
-        self.weight = nn.Parameter(torch.as_tensor(weight, dtype=torch.float32), requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(torch.as_tensor(bias, dtype=torch.float32), requires_grad=False)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        out = hidden @ self.weight
-        return out if self.bias is None else out + self.bias
-
-
 def solve_spd(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
     """Solve gram @ T = rhs for a symmetric PSD gram (float64 Cholesky); least squares
     (minimum norm, SVD-based) if it is singular."""
+    import torch
+
     g, r = torch.from_numpy(np.asarray(gram, np.float64)), torch.from_numpy(np.asarray(rhs, np.float64))
     factor, info = torch.linalg.cholesky_ex(g)
     if int(info) == 0:
@@ -51,21 +43,27 @@ def solve_spd(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
     return torch.linalg.lstsq(g, r, driver="gelsd").solution.numpy()
 
 
-def _fit_linear(stats: TokenStats, rng: Range, params: MapParams) -> LinearMap:
+def _fit_linear(stats: "TokenStats", rng: Range, params: MapParams) -> "LinearMap":
     """Least squares: T = (XᵀX)⁻¹ XᵀY over every fitted token."""
+    from rba_core.approx import LinearMap
+
     i, j = rng
     return LinearMap(solve_spd(stats.gram(i, i), stats.gram(i, j)))
 
 
-def _fit_ridge(stats: TokenStats, rng: Range, params: MapParams) -> LinearMap:
+def _fit_ridge(stats: "TokenStats", rng: Range, params: MapParams) -> "LinearMap":
     """(XᵀX/n + λI) T = XᵀY/n."""
+    from rba_core.approx import LinearMap
+
     i, j = rng
     n, d = stats.count, stats.hidden_size
     return LinearMap(solve_spd(stats.gram(i, i) / n + params.ridge * np.eye(d), stats.gram(i, j) / n))
 
 
-def _fit_affine(stats: TokenStats, rng: Range, params: MapParams) -> LinearMap:
+def _fit_affine(stats: "TokenStats", rng: Range, params: MapParams) -> "LinearMap":
     """Least squares with a bias: [X 1] [T; b] ≈ Y."""
+    from rba_core.approx import LinearMap
+
     i, j = rng
     sums, n = stats.sums, stats.count
     aug = np.block([[stats.gram(i, i), sums[i][:, None]], [sums[i][None, :], np.array([[n]])]])
@@ -79,7 +77,7 @@ class MapKind:
 
     name: str
     label: str
-    fit: Callable[[TokenStats, Range, MapParams], LinearMap | None] = field(repr=False)
+    fit: Callable[["TokenStats", Range, MapParams], "LinearMap | None"] = field(repr=False)
     added_params: Callable[[int], int] = field(repr=False)  # parameters of one map, given D
     uses: tuple[str, ...] = ()  # the MapParams fields that change its result
 
@@ -104,13 +102,13 @@ def map_kind(name: str) -> MapKind:
     return MAPS[name]
 
 
-def fit_map(stats: TokenStats, rng: Range, kind: str = "linear", params: MapParams | None = None) -> LinearMap | None:
+def fit_map(stats: "TokenStats", rng: Range, kind: str = "linear", params: MapParams | None = None) -> "LinearMap | None":
     """The map of ``kind`` for range i→j minimising ||hs[i] T - hs[j]||² over all fitted tokens
     (None for ``identity``: the blocks are skipped)."""
     return map_kind(kind).fit(stats, rng, params or MapParams())
 
 
-def all_pair_maps(stats: TokenStats):
+def all_pair_maps(stats: "TokenStats"):
     """Least-squares maps for every range i→j, one factorisation per i.
 
     Yields ``(i, maps)`` where ``maps``: (D, (L-i)·D) float64 holds T for j = i+1..L side by side.
@@ -120,7 +118,7 @@ def all_pair_maps(stats: TokenStats):
         yield i, solve_spd(stats.gram(i, i), stats.upper[i][:, d:])
 
 
-def fit_residual_matrix(stats: TokenStats) -> np.ndarray:
+def fit_residual_matrix(stats: "TokenStats") -> np.ndarray:
     """Relative residual ||hs[i] T - hs[j]||² / ||hs[j]||² of the least-squares map for every
     i < j, (L+1, L+1) float64, NaN where i >= j. Needs no forward pass."""
     states, d = stats.num_blocks + 1, stats.hidden_size

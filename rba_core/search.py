@@ -23,11 +23,12 @@ import numpy as np
 import torch
 
 from rba_core.analysis import Stage, LazyEncoder, approximate
+from rba_core.approx import LinearMap
 from rba_core.cache import Cache
 from rba_core.data import open_dataset
 from rba_core.errors import RBAError
 from rba_core.extract import Extraction, Progress, extract
-from rba_core.maps import LinearMap, MapParams, Range, fit_map, fit_residual_matrix, map_kind
+from rba_core.maps import MapParams, Range, fit_map, fit_residual_matrix, map_kind
 from rba_core.metrics import block_redundancy
 from rba_core.models import Encoder
 from rba_core.results import SearchResult

@@ -9,7 +9,8 @@ import torch
 
 from rba_core.analysis import approximate
 from rba_core.approx import ApproximatedEncoder, approximate_encoder, count_params
-from rba_core.maps import LinearMap, MapParams, fit_map, fit_residual_matrix
+from rba_core.approx import LinearMap
+from rba_core.maps import MapParams, fit_map, fit_residual_matrix
 from rba_core.cache import Cache
 from rba_core.data import open_dataset
 from rba_core.extract import extract
