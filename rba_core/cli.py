@@ -122,9 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, tracker: Tracker) -> int:
     from rba_core.hub import require_available
-    from rba_core.quiet import silence_library_noise
 
-    silence_library_noise()
     try:  # before the heavy imports: a hub model or dataset that cannot be had fails at once
         require_available(args.model, args.dataset if args.command == "table" else [args.dataset])
     except RBAError as exc:

@@ -24,7 +24,7 @@ class UnusedHeadReport(logging.Filter):
 
 
 def silence_library_noise() -> None:
-    """Install the filters (idempotent); the CLI and the app call it once at start."""
+    """Install the filters (idempotent); :func:`rba_core.models.load_encoder` calls it."""
     logger = logging.getLogger(LOAD_REPORT_LOGGER)
     if not any(isinstance(f, UnusedHeadReport) for f in logger.filters):
         logger.addFilter(UnusedHeadReport())

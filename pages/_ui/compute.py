@@ -45,14 +45,12 @@ from rba_core.data import dataset_unit
 from rba_core.maps import MapParams
 from rba_core.models import Encoder, load_encoder, model_info
 from rba_core.progress import stage_unit, stopped_sentence
-from rba_core.quiet import silence_library_noise
 from rba_core.search import search
 from rba_core.table import table
 
 from pages._ui.selection import Selection
 from pages._ui.show import NotComputed, not_computed, sentence
 
-silence_library_noise()  # transformers' report of an unused classification head, on every model load
 
 STARTED_BY, PROGRESS, STOPPED = "_started_by", "_progress", "_stopped"  # session-state keys
 

@@ -190,6 +190,9 @@ def load_encoder(name, device: str | None = None, max_length: int | None = 128) 
     ``name`` may also be an already loaded Hugging Face model object (its processor or tokenizer
     is then loaded from ``name.name_or_path``). ``max_length`` truncates texts (text models only).
     """
+    from rba_core.quiet import silence_library_noise
+
+    silence_library_noise()  # an unused head or pooler in the checkpoint is expected here, not a warning
     if not isinstance(name, str):
         return _wrap_loaded(name, device, max_length)
     source = resolve_model(name)
