@@ -1,0 +1,190 @@
+"""Decoder language models through the adapter door, checked against the models' own forward.
+
+Each family gets a tiny random causal LM (hidden 32, 4 blocks, seeded) built here and saved with
+``save_pretrained`` next to a byte-level tokenizer built offline (256 byte tokens, no merges, an
+end-of-text token that doubles as padding), then loaded through :func:`rba_core.models.load_encoder`.
+Checks: hand-run blocks equal the model's own ``output_hidden_states`` and logits on real tokens
+with left and right padding; the identity map equals the model with layers deleted from its own
+module list (``num_hidden_layers`` and ``layer_types`` cut); statistics do not see padding.
+
+transformers ties a decoder's last ``hidden_states`` entry to the final norm's output, so the
+model's own ``hs[L]`` is compared with the core's ``final_norm(hs[L])``.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rba_core.approx import ApproximatedEncoder, approximate_encoder
+from rba_core.extract import token_rows
+from rba_core.models import load_encoder, model_info
+from rba_core.stats import StatsAccumulator
+
+BLOCKS, WIDTH, VOCAB = 4, 32, 260
+SIZES = dict(hidden_size=WIDTH, num_hidden_layers=BLOCKS, num_attention_heads=4, intermediate_size=64,
+             vocab_size=VOCAB, max_position_embeddings=128)
+#: every family the registry runs as a decoder; the slower checks use the first four
+FAMILIES = ("llama", "qwen2", "gemma2", "gpt2", "mistral", "qwen3", "phi3", "gemma3_text", "gpt_neox")
+CORE = FAMILIES[:4]
+TEXTS = ["the data file is not a tool", "a", "python library for the mail server of this small system",
+         "it is an image viewer"]
+
+
+def tiny_config(family: str):
+    """A 4-block random config of ``family``; sliding windows of 3 tokens where the family has them."""
+    import transformers as tf
+
+    kv = dict(num_key_value_heads=2)
+    if family == "gpt2":
+        return tf.GPT2Config(n_embd=WIDTH, n_layer=BLOCKS, n_head=4, vocab_size=VOCAB, n_positions=128)
+    if family == "gpt_neox":
+        return tf.GPTNeoXConfig(**SIZES)
+    if family == "qwen2":  # blocks 3 and 4 use a sliding window
+        return tf.Qwen2Config(**SIZES, **kv, use_sliding_window=True, sliding_window=3, max_window_layers=2)
+    if family in ("gemma2", "gemma3_text"):
+        cls = tf.Gemma2Config if family == "gemma2" else tf.Gemma3TextConfig
+        return cls(**SIZES, **kv, head_dim=8, sliding_window=3)
+    classes = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen3": tf.Qwen3Config, "phi3": tf.Phi3Config}
+    extra = {"mistral": dict(sliding_window=3), "qwen3": dict(head_dim=8), "phi3": dict(pad_token_id=0)}
+    return classes[family](**SIZES, **kv, **extra.get(family, {}))
+
+
+def byte_tokenizer(padding_side: str = "right"):
+    """Byte-level BPE with no merges: one token per byte, ids 0..255, end-of-text 256 (no pad token:
+    the adapter pads with end-of-text, as for real decoders)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<|endoftext|>"] = 256
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", padding_side=padding_side)
+
+
+def save_decoder(folder: Path, family: str, padding_side: str = "right", seed: int = 0) -> Path:
+    """A tiny random causal LM of ``family`` and its tokenizer, saved as save_pretrained writes them."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family))
+    with torch.no_grad():  # random norm scales, as trained models have (fresh ones are all 1)
+        for name, param in model.named_parameters():
+            if "norm" in name or "ln_" in name:
+                param.add_(0.2 * torch.randn_like(param))
+    model.save_pretrained(folder)
+    byte_tokenizer(padding_side).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def decoders(tmp_path_factory):
+    """``get(family, side)``: the folder of a saved tiny decoder (built once per family and side)."""
+    root, made = tmp_path_factory.mktemp("decoders"), {}
+
+    def get(family: str, side: str = "right") -> str:
+        if (family, side) not in made:
+            made[family, side] = str(save_decoder(root / f"{family}-{side}", family, side))
+        return made[family, side]
+
+    return get
+
+
+def own_forward(folder: str, inputs, positions, model=None):
+    """The model's own forward, given the same token ids, mask and positions."""
+    from transformers import AutoModelForCausalLM
+
+    model = model or AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(**inputs, position_ids=positions, output_hidden_states=True, use_cache=False)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hand_run_blocks_equal_the_models_own_forward(family, side, decoders):
+    enc = load_encoder(decoders(family, side), device="cpu")
+    info = model_info(decoders(family, side))
+    assert (info.modality, info.pooling, info.num_blocks) == ("text", "last", BLOCKS)
+    inputs = enc.preprocess(TEXTS)
+    mask = inputs["attention_mask"].bool()
+    padded_first = bool((~mask[:, 0]).any())
+    assert padded_first == (side == "left") and not mask.all(), "the batch must be padded on the tokenizer's side"
+    with torch.no_grad():
+        hs, _ = enc.hidden_states(inputs)
+        logits = enc.logits(hs[-1])
+    theirs = own_forward(decoders(family, side), inputs, enc.position_ids(inputs))
+    ours = hs[:-1] + [enc.final_norm(hs[-1])]
+    assert len(theirs.hidden_states) == BLOCKS + 1
+    for k, (a, b) in enumerate(zip(ours, theirs.hidden_states)):
+        torch.testing.assert_close(a[mask], b[mask], rtol=1e-5, atol=1e-5, msg=lambda m: f"hs[{k}]: {m}")
+    torch.testing.assert_close(logits[mask], theirs.logits[mask], rtol=1e-5, atol=1e-5)
+    # The final representation is the last real token of final_norm(hs[L]).
+    last = mask.shape[1] - 1 - mask.flip(1).int().argmax(1)
+    torch.testing.assert_close(enc.final(hs[-1], mask), theirs.hidden_states[-1][torch.arange(len(TEXTS)), last])
+
+
+def _delete_layers(model, ranges):
+    """A copy of the causal LM with layers i+1..j removed from its own module list, config cut to match."""
+    pruned = copy.deepcopy(model)
+    base = pruned.base_model
+    layers = base.h if hasattr(base, "h") else base.layers
+    kinds = list(getattr(pruned.config, "layer_types", None) or [])
+    for i, j in sorted(ranges, reverse=True):
+        del layers[i:j]
+        del kinds[i:j]
+    pruned.config.num_hidden_layers = len(layers)
+    if kinds:
+        pruned.config.layer_types = kinds
+    return pruned
+
+
+@pytest.mark.parametrize("ranges", [[(1, 3)], [(0, 1), (2, 4)]], ids=["1-3", "0-1+2-4"])
+@pytest.mark.parametrize("family", CORE)
+def test_identity_map_equals_deleting_layers(family, ranges, decoders):
+    from transformers import AutoModelForCausalLM
+
+    folder = decoders(family, "left")
+    enc = load_encoder(folder, device="cpu")
+    inputs = enc.preprocess(TEXTS)
+    mask = inputs["attention_mask"].bool()
+    skipped = approximate_encoder(enc, None, ranges, kind="identity")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    theirs = own_forward(folder, inputs, enc.position_ids(inputs), _delete_layers(model, ranges))
+    with torch.no_grad():
+        last = skipped.last_hidden(**inputs)
+        torch.testing.assert_close(enc.logits(last)[mask], theirs.logits[mask], rtol=1e-5, atol=1e-5)
+        same = ApproximatedEncoder(enc, ranges, [None] * len(ranges))(**inputs)
+    torch.testing.assert_close(skipped(**inputs), same, rtol=0, atol=0)
+    assert enc.num_blocks == BLOCKS and model.config.num_hidden_layers == BLOCKS  # nothing shared was cut
+
+
+def _stats(enc, texts):
+    inputs = enc.preprocess(texts)
+    with torch.no_grad():
+        hs, _ = enc.hidden_states(inputs)
+    mask = enc.token_mask(inputs)
+    acc = StatsAccumulator(enc.num_blocks + 1, enc.hidden_size, "cpu")
+    acc.add(hs, token_rows(np.arange(len(texts)), mask, hs[0].shape[1], 1.0))
+    return acc.result(), enc.final(hs[-1], mask).numpy()
+
+
+@pytest.mark.parametrize("family", CORE)
+def test_padding_side_and_length_do_not_change_the_statistics(family, decoders):
+    """Left padding, right padding and no padding (one text at a time) give the same sums."""
+    results = {side: _stats(load_encoder(decoders(family, side), device="cpu"), TEXTS) for side in ("left", "right")}
+    enc = load_encoder(decoders(family, "right"), device="cpu")
+    alone = [_stats(enc, [text]) for text in TEXTS]
+    count = sum(stats.count for stats, _ in alone)
+    singles = [sum(stats.upper[a] for stats, _ in alone) for a in range(BLOCKS + 1)]
+    finals = np.concatenate([final for _, final in alone])
+    for side, (stats, final) in results.items():
+        assert stats.count == count
+        for a in range(BLOCKS + 1):
+            np.testing.assert_allclose(stats.upper[a], singles[a], rtol=1e-5, atol=1e-4, err_msg=side)
+        np.testing.assert_allclose(final, finals, rtol=1e-5, atol=1e-5, err_msg=side)
