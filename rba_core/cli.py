@@ -26,12 +26,16 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--dataset", required=True, help=f"alias ({', '.join(DATASETS)}) or folder")
     common.add_argument("--max-length", type=int, default=128, help="text models: truncate texts to this many tokens")
     common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--seq-len", type=int, default=256,
+                        help="causal LMs on a text (WikiText-2, C4, .txt file or folder): tokens per window")
     common.add_argument("--json", type=Path, help="where to write the results as JSON ('-': stdout); "
                         "without it a short summary is printed")
     common.add_argument("--cache-dir", type=Path, help="cache folder (default $RBA_CACHE_DIR or cache/)")
     analyze = sub.add_parser("analyze", parents=[common], help="Block Redundancy, similarity and fit residuals")
     analyze.add_argument("--n", type=int, required=True, help="number of sampled images")
     analyze.add_argument("--split", default="train", choices=("train", "test"))
+    analyze.add_argument("--window", type=int, action="append",
+                         help="angular distance between block outputs l and l+N (repeatable; default 1)")
     approx = sub.add_parser("approximate", parents=[common], help="replace block ranges by linear maps")
     approx.add_argument("--fit-n", type=int, required=True, help="train images used to fit the maps")
     approx.add_argument("--eval-n", type=int, required=True, help="test images used to evaluate")
@@ -138,10 +142,13 @@ def _run(args: argparse.Namespace, tracker: Tracker) -> int:
     try:
         from rba_core.data import dataset_unit
 
-        tracker.samples = tracker.unit = dataset_unit(args.dataset[0] if args.command == "table" else args.dataset)
+        from rba_core.lm_data import is_lm_text
+
+        first = args.dataset[0] if args.command == "table" else args.dataset
+        tracker.samples = tracker.unit = "windows" if is_lm_text(first) else dataset_unit(first)
         if args.command == "analyze":
             results = analyze(args.model, args.dataset, args.n, args.seed, args.split, max_length=args.max_length,
-                              cache=cache, progress=progress)
+                              seq_len=args.seq_len, windows=args.window or (1,), cache=cache, progress=progress)
         elif args.command == "table":
             from rba_core.table import table, table_format, write_table
 
@@ -161,7 +168,7 @@ def _run(args: argparse.Namespace, tracker: Tracker) -> int:
         else:
             results = approximate(args.model, args.dataset, args.fit_n, args.eval_n, args.seed, args.range,
                                   args.map, map_params=MapParams(ridge=args.ridge), probe=args.probe,
-                                  max_length=args.max_length, cache=cache,
+                                  max_length=args.max_length, seq_len=args.seq_len, cache=cache,
                                   progress=progress, on_stage=tracker.stage)
     except RBAError as exc:
         print(f"error: {exc}", file=sys.stderr)

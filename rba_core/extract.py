@@ -14,6 +14,7 @@ from rba_core.cache import Cache, make_key
 from rba_core.data import Source, open_dataset, sample_indices
 from rba_core.errors import RBAError
 from rba_core.maps import fit_residual_matrix
+from rba_core.metrics import influence_sums
 from rba_core.models import Encoder, load_encoder, model_ref
 from rba_core.progress import Progress
 from rba_core.stats import StatsAccumulator, TokenStats
@@ -34,6 +35,7 @@ class Extraction:
     token_stats: TokenStats | None = field(repr=False)
     fit_residual: np.ndarray | None = None  # (L+1, L+1), stored with the statistics
     notes: list[str] = field(default_factory=list)  # e.g. a damaged cache entry recomputed
+    block_influence: np.ndarray | None = None  # (L,) ShortGPT's score over the statistics' tokens
 
     @property
     def num_blocks(self) -> int:
@@ -99,6 +101,7 @@ def run_pass(encoder: Encoder, source: Source, indices: np.ndarray, with_stats: 
     pooled = np.empty((states, n, d), np.float32)
     final = np.empty((n, d), np.float32)
     acc = StatsAccumulator(states, d, encoder.device) if with_stats else None
+    influence = np.zeros(states - 1)  # Σ over the statistics' tokens of 1 - cos(hs[k-1], hs[k])
     batches = [indices[start : start + batch_size] for start in range(0, n, batch_size)]
     load = lambda batch: encoder.preprocess(source.items(batch))  # noqa: E731
     # Read and preprocess the next batch in a thread while the model runs (PIL, numpy and the
@@ -118,6 +121,8 @@ def run_pass(encoder: Encoder, source: Source, indices: np.ndarray, with_stats: 
             if acc is not None:
                 rows = token_rows(batch, mask, hs[0].shape[1], token_fraction)
                 acc.add(hs, None if rows is None else rows.to(hs[0].device))
+                flat = [h.reshape(-1, d) for h in hs]
+                influence += influence_sums(flat if rows is None else [x[rows.to(x.device)] for x in flat])
             start = stop
             if progress:
                 progress(stop, n)
@@ -125,6 +130,7 @@ def run_pass(encoder: Encoder, source: Source, indices: np.ndarray, with_stats: 
     if acc is not None:
         stats = acc.result()
         groups["stats"] = stats.to_arrays()
+        groups["stats"]["block_influence"] = influence / max(stats.count, 1)
         # Stored once here so that reopening an analysis costs no solves.
         groups["stats"]["fit_residual"] = fit_residual_matrix(stats)
     return groups
@@ -200,4 +206,5 @@ def check_modality(modality: str, source: Source, model: str) -> None:
 def _extraction(key, hit, meta, reps, stats, source, indices, notes) -> Extraction:
     token_stats = TokenStats.from_arrays(stats) if stats is not None else None
     return Extraction(key, hit, meta, reps["pooled"], reps["final"], source.labels[indices], indices,
-                      token_stats, stats.get("fit_residual") if stats is not None else None, notes)
+                      token_stats, stats.get("fit_residual") if stats is not None else None, notes,
+                      stats.get("block_influence") if stats is not None else None)

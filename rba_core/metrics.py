@@ -7,7 +7,11 @@ or a decoder's last real token) of block output k; ``tokens``: (L+1, N, D) with 
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from rba_core.stats import TokenStats
 
@@ -67,13 +71,20 @@ def _row_cosines(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.sum(x * y, axis=-1) / np.maximum(norms, 1e-300)
 
 
+def influence_sums(states: Sequence[torch.Tensor]) -> np.ndarray:
+    """Σ over rows of 1 - cos(states[k-1], states[k]) for k = 1..L, in float64; ``states``: L+1
+    tensors (R, D), rows = real tokens. Sums over batches add up to Block Influence × tokens."""
+    return np.array([float((1 - F.cosine_similarity(a.double(), b.double(), dim=-1, eps=1e-300)).sum())
+                     for a, b in zip(states, states[1:])])
+
+
 def block_influence(tokens: np.ndarray) -> np.ndarray:
     """ShortGPT's Block Influence BI(k) = 1 - mean over rows of cos(hs[k-1], hs[k]), blocks k = 1..L.
 
     ``tokens``: (L+1, N, D), rows = every real token. Returns (L,) float64; entry k-1 is block k.
     Lower means the block changes its input's direction less.
     """
-    return 1.0 - _row_cosines(tokens[:-1], tokens[1:]).mean(axis=1)
+    return influence_sums([torch.from_numpy(np.ascontiguousarray(t)) for t in tokens]) / tokens.shape[1]
 
 
 def angular_distance(cls: np.ndarray, n: int) -> np.ndarray:

@@ -71,6 +71,17 @@ class AnalysisResult(Result):
     fit_residual: list[list[float | None]]
     cache: dict
     notes: list[str] = field(default_factory=list)
+    block_redundancy_all_tokens: list[float] | None = None  # BR(k) over every real token, not the pooled vector
+    block_influence: list[float] | None = None  # ShortGPT: 1 - cos(hs[k-1], hs[k]) over real tokens, k = 1..L
+    angular_distance: dict[str, list[float]] | None = None  # PruneMe: {"n": [l = 0..L-n]} on the pooled vectors
+    stats: dict | None = None  # the token statistics kept: kind and bytes
+
+    def to_json(self) -> dict:
+        data = super().to_json()
+        for key in ("block_redundancy_all_tokens", "block_influence", "angular_distance", "stats"):
+            if data[key] is None:
+                data.pop(key)
+        return data
 
     def to_frame(self):
         """One row per block k = 1..L: its Block Redundancy and the fit residual of range k-1→k."""
@@ -109,10 +120,12 @@ class ApproximationResult(Result):
     final: dict = field(repr=False)
     accuracy: dict | None = None  # the paper's probe protocol (Adam, 5 epochs, batch 256, seeds 0-2)
     accuracy_converged: dict | None = None  # scikit-learn LogisticRegression trained to convergence
+    perplexity: dict | None = None  # causal LMs: original / approximated / skip on the evaluation windows
+    top1_agreement: dict | None = None  # causal LMs: next-token argmax equal to the original's
 
     def to_json(self) -> dict:
         data = super().to_json()
-        for key in ("accuracy", "accuracy_converged"):
+        for key in ("accuracy", "accuracy_converged", "perplexity", "top1_agreement"):
             if data[key] is None:
                 data.pop(key)
         return data

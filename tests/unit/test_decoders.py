@@ -188,3 +188,110 @@ def test_padding_side_and_length_do_not_change_the_statistics(family, decoders):
         for a in range(BLOCKS + 1):
             np.testing.assert_allclose(stats.upper[a], singles[a], rtol=1e-5, atol=1e-4, err_msg=side)
         np.testing.assert_allclose(final, finals, rtol=1e-5, atol=1e-5, err_msg=side)
+
+
+# --- language-model text, perplexity and the LM scores of analyze / approximate ------------------
+
+SEQ = 16
+WORDS = "the a of to and in is it for on with data file tool server library package game sound mail".split()
+
+
+def _prose(seed: int, words: int) -> str:
+    rng = np.random.default_rng(seed)
+    return " ".join(rng.choice(WORDS, size=words)) + "\n"
+
+
+@pytest.fixture(scope="module")
+def text_folder(tmp_path_factory) -> Path:
+    """train.txt and test.txt of random words (byte tokens: about 5 per word)."""
+    folder = tmp_path_factory.mktemp("lm-text")
+    (folder / "train.txt").write_text(_prose(0, 300))
+    (folder / "test.txt").write_text(_prose(1, 120))
+    return folder
+
+
+def test_text_is_one_stream_cut_into_windows(tmp_path):
+    import json
+
+    from rba_core.errors import RBAError
+    from rba_core.lm_data import split_text, token_windows
+
+    tok = byte_tokenizer()
+    windows = token_windows(tok, "abcdefghij" * 5, SEQ)  # 50 tokens: 3 windows, 2 tokens dropped
+    assert windows.shape == (3, SEQ) and windows.dtype == np.int64
+    assert tok.decode(windows.flatten().tolist()) == ("abcdefghij" * 5)[:48]
+    rows = ["first row", "second row"]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": rows}), tmp_path / "test.parquet")
+    for split in ("train", "test"):
+        assert split_text(str(tmp_path), split) == "first row\n\nsecond row"
+    with pytest.raises(RBAError, match=r"fewer than one window of 16; add text or lower --seq-len\.$"):
+        token_windows(tok, "too short", SEQ, "The test split")
+    with pytest.raises(RBAError, match=r"cannot be loaded from the hub .*wikitext2/train\.txt"):
+        split_text("WikiText-2", "train")
+
+
+def test_perplexity_equals_the_models_own_labels_loss(decoders, text_folder):
+    """Original and skipped models against transformers' own ``labels=`` loss on the same windows."""
+    from transformers import AutoModelForCausalLM
+
+    from rba_core.data import open_dataset
+    from rba_core.lm_data import LMText
+    from rba_core.perplexity import lm_scores
+
+    folder = decoders("llama")
+    enc = load_encoder(folder, device="cpu")
+    windows = open_dataset(LMText(str(text_folder), folder, SEQ), "test").items(range(5))
+    ranges = [(1, 3)]
+    scores = lm_scores(enc, {"skip": approximate_encoder(enc, None, ranges, "identity")}, windows, batch_size=2)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = torch.as_tensor(np.stack(windows))
+    with torch.no_grad():
+        for name, net in (("original", model), ("skip", _delete_layers(model, ranges))):
+            expected = float(torch.exp(net(input_ids=ids, labels=ids, use_cache=False).loss))
+            assert scores["perplexity"][name] == pytest.approx(expected, rel=1e-5), name
+        own_top = model(input_ids=ids).logits[:, :-1].argmax(-1)
+        skip_top = _delete_layers(model, ranges)(input_ids=ids, use_cache=False).logits[:, :-1].argmax(-1)
+    assert scores["top1_agreement"]["original"] == 1.0
+    assert scores["top1_agreement"]["skip"] == pytest.approx(float((own_top == skip_top).float().mean()))
+
+
+def test_cli_analyze_and_approximate_a_causal_lm(decoders, text_folder, tmp_path):
+    import json
+
+    from rba_core.cli import main
+    from rba_core.metrics import angular_distance, block_influence
+
+    folder = decoders("gpt2")
+    common = ["--model", folder, "--dataset", str(text_folder), "--seq-len", str(SEQ), "--cache-dir", str(tmp_path)]
+    assert main(["analyze", *common, "--n", "6", "--window", "1", "--window", "2", "--json", str(tmp_path / "a.json")]) == 0
+    analysis = json.loads((tmp_path / "a.json").read_text())
+    assert len(analysis["block_influence"]) == BLOCKS and analysis["stats"]["kind"] == "all-pairs"
+    assert [len(analysis["angular_distance"][n]) for n in ("1", "2")] == [BLOCKS, BLOCKS - 1]
+    # The same scores by hand from the model's own hidden states on the sampled windows.
+    from rba_core.data import open_dataset, sample_indices
+    from rba_core.lm_data import LMText
+
+    source = open_dataset(LMText(str(text_folder), folder, SEQ), "train")
+    ids = torch.as_tensor(np.stack(source.items(sample_indices(len(source), 6, 0))))
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        hs = model(input_ids=ids, output_hidden_states=True).hidden_states
+        enc = load_encoder(folder, device="cpu")
+        states = list(hs[:-1]) + [enc.hidden_states({"input_ids": ids})[0][-1]]  # own hs[L] is after the norm
+    tokens = torch.stack([h.reshape(-1, WIDTH) for h in states]).numpy()
+    np.testing.assert_allclose(analysis["block_influence"], block_influence(tokens), rtol=1e-4, atol=1e-6)
+    last = torch.stack([h[:, -1] for h in states]).numpy()
+    np.testing.assert_allclose(analysis["angular_distance"]["2"], angular_distance(last, 2), rtol=1e-4, atol=1e-6)
+
+    assert main(["approximate", *common, "--fit-n", "8", "--eval-n", "4", "--range", "1", "3",
+                 "--json", str(tmp_path / "b.json")]) == 0
+    result = json.loads((tmp_path / "b.json").read_text())
+    for key in ("perplexity", "top1_agreement"):
+        assert set(result[key]) == {"original", "approximated", "skip"}
+    assert result["top1_agreement"]["original"] == 1.0 and result["perplexity"]["original"] > 1
