@@ -48,10 +48,11 @@ def analysis_results(ex: Extraction, windows: Sequence[int] = ()) -> AnalysisRes
         fit_residual=_matrix(ex.fit_residual if ex.fit_residual is not None else fit_residual_matrix(ex.stats())),
         cache={"key": ex.key, "hit": ex.hit},
         notes=ex.notes,
-        block_redundancy_all_tokens=None if stats is None else block_redundancy_all_tokens(stats).tolist(),
+        block_redundancy_all_tokens=block_redundancy_all_tokens(stats).tolist() if stats is not None and all(
+            stats.has(k - 1, k) for k in range(1, ex.num_blocks + 1)) else None,
         block_influence=None if ex.block_influence is None else ex.block_influence.tolist(),
         angular_distance={str(n): angular_distance(ex.pooled, n).tolist() for n in windows} or None,
-        stats=None if stats is None else {"kind": "all-pairs", "bytes": sum(u.nbytes for u in stats.upper) + stats.sums.nbytes},
+        stats=meta.get("stats") if stats is not None else None,
     )
 
 
@@ -71,15 +72,18 @@ def lm_dataset(model, dataset, seq_len: int = DEFAULT_SEQ_LEN, ref: ModelRef | N
 
 
 def analyze(model, dataset, n: int, seed: int = 0, split: str = "train", *, max_length: int = 128,
-            seq_len: int = DEFAULT_SEQ_LEN, windows: Sequence[int] = (1,),
-            cache: Cache | None = None, progress: Progress | None = None) -> AnalysisResult:
+            seq_len: int = DEFAULT_SEQ_LEN, windows: Sequence[int] = (1,), stats_window: int | None = None,
+            stats_budget: int | None = None, cache: Cache | None = None,
+            progress: Progress | None = None) -> AnalysisResult:
     """Extract (or reopen) and compute every redundancy metric.
 
     ``model``: alias, hub id, folder or a loaded model; ``dataset``: alias, folder or a list of samples
-    (for a causal LM also a language-model text, read as ``n`` windows of ``seq_len`` tokens)."""
+    (for a causal LM also a language-model text, read as ``n`` windows of ``seq_len`` tokens).
+    ``stats_window`` keeps token statistics for windows of that many blocks instead of all pairs."""
     dataset = lm_dataset(model, dataset, seq_len)
     return analysis_results(extract(model, dataset, n, seed, split, max_length=max_length, cache=cache,
-                                    progress=progress), windows)
+                                    progress=progress, stats_window=stats_window, stats_budget=stats_budget),
+                            windows)
 
 
 class LazyEncoder:

@@ -34,6 +34,10 @@ def _parser() -> argparse.ArgumentParser:
     analyze = sub.add_parser("analyze", parents=[common], help="Block Redundancy, similarity and fit residuals")
     analyze.add_argument("--n", type=int, required=True, help="number of sampled images")
     analyze.add_argument("--split", default="train", choices=("train", "test"))
+    analyze.add_argument("--stats-window", type=int, help="keep token statistics for windows of N blocks only "
+                         "(hs[i]ᵀhs[i] and hs[i]ᵀhs[i+N]) instead of all pairs")
+    analyze.add_argument("--stats-budget-gb", type=float, help="memory the token statistics may use "
+                         "(default a quarter of the free RAM or GPU memory)")
     analyze.add_argument("--window", type=int, action="append",
                          help="angular distance between block outputs l and l+N (repeatable; default 1)")
     approx = sub.add_parser("approximate", parents=[common], help="replace block ranges by linear maps")
@@ -148,7 +152,9 @@ def _run(args: argparse.Namespace, tracker: Tracker) -> int:
         tracker.samples = tracker.unit = "windows" if is_lm_text(first) else dataset_unit(first)
         if args.command == "analyze":
             results = analyze(args.model, args.dataset, args.n, args.seed, args.split, max_length=args.max_length,
-                              seq_len=args.seq_len, windows=args.window or (1,), cache=cache, progress=progress)
+                              seq_len=args.seq_len, windows=args.window or (1,), stats_window=args.stats_window,
+                              stats_budget=int(args.stats_budget_gb * 1e9) if args.stats_budget_gb else None,
+                              cache=cache, progress=progress)
         elif args.command == "table":
             from rba_core.table import table, table_format, write_table
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -17,7 +17,8 @@ from rba_core.maps import fit_residual_matrix
 from rba_core.metrics import influence_sums
 from rba_core.models import Encoder, load_encoder, model_ref
 from rba_core.progress import Progress
-from rba_core.stats import StatsAccumulator, TokenStats
+from rba_core.stats import (Pair, StatsAccumulator, TokenStats, check_fits, memory_budget, planned_pairs,
+                            stats_bytes)
 
 
 @dataclass
@@ -57,10 +58,13 @@ class Extraction:
 
 
 def extraction_key(model: dict, source: Source, indices: np.ndarray, with_stats: bool,
-                   token_fraction: float, pooling: str, max_length: int | None) -> str:
+                   token_fraction: float, pooling: str, max_length: int | None,
+                   pairs: list[Pair] | None = None) -> str:
     """Cache key: every input that changes the stored arrays (not the batch size, device or workers).
-    ``model`` is the model's fingerprint (:func:`rba_core.models.model_fingerprint`)."""
-    return make_key({
+    ``model`` is the model's fingerprint (:func:`rba_core.models.model_fingerprint`); ``pairs`` the
+    Gram blocks kept when not all pairs (:func:`rba_core.stats.planned_pairs`)."""
+    plan = {} if pairs is None or not with_stats else {"pairs": [list(p) for p in pairs]}
+    return make_key({**plan,
         "kind": "extraction",
         "model": model,
         "dataset": source.fingerprint,
@@ -95,12 +99,13 @@ def token_rows(indices: np.ndarray, mask: torch.Tensor | None, tokens: int, frac
 @torch.inference_mode()
 def run_pass(encoder: Encoder, source: Source, indices: np.ndarray, with_stats: bool,
              batch_size: int = 32, token_fraction: float = 1.0,
-             progress: Progress | None = None) -> dict[str, dict[str, np.ndarray]]:
-    """One forward pass over ``indices``; returns array groups ``reps`` and (optionally) ``stats``."""
+             progress: Progress | None = None, pairs: list[Pair] | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """One forward pass over ``indices``; returns array groups ``reps`` and (optionally) ``stats``
+    (all Gram pairs, or only ``pairs``)."""
     n, states, d = len(indices), encoder.num_blocks + 1, encoder.hidden_size
     pooled = np.empty((states, n, d), np.float32)
     final = np.empty((n, d), np.float32)
-    acc = StatsAccumulator(states, d, encoder.device) if with_stats else None
+    acc = StatsAccumulator(states, d, encoder.device, pairs) if with_stats else None
     influence = np.zeros(states - 1)  # Σ over the statistics' tokens of 1 - cos(hs[k-1], hs[k])
     batches = [indices[start : start + batch_size] for start in range(0, n, batch_size)]
     load = lambda batch: encoder.preprocess(source.items(batch))  # noqa: E731
@@ -140,13 +145,18 @@ def extract(model, dataset, n: int, seed: int = 0, split: str = "train", *,
             with_stats: bool = True, token_fraction: float = 1.0, batch_size: int = 32,
             max_length: int = 128, cache: Cache | None = None, progress: Progress | None = None,
             device: str | None = None,
-            encoder: Encoder | Callable[[], Encoder] | None = None) -> Extraction:
+            encoder: Encoder | Callable[[], Encoder] | None = None,
+            stats_window: int | None = None, stats_ranges: Sequence[Pair] = (),
+            stats_budget: int | None = None) -> Extraction:
     """Per-block pooled vectors, final representations and (optionally) token statistics, from
     the cache when present; otherwise one streaming pass. A cache hit never loads the model.
 
     ``model`` is an alias, hub id or folder, or a loaded model (:class:`Encoder` or Hugging Face
     object); ``dataset`` an alias or folder, or a list of samples. ``encoder`` may be a loaded
     encoder or a function that loads one (called only on a miss). ``max_length`` truncates texts.
+    Token statistics keep all Gram pairs unless ``stats_window`` (windows of n blocks) or
+    ``stats_ranges`` ask for fewer; their size is checked against ``stats_budget`` bytes (default a
+    quarter of the free memory) before the pass.
     """
     cache = cache or Cache()
     seen = len(cache.damaged)
@@ -157,8 +167,9 @@ def extract(model, dataset, n: int, seed: int = 0, split: str = "train", *,
         raise RBAError(f"The maximum text length must be at least 2 tokens, got {max_length}.")
     indices = sample_indices(len(source), n, seed, split, source.unit)
     length = max_length if source.modality == "text" else None
+    pairs = planned_pairs(ref.info.num_blocks + 1, stats_window, stats_ranges)
     # An entry with statistics also serves a request without them; the last key is the one stored.
-    keys = [extraction_key(ref.fingerprint, source, indices, True, token_fraction, ref.info.pooling, length)]
+    keys = [extraction_key(ref.fingerprint, source, indices, True, token_fraction, ref.info.pooling, length, pairs)]
     if not with_stats:
         keys.append(extraction_key(ref.fingerprint, source, indices, False, token_fraction, ref.info.pooling, length))
 
@@ -176,8 +187,10 @@ def extract(model, dataset, n: int, seed: int = 0, split: str = "train", *,
     def compute(progress: Progress | None) -> Extraction:
         loaded = ref.loaded or (encoder() if callable(encoder) else encoder) or load_encoder(model, device, max_length)
         loaded = loaded.with_max_length(length)
+        if with_stats:  # before the pass: a plan that does not fit is one sentence, not an out-of-memory crash
+            check_fits(loaded.num_blocks + 1, loaded.hidden_size, pairs, stats_budget or memory_budget(loaded.device))
         began = time.perf_counter()
-        groups = run_pass(loaded, source, indices, with_stats, batch_size, token_fraction, progress)
+        groups = run_pass(loaded, source, indices, with_stats, batch_size, token_fraction, progress, pairs)
         meta = {
             "model": ref.name, "source": loaded.source, **loaded.describe(),
             "dataset": source.name, "split": split, "n": n, "seed": seed,
@@ -185,6 +198,9 @@ def extract(model, dataset, n: int, seed: int = 0, split: str = "train", *,
             "num_params": loaded.num_params(),
             "block_params": [loaded.block_params(k) for k in range(1, loaded.num_blocks + 1)],
             "label_names": source.label_names, "token_fraction": token_fraction,
+            "stats": None if not with_stats else {
+                "kind": "all-pairs" if pairs is None else "windows" if stats_window else "ranges",
+                "window": stats_window, "bytes": stats_bytes(loaded.num_blocks + 1, loaded.hidden_size, pairs)},
             "seconds": time.perf_counter() - began,
         }
         groups["reps"].update(labels=source.labels[indices], indices=indices.astype(np.int64))

@@ -289,6 +289,16 @@ def test_cli_analyze_and_approximate_a_causal_lm(decoders, text_folder, tmp_path
     last = torch.stack([h[:, -1] for h in states]).numpy()
     np.testing.assert_allclose(analysis["angular_distance"]["2"], angular_distance(last, 2), rtol=1e-4, atol=1e-6)
 
+    # Windows of 2 instead of all pairs: the same scores, statistics said to be windows and smaller.
+    assert main(["analyze", *common, "--n", "6", "--stats-window", "2", "--json", str(tmp_path / "w.json")]) == 0
+    windowed = json.loads((tmp_path / "w.json").read_text())
+    assert windowed["stats"]["kind"] == "windows" and windowed["stats"]["bytes"] < analysis["stats"]["bytes"]
+    np.testing.assert_allclose(windowed["block_influence"], analysis["block_influence"], rtol=1e-6)
+    assert windowed["fit_residual"][1][3] == pytest.approx(analysis["fit_residual"][1][3], rel=1e-6)
+    assert windowed["fit_residual"][1][2] is None
+    fresh = ["--cache-dir", str(tmp_path / "fresh")]  # a cache hit runs no pass and needs no memory
+    assert main(["analyze", *common, *fresh, "--n", "6", "--stats-budget-gb", "1e-6"]) == 2  # one sentence
+
     assert main(["approximate", *common, "--fit-n", "8", "--eval-n", "4", "--range", "1", "3",
                  "--json", str(tmp_path / "b.json")]) == 0
     result = json.loads((tmp_path / "b.json").read_text())
