@@ -214,3 +214,59 @@ def approximate(model, dataset, fit_n: int, eval_n: int, seed: int,
                                      for name in ("original", "approximated", "skip")}
         result.notes += [note] if (note := small_classes_note(ev.labels, fit.label_names)) else []
     return result
+
+
+def export(model, dataset, fit_n: int, seed: int, ranges: Sequence[Sequence[int]], kind: str, out,
+           *, eval_n: int = 0, map_params: MapParams | None = None, max_length: int = 128,
+           seq_len: int = DEFAULT_SEQ_LEN, onnx: bool = False, cache: Cache | None = None,
+           progress: Progress | None = None, on_stage: Stage | None = None) -> dict:
+    """Fit the maps of ``ranges`` on ``fit_n`` train samples and write the export folder ``out``.
+
+    ``kind`` ``folded`` gives a plain Hugging Face checkpoint with fewer layers (pre-LN models; its
+    ``rba.json`` records the data and, with ``eval_n`` windows of a language-model text, the
+    perplexity of the original and folded models); other kinds the rba-compressed folder with
+    the maps as modules (:func:`rba_core.export.save_compressed`). Returns the record written."""
+    from rba_core.data import sample_indices
+    from rba_core.export import save_compressed, save_folded
+    from rba_core.fold import check_foldable, fold_statistics, folded_encoder
+
+    params = map_params or MapParams()
+    stage = on_stage or (lambda _: None)
+    if kind != "folded":
+        map_kind(kind)  # an unknown map fails before any work
+        lazy = LazyEncoder(model, None, max_length)
+        ref = model_ref(model, max_length)
+        checked = validate_ranges(ranges, ref.info.num_blocks)
+        stage("Fit samples (train split): token statistics")
+        fit = extract(model, lm_dataset(model, dataset, seq_len, ref), fit_n, seed, "train", max_length=max_length,
+                      cache=cache, progress=progress, encoder=lazy, stats_ranges=checked)
+        save_compressed(approximate_encoder(lazy(), fit.stats(), checked, kind, params), out, onnx=onnx)
+        import json
+        from pathlib import Path
+
+        return json.loads((Path(out) / "rba.json").read_text())
+    encoder = model if isinstance(model, Encoder) else load_encoder(model, max_length=max_length)
+    checked = check_foldable(encoder, ranges)
+    data = lm_dataset(model, dataset, seq_len)
+    source = open_dataset(data, "train")
+    indices = sample_indices(len(source), fit_n, seed, "train", source.unit)
+    stage("Fit samples (train split): MLP outputs and block outputs of the ranges")
+    batches = (encoder.preprocess(source.items(indices[s : s + 8])) for s in range(0, len(indices), 8))
+    maps = {rng: stats.fit(params.ridge if kind == "ridge" else 0.0)
+            for rng, stats in fold_statistics(encoder, batches, checked).items()}
+    folded = folded_encoder(encoder, maps)
+    record = {"source": encoder.source, "family": encoder.family, "map": "folded",
+              "ranges": [list(rng) for rng in checked],
+              "paper": [paper_notation(rng) for rng in checked],
+              "layers": {"original": encoder.num_blocks, "folded": folded.num_blocks},
+              "params": {"original": count_params(encoder.model), "folded": count_params(folded.model)},
+              "data": {"dataset": str(dataset), "fit_n": fit_n, "seed": seed, "seq_len": seq_len}}
+    if eval_n and isinstance(data, LMText):
+        stage("Evaluation windows: perplexity of the original and folded models")
+        test = open_dataset(data, "test")
+        windows = test.items(sample_indices(len(test), eval_n, seed, "test", test.unit))
+        record["perplexity"] = {"original": lm_scores(encoder, {}, windows)["perplexity"]["original"],
+                                "folded": lm_scores(folded, {}, windows)["perplexity"]["original"]}
+        record["data"]["eval_n"] = eval_n
+    save_folded(folded, out, record)
+    return record

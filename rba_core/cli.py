@@ -49,6 +49,17 @@ def _parser() -> argparse.ArgumentParser:
     approx.add_argument("--ridge", type=float, default=1e-2, help="λ for --map ridge")
     approx.add_argument("--probe", action="store_true", help="also train the linear probe (3 seeds)")
     _add_table_and_search(sub, common)
+    export = sub.add_parser("export", parents=[common], help="fit the maps and write an export folder "
+                            "(--map folded: a plain Hugging Face checkpoint with fewer layers)")
+    export.add_argument("--fit-n", type=int, required=True, help="train samples (windows) used to fit the maps")
+    export.add_argument("--eval-n", type=int, default=0, help="causal LMs: test windows for the perplexity in rba.json")
+    export.add_argument("--range", nargs=2, type=int, action="append", required=True, metavar=("I", "J"),
+                        help="remove blocks I+1..J, mapping block output I to J (repeatable)")
+    export.add_argument("--map", default="linear", choices=[*MAPS, "folded"],
+                        help=_map_help() + "; folded: fitted on block I's MLP output and folded into its weights")
+    export.add_argument("--ridge", type=float, default=1e-2, help="λ for --map ridge")
+    export.add_argument("--out", required=True, type=Path, help="the export folder")
+    export.add_argument("--onnx", action="store_true", help="image models: also write model.onnx")
     return parser
 
 
@@ -171,6 +182,14 @@ def _run(args: argparse.Namespace, tracker: Tracker) -> int:
                              probe_top=args.probe_top, kind=args.map, map_params=MapParams(ridge=args.ridge),
                              max_length=args.max_length, cache=cache,
                              progress=progress, on_stage=tracker.stage)
+        elif args.command == "export":
+            from rba_core.analysis import export
+
+            results = export(args.model, args.dataset, args.fit_n, args.seed, args.range, args.map, args.out,
+                             eval_n=args.eval_n, map_params=MapParams(ridge=args.ridge), max_length=args.max_length,
+                             seq_len=args.seq_len, onnx=args.onnx, cache=cache, progress=progress,
+                             on_stage=tracker.stage)
+            print(f"wrote {args.out}", file=sys.stderr)
         else:
             results = approximate(args.model, args.dataset, args.fit_n, args.eval_n, args.seed, args.range,
                                   args.map, map_params=MapParams(ridge=args.ridge), probe=args.probe,
@@ -190,15 +209,16 @@ def _write(args: argparse.Namespace, results) -> None:
     written itself already, in the format its ``--out`` suffix names."""
     from rba_core.report import summarise
 
+    data = results if isinstance(results, dict) else results.to_json()  # export returns its rba.json record
     if args.command == "table":
         print(f"wrote {args.json}", file=sys.stderr)
     elif args.json is None:
-        sys.stdout.write(summarise(args.command, results.to_json()))
+        sys.stdout.write(json.dumps(data, indent=1) + "\n" if args.command == "export" else summarise(args.command, data))
     elif str(args.json) == "-":
-        sys.stdout.write(json.dumps(results.to_json(), indent=1) + "\n")
+        sys.stdout.write(json.dumps(data, indent=1) + "\n")
     else:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results.to_json(), indent=1))
+        args.json.write_text(json.dumps(data, indent=1))
         print(f"wrote {args.json}", file=sys.stderr)
 
 

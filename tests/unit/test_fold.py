@@ -103,3 +103,32 @@ def test_ranges_that_cannot_fold_are_one_sentence(decoders):  # noqa: F811
                           ([(1, 2), (2, 3)], "merge the two ranges")):
         with pytest.raises(RBAError, match=words):
             check_foldable(llama, ranges)
+
+
+def test_cli_export_folded_writes_a_plain_checkpoint_with_perplexities(decoders, tmp_path):  # noqa: F811
+    from test_decoders import _prose
+
+    from rba_core.cli import main
+
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "train.txt").write_text(_prose(0, 200))
+    (tmp_path / "text" / "test.txt").write_text(_prose(1, 100))
+    out = tmp_path / "folded"
+    common = ["--model", decoders("qwen2"), "--dataset", str(tmp_path / "text"), "--seq-len", "16", "--seed", "0",
+              "--cache-dir", str(tmp_path / "cache")]
+    assert main(["export", *common, "--fit-n", "20", "--eval-n", "6", "--range", "1", "3", "--map", "folded",
+                 "--out", str(out), "--json", str(tmp_path / "r.json")]) == 0
+    record = json.loads((out / "rba.json").read_text())
+    assert record["layers"] == {"original": 4, "folded": 2} and set(record["perplexity"]) == {"original", "folded"}
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 2 and len(config["layer_types"]) == 2
+    assert {"model.safetensors", "tokenizer.json", "generation_config.json"} <= {p.name for p in out.iterdir()}
+    assert record["params"]["original"] - record["params"]["folded"] == sum(
+        p.numel() for b in load_encoder(decoders("qwen2"), device="cpu").blocks[1:3] for p in b.parameters())
+    # folding into a model whose blocks cannot take it is one sentence, exit 2
+    assert main(["export", *common[:1], decoders("gemma2"), *common[2:], "--fit-n", "4", "--range", "1", "3",
+                 "--map", "folded", "--out", str(tmp_path / "no")]) == 2
+    # the other maps keep the rba-compressed folder
+    assert main(["export", *common, "--fit-n", "8", "--range", "1", "3", "--map", "linear",
+                 "--out", str(tmp_path / "linear")]) == 0
+    assert json.loads((tmp_path / "linear" / "rba.json").read_text())["format"] == "rba-compressed"
