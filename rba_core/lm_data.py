@@ -1,6 +1,6 @@
 """Language-model text: each split read as one text, tokenized as one stream, cut into windows of tokens.
 
-A split comes from a local folder (``train`` / ``test`` as ``.txt``, or parquet/JSONL with a
+A split comes from ``demo-text`` (shipped with the package), a local folder (``train`` / ``test`` as ``.txt``, or parquet/JSONL with a
 ``text`` column whose rows are joined with a blank line), a single ``.txt`` file (its first 90%
 of lines train, the rest test) or a hub alias (``WikiText-2``, a streamed sample of ``C4``; a copy
 under ``$RBA_DATA_DIR/<alias folder>`` is used first). The stream is tokenized without special
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from rba_core.errors import RBAError
-from rba_core.registry import DATA_DIR_ENV
+from rba_core.registry import DATA_DIR_ENV, DEMO_TEXT_DIR
 
 DEFAULT_SEQ_LEN = 256
 #: hub alias -> (hub id, config, the hub split used as our test split, local folder name)
@@ -30,9 +30,13 @@ C4_DOCUMENTS = 2000  # documents streamed per C4 split
 TRAIN_SHARE = 0.9  # a single text file: this share of its lines is the train split
 
 
+#: alias -> folder shipped with the package (``demo-text``: what the demo GPT was trained on)
+LOCAL_TEXTS = {"demo-text": DEMO_TEXT_DIR}
+
+
 def _alias(name: str) -> str | None:
     folded = name.strip().lower().replace("_", "-")
-    return folded if folded in HUB_TEXTS else None
+    return folded if folded in HUB_TEXTS or folded in LOCAL_TEXTS else None
 
 
 def is_lm_text(name) -> bool:
@@ -93,10 +97,11 @@ def _hub_text(alias: str, split: str) -> str:
                        f"{local}/test.txt.") from None
 
 
-@lru_cache(maxsize=8)
 def split_text(name: str, split: str) -> str:
     """The whole text of one split of a language-model source."""
     alias = _alias(name)
+    if alias in LOCAL_TEXTS:
+        return _folder_text(LOCAL_TEXTS[alias], split)
     if alias:
         return _hub_text(alias, split)
     path = Path(name).expanduser()
@@ -107,7 +112,7 @@ def split_text(name: str, split: str) -> str:
     if path.is_dir():
         return _folder_text(path, split)
     raise RBAError(f"'{name}' is neither a text file, a folder with train/test texts nor one of "
-                   f"{', '.join(a for a in ('WikiText-2', 'C4'))}.")
+                   "WikiText-2, C4 and demo-text.")
 
 
 def token_windows(tokenizer, text: str, seq_len: int, what: str = "the text") -> np.ndarray:
@@ -138,15 +143,30 @@ class LMText:
 
     def open_split(self, split: str):
         from rba_core.data import Source
-        from rba_core.models.decoder import DecoderLM
 
         if self.max_positions and self.seq_len > self.max_positions:
             raise RBAError(f"--seq-len {self.seq_len} is above the model's maximum of {self.max_positions} tokens; "
                            f"use at most {self.max_positions}.")
-        text = split_text(self.dataset, split)
-        tokenizer = DecoderLM.load_processor(self.tokenizer_source)
-        windows = token_windows(tokenizer, text, self.seq_len, f"The {split} split of '{self.dataset}'")
-        fingerprint = {"lm_text": hashlib.sha256(text.encode()).hexdigest(), "seq_len": self.seq_len,
-                       "tokens": hashlib.sha256(windows.tobytes()).hexdigest()}
+        windows = _windows(self.dataset, self.tokenizer_source, self.seq_len, split, _stamp(self.dataset))
+        fingerprint = {"seq_len": self.seq_len, "tokens": hashlib.sha256(windows.tobytes()).hexdigest()}
         load = lambda idx: [windows[i] for i in idx]  # noqa: E731
         return Source(self.dataset, split, np.full(len(windows), -1, np.int64), [], fingerprint, load, "text")
+
+
+def _stamp(name: str) -> tuple:
+    """Size and modification time of a local text's files: an edited file is read again."""
+    path = Path(name).expanduser()
+    files = sorted(path.iterdir()) if path.is_dir() else [path] if path.is_file() else []
+    return tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file())
+
+
+@lru_cache(maxsize=8)
+def _windows(dataset: str, tokenizer_source: str, seq_len: int, split: str, stamp: tuple) -> np.ndarray:
+    """The windows of one split, tokenized once per process and file version (a run opens each
+    split several times)."""
+    from rba_core.models.decoder import DecoderLM
+
+    tokenizer = DecoderLM.load_processor(tokenizer_source)
+    windows = token_windows(tokenizer, split_text(dataset, split), seq_len, f"The {split} split of '{dataset}'")
+    windows.flags.writeable = False
+    return windows
