@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -19,8 +21,8 @@ from rba_core.metrics import (angular_distance, block_redundancy, block_redundan
 from rba_core.models import Encoder, ModelRef, adapter_class, load_config, load_encoder, model_ref
 from rba_core.models.decoder import DecoderLM
 from rba_core.perplexity import lm_scores
-from rba_core.registry import resolve_model
 from rba_core.probe import converged_probe_accuracy, probe_accuracy, small_classes_note
+from rba_core.registry import resolve_model
 from rba_core.results import AnalysisResult, ApproximationResult
 
 Stage = Callable[[str], None]
@@ -241,9 +243,6 @@ def export(model, dataset, fit_n: int, seed: int, ranges: Sequence[Sequence[int]
         fit = extract(model, lm_dataset(model, dataset, seq_len, ref), fit_n, seed, "train", max_length=max_length,
                       cache=cache, progress=progress, encoder=lazy, stats_ranges=checked)
         save_compressed(approximate_encoder(lazy(), fit.stats(), checked, kind, params), out, onnx=onnx)
-        import json
-        from pathlib import Path
-
         return json.loads((Path(out) / "rba.json").read_text())
     encoder = model if isinstance(model, Encoder) else load_encoder(model, max_length=max_length)
     checked = check_foldable(encoder, ranges)

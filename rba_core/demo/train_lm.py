@@ -4,10 +4,10 @@ Text: the Debian package descriptions of ``../shared/datasets/debian_description
 docstrings of Python's standard library (read with ``ast``, no module is imported), written to
 ``lm-text/train.txt`` and ``lm-text/test.txt`` (every tenth stdlib module and the descriptions'
 test split held out). Tokens: bytes (a byte-level BPE without merges, 256 tokens + end-of-text),
-so the tokenizer is built offline. Model: 8 blocks, width 128, 1.7 M parameters (about 7 MB).
+so the tokenizer is built offline. Model: 8 blocks, width 64, 0.4 M parameters (about 2 MB).
 Seeded; ``training.json`` records the held-out perplexity (windows of 128 bytes) and the time.
 
-    python rba_core/demo/train_lm.py [--steps 300]
+    python rba_core/demo/train_lm.py [--steps 200]
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def write_corpus() -> dict[str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps (batches of 16 windows)")
+    parser.add_argument("--steps", type=int, default=200, help="optimizer steps (batches of 16 windows)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -87,7 +87,7 @@ def main() -> None:
     tokenizer = byte_tokenizer()
     train = torch.from_numpy(token_windows(tokenizer, texts["train"], SEQ_LEN + 1))
     test = torch.from_numpy(token_windows(tokenizer, texts["test"], SEQ_LEN))
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=128, n_layer=8, n_head=4,
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=64, n_layer=8, n_head=4,
                         bos_token_id=256, eos_token_id=256, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     model = GPT2LMHeadModel(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.01)

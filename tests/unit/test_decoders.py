@@ -305,3 +305,21 @@ def test_cli_analyze_and_approximate_a_causal_lm(decoders, text_folder, tmp_path
     for key in ("perplexity", "top1_agreement"):
         assert set(result[key]) == {"original", "approximated", "skip"}
     assert result["top1_agreement"]["original"] == 1.0 and result["perplexity"]["original"] > 1
+
+
+def test_the_demo_lm_reproduces_its_recorded_held_out_perplexity():
+    """The shipped demo GPT (rba_core/demo/train_lm.py) on the shipped demo-text, through the aliases."""
+    import json
+
+    from rba_core.data import open_dataset
+    from rba_core.lm_data import LMText
+    from rba_core.perplexity import lm_scores
+    from rba_core.registry import DEMO_LM_DIR, resolve_model
+
+    record = json.loads((DEMO_LM_DIR / "training.json").read_text())
+    enc = load_encoder("demo-GPT", device="cpu")
+    assert enc.num_blocks == 8 and resolve_model("demo-GPT") == str(DEMO_LM_DIR)
+    test = open_dataset(LMText("demo-text", str(DEMO_LM_DIR), record["seq_len"]), "test")
+    assert len(test) == record["test_windows"]
+    scores = lm_scores(enc, {}, test.items(range(len(test))), batch_size=64)
+    assert scores["perplexity"]["original"] == pytest.approx(record["test_perplexity"], abs=1e-3)
