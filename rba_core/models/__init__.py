@@ -182,7 +182,7 @@ class ModelInfo:
     family: str
     modality: str  # "image" or "text"
     num_blocks: int
-    pooling: str  # "first" or "mean"
+    pooling: str  # "first", "mean" or "last" (decoders: the last real token)
 
 
 def model_info(name: str) -> ModelInfo:
