@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -13,9 +15,14 @@ from rba_core.data import open_dataset
 from rba_core.extract import Extraction, Progress, extract
 from rba_core.latency import BATCH as LATENCY_BATCH, METHOD as LATENCY_METHOD, measure as measure_latency
 from rba_core.maps import MapParams, fit_residual_matrix, map_kind
-from rba_core.metrics import block_redundancy, cosine_matrix, linear_cka_matrix
-from rba_core.models import Encoder, load_encoder, model_ref
+from rba_core.lm_data import DEFAULT_SEQ_LEN, LMText, is_lm_text
+from rba_core.metrics import (angular_distance, block_redundancy, block_redundancy_all_tokens, cosine_matrix,
+                              linear_cka_matrix)
+from rba_core.models import Encoder, ModelRef, adapter_class, load_config, load_encoder, model_ref
+from rba_core.models.decoder import DecoderLM
+from rba_core.perplexity import lm_scores
 from rba_core.probe import converged_probe_accuracy, probe_accuracy, small_classes_note
+from rba_core.registry import resolve_model
 from rba_core.results import AnalysisResult, ApproximationResult
 
 Stage = Callable[[str], None]
@@ -25,9 +32,13 @@ def _matrix(values: np.ndarray) -> list[list[float | None]]:
     return [[None if np.isnan(v) else float(v) for v in row] for row in values]
 
 
-def analysis_results(ex: Extraction) -> AnalysisResult:
-    """The ``analyze`` result: BR for blocks 1..L, cosine, CKA and fit-residual matrices over 0..L."""
+def analysis_results(ex: Extraction, windows: Sequence[int] = ()) -> AnalysisResult:
+    """The ``analyze`` result: BR for blocks 1..L, cosine, CKA and fit-residual matrices over 0..L;
+    with token statistics also BR on every token, Block Influence, and for each window size n in
+    ``windows`` the angular distance between block outputs l and l+n of the pooled vectors."""
     meta = ex.meta
+    stats = ex.token_stats
+    windows = sorted({n for n in windows if 1 <= n <= ex.num_blocks})
     return AnalysisResult(
         model=meta["model"], dataset=meta["dataset"], split=meta["split"],
         modality=meta.get("modality", "image"), family=meta["family"], pooling=meta.get("pooling", "first"),
@@ -39,16 +50,42 @@ def analysis_results(ex: Extraction) -> AnalysisResult:
         fit_residual=_matrix(ex.fit_residual if ex.fit_residual is not None else fit_residual_matrix(ex.stats())),
         cache={"key": ex.key, "hit": ex.hit},
         notes=ex.notes,
+        block_redundancy_all_tokens=block_redundancy_all_tokens(stats).tolist() if stats is not None and all(
+            stats.has(k - 1, k) for k in range(1, ex.num_blocks + 1)) else None,
+        block_influence=None if ex.block_influence is None else ex.block_influence.tolist(),
+        angular_distance={str(n): angular_distance(ex.pooled, n).tolist() for n in windows} or None,
+        stats=meta.get("stats") if stats is not None else None,
     )
 
 
+def lm_dataset(model, dataset, seq_len: int = DEFAULT_SEQ_LEN, ref: ModelRef | None = None):
+    """For a causal LM and a language-model text source (hub alias, ``.txt`` file, folder of texts),
+    the source as windows of ``seq_len`` of the model's tokens; any other pair is returned unchanged."""
+    if not is_lm_text(dataset):
+        return dataset
+    ref = ref or model_ref(model)
+    if not issubclass(adapter_class(ref.info.family), DecoderLM):
+        return dataset
+    if ref.loaded is not None:
+        source, config = ref.loaded.source, ref.loaded.config
+    else:
+        source, config = resolve_model(model), load_config(model)
+    return LMText(dataset, source, seq_len, getattr(config, "max_position_embeddings", None))
+
+
 def analyze(model, dataset, n: int, seed: int = 0, split: str = "train", *, max_length: int = 128,
-            cache: Cache | None = None, progress: Progress | None = None) -> AnalysisResult:
+            seq_len: int = DEFAULT_SEQ_LEN, windows: Sequence[int] = (1,), stats_window: int | None = None,
+            stats_budget: int | None = None, cache: Cache | None = None,
+            progress: Progress | None = None) -> AnalysisResult:
     """Extract (or reopen) and compute every redundancy metric.
 
-    ``model``: alias, hub id, folder or a loaded model; ``dataset``: alias, folder or a list of samples."""
+    ``model``: alias, hub id, folder or a loaded model; ``dataset``: alias, folder or a list of samples
+    (for a causal LM also a language-model text, read as ``n`` windows of ``seq_len`` tokens).
+    ``stats_window`` keeps token statistics for windows of that many blocks instead of all pairs."""
+    dataset = lm_dataset(model, dataset, seq_len)
     return analysis_results(extract(model, dataset, n, seed, split, max_length=max_length, cache=cache,
-                                    progress=progress))
+                                    progress=progress, stats_window=stats_window, stats_budget=stats_budget),
+                            windows)
 
 
 class LazyEncoder:
@@ -113,13 +150,15 @@ def approximated_outputs(lazy: LazyEncoder, dataset, fit: Extraction, ex: Extrac
 
 def approximate(model, dataset, fit_n: int, eval_n: int, seed: int,
                 ranges: Sequence[Sequence[int]], kind: str = "linear", *, map_params: MapParams | None = None,
-                probe: bool = False, max_length: int = 128, cache: Cache | None = None,
-                progress: Progress | None = None, on_stage: Stage | None = None,
+                probe: bool = False, max_length: int = 128, seq_len: int = DEFAULT_SEQ_LEN,
+                cache: Cache | None = None, progress: Progress | None = None, on_stage: Stage | None = None,
                 encoder: Encoder | LazyEncoder | Callable[[], Encoder] | None = None) -> ApproximationResult:
     """Fit maps on ``fit_n`` train samples, evaluate the approximated model on ``eval_n`` test samples.
 
     The result's ``final`` holds the original and approximated final representations of the
-    evaluation samples with their labels (numpy; not in the JSON).
+    evaluation samples with their labels (numpy; not in the JSON). For a causal LM on a
+    language-model text the samples are windows of ``seq_len`` tokens and the result adds the
+    perplexity and top-1 next-token agreement of the original, approximated and skipped models.
     """
     declared = map_kind(kind)  # an unknown map fails before any work
     params = map_params or MapParams()
@@ -127,8 +166,10 @@ def approximate(model, dataset, fit_n: int, eval_n: int, seed: int,
     stage = on_stage or (lambda _: None)
     # A shared LazyEncoder lets many calls (table rows, search probes) load the model at most once.
     lazy = encoder if isinstance(encoder, LazyEncoder) else LazyEncoder(model, encoder, max_length)
-    info = model_ref(lazy.encoder if isinstance(lazy.encoder, Encoder) else model, max_length).info
+    ref = model_ref(lazy.encoder if isinstance(lazy.encoder, Encoder) else model, max_length)
+    info = ref.info
     ranges = validate_ranges(ranges, info.num_blocks)  # before any pass
+    dataset = lm_dataset(model, dataset, seq_len, ref)
     stage("Fit samples (train split): representations and token statistics")
     fit = extract(model, dataset, fit_n, seed, "train", max_length=max_length, cache=cache, progress=progress,
                   encoder=lazy)
@@ -153,6 +194,14 @@ def approximate(model, dataset, fit_n: int, eval_n: int, seed: int,
         notes=sorted(set(fit.notes + ev.notes)),
         final={"original": ev.final, "approximated": final, "labels": ev.labels, "label_names": fit.label_names},
     )
+    if isinstance(dataset, LMText):
+        stage("Evaluation windows: perplexity and next-token agreement")
+        loaded = lazy()
+        windows = open_dataset(dataset, "test").items(ev.indices)
+        nets = {"approximated": approximate_encoder(loaded, fit.stats(), ranges, kind, params),
+                "skip": approximate_encoder(loaded, None, ranges, "identity")}
+        scores = lm_scores(loaded, nets, windows, progress=progress)
+        result.perplexity, result.top1_agreement = scores["perplexity"], scores["top1_agreement"]
     if probe:
         stage("Linear probe: approximated and skipped models on the fit samples")
         train = {"original": fit.final}
@@ -167,3 +216,56 @@ def approximate(model, dataset, fit_n: int, eval_n: int, seed: int,
                                      for name in ("original", "approximated", "skip")}
         result.notes += [note] if (note := small_classes_note(ev.labels, fit.label_names)) else []
     return result
+
+
+def export(model, dataset, fit_n: int, seed: int, ranges: Sequence[Sequence[int]], kind: str, out,
+           *, eval_n: int = 0, map_params: MapParams | None = None, max_length: int = 128,
+           seq_len: int = DEFAULT_SEQ_LEN, onnx: bool = False, cache: Cache | None = None,
+           progress: Progress | None = None, on_stage: Stage | None = None) -> dict:
+    """Fit the maps of ``ranges`` on ``fit_n`` train samples and write the export folder ``out``.
+
+    ``kind`` ``folded`` gives a plain Hugging Face checkpoint with fewer layers (pre-LN models; its
+    ``rba.json`` records the data and, with ``eval_n`` windows of a language-model text, the
+    perplexity of the original and folded models); other kinds the rba-compressed folder with
+    the maps as modules (:func:`rba_core.export.save_compressed`). Returns the record written."""
+    from rba_core.data import sample_indices
+    from rba_core.export import save_compressed, save_folded
+    from rba_core.fold import check_foldable, fold_statistics, folded_encoder
+
+    params = map_params or MapParams()
+    stage = on_stage or (lambda _: None)
+    if kind != "folded":
+        map_kind(kind)  # an unknown map fails before any work
+        lazy = LazyEncoder(model, None, max_length)
+        ref = model_ref(model, max_length)
+        checked = validate_ranges(ranges, ref.info.num_blocks)
+        stage("Fit samples (train split): token statistics")
+        fit = extract(model, lm_dataset(model, dataset, seq_len, ref), fit_n, seed, "train", max_length=max_length,
+                      cache=cache, progress=progress, encoder=lazy, stats_ranges=checked)
+        save_compressed(approximate_encoder(lazy(), fit.stats(), checked, kind, params), out, onnx=onnx)
+        return json.loads((Path(out) / "rba.json").read_text())
+    encoder = model if isinstance(model, Encoder) else load_encoder(model, max_length=max_length)
+    checked = check_foldable(encoder, ranges)
+    data = lm_dataset(model, dataset, seq_len)
+    source = open_dataset(data, "train")
+    indices = sample_indices(len(source), fit_n, seed, "train", source.unit)
+    stage("Fit samples (train split): MLP outputs and block outputs of the ranges")
+    batches = (encoder.preprocess(source.items(indices[s : s + 8])) for s in range(0, len(indices), 8))
+    maps = {rng: stats.fit(params.ridge if kind == "ridge" else 0.0)
+            for rng, stats in fold_statistics(encoder, batches, checked).items()}
+    folded = folded_encoder(encoder, maps)
+    record = {"source": encoder.source, "family": encoder.family, "map": "folded",
+              "ranges": [list(rng) for rng in checked],
+              "paper": [paper_notation(rng) for rng in checked],
+              "layers": {"original": encoder.num_blocks, "folded": folded.num_blocks},
+              "params": {"original": count_params(encoder.model), "folded": count_params(folded.model)},
+              "data": {"dataset": str(dataset), "fit_n": fit_n, "seed": seed, "seq_len": seq_len}}
+    if eval_n and isinstance(data, LMText):
+        stage("Evaluation windows: perplexity of the original and folded models")
+        test = open_dataset(data, "test")
+        windows = test.items(sample_indices(len(test), eval_n, seed, "test", test.unit))
+        record["perplexity"] = {"original": lm_scores(encoder, {}, windows)["perplexity"]["original"],
+                                "folded": lm_scores(folded, {}, windows)["perplexity"]["original"]}
+        record["data"]["eval_n"] = eval_n
+    save_folded(folded, out, record)
+    return record

@@ -93,13 +93,17 @@ class ApproximatedEncoder(nn.Module):
         else:
             super().__setattr__(name, value)
 
-    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+    def last_hidden(self, **inputs: torch.Tensor) -> torch.Tensor:
+        """What the compressed model has where the original has hs[L]: (B, T, D), before the final norm."""
         enc = self.encoder
         hidden = enc.embed(inputs)
         ctx = enc.context(inputs, hidden)
         for step in self.steps:
             hidden = step(hidden) if isinstance(step, LinearMap) else enc.run_block(step, hidden, ctx)
-        return enc.final(hidden, enc.token_mask(inputs))
+        return hidden
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        return self.encoder.final(self.last_hidden(**inputs), self.encoder.token_mask(inputs))
 
 
 def approximate_encoder(encoder: Encoder, stats: TokenStats, ranges: Sequence[Range],

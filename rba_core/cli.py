@@ -26,12 +26,20 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--dataset", required=True, help=f"alias ({', '.join(DATASETS)}) or folder")
     common.add_argument("--max-length", type=int, default=128, help="text models: truncate texts to this many tokens")
     common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--seq-len", type=int, default=256,
+                        help="causal LMs on a text (WikiText-2, C4, .txt file or folder): tokens per window")
     common.add_argument("--json", type=Path, help="where to write the results as JSON ('-': stdout); "
                         "without it a short summary is printed")
     common.add_argument("--cache-dir", type=Path, help="cache folder (default $RBA_CACHE_DIR or cache/)")
     analyze = sub.add_parser("analyze", parents=[common], help="Block Redundancy, similarity and fit residuals")
     analyze.add_argument("--n", type=int, required=True, help="number of sampled images or texts")
     analyze.add_argument("--split", default="train", choices=("train", "test"))
+    analyze.add_argument("--stats-window", type=int, help="keep token statistics for windows of N blocks only "
+                         "(hs[i]ᵀhs[i] and hs[i]ᵀhs[i+N]) instead of all pairs")
+    analyze.add_argument("--stats-budget-gb", type=float, help="memory the token statistics may use "
+                         "(default a quarter of the free RAM or GPU memory)")
+    analyze.add_argument("--window", type=int, action="append",
+                         help="angular distance between block outputs l and l+N (repeatable; default 1)")
     approx = sub.add_parser("approximate", parents=[common], help="replace block ranges by linear maps")
     approx.add_argument("--fit-n", type=int, required=True, help="train samples (images or texts) used to fit the maps")
     approx.add_argument("--eval-n", type=int, required=True, help="test samples used to evaluate")
@@ -41,6 +49,17 @@ def _parser() -> argparse.ArgumentParser:
     approx.add_argument("--ridge", type=float, default=1e-2, help="λ for --map ridge")
     approx.add_argument("--probe", action="store_true", help="also train the linear probe (3 seeds)")
     _add_table_and_search(sub, common)
+    export = sub.add_parser("export", parents=[common], help="fit the maps and write an export folder "
+                            "(--map folded: a plain Hugging Face checkpoint with fewer layers)")
+    export.add_argument("--fit-n", type=int, required=True, help="train samples (windows) used to fit the maps")
+    export.add_argument("--eval-n", type=int, default=0, help="causal LMs: test windows for the perplexity in rba.json")
+    export.add_argument("--range", nargs=2, type=int, action="append", required=True, metavar=("I", "J"),
+                        help="remove blocks I+1..J, mapping block output I to J (repeatable)")
+    export.add_argument("--map", default="linear", choices=[*MAPS, "folded"],
+                        help=_map_help() + "; folded: fitted on block I's MLP output and folded into its weights")
+    export.add_argument("--ridge", type=float, default=1e-2, help="λ for --map ridge")
+    export.add_argument("--out", required=True, type=Path, help="the export folder")
+    export.add_argument("--onnx", action="store_true", help="image models: also write model.onnx")
     return parser
 
 
@@ -136,9 +155,14 @@ def _run(args: argparse.Namespace, tracker: Tracker) -> int:
     try:
         from rba_core.data import dataset_unit
 
-        tracker.samples = tracker.unit = dataset_unit(args.dataset[0] if args.command == "table" else args.dataset)
+        from rba_core.lm_data import is_lm_text
+
+        first = args.dataset[0] if args.command == "table" else args.dataset
+        tracker.samples = tracker.unit = "windows" if is_lm_text(first) else dataset_unit(first)
         if args.command == "analyze":
             results = analyze(args.model, args.dataset, args.n, args.seed, args.split, max_length=args.max_length,
+                              seq_len=args.seq_len, windows=args.window or (1,), stats_window=args.stats_window,
+                              stats_budget=int(args.stats_budget_gb * 1e9) if args.stats_budget_gb else None,
                               cache=cache, progress=progress)
         elif args.command == "table":
             from rba_core.table import table, table_format, write_table
@@ -156,10 +180,18 @@ def _run(args: argparse.Namespace, tracker: Tracker) -> int:
                              probe_top=args.probe_top, kind=args.map, map_params=MapParams(ridge=args.ridge),
                              max_length=args.max_length, cache=cache,
                              progress=progress, on_stage=tracker.stage)
+        elif args.command == "export":
+            from rba_core.analysis import export
+
+            results = export(args.model, args.dataset, args.fit_n, args.seed, args.range, args.map, args.out,
+                             eval_n=args.eval_n, map_params=MapParams(ridge=args.ridge), max_length=args.max_length,
+                             seq_len=args.seq_len, onnx=args.onnx, cache=cache, progress=progress,
+                             on_stage=tracker.stage)
+            print(f"wrote {args.out}", file=sys.stderr)
         else:
             results = approximate(args.model, args.dataset, args.fit_n, args.eval_n, args.seed, args.range,
                                   args.map, map_params=MapParams(ridge=args.ridge), probe=args.probe,
-                                  max_length=args.max_length, cache=cache,
+                                  max_length=args.max_length, seq_len=args.seq_len, cache=cache,
                                   progress=progress, on_stage=tracker.stage)
     except RBAError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -175,15 +207,16 @@ def _write(args: argparse.Namespace, results) -> None:
     written itself already, in the format its ``--out`` suffix names."""
     from rba_core.report import summarise
 
+    data = results if isinstance(results, dict) else results.to_json()  # export returns its rba.json record
     if args.command == "table":
         print(f"wrote {args.json}", file=sys.stderr)
     elif args.json is None:
-        sys.stdout.write(summarise(args.command, results.to_json()))
+        sys.stdout.write(json.dumps(data, indent=1) + "\n" if args.command == "export" else summarise(args.command, data))
     elif str(args.json) == "-":
-        sys.stdout.write(json.dumps(results.to_json(), indent=1) + "\n")
+        sys.stdout.write(json.dumps(data, indent=1) + "\n")
     else:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results.to_json(), indent=1))
+        args.json.write_text(json.dumps(data, indent=1))
         print(f"wrote {args.json}", file=sys.stderr)
 
 

@@ -54,10 +54,13 @@ class Source:
         return UNITS[self.modality]
 
     def items(self, indices: Sequence[int]) -> list:
-        """The samples at ``indices``: RGB images (grayscale is converted) or texts."""
+        """The samples at ``indices``: RGB images (grayscale is converted), texts, or windows of
+        token ids (int64 arrays, :mod:`rba_core.lm_data`)."""
         loaded = self._load([int(i) for i in indices])
         if self.modality == "image":
             return [im.convert("RGB") for im in loaded]
+        if loaded and isinstance(loaded[0], np.ndarray):
+            return loaded
         for index, text in zip(indices, loaded):
             parts = text if isinstance(text, tuple) else (text,)
             if any(not isinstance(p, str) or not p.strip() for p in parts):
@@ -316,6 +319,8 @@ def dataset_unit(dataset) -> str:
 
 def dataset_name(dataset) -> str:
     """How results name a dataset: the alias or folder, or "in-memory (N images)"."""
+    if hasattr(dataset, "open_split"):  # language-model windows (rba_core.lm_data.LMText)
+        return dataset.name
     return dataset if isinstance(dataset, str) else _in_memory_source(dataset, "train").name
 
 
@@ -323,6 +328,8 @@ def open_dataset(name, split: str = "train") -> Source:
     """Open a dataset alias (local copy under ``$RBA_DATA_DIR`` first, then the hub) or folder;
     a list of samples (or of (sample, label) pairs) serves as both splits."""
     _check_split(split)
+    if hasattr(name, "open_split"):  # language-model windows (rba_core.lm_data.LMText)
+        return name.open_split(split)
     if not isinstance(name, str):
         return _in_memory_source(name, split)
     info = dataset_info(name)

@@ -240,3 +240,18 @@ def onnx_session(path: Path | str):
     if ONNX not in record["files"]:
         raise RBAError(f"'{folder}' has no ONNX export; save it with save_compressed(..., onnx=True).")
     return onnxruntime.InferenceSession(str(folder / ONNX), providers=["CPUExecutionProvider"])
+
+
+FOLDED_FORMAT = "rba-folded"
+
+
+def save_folded(encoder: Encoder, folder: Path | str, record: dict) -> Path:
+    """Write a folded model (:func:`rba_core.fold.folded_encoder`) as a standard Hugging Face folder
+    (config with the new layer count, safetensors, tokenizer, generation config) that
+    ``AutoModelForCausalLM.from_pretrained`` loads without rba_core, and ``rba.json`` beside it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    encoder.model.save_pretrained(folder)
+    encoder.processor.save_pretrained(folder)
+    (folder / RECORD).write_text(json.dumps({"format": FOLDED_FORMAT, **record}, indent=2))
+    return folder

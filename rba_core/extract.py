@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -14,9 +14,11 @@ from rba_core.cache import Cache, make_key
 from rba_core.data import Source, open_dataset, sample_indices
 from rba_core.errors import RBAError
 from rba_core.maps import fit_residual_matrix
+from rba_core.metrics import influence_sums
 from rba_core.models import Encoder, load_encoder, model_ref
 from rba_core.progress import Progress
-from rba_core.stats import StatsAccumulator, TokenStats
+from rba_core.stats import (Pair, StatsAccumulator, TokenStats, check_fits, memory_budget, planned_pairs,
+                            stats_bytes)
 
 
 @dataclass
@@ -34,6 +36,7 @@ class Extraction:
     token_stats: TokenStats | None = field(repr=False)
     fit_residual: np.ndarray | None = None  # (L+1, L+1), stored with the statistics
     notes: list[str] = field(default_factory=list)  # e.g. a damaged cache entry recomputed
+    block_influence: np.ndarray | None = None  # (L,) ShortGPT's score over the statistics' tokens
 
     @property
     def num_blocks(self) -> int:
@@ -55,10 +58,13 @@ class Extraction:
 
 
 def extraction_key(model: dict, source: Source, indices: np.ndarray, with_stats: bool,
-                   token_fraction: float, pooling: str, max_length: int | None) -> str:
+                   token_fraction: float, pooling: str, max_length: int | None,
+                   pairs: list[Pair] | None = None) -> str:
     """Cache key: every input that changes the stored arrays (not the batch size, device or workers).
-    ``model`` is the model's fingerprint (:func:`rba_core.models.model_fingerprint`)."""
-    return make_key({
+    ``model`` is the model's fingerprint (:func:`rba_core.models.model_fingerprint`); ``pairs`` the
+    Gram blocks kept when not all pairs (:func:`rba_core.stats.planned_pairs`)."""
+    plan = {} if pairs is None or not with_stats else {"pairs": [list(p) for p in pairs]}
+    return make_key({**plan,
         "kind": "extraction",
         "model": model,
         "dataset": source.fingerprint,
@@ -93,12 +99,14 @@ def token_rows(indices: np.ndarray, mask: torch.Tensor | None, tokens: int, frac
 @torch.inference_mode()
 def run_pass(encoder: Encoder, source: Source, indices: np.ndarray, with_stats: bool,
              batch_size: int = 32, token_fraction: float = 1.0,
-             progress: Progress | None = None) -> dict[str, dict[str, np.ndarray]]:
-    """One forward pass over ``indices``; returns array groups ``reps`` and (optionally) ``stats``."""
+             progress: Progress | None = None, pairs: list[Pair] | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """One forward pass over ``indices``; returns array groups ``reps`` and (optionally) ``stats``
+    (all Gram pairs, or only ``pairs``)."""
     n, states, d = len(indices), encoder.num_blocks + 1, encoder.hidden_size
     pooled = np.empty((states, n, d), np.float32)
     final = np.empty((n, d), np.float32)
-    acc = StatsAccumulator(states, d, encoder.device) if with_stats else None
+    acc = StatsAccumulator(states, d, encoder.device, pairs) if with_stats else None
+    influence = np.zeros(states - 1)  # Σ over the statistics' tokens of 1 - cos(hs[k-1], hs[k])
     batches = [indices[start : start + batch_size] for start in range(0, n, batch_size)]
     load = lambda batch: encoder.preprocess(source.items(batch))  # noqa: E731
     # Read and preprocess the next batch in a thread while the model runs (PIL, numpy and the
@@ -118,6 +126,8 @@ def run_pass(encoder: Encoder, source: Source, indices: np.ndarray, with_stats: 
             if acc is not None:
                 rows = token_rows(batch, mask, hs[0].shape[1], token_fraction)
                 acc.add(hs, None if rows is None else rows.to(hs[0].device))
+                flat = [h.reshape(-1, d) for h in hs]
+                influence += influence_sums(flat if rows is None else [x[rows.to(x.device)] for x in flat])
             start = stop
             if progress:
                 progress(stop, n)
@@ -125,6 +135,7 @@ def run_pass(encoder: Encoder, source: Source, indices: np.ndarray, with_stats: 
     if acc is not None:
         stats = acc.result()
         groups["stats"] = stats.to_arrays()
+        groups["stats"]["block_influence"] = influence / max(stats.count, 1)
         # Stored once here so that reopening an analysis costs no solves.
         groups["stats"]["fit_residual"] = fit_residual_matrix(stats)
     return groups
@@ -134,13 +145,18 @@ def extract(model, dataset, n: int, seed: int = 0, split: str = "train", *,
             with_stats: bool = True, token_fraction: float = 1.0, batch_size: int = 32,
             max_length: int = 128, cache: Cache | None = None, progress: Progress | None = None,
             device: str | None = None,
-            encoder: Encoder | Callable[[], Encoder] | None = None) -> Extraction:
+            encoder: Encoder | Callable[[], Encoder] | None = None,
+            stats_window: int | None = None, stats_ranges: Sequence[Pair] = (),
+            stats_budget: int | None = None) -> Extraction:
     """Per-block pooled vectors, final representations and (optionally) token statistics, from
     the cache when present; otherwise one streaming pass. A cache hit never loads the model.
 
     ``model`` is an alias, hub id or folder, or a loaded model (:class:`Encoder` or Hugging Face
     object); ``dataset`` an alias or folder, or a list of samples. ``encoder`` may be a loaded
     encoder or a function that loads one (called only on a miss). ``max_length`` truncates texts.
+    Token statistics keep all Gram pairs unless ``stats_window`` (windows of n blocks) or
+    ``stats_ranges`` ask for fewer; their size is checked against ``stats_budget`` bytes (default a
+    quarter of the free memory) before the pass.
     """
     cache = cache or Cache()
     seen = len(cache.damaged)
@@ -151,8 +167,9 @@ def extract(model, dataset, n: int, seed: int = 0, split: str = "train", *,
         raise RBAError(f"The maximum text length must be at least 2 tokens, got {max_length}.")
     indices = sample_indices(len(source), n, seed, split, source.unit)
     length = max_length if source.modality == "text" else None
+    pairs = planned_pairs(ref.info.num_blocks + 1, stats_window, stats_ranges)
     # An entry with statistics also serves a request without them; the last key is the one stored.
-    keys = [extraction_key(ref.fingerprint, source, indices, True, token_fraction, ref.info.pooling, length)]
+    keys = [extraction_key(ref.fingerprint, source, indices, True, token_fraction, ref.info.pooling, length, pairs)]
     if not with_stats:
         keys.append(extraction_key(ref.fingerprint, source, indices, False, token_fraction, ref.info.pooling, length))
 
@@ -170,8 +187,10 @@ def extract(model, dataset, n: int, seed: int = 0, split: str = "train", *,
     def compute(progress: Progress | None) -> Extraction:
         loaded = ref.loaded or (encoder() if callable(encoder) else encoder) or load_encoder(model, device, max_length)
         loaded = loaded.with_max_length(length)
+        if with_stats:  # before the pass: a plan that does not fit is one sentence, not an out-of-memory crash
+            check_fits(loaded.num_blocks + 1, loaded.hidden_size, pairs, stats_budget or memory_budget(loaded.device))
         began = time.perf_counter()
-        groups = run_pass(loaded, source, indices, with_stats, batch_size, token_fraction, progress)
+        groups = run_pass(loaded, source, indices, with_stats, batch_size, token_fraction, progress, pairs)
         meta = {
             "model": ref.name, "source": loaded.source, **loaded.describe(),
             "dataset": source.name, "split": split, "n": n, "seed": seed,
@@ -179,6 +198,9 @@ def extract(model, dataset, n: int, seed: int = 0, split: str = "train", *,
             "num_params": loaded.num_params(),
             "block_params": [loaded.block_params(k) for k in range(1, loaded.num_blocks + 1)],
             "label_names": source.label_names, "token_fraction": token_fraction,
+            "stats": None if not with_stats else {
+                "kind": "all-pairs" if pairs is None else "windows" if stats_window else "ranges",
+                "window": stats_window, "bytes": stats_bytes(loaded.num_blocks + 1, loaded.hidden_size, pairs)},
             "seconds": time.perf_counter() - began,
         }
         groups["reps"].update(labels=source.labels[indices], indices=indices.astype(np.int64))
@@ -200,4 +222,5 @@ def check_modality(modality: str, source: Source, model: str) -> None:
 def _extraction(key, hit, meta, reps, stats, source, indices, notes) -> Extraction:
     token_stats = TokenStats.from_arrays(stats) if stats is not None else None
     return Extraction(key, hit, meta, reps["pooled"], reps["final"], source.labels[indices], indices,
-                      token_stats, stats.get("fit_residual") if stats is not None else None, notes)
+                      token_stats, stats.get("fit_residual") if stats is not None else None, notes,
+                      stats.get("block_influence") if stats is not None else None)

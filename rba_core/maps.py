@@ -123,11 +123,20 @@ def fit_residual_matrix(stats: "TokenStats") -> np.ndarray:
     i < j, (L+1, L+1) float64, NaN where i >= j. Needs no forward pass."""
     states, d = stats.num_blocks + 1, stats.hidden_size
     out = np.full((states, states), np.nan)
+
+    def residual(t: np.ndarray, cross: np.ndarray, j: int) -> float:
+        target = np.trace(stats.gram(j, j))
+        explained = np.sum(t * cross)  # tr(Tᵀ C) = tr(Tᵀ G T) at optimum
+        return max(target - explained, 0.0) / target
+
+    if stats.pairs is not None:  # only some pairs kept: the ranges whose three Gram blocks are there
+        for i, j in stats.pairs:
+            if i < j and stats.has(i, i) and stats.has(j, j):
+                out[i, j] = residual(solve_spd(stats.gram(i, i), stats.gram(i, j)), stats.gram(i, j), j)
+        return out
     for i, maps in all_pair_maps(stats):
         cross = stats.upper[i][:, d:]
         for j in range(i + 1, states):
             block = slice((j - i - 1) * d, (j - i) * d)
-            target = np.trace(stats.gram(j, j))
-            explained = np.sum(maps[:, block] * cross[:, block])  # tr(Tᵀ C) = tr(Tᵀ G T) at optimum
-            out[i, j] = max(target - explained, 0.0) / target
+            out[i, j] = residual(maps[:, block], cross[:, block], j)
     return out

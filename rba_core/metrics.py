@@ -1,11 +1,19 @@
-"""Block Redundancy and block-to-block similarity (cosine, linear CKA) from CLS representations.
+"""Per-block redundancy scores: Block Redundancy, block-to-block similarity (cosine, linear CKA),
+ShortGPT's Block Influence and PruneMe's angular distance.
 
-All functions take ``cls``: (L+1, N, D), entry k being the CLS token of block output k.
+Functions on pooled vectors take ``cls``: (L+1, N, D), entry k being the pooled vector (CLS, mean,
+or a decoder's last real token) of block output k; ``tokens``: (L+1, N, D) with rows = real tokens.
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rba_core.stats import TokenStats
 
 
 def block_redundancy(cls: np.ndarray) -> np.ndarray:
@@ -46,3 +54,44 @@ def linear_cka_matrix(cls: np.ndarray) -> np.ndarray:
     # kernel is zero; a block output is still identical to itself, so the diagonal is 1.
     np.fill_diagonal(cka, 1.0)
     return cka
+
+
+def block_redundancy_all_tokens(stats: TokenStats) -> np.ndarray:
+    """BR(k) = -mean((hs[k] - hs[k-1])²) over every real token and dimension, from the Gram
+    statistics alone: ||X_k - X_{k-1}||² = tr G_kk - 2 tr G_{k-1,k} + tr G_{k-1,k-1}. (L,) float64."""
+    trace = lambda a, b: float(np.trace(stats.gram(a, b)))  # noqa: E731
+    return np.array([-(trace(k, k) - 2 * trace(k - 1, k) + trace(k - 1, k - 1)) / (stats.count * stats.hidden_size)
+                     for k in range(1, stats.num_blocks + 1)])
+
+
+def _row_cosines(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """cos of each row pair of (..., N, D) arrays, float64, (..., N)."""
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    norms = np.linalg.norm(x, axis=-1) * np.linalg.norm(y, axis=-1)
+    return np.sum(x * y, axis=-1) / np.maximum(norms, 1e-300)
+
+
+def influence_sums(states: Sequence[torch.Tensor]) -> np.ndarray:
+    """Σ over rows of 1 - cos(states[k-1], states[k]) for k = 1..L, in float64; ``states``: L+1
+    tensors (R, D), rows = real tokens. Sums over batches add up to Block Influence × tokens."""
+    return np.array([float((1 - F.cosine_similarity(a.double(), b.double(), dim=-1, eps=1e-300)).sum())
+                     for a, b in zip(states, states[1:])])
+
+
+def block_influence(tokens: np.ndarray) -> np.ndarray:
+    """ShortGPT's Block Influence BI(k) = 1 - mean over rows of cos(hs[k-1], hs[k]), blocks k = 1..L.
+
+    ``tokens``: (L+1, N, D), rows = every real token. Returns (L,) float64; entry k-1 is block k.
+    Lower means the block changes its input's direction less.
+    """
+    return influence_sums([torch.from_numpy(np.ascontiguousarray(t)) for t in tokens]) / tokens.shape[1]
+
+
+def angular_distance(cls: np.ndarray, n: int) -> np.ndarray:
+    """PruneMe's angular distance between block outputs l and l + n: mean over samples of
+    arccos(cos(cls_l, cls_{l+n})) / π, for l = 0..L-n. (L+1-n,) float64; lower = more redundant window."""
+    states = cls.shape[0]
+    if not 1 <= n < states:
+        raise ValueError(f"window n must be in 1..{states - 1}, got {n}")
+    cosines = np.clip(_row_cosines(cls[:-n], cls[n:]), -1.0, 1.0)
+    return (np.arccos(cosines) / np.pi).mean(axis=1)

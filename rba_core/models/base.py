@@ -27,8 +27,9 @@ from rba_core.errors import RBAError
 Inputs = dict[str, torch.Tensor]  # the model's own inputs: pixel_values, or input_ids + attention_mask ...
 Context = dict[str, Any]  # per batch: what every block call needs besides the hidden states
 
-#: How a block output (B, T, D) becomes one vector per sample.
-POOLINGS = ("first", "mean")
+#: How a block output (B, T, D) becomes one vector per sample: the first token, the mean over
+#: real tokens, or the last real token (decoders).
+POOLINGS = ("first", "mean", "last")
 
 
 class Encoder:
@@ -36,6 +37,7 @@ class Encoder:
 
     modality: str = "image"  # "image" or "text": what the model reads
     hf_classes: tuple[str, ...] = ()  # transformers classes the family loads (see models.preload)
+    default_pooling: str = "first"  # one of POOLINGS, unless a sentence-transformers folder says otherwise
 
     def __init__(self, name: str, source: str, family: str, model: nn.Module, processor: Any,
                  device: str, pooling: str = "first", max_length: int | None = None, config=None):

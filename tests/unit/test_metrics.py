@@ -5,7 +5,8 @@ import pytest
 
 from rba_core.cache import Cache
 from rba_core.extract import extract
-from rba_core.metrics import block_redundancy, cosine_matrix, linear_cka_matrix
+from rba_core.metrics import (angular_distance, block_influence, block_redundancy, block_redundancy_all_tokens,
+                             cosine_matrix, linear_cka_matrix)
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +79,45 @@ def test_cka_ignores_offsets_and_scale_cosine_does_not(cls):
     shifted[2] = 3.0 * cls[2] + 5.0  # same representation up to offset and scale
     np.testing.assert_allclose(linear_cka_matrix(shifted), linear_cka_matrix(cls), atol=1e-6)
     assert not np.allclose(cosine_matrix(shifted)[2], cosine_matrix(cls)[2], atol=1e-3)
+
+
+# --- decoder scores: ShortGPT's Block Influence, PruneMe's angular distance, BR on every token ----
+
+def _cos(u: np.ndarray, v: np.ndarray) -> float:
+    u, v = [float(a) for a in u], [float(b) for b in v]
+    dot = sum(a * b for a, b in zip(u, v))
+    return dot / (sum(a * a for a in u) ** 0.5 * sum(b * b for b in v) ** 0.5)
+
+
+def test_block_influence_is_one_minus_the_mean_token_cosine():
+    tokens = np.random.default_rng(0).normal(size=(5, 7, 6)).astype(np.float32)
+    expected = [1 - sum(_cos(tokens[k - 1, t], tokens[k, t]) for t in range(7)) / 7 for k in range(1, 5)]
+    np.testing.assert_allclose(block_influence(tokens), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_angular_distance_is_arccos_over_pi_between_l_and_l_plus_n(n):
+    import math
+
+    last = np.random.default_rng(1).normal(size=(5, 9, 6)).astype(np.float32)
+    expected = [sum(math.acos(max(-1.0, min(1.0, _cos(last[l, s], last[l + n, s])))) / math.pi for s in range(9)) / 9
+                for l in range(5 - n)]
+    got = angular_distance(last, n)
+    assert got.shape == (5 - n,)
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError):
+        angular_distance(last, 5)
+
+
+def test_block_redundancy_on_every_token_from_the_gram_statistics():
+    import torch
+
+    from rba_core.stats import StatsAccumulator
+
+    tokens = np.random.default_rng(2).normal(size=(4, 11, 6)).astype(np.float32)
+    acc = StatsAccumulator(4, 6, "cpu")
+    acc.add([torch.from_numpy(t[None]) for t in tokens])
+    expected = [-sum((float(tokens[k, t, c]) - float(tokens[k - 1, t, c])) ** 2 for t in range(11) for c in range(6)) / 66
+                for k in range(1, 4)]
+    np.testing.assert_allclose(block_redundancy_all_tokens(acc.result()), expected, rtol=1e-6)  # float32 products
+    np.testing.assert_allclose(block_redundancy(tokens), expected, rtol=1e-9)  # the same formula on rows

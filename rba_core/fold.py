@@ -1,0 +1,135 @@
+"""Folded maps (ReplaceMe's trick, done exactly): a plain checkpoint with fewer layers and no added module.
+
+For range i→j of a pre-LN model, block i writes ``hs[i] = r + m``, m being the output of its MLP's
+last linear layer and r the residual before it. T minimises ``||m·T - (hs[j] - r)||²`` over the real
+tokens of the fit samples (ridge optional); folding it into that layer (``W ← W·T``, ``b ← b·T``)
+makes block i emit ``r + m·T ≈ hs[j]``, so blocks i+1..j can be deleted. With M = stacked m and
+H_k = stacked hs[k], the fit needs MᵀM, MᵀH_i and MᵀH_j only (``hs[j] - r = H_j - H_i + M``),
+accumulated over batches like :mod:`rba_core.stats`.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from rba_core.approx import validate_ranges
+from rba_core.errors import RBAError
+from rba_core.maps import Range, solve_spd
+from rba_core.models import Encoder
+
+
+@dataclass
+class FoldStats:
+    """Sums over real tokens for one range i→j, float64 (D, D) each."""
+
+    mm: np.ndarray  # MᵀM
+    mi: np.ndarray  # MᵀH_i
+    mj: np.ndarray  # MᵀH_j
+    count: int
+
+    def fit(self, ridge: float = 0.0) -> np.ndarray:
+        """T (D, D) minimising ||M T - (H_j - H_i + M)||² + ridge·count·||T||² (λ per token, as the ridge map's)."""
+        gram = self.mm + ridge * self.count * np.eye(self.mm.shape[0])
+        return solve_spd(gram, self.mj - self.mi + self.mm)
+
+
+def check_foldable(encoder: Encoder, ranges: Sequence[Sequence[int]]) -> list[Range]:
+    """Checked ranges whose start block exists and is kept; one sentence for a model or range that cannot fold."""
+    if getattr(encoder, "mlp_out", None) is None:
+        raise RBAError(f"'{encoder.family}' blocks do not end in a linear layer that writes the residual stream "
+                       "(post-LN blocks end in a LayerNorm, Gemma normalises its MLP output), so a map cannot be "
+                       "folded into them; export with --map linear, affine or ridge instead.")
+    checked = validate_ranges(ranges, encoder.num_blocks)
+    for (_, j1), (i2, j2) in zip(checked, checked[1:]):
+        if i2 == j1:
+            raise RBAError(f"Range {i2}→{j2} would fold into block {i2}, which range ending at {j1} removes; "
+                           "merge the two ranges into one.")
+    if sum(j - i for i, j in checked) >= encoder.num_blocks:
+        raise RBAError("These ranges would remove every layer; keep at least one.")
+    if checked[0][0] == 0:
+        raise RBAError(f"Range 0→{checked[0][1]} starts at the embeddings, which have no MLP to fold into; start "
+                       "the range at block 1 or later, or export with --map linear.")
+    return checked
+
+
+@contextmanager
+def _captured(modules: dict[int, nn.Module]) -> Iterator[dict[int, torch.Tensor]]:
+    """The output of each module during the block, by key; the hooks are always removed."""
+    outputs: dict[int, torch.Tensor] = {}
+    handles = [module.register_forward_hook(lambda _m, _in, out, key=key: outputs.__setitem__(key, out))
+               for key, module in modules.items()]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.inference_mode()
+def fold_statistics(encoder: Encoder, batches: Iterable[dict[str, torch.Tensor]],
+                    ranges: Sequence[Range]) -> dict[Range, FoldStats]:
+    """MᵀM, MᵀH_i, MᵀH_j of every range over the real tokens of ``batches`` (the model's inputs)."""
+    d = encoder.hidden_size
+    zeros = lambda: torch.zeros(d, d, dtype=torch.float64)  # noqa: E731
+    sums = {rng: [zeros(), zeros(), zeros()] for rng in ranges}
+    count = 0
+    starts = {i: encoder.mlp_output_module(i) for i, _ in ranges}
+    for inputs in batches:
+        with _captured(starts) as outputs:
+            hs, _ = encoder.hidden_states(inputs)
+        mask = encoder.token_mask(inputs)
+        rows = (lambda x: x.reshape(-1, d) if mask is None else x[mask])  # noqa: E731
+        for (i, j), acc in sums.items():
+            m = rows(outputs[i]).float()
+            for total, other in zip(acc, (m, rows(hs[i]), rows(hs[j]))):
+                total += (m.T @ other).double().cpu()  # float32 products, float64 sums
+        count += int(rows(hs[0]).shape[0])
+    return {rng: FoldStats(*(t.numpy() for t in acc), count) for rng, acc in sums.items()}
+
+
+def _cut_config(config, keep: list[int], num_blocks: int) -> None:
+    """The new layer count, and every per-layer list of the config (``layer_types`` ...) cut to the kept layers."""
+    for name, value in list(vars(config).items()):
+        if isinstance(value, (list, tuple)) and len(value) == num_blocks and name != "architectures":
+            setattr(config, name, type(value)(value[k] for k in keep))
+    config.num_hidden_layers = len(keep)
+
+
+def folded_model(encoder: Encoder, maps: dict[Range, np.ndarray]) -> nn.Module:
+    """A copy of the encoder's model with each range's T folded into block i's MLP output layer and
+    blocks i+1..j deleted (layer indices renumbered, config cut to match). The encoder is untouched."""
+    model = copy.deepcopy(encoder.model)
+    path = next(name for name, module in encoder.model.named_modules() if module is encoder.blocks)
+    layers = model.get_submodule(path)
+    with torch.no_grad():
+        for (i, _), t in maps.items():
+            layer = layers[i - 1].get_submodule(encoder.mlp_out)
+            t = torch.as_tensor(t, dtype=layer.weight.dtype, device=layer.weight.device)
+            # Linear stores (out, in) and computes x Wᵀ; GPT-2's Conv1D stores (in, out) and computes x W.
+            layer.weight.copy_(layer.weight @ t if encoder.mlp_out_transposed else t.T @ layer.weight)
+            if layer.bias is not None:
+                layer.bias.copy_(layer.bias @ t)
+    removed = {k for i, j in maps for k in range(i, j)}  # 0-based indices of blocks i+1..j
+    keep = [k for k in range(len(layers)) if k not in removed]
+    for k in sorted(removed, reverse=True):
+        del layers[k]
+    for new, block in enumerate(layers):  # caches and masks index layers by position
+        for module in block.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new
+    _cut_config(model.config, keep, encoder.num_blocks)
+    return model.eval()
+
+
+def folded_encoder(encoder: Encoder, maps: dict[Range, np.ndarray]) -> Encoder:
+    """The folded model behind the same adapter (same tokenizer, pooling and device)."""
+    model = folded_model(encoder, maps)
+    return type(encoder)(encoder.name, encoder.source, encoder.family, model, encoder.processor, encoder.device,
+                         encoder.pooling, encoder.max_length)

@@ -1,0 +1,45 @@
+"""Perplexity and next-token agreement of a causal LM and its approximations, with the model's own LM head.
+
+Perplexity = exp of the mean next-token loss over every position but the first of each window
+(each window's tokens 2..T predicted from the tokens before them); top-1 agreement = the share of
+those positions where a model's most likely next token is the original model's.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rba_core.approx import ApproximatedEncoder
+from rba_core.models.decoder import DecoderLM
+from rba_core.progress import Progress
+
+
+@torch.inference_mode()
+def lm_scores(encoder: DecoderLM, nets: dict[str, ApproximatedEncoder], windows: Sequence[np.ndarray],
+              batch_size: int = 8, progress: Progress | None = None) -> dict[str, dict[str, float]]:
+    """``{"perplexity": {name: float}, "top1_agreement": {name: float}}`` for the original model
+    (``"original"``) and every net in ``nets``, on ``windows`` (equal-length int64 token id arrays)."""
+    models = {"original": ApproximatedEncoder(encoder, [], []), **nets}
+    loss = dict.fromkeys(models, 0.0)
+    agree = dict.fromkeys(models, 0)
+    positions = 0
+    for start in range(0, len(windows), batch_size):
+        inputs = encoder.preprocess(list(windows[start : start + batch_size]))
+        targets = inputs["input_ids"][:, 1:]
+        reference = None
+        for name, net in models.items():
+            logits = encoder.logits(net.last_hidden(**inputs))[:, :-1].float()  # (B, T-1, V)
+            loss[name] += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
+            top = logits.argmax(-1)
+            reference = top if reference is None else reference
+            agree[name] += int((top == reference).sum())
+        positions += targets.numel()
+        if progress:
+            progress(min(start + batch_size, len(windows)), len(windows))
+    return {"perplexity": {name: math.exp(loss[name] / positions) for name in models},
+            "top1_agreement": {name: agree[name] / positions for name in models}}
