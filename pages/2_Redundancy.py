@@ -92,6 +92,24 @@ with errors():
                   table=pd.DataFrame({"block": range(1, blocks + 1), "block_redundancy": redundancy,
                                       "highlighted": [k in top for k in range(1, blocks + 1)]}))
 
+        if results.get("block_influence") is not None:
+            st.subheader("Cheap scores side by side")
+            st.markdown("Three cheap scores of each block from the same pass: **Block Redundancy** on the pooled "
+                        "vector (above) and on every real token, **Block Influence** (ShortGPT: mean 1 − cos of "
+                        "each token before and after the block; low = redundant) and **angular distance** "
+                        "(PruneMe: arccos(cos)/π between block outputs l and l+n of the pooled vector; low = the "
+                        "n blocks after l change little).")
+            scores = {"block": list(range(1, blocks + 1)), "Block Redundancy (pooled)": redundancy,
+                      "Block Redundancy (every token)": results["block_redundancy_all_tokens"] or [None] * blocks,
+                      "Block Influence": results["block_influence"]}
+            table = pd.DataFrame({k: v for k, v in scores.items() if len(v) == blocks})
+            dataframe(table)
+            for n, values in (results["angular_distance"] or {}).items():
+                st.caption(f"Angular distance of windows of n = {n} blocks (output l to output l+{n}):")
+                dataframe(pd.DataFrame({"window": [f"{l}→{l + int(n)}" for l in range(len(values))],
+                                        "angular distance": values}))
+            downloads("block-scores", table=table, data=result_part(results, "block_influence", "angular_distance"))
+
         st.subheader("Fit residual of every range i→j")
         st.markdown("Relative residual ‖hs[i]·T − hs[j]‖² / ‖hs[j]‖² of the least-squares map T that "
                     "replaces blocks i+1..j, from the token statistics of the same pass (no extra forward "

@@ -37,6 +37,18 @@ def _metrics(res: dict) -> None:
                    delta=f"{blocks['approximated'] - blocks['original']} (was {blocks['original']})")
     cols[2].metric("Parameters after (T included)", f"{params['approximated']:,}", delta_color="inverse",
                    delta=f"{params['approximated'] / params['original'] - 1:+.1%} (was {params['original']:,})")
+    if res.get("perplexity"):
+        ppl, top1 = res["perplexity"], res["top1_agreement"]
+        lm = st.columns(3)
+        lm[0].metric("Perplexity, approximated", f"{ppl['approximated']:.4g}", delta_color="inverse",
+                     delta=f"{ppl['approximated'] / ppl['original'] - 1:+.1%} (was {ppl['original']:.4g})",
+                     help="exp of the mean next-token loss over every position but the first of each evaluation "
+                          "window, with the model's own LM head.")
+        lm[1].metric("Perplexity, blocks skipped", f"{ppl['skip']:.4g}", delta_color="inverse",
+                     delta=f"{ppl['skip'] / ppl['original'] - 1:+.1%}")
+        lm[2].metric("Top-1 agreement with the original", f"{top1['approximated']:.1%}",
+                     help=f"Share of positions whose most likely next token is the original model's; "
+                          f"skipping the blocks: {top1['skip']:.1%}.")
     after, before = latency["approximated"], latency["original"]
     cols[3].metric("Latency after, ms per sample", f"{after['median']:.3g} ({after['low']:.3g}–{after['high']:.3g})",
                    delta_color="inverse",

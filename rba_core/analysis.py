@@ -148,6 +148,30 @@ def approximated_outputs(lazy: LazyEncoder, dataset, fit: Extraction, ex: Extrac
     return cache.single_flight(key, lookup, compute, progress)  # one run per key across processes
 
 
+def _lm_scores(lazy: LazyEncoder, dataset: LMText, fit: Extraction, ev: Extraction, ranges: list[Range], kind: str,
+               params: MapParams, cache: Cache, progress: Progress | None) -> dict:
+    """Perplexity and top-1 agreement of the original, approximated and skipped models on ``ev``'s
+    windows, cached like every other result (a stored result never loads the model)."""
+    key = make_key({"kind": "lm-scores", "fit": fit.key, "samples": ev.key, "ranges": ranges, "map": kind,
+                    "map_params": map_kind(kind).key(params)})
+
+    def lookup() -> dict | None:
+        entry = cache.get(key)
+        return None if entry is None else entry.meta.get("scores")
+
+    def compute(progress: Progress | None) -> dict:
+        loaded = lazy()
+        windows = open_dataset(dataset, "test").items(ev.indices)
+        nets = {"approximated": approximate_encoder(loaded, fit.stats(), ranges, kind, params),
+                "skip": approximate_encoder(loaded, None, ranges, "identity")}
+        scores = lm_scores(loaded, nets, windows, progress=progress)
+        cache.put(key, {}, {"kind": "scores", "scores": scores, "model": fit.meta["model"], "dataset": fit.meta["dataset"],
+                            "split": "test", "n": len(ev.indices), "ranges": ranges, "map": kind})
+        return scores
+
+    return cache.single_flight(key, lookup, compute, progress)
+
+
 def approximate(model, dataset, fit_n: int, eval_n: int, seed: int,
                 ranges: Sequence[Sequence[int]], kind: str = "linear", *, map_params: MapParams | None = None,
                 probe: bool = False, max_length: int = 128, seq_len: int = DEFAULT_SEQ_LEN,
@@ -196,11 +220,7 @@ def approximate(model, dataset, fit_n: int, eval_n: int, seed: int,
     )
     if isinstance(dataset, LMText):
         stage("Evaluation windows: perplexity and next-token agreement")
-        loaded = lazy()
-        windows = open_dataset(dataset, "test").items(ev.indices)
-        nets = {"approximated": approximate_encoder(loaded, fit.stats(), ranges, kind, params),
-                "skip": approximate_encoder(loaded, None, ranges, "identity")}
-        scores = lm_scores(loaded, nets, windows, progress=progress)
+        scores = _lm_scores(lazy, dataset, fit, ev, ranges, kind, params, cache, progress)
         result.perplexity, result.top1_agreement = scores["perplexity"], scores["top1_agreement"]
     if probe:
         stage("Linear probe: approximated and skipped models on the fit samples")

@@ -320,7 +320,8 @@ class Cache:
             except (OSError, ValueError):
                 meta, created = {}, folder.stat().st_mtime
             files = meta.get("files", {})
-            kind = "pass" if "reps" in files else "approximated run" if "final" in files else "damaged"
+            kind = meta.get("kind") or ("pass" if "reps" in files else "approximated run" if "final" in files
+                                        else "damaged")
             size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
             out.append(EntryInfo(folder.name, kind, str(meta.get("model", "")), str(meta.get("dataset", "")),
                                  str(meta.get("split", "")), meta.get("n"), size, created))

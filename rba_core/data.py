@@ -311,8 +311,13 @@ def _in_memory_source(samples: Sequence, split: str) -> Source:
 
 
 def dataset_unit(dataset) -> str:
-    """What a dataset's samples are called ("images" or "texts"): from the registry for an alias,
+    """What a dataset's samples are called ("images", "texts", or "windows" of a language-model text):
+    from the registry for an alias,
     else from the data itself (a folder's labels and columns are read, no image is decoded)."""
+    from rba_core.lm_data import is_lm_text
+
+    if is_lm_text(dataset):
+        return "windows"  # a language-model text: token windows of the model's tokenizer
     info = dataset_info(dataset) if isinstance(dataset, str) else None
     return UNITS[info.modality] if info else open_dataset(dataset, "train").unit
 

@@ -104,6 +104,10 @@ def is_available_offline(name: str) -> bool:
 def on_disk(dataset: str) -> bool:
     """True when opening ``dataset`` reads local files only (a folder, digits, a copy under
     $RBA_DATA_DIR); otherwise it goes to the hub and may download the whole dataset."""
+    from rba_core.lm_data import HUB_TEXTS
+
+    if dataset.strip().lower() in HUB_TEXTS:  # WikiText-2, C4: language-model texts from the hub
+        return False
     info = dataset_info(dataset)
     # A local-only alias (no hub copy) never goes to the hub: opening it says where to put it.
     return info is None or info.hub_id in (None, "sklearn:digits") or local_dataset_dir(info) is not None

@@ -35,7 +35,7 @@ from rba_core.models import preload  # noqa: E402
 
 preload()
 
-from rba_core.analysis import analysis_results, approximate
+from rba_core.analysis import analysis_results, approximate, lm_dataset
 from rba_core.approx import approximate_encoder
 from rba_core.cache import Cache, cache_root
 from rba_core.export import ONNX, RECORD, save_compressed
@@ -108,8 +108,8 @@ def _reading(read: Callable[[Cache], dict], cache_dir: str) -> dict:
 @st.cache_data(max_entries=16, show_spinner="Reading stored results…")
 def stored_analysis(model: str, dataset: str, n: int, seed: int, cache_dir: str) -> dict:
     """The ``analyze`` results from the disk cache; raises :class:`NotComputed` (not memoised) on a miss."""
-    return _reading(lambda cache: analysis_results(extract(model, dataset, n, seed, "train", cache=cache,
-                                                           encoder=_refuse)), cache_dir)
+    return _reading(lambda cache: analysis_results(extract(model, lm_dataset(model, dataset), n, seed, "train",
+                                                           cache=cache, encoder=_refuse)), cache_dir)
 
 
 @st.cache_data(max_entries=16, show_spinner="Reading stored results…")
@@ -223,7 +223,7 @@ def run_analysis(sel: Selection) -> None:
     """The streaming pass for ``sel`` (or a cache hit), inside :func:`_working`."""
     with _working(f"Computing {sel.model} on {sel.dataset} (n={sel.n}, seed={sel.seed})…", unit(sel.dataset)) as work:
         began = time.perf_counter()
-        ex = extract(sel.model, sel.dataset, sel.n, sel.seed, "train", cache=work.cache,
+        ex = extract(sel.model, lm_dataset(sel.model, sel.dataset), sel.n, sel.seed, "train", cache=work.cache,
                      progress=work.progress, encoder=lambda: encoder(sel.model))
         _opened(sel)
         for note in ex.notes:
@@ -347,7 +347,8 @@ def run_export(sel: Selection, ranges: list[tuple[int, int]], kind: str, params:
     with _working(f"Building {what}…", unit(sel.dataset)) as work:
         began = time.perf_counter()
         work.stage("Fitting the maps from the stored token statistics")
-        fit = extract(sel.model, sel.dataset, sel.n, sel.seed, "train", cache=work.cache, progress=work.progress,
+        fit = extract(sel.model, lm_dataset(sel.model, sel.dataset), sel.n, sel.seed, "train", cache=work.cache,
+                      progress=work.progress,
                       encoder=lambda: encoder(sel.model))
         _opened(sel)
         model = encoder(sel.model)

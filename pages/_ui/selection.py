@@ -22,9 +22,11 @@ from rba_core.registry import (DATA_DIR_ENV, DATASETS, DEMO_PAIR, MINILM_ID, MOD
 # Grouped by what they read: image models, then text models (and likewise the datasets).
 MODEL_OPTIONS = [m.alias for m in MODEL_ALIASES if m.modality == "image"] + \
     [m.alias for m in MODEL_ALIASES if m.modality == "text"]
+LM_TEXTS = ["demo-text", "WikiText-2", "C4"]  # language-model texts, read as token windows (causal LMs)
 DATASET_OPTIONS = [d for d in DATASETS if DATASETS[d].modality == "image"] + \
-    [d for d in DATASETS if DATASETS[d].modality == "text"]
-MODALITY = {**{m.alias: m.modality for m in MODEL_ALIASES}, **{d: info.modality for d, info in DATASETS.items()}}
+    [d for d in DATASETS if DATASETS[d].modality == "text"] + LM_TEXTS
+MODALITY = {**{m.alias: m.modality for m in MODEL_ALIASES}, **{d: info.modality for d, info in DATASETS.items()},
+            **{d: "text" for d in LM_TEXTS}}
 PAPER_PAIR = ("ViT-S", "CIFAR-10")  # the default online; offline it is DEMO_PAIR
 BOUND = {"bind": "query-params", "persist_state": "session"}
 CUSTOM = "custom"  # the option that reveals a text field for any hub id or folder
@@ -64,6 +66,8 @@ def _model_note(name: str, reachable: bool) -> str:
 def _dataset_note(name: str, reachable: bool) -> str:
     """What the selected dataset is, and whether it can be used right now."""
     info = dataset_info(name)
+    if name in LM_TEXTS:
+        return "language-model text, read as token windows (for decoder language models)"
     if info is None:
         return "local folder"
     return f"{info.modality} dataset · " + _dataset_source(info, reachable)

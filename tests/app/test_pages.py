@@ -470,3 +470,19 @@ def test_cache_page_lists_and_deletes_with_a_confirmation(home, tmp_path, monkey
 def test_the_deploy_button_is_hidden_and_the_menu_kept():
     config = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
     assert config["client"]["toolbarMode"] == "viewer"  # hides Deploy, Rerun, Clear cache; keeps the menu
+
+
+def test_a_language_model_shows_its_scores_and_perplexity():
+    """The shipped demo GPT on the shipped demo text: LM scores on Redundancy, perplexity on Approximate."""
+    lm = {"model": "demo-GPT", "dataset": "demo-text", "n": "16", "eval_n": "8"}
+    at = _app(**lm)
+    at.button(key="compute-home").click().run()
+    _clean(at)
+    page = _app("pages/2_Redundancy.py", **lm)
+    _clean(page)
+    assert any(s.value == "Cheap scores side by side" for s in page.subheader)
+    approx = _app("pages/3_Approximate.py", **lm, n_ranges="1", start1="3", end1="5")
+    approx.button(key="approximate").click().run()
+    _clean(approx)
+    labels = [m.label for m in approx.metric]
+    assert "Perplexity, approximated" in labels and "Top-1 agreement with the original" in labels
