@@ -6,8 +6,8 @@ from dataclasses import asdict
 import pandas as pd
 import streamlit as st
 
-from pages._ui.compute import (approximation, may_read, num_blocks, run_approximation, run_export,
-                               start_button, unit)
+from pages._ui.compute import (approximation, may_read, num_blocks, run_approximation, run_continuation,
+                               run_export, start_button, unit)
 from pages._ui.selection import BOUND, Selection, eval_samples, map_choice, sidebar
 from pages._ui.show import NotComputed, dataframe, downloads, errors, file_download, file_name, not_computed
 from rba_core.approx import paper_notation, validate_ranges
@@ -193,6 +193,20 @@ with errors():
                 "accuracy mean", "accuracy std", "converged probe accuracy")})
             downloads("probe-accuracy", table=table, data={**{k: v for k, v in summary.items() if k != "cache"},
                                                            "accuracy": accuracy, "accuracy_converged": converged})
+
+        if res.get("perplexity"):
+            st.subheader("Continue a prompt")
+            st.markdown("The same prompt continued greedily (40 tokens) by the original model, the approximated one "
+                        "and the same blocks simply skipped.")
+            prompt = st.text_input("Prompt", value="The package provides", key="prompt")
+            if start_button("Continue the prompt", key="continue", help="Runs each model 40 times on the "
+                            "growing text (a few seconds for small models)."):
+                st.session_state["_continued"] = run_continuation(sel, ranges, kind, params, prompt)
+            continued = st.session_state.get("_continued")
+            if continued:
+                for col, (name, text) in zip(st.columns(3), continued.items()):
+                    col.markdown(f"**{name}**")
+                    col.code(prompt + text, language=None, wrap_lines=True)
 
         st.subheader("Export")
         st.markdown("Take this approximated model away: a folder with the kept blocks and the maps as safetensors, "

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from rba_core.approx import ApproximatedEncoder
+from rba_core.errors import RBAError
 from rba_core.models.decoder import DecoderLM
 from rba_core.progress import Progress
 
@@ -43,3 +44,22 @@ def lm_scores(encoder: DecoderLM, nets: dict[str, ApproximatedEncoder], windows:
             progress(min(start + batch_size, len(windows)), len(windows))
     return {"perplexity": {name: math.exp(loss[name] / positions) for name in models},
             "top1_agreement": {name: agree[name] / positions for name in models}}
+
+
+@torch.inference_mode()
+def continue_text(encoder: DecoderLM, nets: dict[str, ApproximatedEncoder], prompt: str,
+                  tokens: int = 40) -> dict[str, str]:
+    """Greedy continuations of ``prompt`` (``tokens`` new tokens) by the original model (``"original"``)
+    and every net in ``nets``, decoded with the model's own tokenizer (no cache: each step reruns the text)."""
+    if not prompt.strip():
+        raise RBAError("Type a prompt to continue.")
+    models = {"original": ApproximatedEncoder(encoder, [], []), **nets}
+    start = encoder.processor(prompt, return_tensors="pt")["input_ids"].to(encoder.device)
+    out = {}
+    for name, net in models.items():
+        ids = start
+        for _ in range(tokens):
+            hidden = net.last_hidden(input_ids=ids, attention_mask=torch.ones_like(ids))
+            ids = torch.cat([ids, encoder.logits(hidden[:, -1:]).argmax(-1)], dim=1)
+        out[name] = encoder.processor.decode(ids[0, start.shape[1]:], skip_special_tokens=True)
+    return out

@@ -337,6 +337,24 @@ def _zip(folder: Path) -> bytes:
     return buffer.getvalue()
 
 
+def run_continuation(sel: Selection, ranges: list[tuple[int, int]], kind: str, params: MapParams, prompt: str,
+                     tokens: int = 40) -> dict[str, str]:
+    """Greedy continuations of ``prompt`` by the original, approximated and skipped language models
+    (maps fitted from the stored statistics), in :func:`_working`."""
+    from rba_core.perplexity import continue_text
+
+    with _working("Continuing the prompt…", unit(sel.dataset)) as work:
+        fit = extract(sel.model, lm_dataset(sel.model, sel.dataset), sel.n, sel.seed, "train", cache=work.cache,
+                      progress=work.progress, encoder=lambda: encoder(sel.model))
+        model = encoder(sel.model)
+        nets = {"approximated": approximate_encoder(model, fit.stats(), ranges, kind, params),
+                "skip": approximate_encoder(model, None, ranges, "identity")}
+        work.stage(f"Generating {tokens} tokens greedily with each model")
+        out = continue_text(model, nets, prompt, tokens)
+        work.status.update(state="complete", expanded=False, label="Continued the prompt with each model.")
+    return out
+
+
 def run_export(sel: Selection, ranges: list[tuple[int, int]], kind: str, params: MapParams, name: str,
                onnx: bool) -> dict:
     """The approximated model of the dashboard (maps fitted from the stored statistics) written by

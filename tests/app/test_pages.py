@@ -486,3 +486,6 @@ def test_a_language_model_shows_its_scores_and_perplexity():
     _clean(approx)
     labels = [m.label for m in approx.metric]
     assert "Perplexity, approximated" in labels and "Top-1 agreement with the original" in labels
+    approx.button(key="continue").click().run()
+    _clean(approx)
+    assert len(approx.code) == 3 and all(c.value.startswith("The package provides") for c in approx.code)

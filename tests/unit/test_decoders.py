@@ -323,3 +323,18 @@ def test_the_demo_lm_reproduces_its_recorded_held_out_perplexity():
     assert len(test) == record["test_windows"]
     scores = lm_scores(enc, {}, test.items(range(len(test))), batch_size=64)
     assert scores["perplexity"]["original"] == pytest.approx(record["test_perplexity"], abs=1e-3)
+
+
+def test_greedy_continuation_of_the_original_equals_generate():
+    """continue_text's original model is the model's own greedy generate; skipping blocks changes it."""
+    from rba_core.approx import approximate_encoder
+    from rba_core.models import load_encoder
+    from rba_core.perplexity import continue_text
+
+    enc = load_encoder("demo-GPT", "cpu")
+    ids = enc.processor("Package description: a", return_tensors="pt")["input_ids"]
+    expected = enc.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
+    out = continue_text(enc, {"skip": approximate_encoder(enc, None, [(1, 7)], "identity")},
+                        "Package description: a", tokens=12)
+    assert out["original"] == enc.processor.decode(expected[0, ids.shape[1]:], skip_special_tokens=True)
+    assert out["skip"] != out["original"]
