@@ -102,8 +102,12 @@ class DecoderLM(TextEncoder):
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
         positions = self.position_ids(inputs)
+        mask = inputs.get("attention_mask")
+        # Without padding, no position ids reach the mask builders: as in the model's own forward, the
+        # causal mask can then stay implicit (sdpa's fast is_causal path) instead of a (B, 1, T, T) tensor.
         kwargs = {"config": self.model.config, "inputs_embeds": hidden,  # config: carries the attention implementation
-                  "attention_mask": inputs.get("attention_mask"), "past_key_values": None, "position_ids": positions}
+                  "attention_mask": mask, "past_key_values": None,
+                  "position_ids": None if mask is None or bool(mask.all()) else positions}
         builders = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
         kinds = self.attention_kinds()
         rotary = getattr(self.base, "rotary_emb", None)

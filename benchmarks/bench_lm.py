@@ -1,0 +1,94 @@
+"""Language-model benchmark: the pass of a random 16-layer D=1024 Llama on real local text vs a plain forward.
+
+    python benchmarks/bench_lm.py [--n 16] [--seq-len 256] [--batch 4] [--window 4]
+
+Model: a random-weight Llama (16 layers, hidden 1024, MLP 2816, 16 heads), saved with the demo
+GPT's byte tokenizer (vocabulary 257) so that it reads ``demo-text`` (Debian package descriptions and
+Python docstrings, shipped with the package). Reports tokens/s of ``model.model(**batch)`` (the
+plain decoder forward, no LM head) and of the pass with window statistics (Gram of hs[i] and
+cross-Gram with hs[i+n]) on the same windows, best of ``--repeats`` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import common
+from rba_core.analysis import lm_dataset
+from rba_core.data import open_dataset, sample_indices
+from rba_core.extract import run_pass
+from rba_core.models import load_encoder
+from rba_core.registry import MODELS
+from rba_core.stats import planned_pairs, stats_bytes
+
+
+def llama_folder(folder: Path) -> str:
+    """Save the random Llama with the demo GPT's tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(MODELS["demo-GPT"])
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
+                         num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=1024,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def _best(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        began = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - began)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--window", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=common.ROOT / "benchmarks" / "out" / "lm.json")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = llama_folder(Path(tmp) / "llama")
+        encoder = load_encoder(folder, "cpu")
+        source = open_dataset(lm_dataset(folder, "demo-text", args.seq_len), "train")
+    indices = sample_indices(len(source), args.n, 0)
+    pairs = planned_pairs(encoder.num_blocks + 1, args.window)
+    windows = [source.items(indices[s : s + args.batch]) for s in range(0, args.n, args.batch)]
+
+    def plain() -> None:
+        with torch.inference_mode():
+            for batch in windows:
+                encoder.model.model(**encoder.preprocess(batch))
+
+    run_pass(encoder, source, indices[: args.batch], True, args.batch, pairs=pairs)  # warm-up
+    seconds = {"plain_forward": _best(plain, args.repeats),
+               "pass_window_stats": _best(lambda: run_pass(encoder, source, indices, True, args.batch, pairs=pairs),
+                                          args.repeats)}
+    tokens = args.n * args.seq_len
+    result = {"n_windows": args.n, "seq_len": args.seq_len, "batch": args.batch, "window": args.window,
+              "threads": torch.get_num_threads(), "seconds": seconds,
+              "tokens_per_s": {k: tokens / v for k, v in seconds.items()},
+              "pass_vs_plain": seconds["plain_forward"] / seconds["pass_window_stats"],
+              "stats_bytes": {"windows": stats_bytes(encoder.num_blocks + 1, encoder.hidden_size, pairs),
+                              "all_pairs": stats_bytes(encoder.num_blocks + 1, encoder.hidden_size)},
+              "machine": common.machine()}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
