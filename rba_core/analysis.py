@@ -39,6 +39,7 @@ def analysis_results(ex: Extraction) -> AnalysisResult:
         fit_residual=_matrix(ex.fit_residual if ex.fit_residual is not None else fit_residual_matrix(ex.stats())),
         cache={"key": ex.key, "hit": ex.hit},
         notes=ex.notes,
+        workers=int(meta.get("workers", 1)),
     )
 
 

@@ -98,26 +98,39 @@ class _Bar:
             self.bar = None
 
 
+def _main_rank() -> bool:
+    """False on ranks 1.. of a launched group: only rank 0 reports progress and writes the results."""
+    return int(os.environ.get("RANK") or 0) == 0
+
+
 def _stop_on_sigterm(signum, frame):
     raise KeyboardInterrupt  # stop exactly as Ctrl-C does
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # torchrun reads --n as one of its own options unless the module's arguments follow "--",
+    # which it then passes on: `torchrun ... -m rba_core -- analyze --n 64 ...`.
+    args = _parser().parse_args(argv[1:] if argv[:1] == ["--"] else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    tracker = Tracker(on_stage=lambda s: print(s, file=sys.stderr))
-    tracker.report = bar = _Bar(lambda: tracker.unit)
+    main_rank = _main_rank()
+    tracker = Tracker(on_stage=lambda s: print(s, file=sys.stderr) if main_rank else None)
+    tracker.report = bar = _Bar(lambda: tracker.unit) if main_rank else None
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _stop_on_sigterm) if main_thread else None
     try:
         return _run(args, tracker)
     except (KeyboardInterrupt, Cancelled):
-        bar.close()  # now, or it would draw itself again after the sentence
-        print(tracker.stopped(), file=sys.stderr)
+        if bar:
+            bar.close()  # now, or it would draw itself again after the sentence
+        if main_rank:  # a launcher stops every rank at once: one sentence is enough
+            print(tracker.stopped(), file=sys.stderr)
         return 130
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
+        if "rba_core.distributed" in sys.modules:
+            sys.modules["rba_core.distributed"].close()
 
 
 def _run(args: argparse.Namespace, tracker: Tracker) -> int:
@@ -164,8 +177,15 @@ def _run(args: argparse.Namespace, tracker: Tracker) -> int:
                                   max_length=args.max_length, cache=cache,
                                   progress=progress, on_stage=tracker.stage)
     except RBAError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        from rba_core.distributed import WorkerFailed
+
+        if _main_rank():
+            print(f"error: {exc}", file=sys.stderr)
+        elif not isinstance(exc, WorkerFailed):  # a group's failure is told once, by rank 0
+            print(f"error: [rank {os.environ['RANK']}] {exc}", file=sys.stderr)
         return 2
+    if not _main_rank():
+        return 0
     for note in results.get("notes", []):
         print(f"note: {note}", file=sys.stderr)
     _write(args, results)

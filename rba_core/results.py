@@ -71,6 +71,7 @@ class AnalysisResult(Result):
     fit_residual: list[list[float | None]]
     cache: dict
     notes: list[str] = field(default_factory=list)
+    workers: int = 1  # processes that computed the stored result (torch.distributed ranks)
 
     def to_frame(self):
         """One row per block k = 1..L: its Block Redundancy and the fit residual of range k-1→k."""
