@@ -71,6 +71,10 @@ def _add_table_and_search(sub, common: argparse.ArgumentParser) -> None:
     budget.add_argument("--max-params", type=int, help="at most this many parameters (T included)")
     budget.add_argument("--max-latency-ms", type=float, help="at most this estimated latency per image")
     search.add_argument("--pairs", action="store_true", help="also try pairs of disjoint ranges")
+    search.add_argument("--top-k", type=int, default=5, help="the head of the ranking the race measures on "
+                        "every evaluation sample (the rest may leave early)")
+    search.add_argument("--exhaustive", action="store_true", help="measure every candidate on every sample "
+                        "instead of the race (slower; the same top-k)")
     search.add_argument("--probe-top", type=int, default=0, help="train the probe for the best K candidates")
     search.add_argument("--map", default="linear", choices=list(MAPS), help=_map_help())
     search.add_argument("--ridge", type=float, default=1e-2, help="λ for --map ridge")
@@ -169,6 +173,7 @@ def _run(args: argparse.Namespace, tracker: Tracker) -> int:
             results = search(args.model, args.dataset, args.fit_n, args.eval_n, args.seed, blocks=args.blocks,
                              max_params=args.max_params, max_latency_ms=args.max_latency_ms, pairs=args.pairs,
                              probe_top=args.probe_top, kind=args.map, map_params=MapParams(ridge=args.ridge),
+                             top_k=args.top_k, exhaustive=args.exhaustive,
                              max_length=args.max_length, cache=cache,
                              progress=progress, on_stage=tracker.stage)
         else:

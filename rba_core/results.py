@@ -158,6 +158,9 @@ class SearchResult(Result):
     cache: dict
     notes: list[str]
     seconds: dict
+    exhaustive: bool = False  # every candidate on every sample, instead of the race
+    top_k: int = 5  # the head of the ranking the race keeps exact
+    rounds: list[dict] = field(default_factory=list)  # the race: samples seen, candidates run and kept
 
     def to_frame(self):
         """One row per candidate, in ranking order."""

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+import pandas as pd
 import streamlit as st
 
 # transformers resolves its classes lazily and that is not thread-safe, while Streamlit may run two
@@ -321,9 +322,18 @@ def run_search(sel: Selection, eval_n: int, budget: dict, pairs: bool, probe_top
     """The measured search (``budget``: search's ``blocks``, ``max_params`` or ``max_latency_ms``),
     in :func:`_working`. Not cached on disk: it is cheap next to the passes it reuses."""
     with _working("Searching…", unit(sel.dataset)) as work:
+        board = st.empty()  # the ranking so far, sharpening round by round
+
+        def show(rows: list[dict], summary: dict) -> None:
+            board.dataframe(pd.DataFrame([{
+                "range": r["range"], "paper": r["paper"], "MSE (so far)": r["mse_final"],
+                "interval": f"{r['mse_ci'][0]:.3g} – {r['mse_ci'][1]:.3g}", "samples": r["samples"],
+            } for r in rows[:10]]), hide_index=True)
+
         result = search(sel.model, sel.dataset, sel.n, eval_n, sel.seed, **budget, pairs=pairs, probe_top=probe_top,
                         kind=kind, map_params=params, cache=work.cache, progress=work.progress, on_stage=work.stage,
-                        encoder=lambda: encoder(sel.model))
+                        on_round=show, encoder=lambda: encoder(sel.model))
+        board.empty()
         _opened(sel)
         work.status.update(state="complete", expanded=False, label=f"Measured {result['evaluated']} candidates on "
                            f"{eval_n} {unit(sel.dataset)} in {result['seconds']['total']:.1f} s.")
