@@ -122,6 +122,18 @@ class World:
             out[place[keep].cpu().numpy()] = block[keep].cpu().numpy()
         return out
 
+    def gather_objects(self, value) -> list:
+        """Every rank's picklable ``value``, in rank order (small things: per-candidate errors)."""
+        if self.size == 1:
+            return [value]
+        values: list = [None] * self.size
+        _collective(lambda: torch.distributed.all_gather_object(values, value))
+        return values
+
+    def from_main(self, value):
+        """Rank 0's picklable ``value`` on every rank (so that every rank decides alike)."""
+        return self.gather_objects(value)[0]
+
     def _tell(self, flag: int) -> int:
         """Rank 0's ``flag`` on every rank."""
         value = torch.tensor([flag], dtype=torch.int64, device=self._comm_device)

@@ -25,6 +25,7 @@ import torch
 from rba_core.analysis import Stage, LazyEncoder, approximate
 from rba_core.cache import Cache
 from rba_core.data import open_dataset
+from rba_core.distributed import World, world
 from rba_core.errors import RBAError
 from rba_core.extract import Extraction, Progress, extract
 from rba_core.maps import LinearMap, MapParams, Range, fit_map, fit_residual_matrix, map_kind
@@ -211,17 +212,18 @@ def _measure(encoder: Encoder, source, ev: Extraction, size: int, choose, progre
     (a seeded random order, in chunks of ``size``) keeping hs[0..L] of the chunk, and appends the
     per-sample error of every candidate still in the race; then :func:`still_in_race` keeps those
     that may be among the best ``top_k``. The last round brings the survivors to all samples, so
-    their MSEs are exact. ``choose(timing)`` picks the candidates and their maps once the first
+    their MSEs are exact. Under a launcher every rank runs the original model on each chunk and
+    measures its own share of the candidates; the errors are gathered after each round. ``choose(timing)`` picks the candidates and their maps once the first
     chunk has measured the stage times; ``on_round(summary, errors)`` follows the race with the
     per-sample errors of the candidates that ran in the round."""
-    n = len(ev.indices)
+    n, here = len(ev.indices), world()
     order = np.random.default_rng(seed).permutation(n)  # any prefix is a random sample
     seconds = {"original_forward": 0.0, "candidates": 0.0}
-    errors: dict[Candidate, list[np.ndarray]] = {}
+    errors: dict[Candidate, list[np.ndarray]] = {}  # per candidate, its per-sample errors of each round
     racing: list[Candidate] = []
     seen, counts = 0, sample_rounds(n, exhaustive)
     for number, until in enumerate(counts, start=1):
-        done, total = 0, 0
+        done, total, mine = 0, 0, {}
 
         def tick() -> None:
             nonlocal done
@@ -229,31 +231,34 @@ def _measure(encoder: Encoder, source, ev: Extraction, size: int, choose, progre
             if progress:
                 progress(done, total)
 
-        for start in range(seen, until, size):
-            positions = order[start : min(start + size, until)]
-            inputs = encoder.preprocess(source.items(ev.indices[positions]))
-            began = time.perf_counter()
-            with torch.inference_mode():
-                if start == 0:  # warm-up: the first call of each stage pays one-time set-up costs, untimed
-                    _states(encoder, {k: v[:WARM_UP_IMAGES] for k, v in inputs.items()})
-                hs, batch, chunk_timing = _states(encoder, inputs)
-            seconds["original_forward"] += time.perf_counter() - began
-            if start == 0:  # a latency budget needs the stage times, so candidates are chosen here
-                timing = chunk_timing
-                chosen, maps = choose(timing)
-                errors, racing = {c: [] for c in chosen}, chosen
-            if start == seen:
-                total = len(racing) * -(-(until - seen) // size)
-                stage(f"Measured search, round {number} of at most {len(counts)}: {len(racing)} candidates "
-                      f"on samples {seen + 1}-{until} of {n}")
-            groups: dict[Range, list[Candidate]] = defaultdict(list)
-            for c in racing:
-                groups[c[0]].append(c)
-            reference = torch.as_tensor(ev.final[positions], dtype=torch.float64, device=encoder.device)
-            began = time.perf_counter()
-            _chunk_sse(encoder, hs, batch, reference, groups, maps, errors, tick)
-            seconds["candidates"] += time.perf_counter() - began
-            del hs
+        with here.all_or_none("the measured search"):
+            for start in range(seen, until, size):
+                positions = order[start : min(start + size, until)]
+                inputs = encoder.preprocess(source.items(ev.indices[positions]))
+                began = time.perf_counter()
+                with torch.inference_mode():
+                    if start == 0:  # warm-up: the first call of each stage pays one-time set-up costs, untimed
+                        _states(encoder, {k: v[:WARM_UP_IMAGES] for k, v in inputs.items()})
+                    hs, batch, chunk_timing = _states(encoder, inputs)
+                seconds["original_forward"] += time.perf_counter() - began
+                if start == 0:  # a latency budget needs the stage times, so candidates are chosen here
+                    timing = here.from_main(chunk_timing)  # every rank chooses the same candidates
+                    chosen, maps = choose(timing)
+                    errors, racing = {c: [] for c in chosen}, chosen
+                if start == seen:
+                    groups = _my_groups(racing, here)  # whole groups, so pairs keep sharing their prefix
+                    mine = {c: [] for members in groups.values() for c in members}
+                    total = len(mine) * -(-(until - seen) // size)
+                    stage(f"Measured search, round {number} of at most {len(counts)}: {len(racing)} candidates "
+                          f"on samples {seen + 1}-{until} of {n}")
+                reference = torch.as_tensor(ev.final[positions], dtype=torch.float64, device=encoder.device)
+                began = time.perf_counter()
+                _chunk_sse(encoder, hs, batch, reference, groups, maps, mine, tick)
+                seconds["candidates"] += time.perf_counter() - began
+                del hs
+        for part in here.gather_objects({c: np.concatenate(e) for c, e in mine.items()}):
+            for c, e in part.items():
+                errors[c].append(e)
         seen = until
         per_sample = {c: np.concatenate(errors[c]) for c in racing}
         if until < n:
@@ -261,6 +266,14 @@ def _measure(encoder: Encoder, source, ev: Extraction, size: int, choose, progre
         on_round({"round": number, "samples": until, "candidates": len(per_sample), "kept": len(racing),
                   "seconds": seconds["original_forward"] + seconds["candidates"]}, per_sample)
     return {c: np.concatenate(e) for c, e in errors.items()}, timing, seconds
+
+
+def _my_groups(candidates: list[Candidate], here: World) -> dict[Range, list[Candidate]]:
+    """This rank's candidates, grouped by first range; groups are dealt to the ranks in turn."""
+    groups: dict[Range, list[Candidate]] = defaultdict(list)
+    for c in candidates:
+        groups[c[0]].append(c)
+    return {first: members for k, (first, members) in enumerate(groups.items()) if k % here.size == here.rank}
 
 
 def _ranking(errors: dict[Candidate, np.ndarray], fit: Extraction, kind: str, timing: dict) -> list[dict]:

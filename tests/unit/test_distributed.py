@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 from test_cli import ROOT, finish, start
 
-from rba_core.analysis import analyze
+from rba_core.analysis import analyze, approximate
 from rba_core.cache import Cache
 from rba_core.data import open_dataset
 from rba_core.distributed import World
 from rba_core.extract import extract
 from rba_core.maps import fit_map
 from rba_core.models import load_encoder
+from rba_core.search import search
 
 N = 27  # not a multiple of the sample group: uneven shares and a partial last group
 TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")
@@ -52,7 +53,8 @@ def test_two_gloo_workers_equal_one_process_and_share_its_entry(tiny_models, ima
     shared = Cache(tmp_path / "dist")
     reopened = analyze(model, image_folder, N, cache=shared)
     assert reopened.cache["hit"] and reopened.workers == 2
-    dist, single = extract(model, image_folder, N, cache=shared), extract(model, image_folder, N, cache=Cache(tmp_path / "single"))
+    dist = extract(model, image_folder, N, cache=shared)
+    single = extract(model, image_folder, N, cache=Cache(tmp_path / "single"))
     np.testing.assert_array_equal(dist.indices, single.indices)
     np.testing.assert_allclose(dist.pooled, single.pooled, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(dist.final, single.final, rtol=1e-6, atol=1e-6)
@@ -89,3 +91,23 @@ def test_token_subsampling_depends_neither_on_batch_size_nor_on_sample_groups(ti
         for a in range(len(first.upper)):
             np.testing.assert_allclose(other.stats().upper[a], first.upper[a], rtol=1e-12, atol=1e-9)
         assert other.stats().count == first.count
+
+
+def test_approximate_and_search_under_two_workers_equal_one_process(tiny_models, image_folder, tmp_path):
+    """The approximated model's evaluation (rows gathered) and the search (candidates dealt to ranks)."""
+    model, common = tiny_models["vit"], ["--model", tiny_models["vit"], "--dataset", image_folder, "--fit-n", "24",
+                                         "--eval-n", "11", "--cache-dir", str(tmp_path / "dist")]
+    budget = ["--pairs", "--max-latency-ms", "1e9"]  # the budget needs rank 0's stage times on every rank
+    for command, extra in (("approximate", ["--range", "1", "3"]), ("search", budget)):
+        run = torchrun(command, *common, *extra, "--json", str(tmp_path / f"{command}.json"))
+        assert run.returncode == 0, run.stderr
+    launched = json.loads((tmp_path / "approximate.json").read_text())
+    alone = approximate(model, image_folder, 24, 11, 0, [(1, 3)], cache=Cache(tmp_path / "single"))
+    assert launched["mse_final"] == pytest.approx(alone.mse_final, rel=1e-6)
+    searched = json.loads((tmp_path / "search.json").read_text())
+    expected = search(model, image_folder, 24, 11, 0, pairs=True, max_latency_ms=1e9,
+                      cache=Cache(tmp_path / "single"))
+    assert [(r["range"], r["samples"]) for r in searched["candidates"]] == \
+        [(r["range"], r["samples"]) for r in expected.candidates]
+    np.testing.assert_allclose([r["mse_final"] for r in searched["candidates"]],
+                               [r["mse_final"] for r in expected.candidates], rtol=1e-6)
