@@ -165,3 +165,13 @@ def test_real_datasets_through_aliases_and_data_dir(monkeypatch, tiny_models, tm
         np.testing.assert_array_equal(ex.labels, source.labels[ex.indices])
         assert ex.label_names == source.label_names
         assert np.ptp(ex.final, axis=0).max() > 0  # different images, different representations
+
+
+def test_imagenet_alias_evaluates_on_validation_and_fails_offline_in_one_sentence():
+    from rba_core.registry import dataset_info
+
+    info = dataset_info("imagenet-1k")
+    assert info.hub_id == "ILSVRC/imagenet-1k"
+    assert (info.hub_split("train"), info.hub_split("test")) == ("train", "validation")
+    with pytest.raises(RBAError, match=r"^Dataset 'ImageNet-1k' \(ILSVRC/imagenet-1k\) is not available offline.*\.$"):
+        open_dataset("ImageNet-1k", "test")
