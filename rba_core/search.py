@@ -233,7 +233,7 @@ def _measure(encoder: Encoder, source, ev: Extraction, size: int, choose, progre
 
         with here.all_or_none("the measured search"):
             for start in range(seen, until, size):
-                positions = order[start : min(start + size, until)]
+                positions = np.sort(order[start : min(start + size, until)])  # sorted: files are read in order
                 inputs = encoder.preprocess(source.items(ev.indices[positions]))
                 began = time.perf_counter()
                 with torch.inference_mode():

@@ -110,6 +110,18 @@ def test_parquet_folder_reads_images_and_labels(tmp_path):
     assert decoded.mode == "RGB" and np.asarray(decoded)[0, 0].tolist() == [30, 30, 30]
 
 
+def test_parquet_is_read_by_row_groups(tmp_path):
+    images = [{"bytes": _png(10 * k), "path": None} for k in range(23)]
+    table = pa.table({"img": images, "label": [k % 3 for k in range(23)]})
+    (tmp_path / "grouped").mkdir()
+    for split in ("train", "test"):
+        pq.write_table(table, tmp_path / "grouped" / f"{split}.parquet", row_group_size=5)
+    assert pq.ParquetFile(tmp_path / "grouped" / "test.parquet").num_row_groups == 5
+    source = open_dataset(str(tmp_path / "grouped"), "test")
+    picked = [0, 4, 5, 11, 12, 22, 3]  # within, across and back over row-group boundaries
+    assert [np.asarray(im)[0, 0, 0] for im in source.items(picked)] == [10 * k for k in picked]
+
+
 def test_parquet_without_image_column(tmp_path):
     _write_parquet(tmp_path, pa.table({"pixels_png": [b"x"], "label": [0]}))
     with pytest.raises(RBAError, match="no image or text column"):

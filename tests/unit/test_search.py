@@ -146,8 +146,9 @@ def test_the_race_finds_the_exhaustive_top_5_measuring_fewer_candidates(tmp_path
     assert [r["samples"] for r in race["rounds"]] == sample_rounds(n) == [8, 16, 32, 64]
     assert full["rounds"] == [dict(full["rounds"][0], samples=n, candidates=36, kept=36)]
     assert race["rounds"][-1]["candidates"] < 36  # some left the race early
-    assert [(r["range"], r["mse_final"]) for r in race["candidates"][:5]] == \
-        [(r["range"], r["mse_final"]) for r in full["candidates"][:5]]
+    assert [r["range"] for r in race["candidates"][:5]] == [r["range"] for r in full["candidates"][:5]]
+    assert [r["mse_final"] for r in race["candidates"][:5]] == pytest.approx(
+        [r["mse_final"] for r in full["candidates"][:5]], rel=1e-12)  # the same errors, summed in another order
     assert all(r["samples"] == n for r in race["candidates"][:5])
     left = [r for r in race["candidates"] if r["samples"] < n]
     assert left and {r["samples"] for r in left} <= {8, 16, 32}
