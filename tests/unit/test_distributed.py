@@ -53,6 +53,7 @@ def test_two_gloo_workers_equal_one_process_and_share_its_entry(tiny_models, ima
     shared = Cache(tmp_path / "dist")
     reopened = analyze(model, image_folder, N, cache=shared)
     assert reopened.cache["hit"] and reopened.workers == 2
+    assert [e.workers for e in shared.entries()] == [2]  # as the cache page lists it
     dist = extract(model, image_folder, N, cache=shared)
     single = extract(model, image_folder, N, cache=Cache(tmp_path / "single"))
     np.testing.assert_array_equal(dist.indices, single.indices)
