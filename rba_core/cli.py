@@ -107,7 +107,13 @@ def _main_rank() -> bool:
     return int(os.environ.get("RANK") or 0) == 0
 
 
+#: Said when a launcher's SIGTERM stopped this worker: launchers stop the whole group when one worker fails.
+BY_LAUNCHER = " by the launcher, which stops every worker when one fails or is killed (its summary names the rank)"
+_terminated: list[bool] = []
+
+
 def _stop_on_sigterm(signum, frame):
+    _terminated.append(True)
     raise KeyboardInterrupt  # stop exactly as Ctrl-C does
 
 
@@ -128,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         if bar:
             bar.close()  # now, or it would draw itself again after the sentence
         if main_rank:  # a launcher stops every rank at once: one sentence is enough
-            print(tracker.stopped(), file=sys.stderr)
+            launched = _terminated and int(os.environ.get("WORLD_SIZE") or 1) > 1
+            print(tracker.stopped(BY_LAUNCHER if launched else ""), file=sys.stderr)
         return 130
     finally:
         if main_thread:
@@ -166,7 +173,8 @@ def _run(args: argparse.Namespace, tracker: Tracker) -> int:
             results = table(args.model, args.dataset, args.fit_n, args.eval_n, args.seed, args.ranges, args.map,
                             map_params=MapParams(ridge=args.ridge), max_length=args.max_length, cache=cache,
                             progress=progress, on_stage=tracker.stage)
-            args.json = write_table(results, args.out)
+            if _main_rank():  # one writer under a launcher
+                args.json = write_table(results, args.out)
         elif args.command == "search":
             from rba_core.search import search
 
