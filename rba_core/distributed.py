@@ -18,7 +18,13 @@ reaches the cache.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
 from contextlib import contextmanager
+from pathlib import Path
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable, Iterator, TypeVar
@@ -180,6 +186,53 @@ def world() -> World:
             torch.cuda.set_device(local_rank)
         dist.init_process_group(here.backend, timeout=timedelta(seconds=_timeout_s()))
     return World(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def run_group(args: list[str], processes: int, cache_root: Path | str, progress=None) -> None:
+    """Run ``python -m rba_core ARGS`` as ``processes`` workers on this machine (torchrun, gloo or NCCL)
+    storing into ``cache_root``, and wait for it, forwarding rank 0's progress (the cache's progress
+    file of the computation it holds) to ``progress``. An exception while waiting (a stop: the
+    callback raises) terminates the whole process group, which then stores nothing; a failed group
+    raises :class:`RBAError` with its error sentence."""
+    locks = Path(cache_root) / ".locks"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
+               "-m", "rba_core", "--", *args, "--cache-dir", str(cache_root)]
+    began = time.time()
+    with tempfile.TemporaryFile("w+") as log:
+        group = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True, start_new_session=True)
+        try:
+            shown = (0, 0)
+            while group.poll() is None:
+                for path in locks.glob("*.progress") if locks.is_dir() else []:
+                    try:
+                        if path.stat().st_mtime >= began:
+                            shown = tuple(int(v) for v in path.read_text().split())
+                    except (OSError, ValueError):
+                        pass
+                if progress:
+                    progress(*shown)  # also every poll, so that a stop is noticed
+                time.sleep(0.3)
+        except BaseException:
+            _terminate(group)
+            raise
+        if group.returncode != 0:
+            log.seek(0)
+            errors = [line[len("error: "):].strip() for line in log if line.startswith("error: ")]
+            errors.sort(key=lambda e: e.startswith("[rank "))  # rank 0's sentence first
+            raise RBAError(errors[0] if errors else f"The {processes} worker processes failed (exit status "
+                           f"{group.returncode}); run the same request from a terminal with torchrun to see why.")
+
+
+def _terminate(group: subprocess.Popen) -> None:
+    """SIGTERM to the launcher and its workers (their own process group), SIGKILL after 10 s."""
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(group.pid, sig)
+            group.wait(wait)
+            return
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            if group.poll() is not None:
+                return
 
 
 def close() -> None:

@@ -43,6 +43,7 @@ from rba_core.export import ONNX, RECORD, save_compressed
 from rba_core.extract import extract
 from rba_core.hub import hub_status, on_disk
 from rba_core.data import dataset_unit
+from rba_core.distributed import run_group
 from rba_core.maps import MapParams
 from rba_core.models import Encoder, load_encoder, model_info
 from rba_core.progress import stage_unit, stopped_sentence
@@ -222,10 +223,15 @@ def _working(label: str, samples: str = "images") -> Iterator[_Work]:
         stop.empty()
 
 
-def run_analysis(sel: Selection) -> None:
-    """The streaming pass for ``sel`` (or a cache hit), inside :func:`_working`."""
+def run_analysis(sel: Selection, processes: int = 1) -> None:
+    """The streaming pass for ``sel`` (or a cache hit), inside :func:`_working`; with ``processes`` > 1 it
+    runs as that many torchrun workers on this machine (rank 0's progress shown), then is read back."""
     with _working(f"Computing {sel.model} on {sel.dataset} (n={sel.n}, seed={sel.seed})…", unit(sel.dataset)) as work:
         began = time.perf_counter()
+        if processes > 1:
+            work.stage(f"Running the pass as {processes} worker processes (torchrun) on this machine")
+            run_group(["analyze", "--model", sel.model, "--dataset", sel.dataset, "--n", str(sel.n),
+                       "--seed", str(sel.seed)], processes, work.cache.root, work.progress)
         ex = extract(sel.model, sel.dataset, sel.n, sel.seed, "train", cache=work.cache,
                      progress=work.progress, encoder=lambda: encoder(sel.model))
         _opened(sel)
@@ -251,12 +257,13 @@ def may_read(sel: Selection) -> bool:
     return on_disk(sel.dataset) or repr(sel) in st.session_state.get("_opened", [])
 
 
-def analysis(sel: Selection, key: str = "compute", label: str = "Compute") -> dict | None:
-    """The analysis for ``sel``: stored results at once, else a Compute button; None until computed."""
+def analysis(sel: Selection, key: str = "compute", label: str = "Compute", processes: int = 1) -> dict | None:
+    """The analysis for ``sel``: stored results at once, else a Compute button (running the pass as
+    ``processes`` worker processes when more than one); None until computed."""
     clicked = start_button(label, key=key, type="primary",
                            help="One forward pass over the n sampled images or texts (skipped when already stored).")
     if clicked:
-        run_analysis(sel)
+        run_analysis(sel, processes)
     elif not may_read(sel):
         source = "may be downloaded first" if hub_status()[0] else "is read from the local Hugging Face cache"
         st.info(f"Press {label} to compute {sel.model} on {sel.dataset} (n={sel.n}, seed={sel.seed}), or to "

@@ -12,6 +12,7 @@ from rba_core.analysis import analyze, approximate
 from rba_core.cache import Cache
 from rba_core.data import open_dataset
 from rba_core.distributed import World
+from rba_core.errors import RBAError
 from rba_core.extract import extract
 from rba_core.maps import fit_map
 from rba_core.models import load_encoder
@@ -112,3 +113,23 @@ def test_approximate_and_search_under_two_workers_equal_one_process(tiny_models,
         [(r["range"], r["samples"]) for r in expected.candidates]
     np.testing.assert_allclose([r["mse_final"] for r in searched["candidates"]],
                                [r["mse_final"] for r in expected.candidates], rtol=1e-6)
+
+
+def test_the_dashboard_launcher_forwards_rank_0_progress_and_stops_the_whole_group(tiny_models, tmp_path):
+    from rba_core.distributed import run_group
+    from rba_core.progress import Cancelled
+
+    n, seen = 1400, []
+    request = ["analyze", "--model", tiny_models["vit"], "--dataset", "digits", "--n", str(n)]
+    run_group(request, 2, tmp_path / "cache", lambda done, total: seen.append((done, total)))
+    assert [e.workers for e in Cache(tmp_path / "cache").entries()] == [2]
+    assert any(total == n and 0 < done for done, total in seen)  # rank 0's progress file, forwarded
+
+    def stop(done, total):
+        raise Cancelled
+
+    with pytest.raises(Cancelled):  # the first report stops it, before the workers have done anything
+        run_group(request[:-1] + ["1000"], 2, tmp_path / "stopped", stop)
+    assert Cache(tmp_path / "stopped").entries() == []
+    with pytest.raises(RBAError, match="^The number of samples n"):  # a group's error comes back as its sentence
+        run_group(request[:-1] + ["0"], 2, tmp_path / "stopped", None)
