@@ -206,7 +206,8 @@ def run_group(args: list[str], processes: int, cache_root: Path | str, progress=
                 for path in locks.glob("*.progress") if locks.is_dir() else []:
                     try:
                         if path.stat().st_mtime >= began:
-                            shown = tuple(int(v) for v in path.read_text().split())
+                            done, total = (int(v) for v in path.read_text().split())  # may be mid-write
+                            shown = (done, total)
                     except (OSError, ValueError):
                         pass
                 if progress:
