@@ -27,7 +27,12 @@ st.markdown(
 
 with errors():
     sel = sidebar(announce=True)
-    results = analysis(sel, key="compute-home")
+    processes = st.number_input(
+        "Worker processes", min_value=1, max_value=max(os.cpu_count() or 1, 8), value=1, step=1,
+        key="processes", help="More than 1 runs the pass data-parallel as that many torchrun processes on this "
+        "machine (one GPU each when there are GPUs), with the same result; Stop ends them all. A job run on a "
+        "cluster with the same cache folder (RBA_CACHE_DIR) is picked up by Compute without running anything.")
+    results = analysis(sel, key="compute-home", processes=int(processes))
     if results:
         blocks = results["num_blocks"]
         cols = st.columns(4)

@@ -57,7 +57,10 @@ with errors():
     st.markdown(f"Results are stored in **`{cache.root}`** (set `RBA_CACHE_DIR` to move it), one folder per "
                 "result, keyed by everything that changes it. A **pass** holds the per-block CLS "
                 "representations and token statistics of n images; an **approximated run** the final "
-                "representations of an approximated model on the evaluation images, with its measured latency.")
+                "representations of an approximated model on the evaluation images, with its measured latency. "
+                "A job launched elsewhere (`torchrun`, `srun`, `accelerate launch`; see the README's Scaling out) "
+                "that writes to the same folder, e.g. a shared `RBA_CACHE_DIR` on a cluster, shows up here with its "
+                "number of **workers**, and every page opens its results as if they had been computed here.")
     deleted = st.session_state.pop("_cache_deleted", None)
     if deleted is not None:
         st.success(f"Deleted {deleted} stored result{'s' if deleted != 1 else ''}.")
@@ -71,7 +74,7 @@ with errors():
     else:
         dataframe(pd.DataFrame([{
             "key": e.key[:12], "kind": KINDS.get(e.kind, e.kind), "model": e.model, "dataset": e.dataset,
-            "split": e.split, "n": e.n, "size": _size(e.size),
+            "split": e.split, "n": e.n, "workers": e.workers, "size": _size(e.size),
             "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(e.created))} for e in entries]),
             column_config={"n": st.column_config.NumberColumn(format="%d")})
         asked = st.session_state.get(ASKED)

@@ -12,6 +12,7 @@ import torch
 from rba_core.approx import ApproximatedEncoder, Range, approximate_encoder, count_params, paper_notation, validate_ranges
 from rba_core.cache import Cache, make_key
 from rba_core.data import open_dataset
+from rba_core.distributed import single_flight, world
 from rba_core.extract import Extraction, Progress, extract
 from rba_core.latency import BATCH as LATENCY_BATCH, METHOD as LATENCY_METHOD, measure as measure_latency
 from rba_core.maps import MapParams, fit_residual_matrix, map_kind
@@ -55,6 +56,7 @@ def analysis_results(ex: Extraction, windows: Sequence[int] = ()) -> AnalysisRes
         block_influence=None if ex.block_influence is None else ex.block_influence.tolist(),
         angular_distance={str(n): angular_distance(ex.pooled, n).tolist() for n in windows} or None,
         stats=meta.get("stats") if stats is not None else None,
+        workers=int(meta.get("workers", 1)),
     )
 
 
@@ -108,19 +110,23 @@ class LazyEncoder:
 @torch.inference_mode()
 def _approximated_finals(net: ApproximatedEncoder, encoder: Encoder, dataset, ex: Extraction,
                          progress: Progress | None, timed: bool, batch_size: int = 32) -> tuple[np.ndarray, dict | None]:
-    """Final representations of the approximated model on ``ex``'s samples, plus latencies if ``timed``."""
+    """Final representations of the approximated model on ``ex``'s samples, plus latencies if ``timed``.
+    Under a launcher each rank runs its share and the rows are gathered; rank 0 times the models."""
     source = open_dataset(dataset, ex.meta["split"])
-    out, latency = np.empty_like(ex.final), {} if timed else None
+    here = world()
+    n, mine = len(ex.indices), here.share(len(ex.indices))
+    out, latency = np.empty((len(mine), *ex.final.shape[1:]), ex.final.dtype), {} if timed and here.is_main else None
     original = ApproximatedEncoder(encoder, [], [])  # no range: the original model's own path
-    for start in range(0, len(ex.indices), batch_size):
-        inputs = encoder.preprocess(source.items(ex.indices[start : start + batch_size]))
-        out[start : start + batch_size] = net(**inputs).cpu().numpy()
-        if latency == {}:  # timed on the first batch, both models interleaved on the same inputs
-            latency = measure_latency({"original": original, "approximated": net},
-                                      {k: v[:LATENCY_BATCH] for k, v in inputs.items()})
-        if progress:
-            progress(min(start + batch_size, len(ex.indices)), len(ex.indices))
-    return out, latency
+    with here.all_or_none("the approximated model's evaluation"):
+        for start in range(0, len(mine), batch_size):
+            inputs = encoder.preprocess(source.items(ex.indices[mine[start : start + batch_size]]))
+            out[start : start + batch_size] = net(**inputs).cpu().numpy()
+            if latency == {}:  # timed on the first batch, both models interleaved on the same inputs
+                latency = measure_latency({"original": original, "approximated": net},
+                                          {k: v[:LATENCY_BATCH] for k, v in inputs.items()})
+            if progress:
+                progress(round(min(start + batch_size, len(mine)) * n / len(mine)), n)
+    return here.gather_rows(out, mine, n), latency
 
 
 def approximated_outputs(lazy: LazyEncoder, dataset, fit: Extraction, ex: Extraction, ranges: list[Range],
@@ -141,11 +147,12 @@ def approximated_outputs(lazy: LazyEncoder, dataset, fit: Extraction, ex: Extrac
         final, measured = _approximated_finals(net, encoder, dataset, ex, progress, timed)
         meta = {"params": count_params(net), "latency_ms_per_image": measured, "model": fit.meta["model"],
                 "dataset": fit.meta["dataset"], "split": ex.meta["split"], "n": len(ex.indices), "ranges": ranges,
-                "map": kind}
-        cache.put(key, {"final": {"final": final}}, meta)
+                "map": kind, "workers": world().size}
+        if world().is_main:  # one writer per group of workers
+            cache.put(key, {"final": {"final": final}}, meta)
         return final, meta
 
-    return cache.single_flight(key, lookup, compute, progress)  # one run per key across processes
+    return single_flight(cache, key, lookup, compute, progress)  # one run per key across processes and ranks
 
 
 def _lm_scores(lazy: LazyEncoder, dataset: LMText, fit: Extraction, ev: Extraction, ranges: list[Range], kind: str,

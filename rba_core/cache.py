@@ -152,6 +152,7 @@ class EntryInfo:
     n: int | None
     size: int
     created: float
+    workers: int = 1  # processes that computed it (ranks of a torchrun, srun or accelerate job)
 
 
 class CacheEntry:
@@ -324,7 +325,7 @@ class Cache:
                                         else "damaged")
             size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
             out.append(EntryInfo(folder.name, kind, str(meta.get("model", "")), str(meta.get("dataset", "")),
-                                 str(meta.get("split", "")), meta.get("n"), size, created))
+                                 str(meta.get("split", "")), meta.get("n"), size, created, int(meta.get("workers", 1))))
         return sorted(out, key=lambda e: e.created, reverse=True)
 
     def delete(self, key: str) -> bool:

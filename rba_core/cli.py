@@ -90,6 +90,10 @@ def _add_table_and_search(sub, common: argparse.ArgumentParser) -> None:
     budget.add_argument("--max-params", type=int, help="at most this many parameters (T included)")
     budget.add_argument("--max-latency-ms", type=float, help="at most this estimated latency per image")
     search.add_argument("--pairs", action="store_true", help="also try pairs of disjoint ranges")
+    search.add_argument("--top-k", type=int, default=5, help="the head of the ranking the race measures on "
+                        "every evaluation sample (the rest may leave early)")
+    search.add_argument("--exhaustive", action="store_true", help="measure every candidate on every sample "
+                        "instead of the race (slower; the same top-k)")
     search.add_argument("--probe-top", type=int, default=0, help="train the probe for the best K candidates")
     search.add_argument("--map", default="linear", choices=list(MAPS), help=_map_help())
     search.add_argument("--ridge", type=float, default=1e-2, help="λ for --map ridge")
@@ -117,26 +121,46 @@ class _Bar:
             self.bar = None
 
 
+def _main_rank() -> bool:
+    """False on ranks 1.. of a launched group: only rank 0 reports progress and writes the results."""
+    return int(os.environ.get("RANK") or 0) == 0
+
+
+#: Said when a launcher's SIGTERM stopped this worker: launchers stop the whole group when one worker fails.
+BY_LAUNCHER = " by the launcher, which stops every worker when one fails or is killed (its summary names the rank)"
+_terminated: list[bool] = []
+
+
 def _stop_on_sigterm(signum, frame):
+    _terminated.append(True)
     raise KeyboardInterrupt  # stop exactly as Ctrl-C does
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # torchrun reads --n as one of its own options unless the module's arguments follow "--",
+    # which it then passes on: `torchrun ... -m rba_core -- analyze --n 64 ...`.
+    args = _parser().parse_args(argv[1:] if argv[:1] == ["--"] else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    tracker = Tracker(on_stage=lambda s: print(s, file=sys.stderr))
-    tracker.report = bar = _Bar(lambda: tracker.unit)
+    main_rank = _main_rank()
+    tracker = Tracker(on_stage=lambda s: print(s, file=sys.stderr) if main_rank else None)
+    tracker.report = bar = _Bar(lambda: tracker.unit) if main_rank else None
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _stop_on_sigterm) if main_thread else None
     try:
         return _run(args, tracker)
     except (KeyboardInterrupt, Cancelled):
-        bar.close()  # now, or it would draw itself again after the sentence
-        print(tracker.stopped(), file=sys.stderr)
+        if bar:
+            bar.close()  # now, or it would draw itself again after the sentence
+        if main_rank:  # a launcher stops every rank at once: one sentence is enough
+            launched = _terminated and int(os.environ.get("WORLD_SIZE") or 1) > 1
+            print(tracker.stopped(BY_LAUNCHER if launched else ""), file=sys.stderr)
         return 130
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
+        if "rba_core.distributed" in sys.modules:
+            sys.modules["rba_core.distributed"].close()
 
 
 def _run(args: argparse.Namespace, tracker: Tracker) -> int:
@@ -171,13 +195,15 @@ def _run(args: argparse.Namespace, tracker: Tracker) -> int:
             results = table(args.model, args.dataset, args.fit_n, args.eval_n, args.seed, args.ranges, args.map,
                             map_params=MapParams(ridge=args.ridge), max_length=args.max_length, cache=cache,
                             progress=progress, on_stage=tracker.stage)
-            args.json = write_table(results, args.out)
+            if _main_rank():  # one writer under a launcher
+                args.json = write_table(results, args.out)
         elif args.command == "search":
             from rba_core.search import search
 
             results = search(args.model, args.dataset, args.fit_n, args.eval_n, args.seed, blocks=args.blocks,
                              max_params=args.max_params, max_latency_ms=args.max_latency_ms, pairs=args.pairs,
                              probe_top=args.probe_top, kind=args.map, map_params=MapParams(ridge=args.ridge),
+                             top_k=args.top_k, exhaustive=args.exhaustive,
                              max_length=args.max_length, cache=cache,
                              progress=progress, on_stage=tracker.stage)
         elif args.command == "export":
@@ -194,8 +220,15 @@ def _run(args: argparse.Namespace, tracker: Tracker) -> int:
                                   max_length=args.max_length, seq_len=args.seq_len, cache=cache,
                                   progress=progress, on_stage=tracker.stage)
     except RBAError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        from rba_core.distributed import WorkerFailed
+
+        if _main_rank():
+            print(f"error: {exc}", file=sys.stderr)
+        elif not isinstance(exc, WorkerFailed):  # a group's failure is told once, by rank 0
+            print(f"error: [rank {os.environ['RANK']}] {exc}", file=sys.stderr)
         return 2
+    if not _main_rank():
+        return 0
     for note in results.get("notes", []):
         print(f"note: {note}", file=sys.stderr)
     _write(args, results)

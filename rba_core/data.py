@@ -28,6 +28,9 @@ TEXT_COLUMNS: tuple[tuple[str, ...], ...] = (("text",), ("sentence",), ("text_a"
                                              ("premise", "hypothesis"), ("sentence1", "sentence2"))
 TABLE_SUFFIXES = (".parquet", ".csv", ".jsonl", ".json")
 UNITS = {"image": "images", "text": "texts"}
+#: Row groups of a parquet file's image column held in memory at once: the pass reads sorted
+#: samples, so memory holds a few row groups, never the whole column.
+ROW_GROUPS_HELD = 4
 
 
 @dataclass
@@ -201,11 +204,17 @@ def _parquet_source(name: str, path: Path, split: str, info: DatasetInfo | None)
         raise RBAError(f"Cannot read '{path}' ({exc}); is it a valid parquet file?") from None
     labels, label_names = _labels(name, split, rows, values, names)
 
-    @lru_cache(maxsize=1)
-    def image_column():  # read on first use: a cache hit needs only the labels
-        return parquet.read(columns=[image_col]).column(0)
+    sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
+    starts = np.cumsum([0] + sizes)
 
-    load = lambda idx: [_decode(image_column()[i].as_py(), path, i) for i in idx]  # noqa: E731
+    @lru_cache(maxsize=ROW_GROUPS_HELD)
+    def row_group(g: int):  # read on first use (a cache hit needs only the labels), one row group at a time
+        return parquet.read_row_group(g, columns=[image_col]).column(0)
+
+    def load(idx: Sequence[int]) -> list[Image.Image]:
+        groups = np.searchsorted(starts, idx, side="right") - 1
+        return [_decode(row_group(int(g))[int(i - starts[g])].as_py(), path, i) for i, g in zip(idx, groups)]
+
     fingerprint = {"parquet": _stat_fingerprint([path]), "image": image_col, "label": label_col}
     return Source(name, split, labels, label_names, fingerprint, load)
 

@@ -12,13 +12,14 @@ import torch
 
 from rba_core.cache import Cache, make_key
 from rba_core.data import Source, open_dataset, sample_indices
+from rba_core.distributed import single_flight, world
 from rba_core.errors import RBAError
 from rba_core.maps import fit_residual_matrix
 from rba_core.metrics import influence_sums
 from rba_core.models import Encoder, load_encoder, model_ref
 from rba_core.progress import Progress
-from rba_core.stats import (Pair, StatsAccumulator, TokenStats, check_fits, memory_budget, planned_pairs,
-                            stats_bytes)
+from rba_core.stats import (SAMPLE_GROUP, Pair, StatsAccumulator, TokenStats, check_fits, memory_budget,
+                            planned_pairs, stats_bytes)
 
 
 @dataclass
@@ -101,13 +102,48 @@ def run_pass(encoder: Encoder, source: Source, indices: np.ndarray, with_stats: 
              batch_size: int = 32, token_fraction: float = 1.0,
              progress: Progress | None = None, pairs: list[Pair] | None = None) -> dict[str, dict[str, np.ndarray]]:
     """One forward pass over ``indices``; returns array groups ``reps`` and (optionally) ``stats``
-    (all Gram pairs, or only ``pairs``)."""
+    (all Gram pairs, or only ``pairs``).
+
+    Under a launcher each rank runs its share of the samples; the statistics are summed and the
+    per-sample vectors gathered across ranks (:mod:`rba_core.distributed`), so every rank returns
+    what a single process would."""
+    here = world()
+    # Shares and batches start at multiples of the statistics' sample group, so each group's product
+    # sees the same samples however the pass is split (rba_core.stats.SAMPLE_GROUP).
+    n, mine = len(indices), here.share(len(indices), SAMPLE_GROUP)
+    batch_size = max(SAMPLE_GROUP, batch_size // SAMPLE_GROUP * SAMPLE_GROUP)
+    acc = StatsAccumulator(encoder.num_blocks + 1, encoder.hidden_size, encoder.device, pairs) if with_stats else None
+    influence = np.zeros(encoder.num_blocks)  # Σ over the statistics' tokens of 1 - cos(hs[k-1], hs[k])
+    with here.all_or_none("the pass"):
+        pooled, final = _local_pass(encoder, source, indices[mine], acc, influence, batch_size, token_fraction,
+                                    progress, n)
+    groups = {"reps": {"pooled": np.moveaxis(here.gather_rows(np.moveaxis(pooled, 1, 0), mine, n), 0, 1),
+                       "final": here.gather_rows(final, mine, n)}}
+    if acc is not None:
+        count = torch.tensor([float(acc.count)], dtype=torch.float64, device=acc.sums.device)
+        summed = torch.as_tensor(influence, dtype=torch.float64, device=acc.sums.device)
+        here.sum([*acc.upper, *(acc.pairs or {}).values(), acc.sums, count, summed])  # float64: exact to combine
+        acc.count = int(count.item())
+        stats = acc.result()
+        groups["stats"] = stats.to_arrays()
+        groups["stats"]["block_influence"] = summed.cpu().numpy() / max(stats.count, 1)
+        # Stored once here so that reopening an analysis costs no solves.
+        groups["stats"]["fit_residual"] = fit_residual_matrix(stats)
+    return groups
+
+
+def _local_pass(encoder: Encoder, source: Source, indices: np.ndarray, acc: StatsAccumulator | None,
+                influence: np.ndarray, batch_size: int, token_fraction: float, progress: Progress | None,
+                total: int) -> tuple[np.ndarray, np.ndarray]:
+    """This process's samples: pooled (L+1, n, D) and final (n, D) vectors, statistics added to ``acc``
+    and Block Influence sums to ``influence``; progress is reported in units of the ``total`` samples
+    of the whole group."""
     n, states, d = len(indices), encoder.num_blocks + 1, encoder.hidden_size
     pooled = np.empty((states, n, d), np.float32)
     final = np.empty((n, d), np.float32)
-    acc = StatsAccumulator(states, d, encoder.device, pairs) if with_stats else None
-    influence = np.zeros(states - 1)  # Σ over the statistics' tokens of 1 - cos(hs[k-1], hs[k])
     batches = [indices[start : start + batch_size] for start in range(0, n, batch_size)]
+    if not batches:
+        return pooled, final
     load = lambda batch: encoder.preprocess(source.items(batch))  # noqa: E731
     # Read and preprocess the next batch in a thread while the model runs (PIL, numpy and the
     # tokenizers release the GIL), so data handling stays off the critical path.
@@ -130,15 +166,8 @@ def run_pass(encoder: Encoder, source: Source, indices: np.ndarray, with_stats: 
                 influence += influence_sums(flat if rows is None else [x[rows.to(x.device)] for x in flat])
             start = stop
             if progress:
-                progress(stop, n)
-    groups = {"reps": {"pooled": pooled, "final": final}}
-    if acc is not None:
-        stats = acc.result()
-        groups["stats"] = stats.to_arrays()
-        groups["stats"]["block_influence"] = influence / max(stats.count, 1)
-        # Stored once here so that reopening an analysis costs no solves.
-        groups["stats"]["fit_residual"] = fit_residual_matrix(stats)
-    return groups
+                progress(round(stop * total / n), total)
+    return pooled, final
 
 
 def extract(model, dataset, n: int, seed: int = 0, split: str = "train", *,
@@ -185,7 +214,9 @@ def extract(model, dataset, n: int, seed: int = 0, split: str = "train", *,
         return None
 
     def compute(progress: Progress | None) -> Extraction:
-        loaded = ref.loaded or (encoder() if callable(encoder) else encoder) or load_encoder(model, device, max_length)
+        here = world()
+        loaded = (ref.loaded or (encoder() if callable(encoder) else encoder)
+                  or load_encoder(model, device or here.device, max_length))
         loaded = loaded.with_max_length(length)
         if with_stats:  # before the pass: a plan that does not fit is one sentence, not an out-of-memory crash
             check_fits(loaded.num_blocks + 1, loaded.hidden_size, pairs, stats_budget or memory_budget(loaded.device))
@@ -201,15 +232,17 @@ def extract(model, dataset, n: int, seed: int = 0, split: str = "train", *,
             "stats": None if not with_stats else {
                 "kind": "all-pairs" if pairs is None else "windows" if stats_window else "ranges",
                 "window": stats_window, "bytes": stats_bytes(loaded.num_blocks + 1, loaded.hidden_size, pairs)},
-            "seconds": time.perf_counter() - began,
+            "seconds": time.perf_counter() - began, "workers": here.size,
         }
         groups["reps"].update(labels=source.labels[indices], indices=indices.astype(np.int64))
-        entry = cache.put(keys[-1], groups, meta)
-        return _extraction(keys[-1], False, entry.meta, groups["reps"], groups.get("stats"), source,
+        if here.is_main:  # one writer per group; the other ranks hold the same result in memory
+            meta = cache.put(keys[-1], groups, meta).meta
+        return _extraction(keys[-1], False, meta, groups["reps"], groups.get("stats"), source,
                            indices, cache.damaged[seen:])
 
     # One pass per key across threads and processes: a second asker waits, then reads the stored entry.
-    return cache.single_flight(keys[-1], lookup, compute, progress)
+    # Under a launcher only rank 0 takes the key's lock; the whole group computes or reads together.
+    return single_flight(cache, keys[-1], lookup, compute, progress)
 
 
 def check_modality(modality: str, source: Source, model: str) -> None:

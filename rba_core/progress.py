@@ -29,11 +29,12 @@ def stage_unit(stage: str, samples: str = "images") -> str:
     return next((unit for prefix, unit in _STAGE_UNITS.items() if stage.startswith(prefix)), samples)
 
 
-def stopped_sentence(done: int, total: int, unit: str = "images") -> str:
-    """The one sentence that reports a stop, e.g. "Stopped after 12 of 40 images; nothing partial was stored."."""
+def stopped_sentence(done: int, total: int, unit: str = "images", cause: str = "") -> str:
+    """The one sentence that reports a stop, e.g. "Stopped after 12 of 40 images; nothing partial was stored.";
+    ``cause`` (" by ...") says who stopped it."""
     if total <= 0:
-        return f"Stopped before any {unit} were counted; nothing partial was stored."
-    return f"Stopped after {done} of {total} {unit}; nothing partial was stored."
+        return f"Stopped before any {unit} were counted{cause}; nothing partial was stored."
+    return f"Stopped after {done} of {total} {unit}{cause}; nothing partial was stored."
 
 
 class Tracker:
@@ -55,6 +56,6 @@ class Tracker:
         if self.on_stage:
             self.on_stage(text)
 
-    def stopped(self) -> str:
+    def stopped(self, cause: str = "") -> str:
         """The stop sentence for where this tracker is now."""
-        return stopped_sentence(self.done, self.total, self.unit)
+        return stopped_sentence(self.done, self.total, self.unit, cause)

@@ -99,6 +99,9 @@ DATASETS: dict[str, DatasetInfo] = {
         DatasetInfo("CIFAR-100-coarse", "uoft-cs/cifar100", "img", "coarse_label", "cifar100"),
         DatasetInfo("CIFAR-100-fine", "uoft-cs/cifar100", "img", "fine_label", "cifar100"),
         DatasetInfo("digits", "sklearn:digits", "image", "label", "digits"),
+        # Gated on the hub (accept its terms, then `huggingface-cli login`); fit samples come from
+        # train, evaluation samples from the 50,000 validation images, as the paper's successor does.
+        DatasetInfo("ImageNet-1k", "ILSVRC/imagenet-1k", "image", "label", "imagenet", test_split="validation"),
         # SST-2 and MNLI have no labels in their hub test splits: their validation split is the test split.
         _text("SST-2", "stanfordnlp/sst2", ("sentence",), "sst2", test_split="validation"),
         _text("AG-News", "fancyzhx/ag_news", ("text",), "ag_news"),

@@ -19,7 +19,9 @@ def _unit(results: dict) -> str:
 
 def _cache(results: dict) -> str:
     cache = results["cache"]
-    return f"Cache: {'hit' if cache['hit'] else 'computed and stored'} (key {cache['key'][:12]}…)."
+    workers = results.get("workers", 1)
+    by = f" by {workers} worker processes" if workers > 1 else ""
+    return f"Cache: {'hit' if cache['hit'] else 'computed and stored'} (key {cache['key'][:12]}…){by}."
 
 
 def summarise_analysis(results: dict) -> list[str]:

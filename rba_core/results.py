@@ -77,6 +77,7 @@ class AnalysisResult(Result):
     block_influence: list[float] | None = None  # ShortGPT: 1 - cos(hs[k-1], hs[k]) over real tokens, k = 1..L
     angular_distance: dict[str, list[float]] | None = None  # PruneMe: {"n": [l = 0..L-n]} on the pooled vectors
     stats: dict | None = None  # the token statistics kept: kind and bytes
+    workers: int = 1  # processes that computed the stored result (torch.distributed ranks)
 
     _omit_if_none = ("block_redundancy_all_tokens", "block_influence", "angular_distance", "stats")
 
@@ -162,6 +163,9 @@ class SearchResult(Result):
     cache: dict
     notes: list[str]
     seconds: dict
+    exhaustive: bool = False  # every candidate on every sample, instead of the race
+    top_k: int = 5  # the head of the ranking the race keeps exact
+    rounds: list[dict] = field(default_factory=list)  # the race: samples seen, candidates run and kept
 
     def to_frame(self):
         """One row per candidate, in ranking order."""

@@ -26,6 +26,7 @@ from rba_core.analysis import Stage, LazyEncoder, approximate
 from rba_core.approx import LinearMap
 from rba_core.cache import Cache
 from rba_core.data import open_dataset
+from rba_core.distributed import World, world
 from rba_core.errors import RBAError
 from rba_core.extract import Extraction, Progress, extract
 from rba_core.maps import MapParams, Range, fit_map, fit_residual_matrix, map_kind
@@ -36,6 +37,10 @@ from rba_core.table import row_label
 
 Candidate = tuple[Range, ...]
 WARM_UP_IMAGES = 2
+FIRST_ROUND_SHARE = 8  # the first round sees 1/8 of the evaluation samples ...
+MIN_ROUND_SAMPLES = 8  # ... but at least this many
+CONFIDENCE = 0.999  # of the interval that decides whether a candidate may leave the race
+TOP_K = 5  # the ranking's head that the race keeps exact
 
 
 def candidate_ranges(num_blocks: int, pairs: bool = False) -> list[Candidate]:
@@ -116,10 +121,10 @@ def _apply(linear_map: LinearMap | None, hidden: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def _chunk_sse(encoder: Encoder, hs: list[torch.Tensor], batch: tuple, reference: torch.Tensor,
                groups: dict[Range, list[Candidate]], maps: dict[Range, LinearMap | None],
-               sse: dict[Candidate, float], tick) -> None:
-    """Add each candidate's squared error on this chunk; candidates are grouped by first range so
-    that pairs reuse the state after the first map and the blocks up to their second range.
-    ``batch`` is the chunk's (block context, token mask)."""
+               errors: dict[Candidate, list[np.ndarray]], tick) -> None:
+    """Append each candidate's per-sample squared error (mean over dimensions) on this chunk;
+    candidates are grouped by first range so that pairs reuse the state after the first map and
+    the blocks up to their second range. ``batch`` is the chunk's (block context, token mask)."""
     last = encoder.num_blocks
     ctx, mask = batch
 
@@ -128,7 +133,7 @@ def _chunk_sse(encoder: Encoder, hs: list[torch.Tensor], batch: tuple, reference
 
     def add(candidate: Candidate, hidden: torch.Tensor) -> None:
         final = encoder.final(hidden, mask).double()
-        sse[candidate] += float(((final - reference) ** 2).sum())
+        errors[candidate].append(((final - reference) ** 2).mean(-1).cpu().numpy())
         tick()
 
     for (i1, j1), members in groups.items():
@@ -170,48 +175,133 @@ def _spearman(score: list[float], measured: list[float]) -> float | None:
     return float(spearmanr(score, measured).statistic)
 
 
-def _measure(encoder: Encoder, source, ev: Extraction, size: int, choose, progress: Progress | None):
-    """Run the original model over the evaluation samples chunk by chunk, keeping hs[0..L] of the
-    chunk, and add up every chosen candidate's squared error. ``choose(timing)`` picks the
-    candidates and their maps once the first chunk has measured the stage times."""
-    n, chunks = len(ev.indices), -(-len(ev.indices) // size)
+def sample_rounds(n: int, exhaustive: bool = False) -> list[int]:
+    """How many evaluation samples the candidates still in the race have seen after each round:
+    an eighth of them (at least :data:`MIN_ROUND_SAMPLES`), doubling up to all ``n``; one round
+    with all of them when ``exhaustive``."""
+    counts, m = [], max(MIN_ROUND_SAMPLES, -(-n // FIRST_ROUND_SHARE))
+    while not exhaustive and m < n:
+        counts.append(m)
+        m *= 2
+    return counts + [n]
+
+
+def confidence_interval(errors: np.ndarray) -> tuple[float, float]:
+    """Two-sided Student-t interval (:data:`CONFIDENCE`) for the mean of per-sample errors."""
+    from scipy.stats import t
+
+    m, mean = len(errors), float(np.mean(errors))
+    if m < 2:
+        return 0.0, float("inf")
+    half = float(t.ppf((1 + CONFIDENCE) / 2, m - 1)) * float(np.std(errors, ddof=1)) / np.sqrt(m)
+    return max(0.0, mean - half), mean + half
+
+
+def still_in_race(errors: dict[Candidate, np.ndarray], top_k: int) -> list[Candidate]:
+    """The candidates that may still be among the best ``top_k``: a candidate leaves only when the
+    lower end of its interval is above the ``top_k``-th smallest upper end, i.e. when (at the
+    interval's confidence) ``top_k`` others are surely better. With well-separated errors about
+    half leave each round (successive halving); close ones all stay and see more samples."""
+    bounds = {c: confidence_interval(e) for c, e in errors.items()}
+    kth_upper = sorted(high for _, high in bounds.values())[min(top_k, len(bounds)) - 1]
+    return [c for c in errors if bounds[c][0] <= kth_upper]
+
+
+def _measure(encoder: Encoder, source, ev: Extraction, size: int, choose, progress: Progress | None,
+             stage: Stage, seed: int, exhaustive: bool, top_k: int, on_round: Callable[[dict, dict], None]):
+    """Rounds of the measured search. Each round runs the original model over new evaluation samples
+    (a seeded random order, in chunks of ``size``) keeping hs[0..L] of the chunk, and appends the
+    per-sample error of every candidate still in the race; then :func:`still_in_race` keeps those
+    that may be among the best ``top_k``. The last round brings the survivors to all samples, so
+    their MSEs are exact. Under a launcher every rank runs the original model on each chunk and
+    measures its own share of the candidates; the errors are gathered after each round. ``choose(timing)`` picks the candidates and their maps once the first
+    chunk has measured the stage times; ``on_round(summary, errors)`` follows the race with the
+    per-sample errors of the candidates that ran in the round."""
+    n, here = len(ev.indices), world()
+    order = np.random.default_rng(seed).permutation(n)  # any prefix is a random sample
     seconds = {"original_forward": 0.0, "candidates": 0.0}
-    done = 0
+    errors: dict[Candidate, list[np.ndarray]] = {}  # per candidate, its per-sample errors of each round
+    racing: list[Candidate] = []
+    seen, counts = 0, sample_rounds(n, exhaustive)
+    for number, until in enumerate(counts, start=1):
+        done, total, mine = 0, 0, {}
 
-    def tick() -> None:
-        nonlocal done
-        done += 1
-        if progress:
-            progress(done, len(sse) * chunks)
+        def tick() -> None:
+            nonlocal done
+            done += 1
+            if progress:
+                progress(done, total)
 
-    for start in range(0, n, size):
-        inputs = encoder.preprocess(source.items(ev.indices[start : start + size]))
-        began = time.perf_counter()
-        with torch.inference_mode():
-            if start == 0:  # warm-up: the first call of each stage pays one-time set-up costs, untimed
-                _states(encoder, {k: v[:WARM_UP_IMAGES] for k, v in inputs.items()})
-            hs, batch, chunk_timing = _states(encoder, inputs)
-        seconds["original_forward"] += time.perf_counter() - began
-        if start == 0:  # a latency budget needs the stage times, so candidates are chosen here
-            timing = chunk_timing
-            chosen, maps = choose(timing)
-            sse = {c: 0.0 for c in chosen}
-            groups: dict[Range, list[Candidate]] = defaultdict(list)
-            for c in chosen:
-                groups[c[0]].append(c)
-        reference = torch.as_tensor(ev.final[start : start + size], dtype=torch.float64, device=encoder.device)
-        began = time.perf_counter()
-        _chunk_sse(encoder, hs, batch, reference, groups, maps, sse, tick)
-        seconds["candidates"] += time.perf_counter() - began
-        del hs
-    return sse, timing, seconds
+        with here.all_or_none("the measured search"):
+            for start in range(seen, until, size):
+                positions = np.sort(order[start : min(start + size, until)])  # sorted: files are read in order
+                inputs = encoder.preprocess(source.items(ev.indices[positions]))
+                began = time.perf_counter()
+                with torch.inference_mode():
+                    if start == 0:  # warm-up: the first call of each stage pays one-time set-up costs, untimed
+                        _states(encoder, {k: v[:WARM_UP_IMAGES] for k, v in inputs.items()})
+                    hs, batch, chunk_timing = _states(encoder, inputs)
+                seconds["original_forward"] += time.perf_counter() - began
+                if start == 0:  # a latency budget needs the stage times, so candidates are chosen here
+                    timing = here.from_main(chunk_timing)  # every rank chooses the same candidates
+                    chosen, maps = choose(timing)
+                    errors, racing = {c: [] for c in chosen}, chosen
+                if start == seen:
+                    groups = _my_groups(racing, here)  # whole groups, so pairs keep sharing their prefix
+                    mine = {c: [] for members in groups.values() for c in members}
+                    total = len(mine) * -(-(until - seen) // size)
+                    stage(f"Measured search, round {number} of at most {len(counts)}: {len(racing)} candidates "
+                          f"on samples {seen + 1}-{until} of {n}")
+                reference = torch.as_tensor(ev.final[positions], dtype=torch.float64, device=encoder.device)
+                began = time.perf_counter()
+                _chunk_sse(encoder, hs, batch, reference, groups, maps, mine, tick)
+                seconds["candidates"] += time.perf_counter() - began
+                del hs
+        for part in here.gather_objects({c: np.concatenate(e) for c, e in mine.items()}):
+            for c, e in part.items():
+                errors[c].append(e)
+        seen = until
+        per_sample = {c: np.concatenate(errors[c]) for c in racing}
+        if until < n:
+            racing = still_in_race(per_sample, top_k)
+        on_round({"round": number, "samples": until, "candidates": len(per_sample), "kept": len(racing),
+                  "seconds": seconds["original_forward"] + seconds["candidates"]}, per_sample)
+    return {c: np.concatenate(e) for c, e in errors.items()}, timing, seconds
+
+
+def _my_groups(candidates: list[Candidate], here: World) -> dict[Range, list[Candidate]]:
+    """This rank's candidates, grouped by first range; groups are dealt to the ranks in turn."""
+    groups: dict[Range, list[Candidate]] = defaultdict(list)
+    for c in candidates:
+        groups[c[0]].append(c)
+    return {first: members for k, (first, members) in enumerate(groups.items()) if k % here.size == here.rank}
+
+
+def _ranking(errors: dict[Candidate, np.ndarray], fit: Extraction, kind: str, timing: dict) -> list[dict]:
+    """One row per candidate, lowest MSE (mean of its per-sample errors so far) first."""
+    residual, redundancy = fit_residual_matrix(fit.stats()), block_redundancy(fit.pooled)
+    num_params, block_params = fit.meta["num_params"], fit.meta["block_params"]
+    rows = []
+    for c, error in errors.items():
+        label, paper = row_label(c)
+        removed = [k for i, j in c for k in range(i + 1, j + 1)]
+        rows.append({
+            "ranges": [list(r) for r in c], "range": label, "paper": paper, "removed_blocks": len(removed),
+            "params": candidate_params(c, num_params, block_params, fit.hidden_size, kind),
+            "latency_ms_per_image_estimate": latency_estimate(c, timing, kind),
+            "mse_final": float(np.mean(error)), "mse_ci": list(confidence_interval(error)), "samples": len(error),
+            "block_redundancy_score": float(-sum(redundancy[k - 1] for k in removed)),
+            "fit_residual_score": float(sum(residual[i, j] for i, j in c)),
+        })
+    return sorted(rows, key=lambda row: row["mse_final"])
 
 
 def search(model, dataset, fit_n: int, eval_n: int, seed: int = 0, *, blocks: int | None = None,
            max_params: int | None = None, max_latency_ms: float | None = None, pairs: bool = False,
            probe_top: int = 0, kind: str = "linear", map_params: MapParams | None = None, max_length: int = 128,
            cache: Cache | None = None, progress: Progress | None = None, on_stage: Stage | None = None,
-           memory_bytes: int | None = None,
+           memory_bytes: int | None = None, exhaustive: bool = False, top_k: int = TOP_K,
+           on_round: Callable[[list[dict], dict], None] | None = None,
            encoder: Encoder | Callable[[], Encoder] | None = None) -> SearchResult:
     """Rank the candidates that fit the budget by measured final-representation MSE (lowest first).
 
@@ -220,6 +310,14 @@ def search(model, dataset, fit_n: int, eval_n: int, seed: int = 0, *, blocks: in
     per image estimated from the measured time of each stage. The best ``probe_top`` candidates
     also get probe accuracies from :func:`rba_core.analysis.approximate` (cached like it).
     ``memory_bytes`` bounds the cached block outputs (default: half the available memory).
+
+    The measurement is a race (:func:`_measure`): every candidate on an eighth of the evaluation
+    samples, then only those that may still be among the best ``top_k`` on twice as many, and so
+    on until the survivors have seen all samples. The best ``top_k`` rows carry the MSE over all
+    samples, as ``exhaustive=True`` (every candidate on every sample) measures it, and they are the
+    exhaustive ranking's best ``top_k`` unless an interval (:data:`CONFIDENCE` each) missed; rows of
+    candidates that left early carry the estimate over the samples they saw (``samples``, ``mse_ci``).
+    ``on_round(rows, summary)`` gets the ranking after each round, as it sharpens.
     """
     declared = map_kind(kind)
     params = map_params or MapParams()
@@ -255,37 +353,38 @@ def search(model, dataset, fit_n: int, eval_n: int, seed: int = 0, *, blocks: in
     size = chunk_size(len(ev.indices), tokens, encoder.hidden_size, num_blocks + 1,
                       heads, pairs, memory_bytes or _available_memory())
     stage(f"Measured search: original block outputs in chunks of {size} of {len(ev.indices)} samples")
-    sse, timing, seconds = _measure(encoder, source, ev, size, choose, progress)
+    rounds: list[dict] = []
+    seen: dict[Candidate, np.ndarray] = {}  # each candidate's errors so far, for the interim rankings
 
-    residual, redundancy = fit_residual_matrix(stats), block_redundancy(fit.pooled)
-    num_params, block_params = fit.meta["num_params"], fit.meta["block_params"]
-    rows = []
-    for c, error in sse.items():
-        label, paper = row_label(c)
-        removed = [k for i, j in c for k in range(i + 1, j + 1)]
-        rows.append({
-            "ranges": [list(r) for r in c], "range": label, "paper": paper, "removed_blocks": len(removed),
-            "params": candidate_params(c, num_params, block_params, fit.hidden_size, kind),
-            "latency_ms_per_image_estimate": latency_estimate(c, timing, kind),
-            "mse_final": error / ev.final.size,
-            "block_redundancy_score": float(-sum(redundancy[k - 1] for k in removed)),
-            "fit_residual_score": float(sum(residual[i, j] for i, j in c)),
-        })
-    rows.sort(key=lambda row: row["mse_final"])
+    def round_done(summary: dict, errors: dict[Candidate, np.ndarray]) -> None:
+        rounds.append(summary)
+        seen.update(errors)
+        if on_round:
+            on_round(_ranking(seen, fit, kind, timing_of[0]), summary)
+
+    timing_of: list[dict] = []  # the stage times, measured on the first chunk
+
+    def choose_timed(timing: dict):
+        timing_of.append(timing)
+        return choose(timing)
+
+    errors, timing, seconds = _measure(encoder, source, ev, size, choose_timed, progress, stage, seed, exhaustive,
+                                       top_k, round_done)
+    rows = _ranking(errors, fit, kind, timing)
     measured = [row["mse_final"] for row in rows]
     results = SearchResult(
         model=fit.meta["model"], dataset=fit.meta["dataset"], fit_n=fit_n, eval_n=eval_n, seed=seed,
         num_blocks=num_blocks, map=kind, map_params=declared.key(params),
         budget={"blocks": blocks, "max_params": max_params, "max_latency_ms": max_latency_ms},
         pairs=pairs, considered=len(everything), evaluated=len(rows), chunk_size=size,
-        original={"params": num_params, "latency_ms_per_image_estimate": latency_estimate((), timing, kind)},
+        original={"params": fit.meta["num_params"], "latency_ms_per_image_estimate": latency_estimate((), timing, kind)},
         timing_ms_per_image=timing,
         spearman={
             "block_redundancy": _spearman([r["block_redundancy_score"] for r in rows], measured),
             "fit_residual": _spearman([r["fit_residual_score"] for r in rows], measured),
         },
         candidates=rows, cache={"fit": fit.key, "eval": ev.key}, notes=sorted(set(fit.notes + ev.notes)),
-        seconds=seconds,
+        seconds=seconds, exhaustive=exhaustive, top_k=top_k, rounds=rounds,
     )
     if probe_top > 0:
         stage(f"Linear probe for the best {min(probe_top, len(rows))} candidates")

@@ -123,6 +123,10 @@ def check_fits(num_states: int, hidden_size: int, pairs: Sequence[Pair] | None, 
     raise RBAError(f"Token statistics for {what} need {_gb(need)}, above the budget of {_gb(budget)}{advice}.")
 
 
+#: Samples whose tokens share one float32 product (see :meth:`StatsAccumulator.add`).
+SAMPLE_GROUP = 8
+
+
 class StatsAccumulator:
     """Adds one batch of hidden states at a time; memory is O(((L+1)·D)²), not O(tokens)."""
 
@@ -143,22 +147,36 @@ class StatsAccumulator:
     def add(self, states: list[torch.Tensor], token_rows: torch.Tensor | None = None) -> None:
         """``states``: L+1 tensors (B, T, D); ``token_rows`` optionally keeps a subset of B·T rows.
 
-        Each product runs in the states' dtype (float32: the fast path) and is summed into
-        float64 accumulators, so rounding does not grow with the number of batches. One
-        (D, D) product per pair avoids copying the states into one wide matrix.
+        Products run in the states' dtype (float32: the fast path), one per group of
+        :data:`SAMPLE_GROUP` consecutive samples, and are summed into float64 accumulators. A group's
+        product sees the same rows whatever the batch size or the number of workers (batches and
+        worker shares start at multiples of the group; left-out tokens are zero rows, which add
+        exactly nothing), so the sums agree to float64 rounding however the samples were split.
         """
-        d = states[0].shape[-1]
-        xs = [h.reshape(-1, d) for h in states]  # (B·T, D) views
+        b, t, d = states[0].shape
+        pad = -b % SAMPLE_GROUP  # zero samples complete the last group
+        keep = None
         if token_rows is not None:
-            xs = [x[token_rows] for x in xs]
+            keep = torch.zeros(b * t, dtype=torch.bool, device=states[0].device)
+            keep[token_rows] = True
+            keep = keep.reshape(b, t, 1)
+        xs = []
+        for h in states:
+            h = h if keep is None else h.masked_fill(~keep, 0)  # not h * keep: a padding row may hold NaN
+            h = torch.cat([h, h.new_zeros(pad, t, d)]) if pad else h
+            xs.append(h.reshape(-1, SAMPLE_GROUP * t, d))  # (groups, G·T, D)
+
+        def product(a: int, c: int) -> torch.Tensor:  # hs[a]ᵀhs[c]: float32 per group, summed in float64
+            return torch.bmm(xs[a].transpose(1, 2), xs[c]).sum(0, dtype=torch.float64)
+
         for a, acc in enumerate(self.upper):
-            for b in range(a, len(xs)):
-                acc[:, (b - a) * d : (b - a + 1) * d] += xs[a].T @ xs[b]
-        for (a, b), acc in (self.pairs or {}).items():
-            acc += xs[a].T @ xs[b]
+            for c in range(a, len(xs)):
+                acc[:, (c - a) * d : (c - a + 1) * d] += product(a, c)
+        for (a, c), acc in (self.pairs or {}).items():
+            acc += product(a, c)
         for a, x in enumerate(xs):
-            self.sums[a] += x.sum(0, dtype=torch.float64)
-        self.count += xs[0].shape[0]
+            self.sums[a] += x.sum((0, 1), dtype=torch.float64)
+        self.count += b * t if token_rows is None else len(token_rows)
 
     def result(self) -> TokenStats:
         pairs = None if self.pairs is None else {p: g.cpu().numpy() for p, g in self.pairs.items()}

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+import pandas as pd
 import streamlit as st
 
 # transformers resolves its classes lazily and that is not thread-safe, while Streamlit may run two
@@ -42,6 +43,7 @@ from rba_core.export import ONNX, RECORD, save_compressed
 from rba_core.extract import extract
 from rba_core.hub import hub_status, on_disk
 from rba_core.data import dataset_unit
+from rba_core.distributed import run_group
 from rba_core.maps import MapParams
 from rba_core.models import Encoder, load_encoder, model_info
 from rba_core.progress import stage_unit, stopped_sentence
@@ -219,10 +221,15 @@ def _working(label: str, samples: str = "images") -> Iterator[_Work]:
         stop.empty()
 
 
-def run_analysis(sel: Selection) -> None:
-    """The streaming pass for ``sel`` (or a cache hit), inside :func:`_working`."""
+def run_analysis(sel: Selection, processes: int = 1) -> None:
+    """The streaming pass for ``sel`` (or a cache hit), inside :func:`_working`; with ``processes`` > 1 it
+    runs as that many torchrun workers on this machine (rank 0's progress shown), then is read back."""
     with _working(f"Computing {sel.model} on {sel.dataset} (n={sel.n}, seed={sel.seed})…", unit(sel.dataset)) as work:
         began = time.perf_counter()
+        if processes > 1:
+            work.stage(f"Running the pass as {processes} worker processes (torchrun) on this machine")
+            run_group(["analyze", "--model", sel.model, "--dataset", sel.dataset, "--n", str(sel.n),
+                       "--seed", str(sel.seed)], processes, work.cache.root, work.progress)
         ex = extract(sel.model, lm_dataset(sel.model, sel.dataset), sel.n, sel.seed, "train", cache=work.cache,
                      progress=work.progress, encoder=lambda: encoder(sel.model))
         _opened(sel)
@@ -248,12 +255,13 @@ def may_read(sel: Selection) -> bool:
     return on_disk(sel.dataset) or repr(sel) in st.session_state.get("_opened", [])
 
 
-def analysis(sel: Selection, key: str = "compute", label: str = "Compute") -> dict | None:
-    """The analysis for ``sel``: stored results at once, else a Compute button; None until computed."""
+def analysis(sel: Selection, key: str = "compute", label: str = "Compute", processes: int = 1) -> dict | None:
+    """The analysis for ``sel``: stored results at once, else a Compute button (running the pass as
+    ``processes`` worker processes when more than one); None until computed."""
     clicked = start_button(label, key=key, type="primary",
                            help="One forward pass over the n sampled images or texts (skipped when already stored).")
     if clicked:
-        run_analysis(sel)
+        run_analysis(sel, processes)
     elif not may_read(sel):
         source = "may be downloaded first" if hub_status()[0] else "is read from the local Hugging Face cache"
         st.info(f"Press {label} to compute {sel.model} on {sel.dataset} (n={sel.n}, seed={sel.seed}), or to "
@@ -319,9 +327,18 @@ def run_search(sel: Selection, eval_n: int, budget: dict, pairs: bool, probe_top
     """The measured search (``budget``: search's ``blocks``, ``max_params`` or ``max_latency_ms``),
     in :func:`_working`. Not cached on disk: it is cheap next to the passes it reuses."""
     with _working("Searching…", unit(sel.dataset)) as work:
+        board = st.empty()  # the ranking so far, sharpening round by round
+
+        def show(rows: list[dict], summary: dict) -> None:
+            board.dataframe(pd.DataFrame([{
+                "range": r["range"], "paper": r["paper"], "MSE (so far)": r["mse_final"],
+                "interval": f"{r['mse_ci'][0]:.3g} – {r['mse_ci'][1]:.3g}", "samples": r["samples"],
+            } for r in rows[:10]]), hide_index=True)
+
         result = search(sel.model, sel.dataset, sel.n, eval_n, sel.seed, **budget, pairs=pairs, probe_top=probe_top,
                         kind=kind, map_params=params, cache=work.cache, progress=work.progress, on_stage=work.stage,
-                        encoder=lambda: encoder(sel.model))
+                        on_round=show, encoder=lambda: encoder(sel.model))
+        board.empty()
         _opened(sel)
         work.status.update(state="complete", expanded=False, label=f"Measured {result['evaluated']} candidates on "
                            f"{eval_n} {unit(sel.dataset)} in {result['seconds']['total']:.1f} s.")

@@ -24,7 +24,6 @@ from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 

@@ -24,12 +24,13 @@ from rba_core.models import load_encoder
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def start(*args: str) -> subprocess.Popen:
-    """Start ``python -m rba_core ARGS`` offline from the repository root."""
+def start(*args: str, launch: tuple[str, ...] = ()) -> subprocess.Popen:
+    """Start ``python -m rba_core ARGS`` offline from the repository root (``launch``: a launcher's
+    module and options between ``python`` and ``-m rba_core``, e.g. torchrun's)."""
     # One thread: tiny models gain nothing from more, and spinning threads crowd a shared 2-core box.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    return subprocess.Popen([sys.executable, "-m", "rba_core", *args], cwd=ROOT, env=env, text=True,
+    return subprocess.Popen([sys.executable, *launch, "-m", "rba_core", *args], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 

@@ -110,6 +110,18 @@ def test_parquet_folder_reads_images_and_labels(tmp_path):
     assert decoded.mode == "RGB" and np.asarray(decoded)[0, 0].tolist() == [30, 30, 30]
 
 
+def test_parquet_is_read_by_row_groups(tmp_path):
+    images = [{"bytes": _png(10 * k), "path": None} for k in range(23)]
+    table = pa.table({"img": images, "label": [k % 3 for k in range(23)]})
+    (tmp_path / "grouped").mkdir()
+    for split in ("train", "test"):
+        pq.write_table(table, tmp_path / "grouped" / f"{split}.parquet", row_group_size=5)
+    assert pq.ParquetFile(tmp_path / "grouped" / "test.parquet").num_row_groups == 5
+    source = open_dataset(str(tmp_path / "grouped"), "test")
+    picked = [0, 4, 5, 11, 12, 22, 3]  # within, across and back over row-group boundaries
+    assert [np.asarray(im)[0, 0, 0] for im in source.items(picked)] == [10 * k for k in picked]
+
+
 def test_parquet_without_image_column(tmp_path):
     _write_parquet(tmp_path, pa.table({"pixels_png": [b"x"], "label": [0]}))
     with pytest.raises(RBAError, match="no image or text column"):
@@ -165,3 +177,13 @@ def test_real_datasets_through_aliases_and_data_dir(monkeypatch, tiny_models, tm
         np.testing.assert_array_equal(ex.labels, source.labels[ex.indices])
         assert ex.label_names == source.label_names
         assert np.ptp(ex.final, axis=0).max() > 0  # different images, different representations
+
+
+def test_imagenet_alias_evaluates_on_validation_and_fails_offline_in_one_sentence():
+    from rba_core.registry import dataset_info
+
+    info = dataset_info("imagenet-1k")
+    assert info.hub_id == "ILSVRC/imagenet-1k"
+    assert (info.hub_split("train"), info.hub_split("test")) == ("train", "validation")
+    with pytest.raises(RBAError, match=r"^Dataset 'ImageNet-1k' \(ILSVRC/imagenet-1k\) is not available offline.*\.$"):
+        open_dataset("ImageNet-1k", "test")

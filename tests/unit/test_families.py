@@ -495,8 +495,10 @@ def test_linear_map_equals_lstsq_on_the_real_tokens(family, zoo, images, extract
         x, y = tokens[i], tokens[j]
         optimal = assert_least_squares(x, y, fit_map(stats, (i, j)).weight.double().numpy(), f"linear {i}→{j}")
         # The stored residual (from the sums, no pass over tokens) is the optimal one, to what float32
-        # Gram products allow (in units of ||Y||²).
-        _assert_close(ex.fit_residual[i, j], optimal, rtol=0, atol=5e-5, what=f"fit residual {i}→{j}")
+        # Gram products allow (in units of ||Y||²). From a post-LN block output (BERT 1→3) hs[i]ᵀhs[i] is
+        # nearly singular (LayerNorm rows are nearly zero-mean), which amplifies the products' rounding:
+        # measured 1.9e-5 with batches of 5 and 6.3e-5 with the groups of 8 samples of issue 9.
+        _assert_close(ex.fit_residual[i, j], optimal, rtol=0, atol=1e-4, what=f"fit residual {i}→{j}")
         affine = fit_map(stats, (i, j), "affine")
         assert_least_squares(np.hstack([x, np.ones((len(x), 1))]), y,
                              np.vstack([affine.weight.double().numpy(), affine.bias.double().numpy()[None]]),

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from scipy.stats import spearmanr
 
 from rba_core.analysis import analyze, approximate
@@ -13,7 +14,8 @@ from rba_core.cli import main
 from rba_core.errors import RBAError
 from rba_core.extract import extract
 from rba_core.models import load_encoder
-from rba_core.search import _select, candidate_ranges, chunk_size, search
+from rba_core.search import (_select, candidate_ranges, chunk_size, confidence_interval, sample_rounds, search,
+                             still_in_race)
 
 FIT_N, EVAL_N = 40, 12
 
@@ -21,7 +23,7 @@ FIT_N, EVAL_N = 40, 12
 @pytest.fixture(scope="module")
 def searched(tiny_models, image_folder, tmp_path_factory):
     cache = Cache(tmp_path_factory.mktemp("search-cache"))
-    return search(tiny_models["vit"], image_folder, FIT_N, EVAL_N, 0, pairs=True, cache=cache), cache
+    return search(tiny_models["vit"], image_folder, FIT_N, EVAL_N, 0, pairs=True, cache=cache, exhaustive=True), cache
 
 
 def test_candidates_are_every_range_and_every_separated_pair():
@@ -66,7 +68,8 @@ def test_cheap_scores_and_their_spearman(searched, tiny_models, image_folder):
 def test_chunks_give_the_same_ranking(searched, tiny_models, image_folder):
     result, cache = searched
     assert result["chunk_size"] == EVAL_N  # everything fits in memory
-    chunked = search(tiny_models["vit"], image_folder, FIT_N, EVAL_N, 0, pairs=True, cache=cache, memory_bytes=1)
+    chunked = search(tiny_models["vit"], image_folder, FIT_N, EVAL_N, 0, pairs=True, cache=cache, memory_bytes=1,
+                     exhaustive=True)
     assert chunked["chunk_size"] == 1
     assert [r["range"] for r in chunked["candidates"]] == [r["range"] for r in result["candidates"]]
     for a, b in zip(chunked["candidates"], result["candidates"]):
@@ -124,3 +127,44 @@ def test_cli_search_probes_the_best(searched, tiny_models, image_folder, tmp_pat
                            cache=cache)
     assert rows[0]["accuracy"]["approximated"] == expected["accuracy"]["approximated"]
     assert result["original"]["accuracy"] == expected["accuracy"]["original"]
+
+
+def test_the_race_finds_the_exhaustive_top_5_measuring_fewer_candidates(tmp_path):
+    """8 blocks, 36 ranges, 64 digits: the race drops candidates and still ends with the exhaustive top 5."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    from conftest import TINY
+
+    torch.manual_seed(0)
+    folder = tmp_path / "vit8"
+    ViTModel(ViTConfig(**{**TINY, "num_hidden_layers": 8}), add_pooling_layer=False).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    cache, n = Cache(tmp_path / "cache"), 64
+    interim = []
+    race = search(str(folder), "digits", 64, n, 0, cache=cache, on_round=lambda rows, s: interim.append((rows, s)))
+    full = search(str(folder), "digits", 64, n, 0, cache=cache, exhaustive=True)
+    assert [r["samples"] for r in race["rounds"]] == sample_rounds(n) == [8, 16, 32, 64]
+    assert full["rounds"] == [dict(full["rounds"][0], samples=n, candidates=36, kept=36)]
+    assert race["rounds"][-1]["candidates"] < 36  # some left the race early
+    assert [r["range"] for r in race["candidates"][:5]] == [r["range"] for r in full["candidates"][:5]]
+    assert [r["mse_final"] for r in race["candidates"][:5]] == pytest.approx(
+        [r["mse_final"] for r in full["candidates"][:5]], rel=1e-12)  # the same errors, summed in another order
+    assert all(r["samples"] == n for r in race["candidates"][:5])
+    left = [r for r in race["candidates"] if r["samples"] < n]
+    assert left and {r["samples"] for r in left} <= {8, 16, 32}
+    # Each interim ranking is sorted and covers every candidate; the first one came after 8 samples.
+    assert [s["round"] for _, s in interim] == [1, 2, 3, 4] and len(interim[0][0]) == 36
+    assert all([r["mse_final"] for r in rows] == sorted(r["mse_final"] for r in rows) for rows, _ in interim)
+
+
+def test_confidence_interval_and_who_stays_in_the_race():
+    from scipy.stats import t
+
+    errors = np.array([1.0, 2.0, 3.0, 4.0])
+    low, high = confidence_interval(errors)
+    half = t.ppf(0.9995, 3) * np.std(errors, ddof=1) / 2
+    assert (low, high) == pytest.approx((max(0.0, 2.5 - half), 2.5 + half))
+    tight = {((0, 1),): np.full(20, 1.0) + np.linspace(0, 0.01, 20), ((1, 2),): np.full(20, 1.1),
+             ((2, 3),): np.full(20, 5.0) + np.linspace(0, 0.01, 20)}
+    assert still_in_race(tight, 1) == [((0, 1),)]  # 1.1 is surely worse than the interval around 1.005
+    assert still_in_race(tight, 2) == [((0, 1),), ((1, 2),)]
