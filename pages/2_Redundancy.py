@@ -92,7 +92,7 @@ with errors():
                   table=pd.DataFrame({"block": range(1, blocks + 1), "block_redundancy": redundancy,
                                       "highlighted": [k in top for k in range(1, blocks + 1)]}))
 
-        if results.get("block_influence") is not None:
+        if results.get("block_influence") is not None and results.get("pooling") == "last":  # language models
             st.subheader("Cheap scores side by side")
             st.markdown("Three cheap scores of each block from the same pass: **Block Redundancy** on the pooled "
                         "vector (above) and on every real token, **Block Influence** (ShortGPT: mean 1 − cos of "
