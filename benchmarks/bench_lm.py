@@ -42,15 +42,6 @@ def llama_folder(folder: Path) -> str:
     return str(folder)
 
 
-def _best(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        began = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - began)
-    return best
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=16)
@@ -74,8 +65,8 @@ def main() -> None:
                 encoder.model.model(**encoder.preprocess(batch))
 
     run_pass(encoder, source, indices[: args.batch], True, args.batch, pairs=pairs)  # warm-up
-    seconds = {"plain_forward": _best(plain, args.repeats),
-               "pass_window_stats": _best(lambda: run_pass(encoder, source, indices, True, args.batch, pairs=pairs),
+    seconds = {"plain_forward": common.best_seconds(plain, args.repeats),
+               "pass_window_stats": common.best_seconds(lambda: run_pass(encoder, source, indices, True, args.batch, pairs=pairs),
                                           args.repeats)}
     tokens = args.n * args.seq_len
     result = {"n_windows": args.n, "seq_len": args.seq_len, "batch": args.batch, "window": args.window,

@@ -34,15 +34,6 @@ def _plain(encoder, source, indices, batch: int) -> None:
             encoder.model(**encoder.preprocess(source.items(indices[start : start + batch])))
 
 
-def _best(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        began = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - began)
-    return best
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=2048)
@@ -57,9 +48,9 @@ def main() -> None:
     indices = sample_indices(len(source), args.n, 0)
     run_pass(encoder, source, indices[: args.batch], True, args.batch)  # warm-up
     seconds = {
-        "plain_forward": _best(lambda: _plain(encoder, source, indices, args.batch), args.repeats),
-        "pass": _best(lambda: run_pass(encoder, source, indices, False, args.batch), args.repeats),
-        "pass_with_stats": _best(lambda: run_pass(encoder, source, indices, True, args.batch), args.repeats),
+        "plain_forward": common.best_seconds(lambda: _plain(encoder, source, indices, args.batch), args.repeats),
+        "pass": common.best_seconds(lambda: run_pass(encoder, source, indices, False, args.batch), args.repeats),
+        "pass_with_stats": common.best_seconds(lambda: run_pass(encoder, source, indices, True, args.batch), args.repeats),
     }
     texts_per_s = {k: args.n / v for k, v in seconds.items()}
     result = {
