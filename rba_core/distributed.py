@@ -237,9 +237,21 @@ def _terminate(group: subprocess.Popen) -> None:
 
 
 def close() -> None:
-    """Leave the group, if this process joined one (at the end of a launched run)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    """Leave the group, if this process joined one (at the end of a launched run).
+
+    Every rank first waits for the others (rank 0 may still be writing the cache): a rank that tore its
+    gloo context down while a peer was still talking to it could abort at exit ("terminate called
+    without an active exception"). A peer that already failed is not waited for long."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        try:
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=timedelta(seconds=60))
+            else:
+                dist.barrier()
+        except Exception:  # a peer is gone: nothing left to wait for
+            pass
+        dist.destroy_process_group()
 
 
 def single_flight(cache, key: str, lookup: Callable[[], T | None], compute: Callable[[object], T],
