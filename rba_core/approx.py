@@ -27,8 +27,9 @@ class LinearMap(nn.Module):
         self.bias = None if bias is None else nn.Parameter(torch.as_tensor(bias, dtype=torch.float32), requires_grad=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        out = hidden @ self.weight
-        return out if self.bias is None else out + self.bias
+        """In float32 on the map's device whatever the model computes in; returned in the hidden states' dtype."""
+        out = hidden.to(self.weight) @ self.weight
+        return (out if self.bias is None else out + self.bias).to(hidden.dtype)
 
 
 def paper_notation(rng: Range) -> str:
