@@ -85,7 +85,7 @@ def token_rows(indices: np.ndarray, mask: torch.Tensor | None, tokens: int, frac
     ``fraction`` < 1 the first token plus a random share of the other real tokens, drawn from a
     generator seeded by the sample's index, so the choice depends neither on the batch size nor
     on how samples are split across workers. None keeps every row."""
-    if mask is None and fraction >= 1.0:
+    if fraction >= 1.0 and (mask is None or bool(mask.all())):  # no padding (images, LM windows): no copies
         return None
     rows = []
     for b, index in enumerate(indices):
