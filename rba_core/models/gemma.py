@@ -16,7 +16,8 @@ class Gemma2LM(DecoderLM):
 
     hf_classes = ("Gemma2ForCausalLM",)
     mlp_out = None
-    no_fold_reason = "its blocks normalise the MLP output (post_feedforward_layernorm) before adding it to the residual stream"
+    no_fold_reason = ("its blocks normalise the MLP output (post_feedforward_layernorm) before adding it to the "
+                      "residual stream")
 
 
 class Gemma3LM(DecoderLM):

@@ -16,7 +16,8 @@ class ModernBertEncoder(TextEncoder):
 
     hf_classes = ("ModernBertModel",)
     mlp_out = "mlp.Wo"
-    no_stem_fold_reason = "its hs[0] is the token embeddings after a LayerNorm (embeddings.norm), which is not linear in them"
+    no_stem_fold_reason = ("its hs[0] is the token embeddings after a LayerNorm (embeddings.norm), which is not "
+                           "linear in them")
 
     @classmethod
     def load_model(cls, source: str, config):

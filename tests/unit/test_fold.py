@@ -197,7 +197,8 @@ def encoders(tmp_path_factory):
     """``get(name)``: the folder of a tiny saved model (``vit`` has a classification head, ``dinov2``
     random layer scales, ``modernbert`` larger MLP outputs; the others as test_families builds them)."""
     root, made = tmp_path_factory.mktemp("fold-encoders"), {}
-    builders = {"vit": _vit_with_head, "dinov2": _dinov2_with_layer_scale, "modernbert": _modernbert_with_larger_mlp_outputs}
+    builders = {"vit": _vit_with_head, "dinov2": _dinov2_with_layer_scale,
+                "modernbert": _modernbert_with_larger_mlp_outputs}
 
     def get(name: str) -> str:
         if name not in made:
@@ -278,7 +279,8 @@ def test_a_range_from_the_embeddings_folds_into_them(family, encoders, decoders)
     expected = np.linalg.lstsq(x, y, rcond=None)[0]
     np.testing.assert_allclose(stats.fit(), expected, rtol=0, atol=2e-3 * np.abs(expected).max())
     folded = folded_encoder(enc, {(0, 2): stats.fit()})
-    hidden = enc.run_blocks(hs[0] @ torch.as_tensor(stats.fit(), dtype=torch.float32), 3, 4, enc.hidden_states(inputs)[1])
+    t = torch.as_tensor(stats.fit(), dtype=torch.float32)
+    hidden = enc.run_blocks(hs[0] @ t, 3, 4, enc.hidden_states(inputs)[1])
     with torch.no_grad():
         if family == "gpt2":
             own = folded.model(**inputs, position_ids=enc.position_ids(inputs)).logits
@@ -329,7 +331,8 @@ for family in {list(cases)!r}:
             out = model(**inputs, position_ids=(mask.cumsum(-1) - 1).clamp_min(0)).logits
         else:
             out = model(**inputs)
-            out = out.logits if family == "vit" else out.pooler_output if family in ("dinov2", "clip") else out.last_hidden_state[:, 0]
+            pooled = out.pooler_output if family in ("dinov2", "clip") else out.last_hidden_state[:, 0]
+            out = out.logits if family == "vit" else pooled
     torch.save((out, model.config.num_hidden_layers), f"{{root}}/{{family}}-out.pt")
 assert "rba_core" not in sys.modules
 """
