@@ -100,7 +100,7 @@ def fold_statistics(encoder: Encoder, batches: Iterable[dict[str, torch.Tensor]]
         for (i, j), acc in sums.items():
             m = rows(outputs[i] if i > 0 else hs[0]).float()
             for total, other in zip(acc, (m, rows(hs[i]), rows(hs[j]))):
-                total += (m.T @ other).double().cpu()  # float32 products, float64 sums
+                total += (m.T @ other.to(m.device, torch.float32)).double().cpu()  # float32 products, float64 sums
         count += int(rows(hs[0]).shape[0])
     return {rng: FoldStats(*(t.numpy() for t in acc), count) for rng, acc in sums.items()}
 
@@ -128,14 +128,16 @@ def _cut_config(config, keep: list[int], num_blocks: int, ranges: Sequence[Range
 def _fold_into_block(encoder: Encoder, block: nn.Module, t: torch.Tensor) -> None:
     """Block's m becomes m·T: T (times the layer scale, which becomes 1) into its MLP output layer."""
     layer = block.get_submodule(encoder.mlp_out)
+    t = t.to(layer.weight.device)
     if encoder.mlp_scale:
         scale = block.get_parameter(encoder.mlp_scale)
-        t = scale[:, None] * t  # m = (x Wᵀ + b) diag(λ), so m·T = (x Wᵀ + b) diag(λ) T
+        t = scale.float()[:, None] * t  # m = (x Wᵀ + b) diag(λ), so m·T = (x Wᵀ + b) diag(λ) T
         scale.fill_(1.0)
     # Linear stores (out, in) and computes x Wᵀ; GPT-2's Conv1D stores (in, out) and computes x W.
-    layer.weight.copy_(layer.weight @ t if encoder.mlp_out_transposed else t.T @ layer.weight)
+    weight = layer.weight.float()
+    layer.weight.copy_(weight @ t if encoder.mlp_out_transposed else t.T @ weight)
     if layer.bias is not None:
-        layer.bias.copy_(layer.bias @ t)
+        layer.bias.copy_(layer.bias.float() @ t)
 
 
 def _fold_into_stem(encoder: Encoder, model: nn.Module, t: torch.Tensor) -> None:
@@ -155,7 +157,8 @@ def _fold_into_stem(encoder: Encoder, model: nn.Module, t: torch.Tensor) -> None
         for owner in module.modules():
             for name, param in owner.named_parameters(recurse=False):
                 axis = 0 if name == "weight" and isinstance(owner, (nn.Linear, nn.modules.conv._ConvNd)) else -1
-                param.copy_(torch.tensordot(param, t, dims=([axis], [0])).movedim(-1, axis))
+                folded = torch.tensordot(param.float(), t.to(param.device), dims=([axis], [0]))
+                param.copy_(folded.movedim(-1, axis))
 
 
 def folded_model(encoder: Encoder, maps: dict[Range, np.ndarray]) -> nn.Module:
@@ -165,10 +168,9 @@ def folded_model(encoder: Encoder, maps: dict[Range, np.ndarray]) -> nn.Module:
     model = copy.deepcopy(encoder.model)
     path = next(name for name, module in encoder.model.named_modules() if module is encoder.blocks)
     layers = model.get_submodule(path)
-    weight = next(model.parameters())
     with torch.no_grad():
         for (i, _), t in maps.items():
-            t = torch.as_tensor(t, dtype=weight.dtype, device=weight.device)
+            t = torch.as_tensor(t, dtype=torch.float32)  # products in float32, stored in the weights' dtype
             if i == 0:
                 _fold_into_stem(encoder, model, t)
             else:

@@ -331,8 +331,8 @@ for family in {list(cases)!r}:
             out = model(**inputs, position_ids=(mask.cumsum(-1) - 1).clamp_min(0)).logits
         else:
             out = model(**inputs)
-            pooled = out.pooler_output if family in ("dinov2", "clip") else out.last_hidden_state[:, 0]
-            out = out.logits if family == "vit" else pooled
+            pooled = {{"vit": "logits", "dinov2": "pooler_output", "clip": "pooler_output"}}.get(family)
+            out = getattr(out, pooled) if pooled else out.last_hidden_state[:, 0]
     torch.save((out, model.config.num_hidden_layers), f"{{root}}/{{family}}-out.pt")
 assert "rba_core" not in sys.modules
 """
