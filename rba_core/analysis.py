@@ -268,8 +268,9 @@ def export(model, dataset, fit_n: int, seed: int, ranges: Sequence[Sequence[int]
     """Fit the maps of ``ranges`` on ``fit_n`` train samples and write the export folder ``out``.
 
     ``kind`` ``folded`` gives a plain Hugging Face checkpoint with fewer layers (pre-LN models; its
-    ``rba.json`` records the data and, with ``eval_n`` windows of a language-model text, the
-    perplexity of the original and folded models); other kinds the rba-compressed folder with
+    ``rba.json`` records the data and, with ``eval_n`` test samples, the perplexity of the original
+    and folded models on the windows of a language-model text, else the final-representation MSE
+    of the folded model against the original); other kinds the rba-compressed folder with
     the maps as modules (:func:`rba_core.export.save_compressed`). Returns the record written."""
     from rba_core.data import sample_indices
     from rba_core.export import save_compressed, save_folded
@@ -302,13 +303,30 @@ def export(model, dataset, fit_n: int, seed: int, ranges: Sequence[Sequence[int]
               "paper": [paper_notation(rng) for rng in checked],
               "layers": {"original": encoder.num_blocks, "folded": folded.num_blocks},
               "params": {"original": count_params(encoder.model), "folded": count_params(folded.model)},
-              "data": {"dataset": str(dataset), "fit_n": fit_n, "seed": seed, "seq_len": seq_len}}
-    if eval_n and isinstance(data, LMText):
-        stage("Evaluation windows: perplexity of the original and folded models")
+              "data": {"dataset": str(dataset), "fit_n": fit_n, "seed": seed,
+                       **({"seq_len": seq_len} if isinstance(data, LMText) else {"max_length": encoder.max_length})}}
+    if eval_n:
         test = open_dataset(data, "test")
-        windows = test.items(sample_indices(len(test), eval_n, seed, "test", test.unit))
-        record["perplexity"] = {"original": lm_scores(encoder, {}, windows)["perplexity"]["original"],
-                                "folded": lm_scores(folded, {}, windows)["perplexity"]["original"]}
+        samples = test.items(sample_indices(len(test), eval_n, seed, "test", test.unit))
         record["data"]["eval_n"] = eval_n
+        if isinstance(data, LMText):
+            stage("Evaluation windows: perplexity of the original and folded models")
+            record["perplexity"] = {"original": lm_scores(encoder, {}, samples)["perplexity"]["original"],
+                                    "folded": lm_scores(folded, {}, samples)["perplexity"]["original"]}
+        else:
+            stage("Evaluation samples (test split): final representations of the original and folded models")
+            record["mse_final"] = _final_mse(encoder, folded, samples)
     save_folded(folded, out, record)
     return record
+
+
+@torch.inference_mode()
+def _final_mse(original: Encoder, other: Encoder, samples: Sequence, batch_size: int = 8) -> float:
+    """Mean squared difference of the two encoders' final representations over samples and dimensions."""
+    total, count = 0.0, 0
+    for start in range(0, len(samples), batch_size):
+        inputs = original.preprocess(samples[start : start + batch_size])
+        mask = original.token_mask(inputs)
+        ours, theirs = (enc.final(enc.hidden_states(inputs)[0][-1], mask).double() for enc in (original, other))
+        total, count = total + float(((ours - theirs) ** 2).sum()), count + ours.numel()
+    return total / count

@@ -54,7 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", parents=[common], help="fit the maps and write an export folder "
                             "(--map folded: a plain Hugging Face checkpoint with fewer layers)")
     export.add_argument("--fit-n", type=int, required=True, help="train samples (windows) used to fit the maps")
-    export.add_argument("--eval-n", type=int, default=0, help="causal LMs: test windows for the perplexity in rba.json")
+    export.add_argument("--eval-n", type=int, default=0,
+                        help="--map folded: test samples for rba.json (causal LMs on a text: perplexity of "
+                        "the original and folded models; otherwise the folded model's final MSE)")
     export.add_argument("--range", nargs=2, type=int, action="append", required=True, metavar=("I", "J"),
                         help="remove blocks I+1..J, mapping block output I to J (repeatable)")
     export.add_argument("--map", default="linear", choices=[*MAPS, "folded"],

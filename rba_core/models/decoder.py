@@ -9,7 +9,7 @@ does), so a text gets the same states whichever side the tokenizer pads. The fin
 of a token is the final norm of ``hs[L]``; one vector per text is its last real token.
 
 A family declares where its pieces live (:attr:`DecoderLM.parts`) and, for folding, the module
-that writes the MLP output into the residual stream (:attr:`DecoderLM.mlp_out`).
+that writes the MLP output into the residual stream (:attr:`Encoder.mlp_out`).
 """
 
 from __future__ import annotations
@@ -31,10 +31,7 @@ class DecoderLM(TextEncoder):
     default_pooling = "last"
     #: attribute names: the base model inside the causal LM, its block list, final norm, token embedding
     parts = {"base": "model", "blocks": "layers", "norm": "norm", "embed": "embed_tokens"}
-    #: the module (inside a block) whose output is the MLP's contribution to the residual stream,
-    #: and whether its weight is stored (in, out) as GPT-2's Conv1D does; None: cannot fold
     mlp_out: str | None = "mlp.down_proj"
-    mlp_out_transposed = False
     rotary_per_kind = False  # Gemma 3: one rotary embedding per attention kind
 
     @classmethod
@@ -96,6 +93,11 @@ class DecoderLM(TextEncoder):
     @property
     def final_norm(self):
         return getattr(self.base, self.parts["norm"])
+
+    @property
+    def linear_stem(self) -> tuple[str, ...]:
+        """The token embedding (scaled or not, hs[0] is linear in it)."""
+        return (f"{self.parts['base']}.{self.parts['embed']}",)
 
     @property
     def lm_head(self) -> nn.Module:
@@ -178,7 +180,3 @@ class DecoderLM(TextEncoder):
         logits = self.lm_head(self.final_norm(hidden))
         cap = getattr(self.model.config, "final_logit_softcapping", None)
         return torch.tanh(logits / cap) * cap if cap else logits
-
-    def mlp_output_module(self, block: int) -> nn.Module:
-        """The module of block ``block`` (1..L) whose output is the block's MLP output m."""
-        return self.blocks[block - 1].get_submodule(self.mlp_out)
