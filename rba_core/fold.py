@@ -11,15 +11,14 @@ accumulated over batches like :mod:`rba_core.stats`.
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from rba_core.approx import validate_ranges
+from rba_core.approx import captured as _captured, validate_ranges
 from rba_core.errors import RBAError
 from rba_core.maps import Range, solve_spd
 from rba_core.models import Encoder
@@ -57,19 +56,6 @@ def check_foldable(encoder: Encoder, ranges: Sequence[Sequence[int]]) -> list[Ra
         raise RBAError(f"Range 0→{checked[0][1]} starts at the embeddings, which have no MLP to fold into; start "
                        "the range at block 1 or later, or export with --map linear.")
     return checked
-
-
-@contextmanager
-def _captured(modules: dict[int, nn.Module]) -> Iterator[dict[int, torch.Tensor]]:
-    """The output of each module during the block, by key; the hooks are always removed."""
-    outputs: dict[int, torch.Tensor] = {}
-    handles = [module.register_forward_hook(lambda _m, _in, out, key=key: outputs.__setitem__(key, out))
-               for key, module in modules.items()]
-    try:
-        yield outputs
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @torch.inference_mode()
@@ -133,3 +119,57 @@ def folded_encoder(encoder: Encoder, maps: dict[Range, np.ndarray]) -> Encoder:
     model = folded_model(encoder, maps)
     return type(encoder)(encoder.name, encoder.source, encoder.family, model, encoder.processor, encoder.device,
                          encoder.pooling, encoder.max_length)
+
+
+def _batches(encoder: Encoder, source, indices: np.ndarray, progress, batch_size: int = 8):
+    """The model's inputs for ``indices`` in batches, reporting the samples done."""
+    for start in range(0, len(indices), batch_size):
+        yield encoder.preprocess(source.items(indices[start : start + batch_size]))
+        if progress:
+            progress(min(start + batch_size, len(indices)), len(indices))
+
+
+def fold_pass(model, dataset, n: int, seed: int, sets: Sequence[Sequence[Range]], *, max_length: int = 128,
+              cache=None, progress=None, encoder=None) -> dict[Range, FoldStats]:
+    """Fold statistics of every range of ``sets`` over the ``n`` fit samples (the train split, sampled as
+    :func:`rba_core.extract.extract` samples them): from the cache when stored, otherwise one pass, before
+    which each set of ranges is checked to fold (:func:`check_foldable`, one sentence if not). ``encoder``:
+    a loaded encoder or a function that loads one (called only on a miss)."""
+    from rba_core.cache import Cache, make_key
+    from rba_core.data import open_dataset, sample_indices
+    from rba_core.distributed import single_flight, world
+    from rba_core.extract import extraction_key
+    from rba_core.models import load_encoder, model_ref
+
+    cache = cache or Cache()
+    ref = model_ref(model, max_length)
+    source = open_dataset(dataset, "train")
+    indices = sample_indices(len(source), n, seed, "train", source.unit)
+    length = max_length if source.modality == "text" else None
+    ranges = sorted({(int(i), int(j)) for ranges in sets for i, j in ranges})
+    samples = extraction_key(ref.fingerprint, source, indices, False, 1.0, ref.info.pooling, length)
+    key = make_key({"kind": "fold-statistics", "samples": samples, "ranges": [list(r) for r in ranges]})
+
+    def lookup() -> dict[Range, FoldStats] | None:
+        arrays = cache.load(key, "fold")
+        if arrays is None:
+            return None
+        count = int(arrays["count"][0])
+        return {(i, j): FoldStats(arrays[f"mm_{i}"], arrays[f"mi_{i}"], arrays[f"mj_{i}_{j}"], count)
+                for i, j in ranges}
+
+    def compute(progress) -> dict[Range, FoldStats]:
+        loaded = ref.loaded or (encoder() if callable(encoder) else encoder) or load_encoder(model, max_length=length)
+        loaded = loaded.with_max_length(length)
+        for checked in sets:
+            check_foldable(loaded, checked)
+        stats = fold_statistics(loaded, _batches(loaded, source, indices, progress), ranges)
+        arrays = {"count": np.array([next(iter(stats.values())).count], np.int64)}
+        for (i, j), s in stats.items():  # MᵀM and MᵀH_i depend on the start only: stored once per start
+            arrays.update({f"mm_{i}": s.mm, f"mi_{i}": s.mi, f"mj_{i}_{j}": s.mj})
+        if world().is_main:  # one writer per group of workers (each computed the same sums)
+            cache.put(key, {"fold": arrays}, {"kind": "fold-statistics", "model": ref.name, "dataset": source.name,
+                                              "split": "train", "n": n, "seed": seed, "ranges": ranges})
+        return stats
+
+    return single_flight(cache, key, lookup, compute, progress)
