@@ -20,6 +20,7 @@ from rba_core.cache import Cache
 from rba_core.cli import main
 from rba_core.data import open_dataset, sample_indices
 from rba_core.errors import RBAError
+from rba_core.export import save_compressed
 from rba_core.fold import fold_pass, fold_statistics, folded_encoder
 from rba_core.maps import MAPS, fit_map
 from rba_core.models import load_encoder
@@ -51,6 +52,8 @@ def test_the_folded_map_kind_is_the_folded_model(family, side, decoders):  # noq
         torch.testing.assert_close(net(**inputs), folded.final(theirs, mask), rtol=1e-4, atol=1e-5)
     assert count_params(net) == folded.num_params() == enc.num_params() - enc.block_params(2) - enc.block_params(4)
     assert MAPS["folded"].added_params(enc.hidden_size) == 0
+    with pytest.raises(RBAError, match="plain checkpoint"):  # not as map modules: they belong in the weights
+        save_compressed(net, "unused")
     assert not any(enc.blocks[0].get_submodule("mlp." + ("c_proj" if family == "gpt2" else "down_proj"))
                    ._forward_hooks.values())  # no hook left behind on the shared model
 
