@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -25,6 +26,7 @@ from rba_core.perplexity import lm_scores
 from rba_core.probe import converged_probe_accuracy, probe_accuracy, small_classes_note
 from rba_core.registry import resolve_model
 from rba_core.results import AnalysisResult, ApproximationResult
+from rba_core.stats import StatsTooLarge
 
 Stage = Callable[[str], None]
 
@@ -120,7 +122,7 @@ def _approximated_finals(net: ApproximatedEncoder, encoder: Encoder, dataset, ex
     with here.all_or_none("the approximated model's evaluation"):
         for start in range(0, len(mine), batch_size):
             inputs = encoder.preprocess(source.items(ex.indices[mine[start : start + batch_size]]))
-            out[start : start + batch_size] = net(**inputs).cpu().numpy()
+            out[start : start + batch_size] = net(**inputs).float().cpu().numpy()
             if latency == {}:  # timed on the first batch, both models interleaved on the same inputs
                 latency = measure_latency({"original": original, "approximated": net},
                                           {k: v[:LATENCY_BATCH] for k, v in inputs.items()})
@@ -193,9 +195,22 @@ def _lm_scores(lazy: LazyEncoder, dataset: LMText, fit: Extraction, stats, ev: E
     return cache.single_flight(key, lookup, compute, progress)
 
 
+def _fit_extraction(model, dataset, n: int, seed: int, ranges: list[Range], max_length: int, cache: Cache,
+                    progress: Progress | None, lazy: LazyEncoder, budget: int | None) -> Extraction:
+    """The fit samples with all Gram pairs (the analysis of the same samples shares them) when those fit
+    the memory ``budget``; otherwise with only the blocks that these ranges' maps need."""
+    fit = partial(extract, model, dataset, n, seed, "train", max_length=max_length, cache=cache, progress=progress,
+                  encoder=lazy, stats_budget=budget)
+    try:
+        return fit()
+    except StatsTooLarge:
+        return fit(stats_ranges=ranges)
+
+
 def approximate(model, dataset, fit_n: int, eval_n: int, seed: int,
                 ranges: Sequence[Sequence[int]], kind: str = "linear", *, map_params: MapParams | None = None,
                 probe: bool = False, max_length: int = 128, seq_len: int = DEFAULT_SEQ_LEN,
+                stats_budget: int | None = None,
                 cache: Cache | None = None, progress: Progress | None = None, on_stage: Stage | None = None,
                 encoder: Encoder | LazyEncoder | Callable[[], Encoder] | None = None) -> ApproximationResult:
     """Fit maps on ``fit_n`` train samples, evaluate the approximated model on ``eval_n`` test samples.
@@ -204,6 +219,8 @@ def approximate(model, dataset, fit_n: int, eval_n: int, seed: int,
     evaluation samples with their labels (numpy; not in the JSON). For a causal LM on a
     language-model text the samples are windows of ``seq_len`` tokens and the result adds the
     perplexity and top-1 next-token agreement of the original, approximated and skipped models.
+    The fit keeps all Gram pairs when they fit ``stats_budget`` bytes (default a quarter of the free
+    memory), else only the ranges' own blocks.
     """
     declared = map_kind(kind)  # an unknown map fails before any work
     params = map_params or MapParams()
@@ -216,8 +233,7 @@ def approximate(model, dataset, fit_n: int, eval_n: int, seed: int,
     ranges = validate_ranges(ranges, info.num_blocks)  # before any pass
     dataset = lm_dataset(model, dataset, seq_len, ref)
     stage("Fit samples (train split): representations and token statistics")
-    fit = extract(model, dataset, fit_n, seed, "train", max_length=max_length, cache=cache, progress=progress,
-                  encoder=lazy)
+    fit = _fit_extraction(model, dataset, fit_n, seed, ranges, max_length, cache, progress, lazy, stats_budget)
     if declared.statistics != "tokens":
         stage(f"Fit samples (train split): what the {kind} maps are fitted from")
     stats = map_statistics(kind, fit, dataset, [ranges], lazy, cache, progress)

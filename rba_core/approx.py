@@ -27,8 +27,9 @@ class LinearMap(nn.Module):
         self.bias = None if bias is None else nn.Parameter(torch.as_tensor(bias, dtype=torch.float32), requires_grad=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        out = hidden @ self.weight
-        return out if self.bias is None else out + self.bias
+        """In float32 on the map's device whatever the model computes in; returned in the hidden states' dtype."""
+        out = hidden.to(self.weight) @ self.weight
+        return (out if self.bias is None else out + self.bias).to(hidden.dtype)
 
 
 class FoldedMap(nn.Module):
@@ -43,10 +44,12 @@ class FoldedMap(nn.Module):
         self.register_buffer("weight", torch.as_tensor(weight, dtype=torch.float32))
 
     def forward(self, hidden: torch.Tensor, m: torch.Tensor | None = None) -> torch.Tensor:
-        """``m``: block i's MLP output captured while it ran (:func:`captured`); None for i = 0."""
+        """``m``: block i's MLP output captured while it ran (:func:`captured`); None for i = 0. In float32
+        on the map's device whatever the model computes in; returned as the hidden states are."""
         if m is None:
-            return hidden @ self.weight
-        return hidden - m + m @ self.weight
+            return (hidden.to(self.weight) @ self.weight).to(hidden)
+        m = m.to(self.weight)
+        return (hidden.to(self.weight) - m + m @ self.weight).to(hidden)
 
 
 @contextmanager

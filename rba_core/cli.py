@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     approx.add_argument("--map", default="linear", choices=list(MAPS), help=_map_help())
     approx.add_argument("--ridge", type=float, default=1e-2, help="λ for --map ridge")
     approx.add_argument("--probe", action="store_true", help="also train the linear probe (3 seeds)")
+    approx.add_argument("--stats-budget-gb", type=float, help="memory the fit's token statistics may use (default "
+                        "a quarter of the free RAM or GPU memory); above it only the ranges' Gram blocks are kept")
     _add_table_and_search(sub, common)
     export = sub.add_parser("export", parents=[common], help="fit the maps and write an export folder "
                             "(--map folded: a plain Hugging Face checkpoint with fewer layers)")
@@ -102,17 +104,20 @@ def _add_table_and_search(sub, common: argparse.ArgumentParser) -> None:
 
 
 class _Bar:
-    """A tqdm progress bar on stderr per stage (a new one when the count restarts); ``unit()`` names the items."""
+    """A tqdm progress bar on stderr per stage (a new one when the count restarts); ``unit()`` names the items.
+    Windows of a language-model text are shown as their ``seq_len`` tokens each (tokens/s and an ETA)."""
 
-    def __init__(self, unit=lambda: "images"):
-        self.unit, self.bar = unit, None
+    def __init__(self, unit=lambda: "images", seq_len: int = 1):
+        self.unit, self.seq_len, self.bar = unit, seq_len, None
 
     def __call__(self, done: int, total: int) -> None:
         from tqdm import tqdm
 
         if self.bar is None or self.bar.total != total or done < self.bar.n:
             self.close()
-            self.bar = tqdm(total=total, unit=f" {self.unit()}", file=sys.stderr)
+            tokens = self.unit() == "windows"
+            self.bar = tqdm(total=total, unit=" tokens" if tokens else f" {self.unit()}", file=sys.stderr,
+                            unit_scale=self.seq_len if tokens else False)
         self.bar.update(done - self.bar.n)
         if done >= total:
             self.close()
@@ -121,6 +126,10 @@ class _Bar:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def _budget(args: argparse.Namespace) -> int | None:
+    return int(args.stats_budget_gb * 1e9) if args.stats_budget_gb else None
 
 
 def _main_rank() -> bool:
@@ -146,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     main_rank = _main_rank()
     tracker = Tracker(on_stage=lambda s: print(s, file=sys.stderr) if main_rank else None)
-    tracker.report = bar = _Bar(lambda: tracker.unit) if main_rank else None
+    tracker.report = bar = _Bar(lambda: tracker.unit, getattr(args, "seq_len", 1)) if main_rank else None
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _stop_on_sigterm) if main_thread else None
     try:
@@ -188,7 +197,7 @@ def _run(args: argparse.Namespace, tracker: Tracker) -> int:
         if args.command == "analyze":
             results = analyze(args.model, args.dataset, args.n, args.seed, args.split, max_length=args.max_length,
                               seq_len=args.seq_len, windows=args.window or (1,), stats_window=args.stats_window,
-                              stats_budget=int(args.stats_budget_gb * 1e9) if args.stats_budget_gb else None,
+                              stats_budget=_budget(args),
                               cache=cache, progress=progress)
         elif args.command == "table":
             from rba_core.table import table, table_format, write_table
@@ -221,7 +230,7 @@ def _run(args: argparse.Namespace, tracker: Tracker) -> int:
             results = approximate(args.model, args.dataset, args.fit_n, args.eval_n, args.seed, args.range,
                                   args.map, map_params=MapParams(ridge=args.ridge), probe=args.probe,
                                   max_length=args.max_length, seq_len=args.seq_len, cache=cache,
-                                  progress=progress, on_stage=tracker.stage)
+                                  stats_budget=_budget(args), progress=progress, on_stage=tracker.stage)
     except RBAError as exc:
         from rba_core.distributed import WorkerFailed
 

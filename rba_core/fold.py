@@ -75,7 +75,7 @@ def fold_statistics(encoder: Encoder, batches: Iterable[dict[str, torch.Tensor]]
         for (i, j), acc in sums.items():
             m = rows(outputs[i]).float()
             for total, other in zip(acc, (m, rows(hs[i]), rows(hs[j]))):
-                total += (m.T @ other).double().cpu()  # float32 products, float64 sums
+                total += (m.T @ other.float()).double().cpu()  # float32 products, float64 sums
         count += int(rows(hs[0]).shape[0])
     return {rng: FoldStats(*(t.numpy() for t in acc), count) for rng, acc in sums.items()}
 
@@ -138,8 +138,8 @@ def fold_pass(model, dataset, n: int, seed: int, sets: Sequence[Sequence[Range]]
     from rba_core.cache import Cache, make_key
     from rba_core.data import open_dataset, sample_indices
     from rba_core.distributed import single_flight, world
-    from rba_core.extract import extraction_key
-    from rba_core.models import load_encoder, model_ref
+    from rba_core.extract import compute_dtype, extraction_key
+    from rba_core.models import default_device, load_encoder, model_ref
 
     cache = cache or Cache()
     ref = model_ref(model, max_length)
@@ -147,7 +147,8 @@ def fold_pass(model, dataset, n: int, seed: int, sets: Sequence[Sequence[Range]]
     indices = sample_indices(len(source), n, seed, "train", source.unit)
     length = max_length if source.modality == "text" else None
     ranges = sorted({(int(i), int(j)) for ranges in sets for i, j in ranges})
-    samples = extraction_key(ref.fingerprint, source, indices, False, 1.0, ref.info.pooling, length)
+    dtype = compute_dtype(ref, world().device or default_device())
+    samples = extraction_key(ref.fingerprint, source, indices, False, 1.0, ref.info.pooling, length, dtype=dtype)
     key = make_key({"kind": "fold-statistics", "samples": samples, "ranges": [list(r) for r in ranges]})
 
     def lookup() -> dict[Range, FoldStats] | None:
@@ -159,7 +160,7 @@ def fold_pass(model, dataset, n: int, seed: int, sets: Sequence[Sequence[Range]]
                 for i, j in ranges}
 
     def compute(progress) -> dict[Range, FoldStats]:
-        loaded = ref.loaded or (encoder() if callable(encoder) else encoder) or load_encoder(model, max_length=length)
+        loaded = ref.loaded or (encoder() if callable(encoder) else encoder) or load_encoder(model, world().device, length)
         loaded = loaded.with_max_length(length)
         for checked in sets:
             check_foldable(loaded, checked)

@@ -33,15 +33,20 @@ class MapParams:
 
 
 def solve_spd(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
-    """Solve gram @ T = rhs for a symmetric PSD gram (float64 Cholesky); least squares
-    (minimum norm, SVD-based) if it is singular."""
+    """Solve gram @ T = rhs for a symmetric PSD gram (float64 Cholesky); if it is singular, the
+    minimum-norm least-squares solution, from its eigendecomposition with LAPACK's default cutoff
+    (eigenvalues below max·n·eps count as zero, as ``lstsq``'s ``rcond=None``), several times
+    faster than an SVD-based ``lstsq``."""
     import torch
 
     g, r = torch.from_numpy(np.asarray(gram, np.float64)), torch.from_numpy(np.asarray(rhs, np.float64))
     factor, info = torch.linalg.cholesky_ex(g)
     if int(info) == 0:
         return torch.cholesky_solve(r, factor).numpy()
-    return torch.linalg.lstsq(g, r, driver="gelsd").solution.numpy()
+    values, vectors = torch.linalg.eigh(g)
+    cutoff = values.abs().max() * g.shape[0] * torch.finfo(g.dtype).eps
+    inverse = torch.where(values > cutoff, 1 / values, torch.zeros_like(values))
+    return (vectors @ (inverse[:, None] * (vectors.T @ r))).numpy()
 
 
 def _fit_linear(stats: "TokenStats", rng: Range, params: MapParams) -> "LinearMap":

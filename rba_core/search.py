@@ -150,7 +150,7 @@ def _chunk_sse(encoder: Encoder, hs: list[torch.Tensor], batch: tuple, reference
 
     def add(candidate: Candidate, hidden: torch.Tensor) -> None:
         final = encoder.final(hidden, mask).double()
-        errors[candidate].append(((final - reference) ** 2).mean(-1).cpu().numpy())
+        errors[candidate].append(((final.to(reference) - reference) ** 2).mean(-1).cpu().numpy())
         tick()
 
     for (i1, j1), members in groups.items():

@@ -42,6 +42,7 @@ from rba_core.cache import Cache, cache_root
 from rba_core.export import ONNX, RECORD, save_compressed
 from rba_core.extract import extract
 from rba_core.hub import hub_status, on_disk
+from rba_core.lm_data import DEFAULT_SEQ_LEN
 from rba_core.data import dataset_unit
 from rba_core.distributed import run_group
 from rba_core.maps import MapParams, map_kind
@@ -191,7 +192,8 @@ def _progress_bar(work: _Work, by: str) -> tuple[object, Callable[[int, int], No
             clock["began"] = time.perf_counter()
         clock["last"] = done
         elapsed = time.perf_counter() - clock["began"]
-        speed = f" · {done / elapsed:.1f} {work.unit}/s · about {elapsed / done * (total - done):.0f} s left" \
+        tokens = f" ({done * DEFAULT_SEQ_LEN / elapsed:,.0f} tokens/s)" if work.unit == "windows" and elapsed > 0 else ""
+        speed = f" · {done / elapsed:.1f} {work.unit}/s{tokens} · about {elapsed / done * (total - done):.0f} s left" \
             if done and elapsed > 0 else ""
         bar.progress(min(done / max(total, 1), 1.0), text=f"{done}/{total} {work.unit}{speed}")
 

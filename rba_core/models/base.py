@@ -59,6 +59,16 @@ class Encoder:
         raise NotImplementedError
 
     @classmethod
+    def compute_dtype(cls, device: str) -> torch.dtype:
+        """The dtype of the weights and activations on ``device`` (part of every cache key): float32."""
+        return torch.float32
+
+    @classmethod
+    def place(cls, model: nn.Module, device: str) -> nn.Module:
+        """The loaded model in eval mode, without gradients, on ``device`` in :meth:`compute_dtype`."""
+        return model.eval().requires_grad_(False).to(device=device, dtype=cls.compute_dtype(device))
+
+    @classmethod
     def build_empty(cls, config) -> nn.Module:
         """The same architecture with random weights (what an exported folder is loaded into)."""
         raise NotImplementedError

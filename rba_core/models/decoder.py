@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from rba_core.errors import RBAError
 from rba_core.models.base import Inputs, TextEncoder
 
 
@@ -40,8 +41,35 @@ class DecoderLM(TextEncoder):
     def load_model(cls, source: str, config):
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(source, config=config, dtype=torch.float32,
+        return AutoModelForCausalLM.from_pretrained(source, config=config, dtype=torch.float32,  # cast by place()
                                                     trust_remote_code=False)
+
+    @classmethod
+    def compute_dtype(cls, device: str) -> torch.dtype:
+        """bfloat16 weights and activations on CUDA (statistics still take float32 products summed in
+        float64), float32 elsewhere."""
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+
+    @classmethod
+    def place(cls, model: nn.Module, device: str) -> nn.Module:
+        """As every family does, except that a model larger than the free memory of one CUDA device is
+        spread over the GPUs (then CPU memory) as ``device_map="auto"`` would; the pass then follows the
+        layers across devices (accelerate's hooks move each block's inputs to it)."""
+        if not str(device).startswith("cuda"):
+            return super().place(model, device)
+        model = model.eval().requires_grad_(False).to(cls.compute_dtype(device))
+        size = sum(p.numel() * p.element_size() for p in model.parameters())
+        free = torch.cuda.mem_get_info(torch.device(device))[0]
+        if size < 0.9 * free:
+            return model.to(device)
+        try:
+            from accelerate import dispatch_model, infer_auto_device_map
+        except ImportError:
+            raise RBAError(f"This model needs {size / 1e9:.1f} GB, more than the {free / 1e9:.1f} GB free on "
+                           f"{device}; install accelerate (pip install accelerate) to spread it over the "
+                           "devices.") from None
+        device_map = infer_auto_device_map(model, no_split_module_classes=model._no_split_modules)
+        return dispatch_model(model, device_map)
 
     @classmethod
     def load_processor(cls, source: str):
