@@ -160,7 +160,8 @@ def fold_pass(model, dataset, n: int, seed: int, sets: Sequence[Sequence[Range]]
                 for i, j in ranges}
 
     def compute(progress) -> dict[Range, FoldStats]:
-        loaded = ref.loaded or (encoder() if callable(encoder) else encoder) or load_encoder(model, world().device, length)
+        loaded = (ref.loaded or (encoder() if callable(encoder) else encoder)
+                  or load_encoder(model, world().device, length))
         loaded = loaded.with_max_length(length)
         for checked in sets:
             check_foldable(loaded, checked)

@@ -15,7 +15,7 @@ from test_decoders import SEQ, TEXTS, _prose, decoders  # noqa: F401  (fixture)
 from test_fold import _own_m_and_states
 
 from rba_core.analysis import analyze, approximate, lm_dataset
-from rba_core.approx import approximate_encoder, count_params
+from rba_core.approx import FoldedMap, approximate_encoder, count_params
 from rba_core.cache import Cache
 from rba_core.cli import main
 from rba_core.data import open_dataset, sample_indices
@@ -52,6 +52,12 @@ def test_the_folded_map_kind_is_the_folded_model(family, side, decoders):  # noq
         torch.testing.assert_close(net(**inputs), folded.final(theirs, mask), rtol=1e-4, atol=1e-5)
     assert count_params(net) == folded.num_params() == enc.num_params() - enc.block_params(2) - enc.block_params(4)
     assert MAPS["folded"].added_params(enc.hidden_size) == 0
+    # bfloat16 states (decoders on CUDA): the map computes in float32 and returns the states' dtype
+    step = next(s for s in net.steps if isinstance(s, FoldedMap))
+    h, m = torch.randn(2, 3, enc.hidden_size), torch.randn(2, 3, enc.hidden_size)
+    out = step(h.bfloat16(), m.bfloat16())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), step(h.bfloat16().float(), m.bfloat16().float()), rtol=1e-2, atol=1e-2)
     with pytest.raises(RBAError, match="plain checkpoint"):  # not as map modules: they belong in the weights
         save_compressed(net, "unused")
     assert not any(enc.blocks[0].get_submodule("mlp." + ("c_proj" if family == "gpt2" else "down_proj"))
