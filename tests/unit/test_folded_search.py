@@ -170,6 +170,8 @@ def test_cli_search_and_table_take_map_folded(decoders, lm_text, tmp_path, capsy
                                                                                              ["2→4", "1→3"])
     assert "score_agreement" in result and "0→2" in " ".join(result["notes"])
     capsys.readouterr()
+    assert main(["search", "--model", llama, *common, "--fit-n", "8", "--eval-n", "8", "--blocks", "1"]) == 0
+    assert "Spearman ρ of each cheap score with the measured ranking" in capsys.readouterr().out
     # a family that cannot fold: one sentence, exit 2, for approximate and search alike
     gemma = decoders("gemma2")
     assert main(["search", "--model", gemma, *common, "--fit-n", "8", "--eval-n", "8", "--blocks", "1",
