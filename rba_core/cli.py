@@ -59,8 +59,8 @@ def _parser() -> argparse.ArgumentParser:
                         "the original and folded models; otherwise the folded model's final MSE)")
     export.add_argument("--range", nargs=2, type=int, action="append", required=True, metavar=("I", "J"),
                         help="remove blocks I+1..J, mapping block output I to J (repeatable)")
-    export.add_argument("--map", default="linear", choices=[*MAPS, "folded"],
-                        help=_map_help() + "; folded: fitted on block I's MLP output and folded into its weights")
+    export.add_argument("--map", default="linear", choices=list(MAPS),
+                        help=_map_help() + " (export --map folded writes a plain Hugging Face checkpoint)")
     export.add_argument("--ridge", type=float, default=1e-2, help="λ for --map ridge")
     export.add_argument("--out", required=True, type=Path, help="the export folder")
     export.add_argument("--onnx", action="store_true", help="image models: also write model.onnx")
@@ -83,6 +83,8 @@ def _add_table_and_search(sub, common: argparse.ArgumentParser) -> None:
                        help="comma-separated rows: paper, all-consecutive or I:J ('+' joins ranges of one row)")
     table.add_argument("--map", default="linear", choices=list(MAPS), help=_map_help())
     table.add_argument("--max-length", type=int, default=128, help="text models: truncate texts to this many tokens")
+    table.add_argument("--seq-len", type=int, default=256,
+                       help="causal LMs on a text (WikiText-2, C4, .txt file or folder): tokens per window")
     table.add_argument("--ridge", type=float, default=1e-2, help="λ for --map ridge")
     table.add_argument("--out", required=True, type=Path, help="FILE.csv, FILE.md or FILE.json")
     table.add_argument("--cache-dir", type=Path, help="cache folder (default $RBA_CACHE_DIR or cache/)")
@@ -204,7 +206,8 @@ def _run(args: argparse.Namespace, tracker: Tracker) -> int:
 
             table_format(args.out)  # a bad suffix fails before any work
             results = table(args.model, args.dataset, args.fit_n, args.eval_n, args.seed, args.ranges, args.map,
-                            map_params=MapParams(ridge=args.ridge), max_length=args.max_length, cache=cache,
+                            map_params=MapParams(ridge=args.ridge), max_length=args.max_length,
+                            seq_len=args.seq_len, cache=cache,
                             progress=progress, on_stage=tracker.stage)
             if _main_rank():  # one writer under a launcher
                 args.json = write_table(results, args.out)
@@ -215,7 +218,7 @@ def _run(args: argparse.Namespace, tracker: Tracker) -> int:
                              max_params=args.max_params, max_latency_ms=args.max_latency_ms, pairs=args.pairs,
                              probe_top=args.probe_top, kind=args.map, map_params=MapParams(ridge=args.ridge),
                              top_k=args.top_k, exhaustive=args.exhaustive,
-                             max_length=args.max_length, cache=cache,
+                             max_length=args.max_length, seq_len=args.seq_len, cache=cache,
                              progress=progress, on_stage=tracker.stage)
         elif args.command == "export":
             from rba_core.analysis import export

@@ -26,7 +26,7 @@ from torch import nn
 
 from rba_core.approx import ApproximatedEncoder, count_params, paper_notation, validate_ranges
 from rba_core.errors import RBAError
-from rba_core.approx import LinearMap
+from rba_core.approx import FoldedMap, LinearMap
 from rba_core.maps import Range
 from rba_core.models import Encoder, adapter_class, load_config
 
@@ -67,6 +67,9 @@ def _maps_of(net: ApproximatedEncoder) -> list[LinearMap | None]:
 
 def _parts(compressed: Compressed, encoder: Encoder | None) -> tuple[Encoder, list[Range], list[LinearMap | None]]:
     if isinstance(compressed, ApproximatedEncoder):
+        if any(isinstance(step, FoldedMap) for step in compressed.steps):
+            raise RBAError("Folded maps belong in the model's own weights: export them as a plain checkpoint "
+                           "with export --map folded (rba_core.analysis.export(..., kind='folded')).")
         if encoder is not None and compressed.encoder.model is not encoder.model:
             raise RBAError("The approximated model was built from another encoder than encoder=...; pass the "
                            "one it was built from, or leave encoder out.")

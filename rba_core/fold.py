@@ -9,22 +9,23 @@ A range 0→j has r = 0 and m = hs[0]: T = lstsq(hs[0], hs[j]) is folded into ev
 parameter hs[0] is linear in (patch projection, position and class tokens, token embeddings); an
 output embedding tied to them is untied first, so the LM head keeps the original matrix.
 
-With M = stacked m and H_k = stacked hs[k], the fit needs MᵀM, MᵀH_i and MᵀH_j only
-(``hs[j] - r = H_j - H_i + M``), accumulated over batches like :mod:`rba_core.stats`.
+With M = stacked m and H_k = stacked hs[k], the fit needs MᵀM and Mᵀ(H_j - H_i) only
+(``hs[j] - r = H_j - H_i + M``), accumulated over batches like :mod:`rba_core.stats`. The difference
+is taken per token before the float32 product: a block's m is often far smaller than the residual
+stream, and MᵀH_j - MᵀH_i would cancel most of the digits that the products keep.
 """
 
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from rba_core.approx import validate_ranges
+from rba_core.approx import captured as _captured, validate_ranges
 from rba_core.errors import RBAError
 from rba_core.maps import Range, solve_spd
 from rba_core.models import Encoder
@@ -35,14 +36,13 @@ class FoldStats:
     """Sums over real tokens for one range i→j, float64 (D, D) each."""
 
     mm: np.ndarray  # MᵀM
-    mi: np.ndarray  # MᵀH_i
-    mj: np.ndarray  # MᵀH_j
+    md: np.ndarray  # Mᵀ(H_j - H_i)
     count: int
 
     def fit(self, ridge: float = 0.0) -> np.ndarray:
         """T (D, D) minimising ||M T - (H_j - H_i + M)||² + ridge·count·||T||² (λ per token, as the ridge map's)."""
         gram = self.mm + ridge * self.count * np.eye(self.mm.shape[0])
-        return solve_spd(gram, self.mj - self.mi + self.mm)
+        return solve_spd(gram, self.md + self.mm)
 
 
 def check_foldable(encoder: Encoder, ranges: Sequence[Sequence[int]]) -> list[Range]:
@@ -69,27 +69,14 @@ def check_foldable(encoder: Encoder, ranges: Sequence[Sequence[int]]) -> list[Ra
     return checked
 
 
-@contextmanager
-def _captured(modules: dict[int, nn.Module]) -> Iterator[dict[int, torch.Tensor]]:
-    """The output of each module during the block, by key; the hooks are always removed."""
-    outputs: dict[int, torch.Tensor] = {}
-    handles = [module.register_forward_hook(lambda _m, _in, out, key=key: outputs.__setitem__(key, out))
-               for key, module in modules.items()]
-    try:
-        yield outputs
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 @torch.inference_mode()
 def fold_statistics(encoder: Encoder, batches: Iterable[dict[str, torch.Tensor]],
                     ranges: Sequence[Range]) -> dict[Range, FoldStats]:
-    """MᵀM, MᵀH_i, MᵀH_j of every range over the real tokens of ``batches`` (the model's inputs);
+    """MᵀM and Mᵀ(H_j - H_i) of every range over the real tokens of ``batches`` (the model's inputs);
     m is the output of :meth:`Encoder.mlp_output_module` of block i, and hs[0] for i = 0."""
     d = encoder.hidden_size
     zeros = lambda: torch.zeros(d, d, dtype=torch.float64)  # noqa: E731
-    sums = {rng: [zeros(), zeros(), zeros()] for rng in ranges}
+    sums = {rng: [zeros(), zeros()] for rng in ranges}
     count = 0
     starts = {i: encoder.mlp_output_module(i) for i, _ in ranges if i > 0}
     for inputs in batches:
@@ -99,8 +86,9 @@ def fold_statistics(encoder: Encoder, batches: Iterable[dict[str, torch.Tensor]]
         rows = (lambda x: x.reshape(-1, d) if mask is None else x[mask])  # noqa: E731
         for (i, j), acc in sums.items():
             m = rows(outputs[i] if i > 0 else hs[0]).float()
-            for total, other in zip(acc, (m, rows(hs[i]), rows(hs[j]))):
-                total += (m.T @ other.to(m.device, torch.float32)).double().cpu()  # float32 products, float64 sums
+            change = rows(hs[j]).to(m.device, torch.float32) - rows(hs[i]).to(m.device, torch.float32)
+            for total, other in zip(acc, (m, change)):
+                total += (m.T @ other).double().cpu()  # float32 products, float64 sums
         count += int(rows(hs[0]).shape[0])
     return {rng: FoldStats(*(t.numpy() for t in acc), count) for rng, acc in sums.items()}
 
@@ -192,3 +180,59 @@ def folded_encoder(encoder: Encoder, maps: dict[Range, np.ndarray]) -> Encoder:
     model = folded_model(encoder, maps)
     return type(encoder)(encoder.name, encoder.source, encoder.family, model, encoder.processor, encoder.device,
                          encoder.pooling, encoder.max_length)
+
+
+def _batches(encoder: Encoder, source, indices: np.ndarray, progress, batch_size: int = 8):
+    """The model's inputs for ``indices`` in batches, reporting the samples done."""
+    for start in range(0, len(indices), batch_size):
+        yield encoder.preprocess(source.items(indices[start : start + batch_size]))
+        if progress:
+            progress(min(start + batch_size, len(indices)), len(indices))
+
+
+def fold_pass(model, dataset, n: int, seed: int, sets: Sequence[Sequence[Range]], *, max_length: int = 128,
+              cache=None, progress=None, encoder=None) -> dict[Range, FoldStats]:
+    """Fold statistics of every range of ``sets`` over the ``n`` fit samples (the train split, sampled as
+    :func:`rba_core.extract.extract` samples them): from the cache when stored, otherwise one pass, before
+    which each set of ranges is checked to fold (:func:`check_foldable`, one sentence if not). ``encoder``:
+    a loaded encoder or a function that loads one (called only on a miss)."""
+    from rba_core.cache import Cache, make_key
+    from rba_core.data import open_dataset, sample_indices
+    from rba_core.distributed import single_flight, world
+    from rba_core.extract import compute_dtype, extraction_key
+    from rba_core.models import default_device, load_encoder, model_ref
+
+    cache = cache or Cache()
+    ref = model_ref(model, max_length)
+    source = open_dataset(dataset, "train")
+    indices = sample_indices(len(source), n, seed, "train", source.unit)
+    length = max_length if source.modality == "text" else None
+    ranges = sorted({(int(i), int(j)) for ranges in sets for i, j in ranges})
+    dtype = compute_dtype(ref, world().device or default_device())
+    samples = extraction_key(ref.fingerprint, source, indices, False, 1.0, ref.info.pooling, length, dtype=dtype)
+    key = make_key({"kind": "fold-statistics", "samples": samples, "ranges": [list(r) for r in ranges]})
+
+    def lookup() -> dict[Range, FoldStats] | None:
+        arrays = cache.load(key, "fold")
+        if arrays is None:
+            return None
+        count = int(arrays["count"][0])
+        return {(i, j): FoldStats(arrays[f"mm_{i}"], arrays[f"md_{i}_{j}"], count)
+                for i, j in ranges}
+
+    def compute(progress) -> dict[Range, FoldStats]:
+        loaded = (ref.loaded or (encoder() if callable(encoder) else encoder)
+                  or load_encoder(model, world().device, length))
+        loaded = loaded.with_max_length(length)
+        for checked in sets:
+            check_foldable(loaded, checked)
+        stats = fold_statistics(loaded, _batches(loaded, source, indices, progress), ranges)
+        arrays = {"count": np.array([next(iter(stats.values())).count], np.int64)}
+        for (i, j), s in stats.items():  # MᵀM depends on the start only: stored once per start
+            arrays.update({f"mm_{i}": s.mm, f"md_{i}_{j}": s.md})
+        if world().is_main:  # one writer per group of workers (each computed the same sums)
+            cache.put(key, {"fold": arrays}, {"kind": "fold-statistics", "model": ref.name, "dataset": source.name,
+                                              "split": "train", "n": n, "seed": seed, "ranges": ranges})
+        return stats
+
+    return single_flight(cache, key, lookup, compute, progress)
