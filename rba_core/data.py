@@ -158,75 +158,115 @@ def _no_columns(name: str, columns: Sequence[str]) -> RBAError:
         "to 'image' or 'text'.")
 
 
-def _table_source(name: str, path: Path, split: str, info: DatasetInfo | None) -> Source:
-    """A CSV or JSONL file of texts (tables of images come as parquet)."""
+def _table_source(name: str, paths: Sequence[Path], split: str, info: DatasetInfo | None) -> Source:
+    """CSV or JSONL files of texts (tables of images come as parquet), shards read one after the other."""
+    import pyarrow as pa
     import pyarrow.csv as pcsv
     import pyarrow.json as pjson
 
-    try:
-        table = pcsv.read_csv(path) if path.suffix == ".csv" else pjson.read_json(path)
-    except Exception as exc:
-        raise RBAError(f"Cannot read '{path}' ({exc.__class__.__name__}); is it valid "
-                       f"{'CSV' if path.suffix == '.csv' else 'JSON Lines'}?") from None
+    tables = []
+    for path in paths:
+        try:
+            tables.append(pcsv.read_csv(path) if path.suffix == ".csv" else pjson.read_json(path))
+        except Exception as exc:
+            raise RBAError(f"Cannot read '{path}' ({exc.__class__.__name__}); is it valid "
+                           f"{'CSV' if path.suffix == '.csv' else 'JSON Lines'}?") from None
+    table = _concat(pa, tables, paths)
     text_cols = _text_columns(table.column_names, info and info.text_columns)
     if text_cols is None:
         raise _no_columns(name, table.column_names)
     label_col = _pick(table.column_names, info and info.label_column, LABEL_COLUMNS)
-    return _text_source(name, split, table, text_cols, label_col, None, {"table": _stat_fingerprint([path])})
+    return _text_source(name, split, table, text_cols, label_col, None, {"table": _stat_fingerprint(paths)})
 
 
-def _parquet_source(name: str, path: Path, split: str, info: DatasetInfo | None) -> Source:
+def _concat(pa, tables: list, paths: Sequence[Path]):
+    """One table from the shards' tables, which must have the same columns."""
+    try:
+        return pa.concat_tables(tables, promote_options="default")
+    except Exception:
+        raise RBAError(f"The shards {paths[0].name} ... {paths[-1].name} of '{paths[0].parent}' have different "
+                       "columns; give every shard of a split the same columns.") from None
+
+
+def _parquet_source(name: str, paths: Sequence[Path], split: str, info: DatasetInfo | None) -> Source:
+    """Parquet shards of one split (``train.parquet``, or ``train-00000-of-00042.parquet`` ...), read as
+    one table in file order. Only the footers and the label column are read up front; images are read
+    one row group at a time when a sample needs them, so a dataset far larger than memory works."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    try:
-        schema = pq.read_schema(path)
-    except Exception as exc:
-        raise RBAError(f"Cannot read '{path}' ({exc}); is it a valid parquet file?") from None
+    def unreadable(path: Path, exc: Exception) -> RBAError:
+        return RBAError(f"Cannot read '{path}' ({exc}); is it a valid parquet file?")
+
+    metas = []
+    for path in paths:
+        try:
+            metas.append(pq.read_metadata(path))
+        except Exception as exc:
+            raise unreadable(path, exc) from None
+    schema = metas[0].schema.to_arrow_schema()
     columns = schema.names
     label_col = _pick(columns, info and info.label_column, LABEL_COLUMNS)
-    meta = json.loads((schema.metadata or {}).get(b"huggingface", b"{}"))
-    names = meta.get("info", {}).get("features", {}).get(label_col, {}).get("names") if label_col else None
+    hf = json.loads((schema.metadata or {}).get(b"huggingface", b"{}"))
+    names = hf.get("info", {}).get("features", {}).get(label_col, {}).get("names") if label_col else None
     image_col = _pick(columns, info and info.image_column, IMAGE_COLUMNS)
     text_cols = _text_columns(columns, info and info.text_columns)
     if image_col is None and text_cols is None:
         raise _no_columns(name, columns)
+    wanted = list(text_cols or (image_col,)) + ([label_col] if label_col else [])
+    for path, meta in zip(paths, metas):
+        missing = set(wanted) - set(meta.schema.to_arrow_schema().names)
+        if missing:
+            raise RBAError(f"The parquet shard '{path}' lacks column(s) {', '.join(sorted(missing))} that "
+                           f"'{paths[0].name}' has; "
+                           "give every shard of a split the same columns.")
+    fingerprint = {"parquet": _stat_fingerprint(paths)}
     if image_col is None:
         try:
-            table = pq.read_table(path, columns=list(text_cols) + ([label_col] if label_col else []))
+            table = _concat(pa, [pq.read_table(p, columns=wanted) for p in paths], paths)
+        except RBAError:
+            raise
         except Exception as exc:
-            raise RBAError(f"Cannot read '{path}' ({exc}); is it a valid parquet file?") from None
-        return _text_source(name, split, table, text_cols, label_col, names, {"parquet": _stat_fingerprint([path])})
-    try:
-        parquet = pq.ParquetFile(path)
-        rows = parquet.metadata.num_rows
-        values = parquet.read(columns=[label_col]).column(0).to_numpy() if label_col else None
-    except Exception as exc:
-        raise RBAError(f"Cannot read '{path}' ({exc}); is it a valid parquet file?") from None
-    labels, label_names = _labels(name, split, rows, values, names)
-
-    sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
-    starts = np.cumsum([0] + sizes)
+            raise unreadable(paths[0], exc) from None
+        return _text_source(name, split, table, text_cols, label_col, names, fingerprint)
+    values = []
+    for path, meta in zip(paths, metas):
+        if label_col:
+            try:
+                values.append(pq.ParquetFile(path, metadata=meta).read(columns=[label_col]).column(0).to_numpy())
+            except Exception as exc:
+                raise unreadable(path, exc) from None
+    labels, label_names = _labels(name, split, sum(m.num_rows for m in metas),
+                                  np.concatenate(values) if label_col else None, names)
+    # Every row group of every shard, in order, and the index of its first row.
+    groups = [(f, g) for f, meta in enumerate(metas) for g in range(meta.num_row_groups)]
+    starts = np.cumsum([0] + [metas[f].row_group(g).num_rows for f, g in groups])
 
     @lru_cache(maxsize=ROW_GROUPS_HELD)
-    def row_group(g: int):  # read on first use (a cache hit needs only the labels), one row group at a time
-        return parquet.read_row_group(g, columns=[image_col]).column(0)
+    def row_group(number: int):  # read on first use (a cache hit needs only the labels), one at a time
+        f, g = groups[number]
+        try:
+            return pq.ParquetFile(paths[f], metadata=metas[f]).read_row_group(g, columns=[image_col]).column(0)
+        except Exception as exc:
+            raise unreadable(paths[f], exc) from None
 
     def load(idx: Sequence[int]) -> list[Image.Image]:
-        groups = np.searchsorted(starts, idx, side="right") - 1
-        return [_decode(row_group(int(g))[int(i - starts[g])].as_py(), path, i) for i, g in zip(idx, groups)]
+        numbers = np.searchsorted(starts, idx, side="right") - 1
+        return [_decode(row_group(int(g))[int(i - starts[g])].as_py(), paths[groups[g][0]], i)
+                for i, g in zip(idx, numbers)]
 
-    fingerprint = {"parquet": _stat_fingerprint([path]), "image": image_col, "label": label_col}
-    return Source(name, split, labels, label_names, fingerprint, load)
+    return Source(name, split, labels, label_names, {**fingerprint, "image": image_col, "label": label_col}, load)
 
 
-def _split_file(folder: Path, split: str) -> Path | None:
-    """``train.parquet`` (or ``train-*.parquet``, ``data/train-*.parquet``, ``train.csv``, ``train.jsonl``)."""
+def _split_files(folder: Path, split: str) -> list[Path]:
+    """The files of one split: ``train.parquet``, or its shards (``train-00000-of-00042.parquet`` ...,
+    ``data/train-*.parquet``, ``train/*.parquet``), or the same in CSV or JSON Lines; empty when none."""
     for suffix in TABLE_SUFFIXES:
-        for pattern in (f"{split}{suffix}", f"{split}-*{suffix}", f"data/{split}-*{suffix}"):
+        for pattern in (f"{split}{suffix}", f"{split}-*{suffix}", f"data/{split}-*{suffix}", f"{split}/*{suffix}"):
             found = sorted(folder.glob(pattern))
             if found:
-                return found[0]
-    return None
+                return found
+    return []
 
 
 def _image_folder_source(name: str, folder: Path, split: str) -> Source:
@@ -259,10 +299,10 @@ def _image_folder_source(name: str, folder: Path, split: str) -> Source:
 
 
 def _folder_source(name: str, folder: Path, split: str, info: DatasetInfo | None) -> Source:
-    table = _split_file(folder, split)
-    if table is not None:
-        read = _parquet_source if table.suffix == ".parquet" else _table_source
-        return read(name, table, split, info)
+    tables = _split_files(folder, split)
+    if tables:
+        read = _parquet_source if tables[0].suffix == ".parquet" else _table_source
+        return read(name, tables, split, info)
     if any(next(folder.glob(f"*{suffix}"), None) for suffix in TABLE_SUFFIXES):
         raise RBAError(f"'{folder}' has no {split} file; provide {split}.parquet (or .csv, .jsonl) next to the "
                        "other split.")

@@ -187,3 +187,46 @@ def test_imagenet_alias_evaluates_on_validation_and_fails_offline_in_one_sentenc
     assert (info.hub_split("train"), info.hub_split("test")) == ("train", "validation")
     with pytest.raises(RBAError, match=r"^Dataset 'ImageNet-1k' \(ILSVRC/imagenet-1k\) is not available offline.*\.$"):
         open_dataset("ImageNet-1k", "test")
+
+
+def _real_rows(name: str, rows: int) -> pa.Table:
+    """The first ``rows`` rows of a real local dataset's test split, with its Hugging Face metadata."""
+    return pq.ParquetFile(SHARED_DATASETS / name / "test.parquet").read_row_group(0).slice(0, rows)
+
+
+@needs_shared
+def test_a_split_of_many_parquet_shards_reads_as_the_single_file(tmp_path):
+    table = _real_rows("cifar10", 230)
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    single.mkdir()
+    (sharded / "test").mkdir(parents=True)
+    for split in ("train", "test"):
+        pq.write_table(table, single / f"{split}.parquet")
+    bounds = [0, 37, 100, 101, 230]  # uneven shards, one of a single row
+    for k, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        pq.write_table(table.slice(a, b - a), sharded / f"train-{k:05d}-of-00004.parquet", row_group_size=16)
+        pq.write_table(table.slice(a, b - a), sharded / "test" / f"{k:04d}.parquet", row_group_size=16)
+    whole = open_dataset(str(single), "train")
+    for split in ("train", "test"):
+        shards = open_dataset(str(sharded), split)
+        assert len(shards) == 230 and shards.label_names == whole.label_names == CIFAR10_NAMES
+        np.testing.assert_array_equal(shards.labels, whole.labels)
+        picked = sample_indices(len(shards), 40, seed=5)
+        assert [_digest(im) for im in shards.items(picked)] == [_digest(im) for im in whole.items(picked)]
+    (sharded / "train-00004-of-00004.parquet").write_bytes(b"not parquet")
+    with pytest.raises(RBAError, match=r"Cannot read '.*train-00004-of-00004.parquet'.*valid parquet file"):
+        open_dataset(str(sharded), "train")
+
+
+@needs_shared
+def test_text_shards_and_shards_missing_a_column(tmp_path):
+    table = pq.read_table(SHARED_DATASETS / "debian_descriptions" / "test.parquet")
+    for k, (a, b) in enumerate([(0, 500), (500, len(table))]):
+        pq.write_table(table.slice(a, b - a), tmp_path / f"train-{k:05d}-of-00002.parquet")
+    source = open_dataset(str(tmp_path), "train")
+    assert source.modality == "text" and len(source) == len(table)
+    assert source.items([0, 499, 500, 971]) == [table.column("text")[i].as_py() for i in (0, 499, 500, 971)]
+    np.testing.assert_array_equal(source.labels, table.column("label").to_numpy())
+    pq.write_table(table.slice(0, 5).drop_columns(["label"]), tmp_path / "train-00002-of-00002.parquet")
+    with pytest.raises(RBAError, match=r"shard '.*train-00002-of-00002.parquet' lacks column\(s\) label"):
+        open_dataset(str(tmp_path), "train")
