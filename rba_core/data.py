@@ -27,6 +27,8 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 TEXT_COLUMNS: tuple[tuple[str, ...], ...] = (("text",), ("sentence",), ("text_a", "text_b"),
                                              ("premise", "hypothesis"), ("sentence1", "sentence2"))
 TABLE_SUFFIXES = (".parquet", ".csv", ".jsonl", ".json")
+#: WebDataset shards (rba_core.tar_shards): ``train-000000.tar`` ..., or a pattern ``shards-{000000..000009}.tar``.
+SHARD_SUFFIX = ".tar"
 UNITS = {"image": "images", "text": "texts"}
 #: Row groups of a parquet file's image column held in memory at once: the pass reads sorted
 #: samples, so memory holds a few row groups, never the whole column.
@@ -261,7 +263,7 @@ def _parquet_source(name: str, paths: Sequence[Path], split: str, info: DatasetI
 def _split_files(folder: Path, split: str) -> list[Path]:
     """The files of one split: ``train.parquet``, or its shards (``train-00000-of-00042.parquet`` ...,
     ``data/train-*.parquet``, ``train/*.parquet``), or the same in CSV or JSON Lines; empty when none."""
-    for suffix in TABLE_SUFFIXES:
+    for suffix in (*TABLE_SUFFIXES, SHARD_SUFFIX):
         for pattern in (f"{split}{suffix}", f"{split}-*{suffix}", f"data/{split}-*{suffix}", f"{split}/*{suffix}"):
             found = sorted(folder.glob(pattern))
             if found:
@@ -301,12 +303,48 @@ def _image_folder_source(name: str, folder: Path, split: str) -> Source:
 def _folder_source(name: str, folder: Path, split: str, info: DatasetInfo | None) -> Source:
     tables = _split_files(folder, split)
     if tables:
-        read = _parquet_source if tables[0].suffix == ".parquet" else _table_source
+        read = {".parquet": _parquet_source, SHARD_SUFFIX: _shards_source}.get(tables[0].suffix, _table_source)
         return read(name, tables, split, info)
+    shards = sorted(folder.glob(f"*{SHARD_SUFFIX}"))
+    if shards:  # shards not named by split: one sample in five (by key) is in the test split
+        return _shards_source(name, shards, split, info, by_key=True)
     if any(next(folder.glob(f"*{suffix}"), None) for suffix in TABLE_SUFFIXES):
         raise RBAError(f"'{folder}' has no {split} file; provide {split}.parquet (or .csv, .jsonl) next to the "
                        "other split.")
     return _image_folder_source(name, folder, split)
+
+
+def _shards_source(name: str, paths: Sequence[Path], split: str, info: DatasetInfo | None,
+                   by_key: bool = False) -> Source:
+    """WebDataset tar shards of one split (``by_key``: the shards hold both splits, told apart by key)."""
+    from rba_core.tar_shards import read_member, shard_samples
+
+    chosen, modality = shard_samples(paths, split if by_key else None)
+    values = [sample["label"] for _, sample in chosen]
+    labels, names = _labels(name, split, len(chosen), values if any(v >= 0 for v in values) else None, None)
+
+    def load(idx: Sequence[int]) -> list:
+        out = []
+        for i in idx:
+            number, sample = chosen[i]
+            data = read_member(paths[number], sample, modality)
+            out.append(_decode(data, paths[number], i) if modality == "image" else data.decode("utf-8"))
+        return out
+
+    fingerprint = {"shards": _stat_fingerprint(paths), "by_key": by_key}
+    return Source(name, split, labels, names, fingerprint, load, modality)
+
+
+def _shard_pattern(name: str, split: str) -> list[Path]:
+    """The shards a pattern names (``{000000..000009}`` ranges; ``{split}`` becomes the split), all present."""
+    from rba_core.tar_shards import expand_braces
+
+    paths = [Path(p).expanduser() for p in expand_braces(name.replace("{split}", split))]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise RBAError(f"The shard '{missing[0]}' named by '{name}' does not exist"
+                       f"{f' (nor {len(missing) - 1} others)' if len(missing) > 1 else ''}; check the pattern.")
+    return paths
 
 
 def _digits_source(split: str) -> Source:
@@ -397,6 +435,9 @@ def open_dataset(name, split: str = "train") -> Source:
             raise RBAError(f"Dataset '{info.alias}' has no hub copy: set {DATA_DIR_ENV} to a folder holding "
                            f"{info.local_name}/train.parquet and {info.local_name}/test.parquet.")
         return _hub_source(info, split)
+    if name.strip().endswith(SHARD_SUFFIX):  # one shard, or a pattern of shards
+        shards = _shard_pattern(name.strip(), split)
+        return _shards_source(name, shards, split, None, by_key="{split}" not in name)
     folder = Path(name).expanduser()
     if folder.is_dir():
         return _folder_source(str(folder), folder, split, None)

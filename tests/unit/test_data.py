@@ -1,6 +1,8 @@
 """Datasets open as labelled RGB images from image folders and parquet folders, and sample reproducibly."""
 
 import hashlib
+import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -230,3 +232,75 @@ def test_text_shards_and_shards_missing_a_column(tmp_path):
     pq.write_table(table.slice(0, 5).drop_columns(["label"]), tmp_path / "train-00002-of-00002.parquet")
     with pytest.raises(RBAError, match=r"shard '.*train-00002-of-00002.parquet' lacks column\(s\) label"):
         open_dataset(str(tmp_path), "train")
+
+
+def _write_shards(folder: Path, table: pa.Table, image_col: str, bounds: list[int], name: str, ext: str) -> None:
+    """WebDataset shards of ``table``'s rows: ``<key>.<ext>`` (the stored image bytes) + ``<key>.cls``."""
+    import io
+    import tarfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        with tarfile.open(folder / name.format(k), "w") as tar:
+            for row in range(a, b):
+                for suffix, data in ((ext, table.column(image_col)[row].as_py()["bytes"]),
+                                     ("cls", str(table.column("label")[row].as_py()).encode())):
+                    member = tarfile.TarInfo(f"sample{row:06d}.{suffix}")
+                    member.size = len(data)
+                    tar.addfile(member, io.BytesIO(data))
+
+
+@needs_shared
+def test_webdataset_shards_of_real_images_read_like_the_parquet_rows(tmp_path, monkeypatch):
+    monkeypatch.setenv("RBA_CACHE_DIR", str(tmp_path / "cache"))  # where the shard indexes are kept
+    cifar, mnist = _real_rows("cifar10", 120), _real_rows("mnist", 60)
+    _write_shards(tmp_path / "cifar", cifar, "img", [0, 50, 90, 120], "train-{:06d}.tar", "jpg")
+    _write_shards(tmp_path / "cifar", cifar, "img", [0, 40], "test-{:06d}.tar", "jpg")
+    source = open_dataset(str(tmp_path / "cifar"), "train")
+    assert len(source) == 120 and source.modality == "image"
+    np.testing.assert_array_equal(source.labels, cifar.column("label").to_numpy())
+    picked = sample_indices(120, 30, seed=2)
+    expected = [_digest(Image.open(io.BytesIO(cifar.column("img")[i].as_py()["bytes"]))) for i in picked]
+    assert [_digest(im) for im in source.items(picked)] == expected
+    assert len(open_dataset(str(tmp_path / "cifar"), "test")) == 40
+    assert len(list((tmp_path / "cache" / ".index").glob("*.json"))) == 4  # one index per shard
+
+    # Indexed once: with the last shard garbled (same size and time) the index is reused and samples
+    # of the other shards are read by offset without touching it; its own samples then fail to decode.
+    last = tmp_path / "cifar" / "train-000002.tar"
+    stat = last.stat()
+    last.write_bytes(b"\0" * stat.st_size)
+    os.utime(last, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    again = open_dataset(str(tmp_path / "cifar"), "train")
+    assert [_digest(im) for im in again.items(picked[picked < 90])] == expected[: int((picked < 90).sum())]
+    with pytest.raises(RBAError, match="train-000002.tar.*cannot be decoded"):
+        again.items([100])
+
+    # A brace pattern of PNG shards not named by split: one key in five is a test sample.
+    _write_shards(tmp_path / "mnist", mnist, "image", [0, 20, 40, 60], "shards-{:06d}.tar", "png")
+    pattern = str(tmp_path / "mnist" / "shards-{000000..000002}.tar")
+    train, test = open_dataset(pattern, "train"), open_dataset(pattern, "test")
+    assert len(train) + len(test) == 60 and 3 <= len(test) <= 25
+    everything = {_digest(im): int(label) for s in (train, test) for im, label in zip(s.items(range(len(s))), s.labels)}
+    assert everything == {_digest(Image.open(io.BytesIO(mnist.column("image")[i].as_py()["bytes"]))):
+                          mnist.column("label")[i].as_py() for i in range(60)}
+    with pytest.raises(RBAError, match=r"shard '.*shards-000003.tar' named by '.*' does not exist"):
+        open_dataset(str(tmp_path / "mnist" / "shards-{000000..000003}.tar"), "train")
+
+
+def test_webdataset_text_shards(tmp_path, monkeypatch):
+    import tarfile
+
+    monkeypatch.setenv("RBA_CACHE_DIR", str(tmp_path / "cache"))
+    texts = [f"text number {k}" for k in range(12)]
+    for split, rows in (("train", range(0, 8)), ("test", range(8, 12))):
+        with tarfile.open(tmp_path / f"{split}.tar", "w") as tar:
+            for k in rows:
+                for suffix, data in (("txt", texts[k].encode()), ("json", f'{{"label": {k % 2}}}'.encode())):
+                    member = tarfile.TarInfo(f"doc{k}.{suffix}")
+                    member.size = len(data)
+                    tar.addfile(member, io.BytesIO(data))
+    train = open_dataset(str(tmp_path / "{split}.tar"), "train")
+    assert train.modality == "text" and train.items([0, 7]) == [texts[0], texts[7]]
+    assert train.labels.tolist() == [k % 2 for k in range(8)]
+    assert open_dataset(str(tmp_path / "{split}.tar"), "test").items([3]) == [texts[11]]
