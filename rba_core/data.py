@@ -402,9 +402,13 @@ def dataset_unit(dataset) -> str:
     from the registry for an alias,
     else from the data itself (a folder's labels and columns are read, no image is decoded)."""
     from rba_core.lm_data import is_lm_text
+    from rba_core.streaming import is_stream, stream_target
 
     if is_lm_text(dataset):
         return "windows"  # a language-model text: token windows of the model's tokenizer
+    if is_stream(dataset):  # not opened here: that would read the stream
+        info = dataset_info(stream_target(dataset))
+        return UNITS[info.modality] if info else "samples"
     info = dataset_info(dataset) if isinstance(dataset, str) else None
     return UNITS[info.modality] if info else open_dataset(dataset, "train").unit
 
@@ -416,6 +420,18 @@ def dataset_name(dataset) -> str:
     return dataset if isinstance(dataset, str) else _in_memory_source(dataset, "train").name
 
 
+def open_sample(name, split: str, n: int, seed: int) -> tuple[Source, np.ndarray]:
+    """The split and the seeded sample of ``n`` indices in it; a ``stream:`` dataset is read only as far as
+    its sample (:mod:`rba_core.streaming`)."""
+    from rba_core.streaming import is_stream, stream_sample
+
+    _check_split(split)
+    if is_stream(name):
+        return stream_sample(name, split, n, seed)
+    source = open_dataset(name, split)
+    return source, sample_indices(len(source), n, seed, split, source.unit)
+
+
 def open_dataset(name, split: str = "train") -> Source:
     """Open a dataset alias (local copy under ``$RBA_DATA_DIR`` first, then the hub) or folder;
     a list of samples (or of (sample, label) pairs) serves as both splits."""
@@ -424,6 +440,11 @@ def open_dataset(name, split: str = "train") -> Source:
         return name.open_split(split)
     if not isinstance(name, str):
         return _in_memory_source(name, split)
+    from rba_core.streaming import is_stream
+
+    if is_stream(name):
+        raise RBAError(f"'{name}' is read as a stream, a sample at a time; ask for a sample of it (analyze, "
+                       "approximate, search) rather than the whole split.")
     info = dataset_info(name)
     if info is not None:
         if info.hub_id == "sklearn:digits":

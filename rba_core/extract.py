@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from rba_core.cache import Cache, make_key
-from rba_core.data import Source, open_dataset, sample_indices
+from rba_core.data import Source, open_sample
 from rba_core.distributed import single_flight, world
 from rba_core.errors import RBAError
 from rba_core.maps import fit_residual_matrix
@@ -38,6 +38,7 @@ class Extraction:
     fit_residual: np.ndarray | None = None  # (L+1, L+1), stored with the statistics
     notes: list[str] = field(default_factory=list)  # e.g. a damaged cache entry recomputed
     block_influence: np.ndarray | None = None  # (L,) ShortGPT's score over the statistics' tokens
+    source: Source | None = field(default=None, repr=False)  # the split the samples come from
 
     @property
     def num_blocks(self) -> int:
@@ -190,11 +191,10 @@ def extract(model, dataset, n: int, seed: int = 0, split: str = "train", *,
     cache = cache or Cache()
     seen = len(cache.damaged)
     ref = model_ref(model, max_length)
-    source = open_dataset(dataset, split)
+    source, indices = open_sample(dataset, split, n, seed)
     check_modality(ref.info.modality, source, ref.name)
     if source.modality == "text" and max_length < 2:
         raise RBAError(f"The maximum text length must be at least 2 tokens, got {max_length}.")
-    indices = sample_indices(len(source), n, seed, split, source.unit)
     length = max_length if source.modality == "text" else None
     pairs = planned_pairs(ref.info.num_blocks + 1, stats_window, stats_ranges)
     # An entry with statistics also serves a request without them; the last key is the one stored.
@@ -256,4 +256,4 @@ def _extraction(key, hit, meta, reps, stats, source, indices, notes) -> Extracti
     token_stats = TokenStats.from_arrays(stats) if stats is not None else None
     return Extraction(key, hit, meta, reps["pooled"], reps["final"], source.labels[indices], indices,
                       token_stats, stats.get("fit_residual") if stats is not None else None, notes,
-                      stats.get("block_influence") if stats is not None else None)
+                      stats.get("block_influence") if stats is not None else None, source)

@@ -304,3 +304,34 @@ def test_webdataset_text_shards(tmp_path, monkeypatch):
     assert train.modality == "text" and train.items([0, 7]) == [texts[0], texts[7]]
     assert train.labels.tolist() == [k % 2 for k in range(8)]
     assert open_dataset(str(tmp_path / "{split}.tar"), "test").items([3]) == [texts[11]]
+
+
+@needs_shared
+def test_a_stream_draws_a_seeded_reproducible_sample_through_datasets_streaming(tmp_path, tiny_models, monkeypatch):
+    from rba_core import streaming
+    from rba_core.data import open_sample
+
+    table = _real_rows("mnist", 150)
+    for k, (a, b) in enumerate([(0, 60), (60, 150)]):
+        pq.write_table(table.slice(a, b - a), tmp_path / f"train-{k:05d}-of-00002.parquet")
+    truth = {_digest(Image.open(io.BytesIO(table.column("image")[i].as_py()["bytes"]))):
+             table.column("label")[i].as_py() for i in range(150)}
+    spec = f"stream:{tmp_path}"
+    source, indices = open_sample(spec, "train", 25, seed=4)
+    assert indices.tolist() == list(range(25)) and source.label_names == [str(d) for d in range(10)]
+    drawn = [_digest(im) for im in source.items(indices)]
+    assert all(truth[d] == label for d, label in zip(drawn, source.labels))  # real rows, their own labels
+    assert len(set(drawn)) == 25 and drawn != list(truth)[:25]  # shuffled, not the first rows
+    assert [_digest(im) for im in open_sample(f"stream: {tmp_path}", "train", 25, seed=4)[0].items(indices)] == drawn
+    monkeypatch.setattr(streaming, "INPUT_SHARDS", 1)  # from here on no 5 s wait for the reader threads
+    other, _ = open_sample(spec, "train", 25, seed=5)
+    assert [_digest(im) for im in other.items(indices)] != drawn and other.fingerprint != source.fingerprint
+
+    cache = Cache(tmp_path / "cache")
+    ex = extract(tiny_models["vit"], spec, 25, seed=5, with_stats=False, cache=cache, device="cpu")
+    np.testing.assert_array_equal(ex.labels, other.labels)
+    assert extract(tiny_models["vit"], spec, 25, seed=5, with_stats=False, cache=cache).hit
+    with pytest.raises(RBAError, match=r"^Asked for 151 samples but the train stream of '.*' ended after 150; "):
+        open_sample(spec, "train", 151, seed=0)
+    with pytest.raises(RBAError, match="has no test parquet files to stream"):
+        open_sample(spec, "test", 5, seed=0)
