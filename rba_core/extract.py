@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -98,12 +99,65 @@ def token_rows(indices: np.ndarray, mask: torch.Tensor | None, tokens: int, frac
     return torch.cat(rows)
 
 
+#: Environment variable: processes that decode and preprocess samples during the pass (CLI --decode-workers).
+DECODE_WORKERS_ENV = "RBA_DECODE_WORKERS"
+
+
+def decode_workers(device: torch.device | str) -> int:
+    """DataLoader worker processes for decoding: ``$RBA_DECODE_WORKERS``, else none on CPU (the cores
+    run the model) and min(8, CPUs) on a GPU, which a single decoding process would starve."""
+    chosen = os.environ.get(DECODE_WORKERS_ENV, "").strip()
+    if chosen:
+        if not chosen.isdigit():
+            raise RBAError(f"{DECODE_WORKERS_ENV} must be a whole number of processes (0: decode in the pass's own "
+                           f"process), got '{chosen}'.")
+        return int(chosen)
+    return min(8, len(os.sched_getaffinity(0))) if torch.device(device).type == "cuda" else 0
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Batch k of the pass, decoded and preprocessed (in a DataLoader worker when there are workers)."""
+
+    def __init__(self, load: Callable, batches: list[np.ndarray]):
+        self.load, self.batches = load, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, k: int):
+        try:
+            return self.load(self.batches[k])
+        except RBAError as exc:  # handed back as a value: DataLoader would wrap it in a worker's traceback
+            return exc
+
+
+def _prefetched(load: Callable, batches: list[np.ndarray], workers: int) -> Iterator:
+    """The loaded batches in order, read ahead of the model: by ``workers`` DataLoader processes, or with
+    none by one thread (PIL, numpy and the tokenizers release the GIL)."""
+    if workers > 0:
+        import multiprocessing
+
+        fork = "fork" if "fork" in multiprocessing.get_all_start_methods() else None  # closures need no pickling
+        yield from torch.utils.data.DataLoader(_Batches(load, batches), batch_size=None, num_workers=workers,
+                                               multiprocessing_context=fork)
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(load, batches[0])
+        for number in range(len(batches)):
+            loaded = pending.result()
+            if number + 1 < len(batches):
+                pending = pool.submit(load, batches[number + 1])
+            yield loaded
+
+
 @torch.inference_mode()
 def run_pass(encoder: Encoder, source: Source, indices: np.ndarray, with_stats: bool,
              batch_size: int = 32, token_fraction: float = 1.0,
-             progress: Progress | None = None, pairs: list[Pair] | None = None) -> dict[str, dict[str, np.ndarray]]:
+             progress: Progress | None = None, pairs: list[Pair] | None = None,
+             workers: int | None = None) -> dict[str, dict[str, np.ndarray]]:
     """One forward pass over ``indices``; returns array groups ``reps`` and (optionally) ``stats``
-    (all Gram pairs, or only ``pairs``).
+    (all Gram pairs, or only ``pairs``). ``workers``: decoding processes (default :func:`decode_workers`);
+    they change the speed, never the result.
 
     Under a launcher each rank runs its share of the samples; the statistics are summed and the
     per-sample vectors gathered across ranks (:mod:`rba_core.distributed`), so every rank returns
@@ -116,8 +170,9 @@ def run_pass(encoder: Encoder, source: Source, indices: np.ndarray, with_stats: 
     acc = StatsAccumulator(encoder.num_blocks + 1, encoder.hidden_size, encoder.device, pairs) if with_stats else None
     influence = np.zeros(encoder.num_blocks)  # Σ over the statistics' tokens of 1 - cos(hs[k-1], hs[k])
     with here.all_or_none("the pass"):
+        workers = decode_workers(encoder.device) if workers is None else workers
         pooled, final = _local_pass(encoder, source, indices[mine], acc, influence, batch_size, token_fraction,
-                                    progress, n)
+                                    progress, n, workers)
     groups = {"reps": {"pooled": np.moveaxis(here.gather_rows(np.moveaxis(pooled, 1, 0), mine, n), 0, 1),
                        "final": here.gather_rows(final, mine, n)}}
     if acc is not None:
@@ -135,7 +190,7 @@ def run_pass(encoder: Encoder, source: Source, indices: np.ndarray, with_stats: 
 
 def _local_pass(encoder: Encoder, source: Source, indices: np.ndarray, acc: StatsAccumulator | None,
                 influence: np.ndarray, batch_size: int, token_fraction: float, progress: Progress | None,
-                total: int) -> tuple[np.ndarray, np.ndarray]:
+                total: int, workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """This process's samples: pooled (L+1, n, D) and final (n, D) vectors, statistics added to ``acc``
     and Block Influence sums to ``influence``; progress is reported in units of the ``total`` samples
     of the whole group."""
@@ -146,28 +201,23 @@ def _local_pass(encoder: Encoder, source: Source, indices: np.ndarray, acc: Stat
     if not batches:
         return pooled, final
     load = lambda batch: encoder.preprocess(source.items(batch))  # noqa: E731
-    # Read and preprocess the next batch in a thread while the model runs (PIL, numpy and the
-    # tokenizers release the GIL), so data handling stays off the critical path.
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(load, batches[0])
-        start = 0
-        for number, batch in enumerate(batches):
-            inputs = pending.result()
-            if number + 1 < len(batches):
-                pending = pool.submit(load, batches[number + 1])
-            hs, _ = encoder.hidden_states(inputs)
-            mask = encoder.token_mask(inputs)
-            stop = start + len(batch)
-            pooled[:, start:stop] = torch.stack([encoder.pool(h, mask) for h in hs]).cpu().numpy()
-            final[start:stop] = encoder.final(hs[-1], mask).cpu().numpy()
-            if acc is not None:
-                rows = token_rows(batch, mask, hs[0].shape[1], token_fraction)
-                acc.add(hs, None if rows is None else rows.to(hs[0].device))
-                flat = [h.reshape(-1, d) for h in hs]
-                influence += influence_sums(flat if rows is None else [x[rows.to(x.device)] for x in flat])
-            start = stop
-            if progress:
-                progress(round(stop * total / n), total)
+    start = 0
+    for batch, inputs in zip(batches, _prefetched(load, batches, workers)):
+        if isinstance(inputs, RBAError):
+            raise inputs
+        hs, _ = encoder.hidden_states(inputs)
+        mask = encoder.token_mask(inputs)
+        stop = start + len(batch)
+        pooled[:, start:stop] = torch.stack([encoder.pool(h, mask) for h in hs]).cpu().numpy()
+        final[start:stop] = encoder.final(hs[-1], mask).cpu().numpy()
+        if acc is not None:
+            rows = token_rows(batch, mask, hs[0].shape[1], token_fraction)
+            acc.add(hs, None if rows is None else rows.to(hs[0].device))
+            flat = [h.reshape(-1, d) for h in hs]
+            influence += influence_sums(flat if rows is None else [x[rows.to(x.device)] for x in flat])
+        start = stop
+        if progress:
+            progress(round(stop * total / n), total)
     return pooled, final
 
 
@@ -177,7 +227,7 @@ def extract(model, dataset, n: int, seed: int = 0, split: str = "train", *,
             device: str | None = None,
             encoder: Encoder | Callable[[], Encoder] | None = None,
             stats_window: int | None = None, stats_ranges: Sequence[Pair] = (),
-            stats_budget: int | None = None) -> Extraction:
+            stats_budget: int | None = None, decode_workers: int | None = None) -> Extraction:
     """Per-block pooled vectors, final representations and (optionally) token statistics, from
     the cache when present; otherwise one streaming pass. A cache hit never loads the model.
 
@@ -186,7 +236,8 @@ def extract(model, dataset, n: int, seed: int = 0, split: str = "train", *,
     encoder or a function that loads one (called only on a miss). ``max_length`` truncates texts.
     Token statistics keep all Gram pairs unless ``stats_window`` (windows of n blocks) or
     ``stats_ranges`` ask for fewer; their size is checked against ``stats_budget`` bytes (default a
-    quarter of the free memory) before the pass.
+    quarter of the free memory) before the pass. ``decode_workers``: processes that decode the samples
+    (default :func:`decode_workers`); not in the cache key, since they never change the result.
     """
     cache = cache or Cache()
     seen = len(cache.damaged)
@@ -221,7 +272,8 @@ def extract(model, dataset, n: int, seed: int = 0, split: str = "train", *,
         if with_stats:  # before the pass: a plan that does not fit is one sentence, not an out-of-memory crash
             check_fits(loaded.num_blocks + 1, loaded.hidden_size, pairs, stats_budget or memory_budget(loaded.device))
         began = time.perf_counter()
-        groups = run_pass(loaded, source, indices, with_stats, batch_size, token_fraction, progress, pairs)
+        groups = run_pass(loaded, source, indices, with_stats, batch_size, token_fraction, progress, pairs,
+                          decode_workers)
         meta = {
             "model": ref.name, "source": loaded.source, **loaded.describe(),
             "dataset": source.name, "split": split, "n": n, "seed": seed,

@@ -3,12 +3,14 @@
 import hashlib
 import io
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from conftest import SHARED_DATASETS
 from PIL import Image
 
@@ -335,3 +337,29 @@ def test_a_stream_draws_a_seeded_reproducible_sample_through_datasets_streaming(
         open_sample(spec, "train", 151, seed=0)
     with pytest.raises(RBAError, match="has no test parquet files to stream"):
         open_sample(spec, "test", 5, seed=0)
+
+
+def test_decoding_in_dataloader_workers_keeps_order_results_and_cache_key(tiny_models, image_folder, tmp_path):
+    from rba_core.models import load_encoder
+
+    vit = load_encoder(tiny_models["vit"], "cpu")
+    runs = {workers: extract(tiny_models["vit"], image_folder, 27, batch_size=8, encoder=vit, decode_workers=workers,
+                             cache=Cache(tmp_path / str(workers))) for workers in (0, 2)}
+    alone, pooled = runs[0], runs[2]
+    assert alone.key == pooled.key  # the workers change the speed, not the result
+    np.testing.assert_array_equal(pooled.indices, alone.indices)
+    np.testing.assert_array_equal(pooled.pooled, alone.pooled)
+    np.testing.assert_array_equal(pooled.final, alone.final)
+    for a, b in zip(pooled.stats().upper, alone.stats().upper):
+        np.testing.assert_array_equal(a, b)
+    # Independently: the model's own forward on the sampled images, in sample order.
+    source = open_dataset(image_folder, "train")
+    with torch.inference_mode():
+        out = vit.model(**vit.preprocess(source.items(pooled.indices)))
+    np.testing.assert_allclose(pooled.final, out.last_hidden_state[:, 0].numpy(), rtol=1e-5, atol=1e-5)
+
+    broken = tmp_path / "broken"
+    shutil.copytree(image_folder, broken)
+    (broken / "class1" / "3.png").write_bytes(b"not an image")
+    with pytest.raises(RBAError, match=r"^Sample \d+ \('.*3.png'\) cannot be decoded as an image .*\.$"):
+        extract(tiny_models["vit"], str(broken), 40, encoder=vit, decode_workers=2, cache=Cache(tmp_path / "b"))
