@@ -420,14 +420,27 @@ def dataset_name(dataset) -> str:
     return dataset if isinstance(dataset, str) else _in_memory_source(dataset, "train").name
 
 
+def stream_spec(name) -> str | None:
+    """``stream:...`` for a dataset read as a stream: one named so, or a streamed alias without a local copy."""
+    from rba_core.streaming import PREFIX, is_stream
+
+    if not isinstance(name, str):
+        return None
+    if is_stream(name):
+        return name
+    info = dataset_info(name)
+    return PREFIX + info.alias if info and info.streamed and local_dataset_dir(info) is None else None
+
+
 def open_sample(name, split: str, n: int, seed: int) -> tuple[Source, np.ndarray]:
     """The split and the seeded sample of ``n`` indices in it; a ``stream:`` dataset is read only as far as
     its sample (:mod:`rba_core.streaming`)."""
-    from rba_core.streaming import is_stream, stream_sample
+    from rba_core.streaming import stream_sample
 
     _check_split(split)
-    if is_stream(name):
-        return stream_sample(name, split, n, seed)
+    stream = stream_spec(name)
+    if stream:
+        return stream_sample(stream, split, n, seed)
     source = open_dataset(name, split)
     return source, sample_indices(len(source), n, seed, split, source.unit)
 
@@ -440,9 +453,7 @@ def open_dataset(name, split: str = "train") -> Source:
         return name.open_split(split)
     if not isinstance(name, str):
         return _in_memory_source(name, split)
-    from rba_core.streaming import is_stream
-
-    if is_stream(name):
+    if stream_spec(name):
         raise RBAError(f"'{name}' is read as a stream, a sample at a time; ask for a sample of it (analyze, "
                        "approximate, search) rather than the whole split.")
     info = dataset_info(name)

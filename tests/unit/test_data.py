@@ -363,3 +363,29 @@ def test_decoding_in_dataloader_workers_keeps_order_results_and_cache_key(tiny_m
     (broken / "class1" / "3.png").write_bytes(b"not an image")
     with pytest.raises(RBAError, match=r"^Sample \d+ \('.*3.png'\) cannot be decoded as an image .*\.$"):
         extract(tiny_models["vit"], str(broken), 40, encoder=vit, decode_workers=2, cache=Cache(tmp_path / "b"))
+
+
+def test_imagenet_train_alias_streams_and_fails_offline_in_one_sentence(tmp_path, monkeypatch):
+    from rba_core.data import open_sample
+    from rba_core.hub import require_available
+    from rba_core.registry import dataset_info
+
+    info = dataset_info("ImageNet-1k-train")
+    assert info.streamed and info.hub_id == "ILSVRC/imagenet-1k"
+    assert (info.hub_split("train"), info.hub_split("test")) == ("train", "validation")
+    with pytest.raises(RBAError, match=r"^Dataset 'ImageNet-1k-train' cannot be streamed: HF_HUB_OFFLINE is set; .*\.$"):
+        require_available(None, ["ImageNet-1k-train"])  # what the CLI checks before anything is opened
+    with pytest.raises(RBAError, match=r"^Dataset 'ILSVRC/imagenet-1k' cannot be streamed from the hub .*\.$"):
+        open_sample("ImageNet-1k-train", "train", 8, seed=0)
+    with pytest.raises(RBAError, match=r"^'ImageNet-1k-train' is read as a stream, a sample at a time; .*\.$"):
+        open_dataset("ImageNet-1k-train", "test")
+    # A local copy (parquet shards under $RBA_DATA_DIR/imagenet) is read in place of the stream.
+    table = pa.table({"image": [{"bytes": _png(k), "path": None} for k in range(6)], "label": [3, 1, 4, 1, 5, 9]})
+    (tmp_path / "imagenet").mkdir()
+    for split in ("train", "test"):
+        pq.write_table(table, tmp_path / "imagenet" / f"{split}-00000-of-00001.parquet")
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path))
+    source, indices = open_sample("ImageNet-1k-train", "train", 4, seed=0)
+    assert source.name == "ImageNet-1k-train" and source.labels[indices].tolist() == \
+        [[3, 1, 4, 1, 5, 9][i] for i in indices]
+    require_available(None, ["ImageNet-1k-train"])
