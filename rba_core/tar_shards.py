@@ -1,8 +1,8 @@
 """WebDataset shards: tar files whose members ``<key>.<ext>`` group into samples (``0001.jpg`` +
 ``0001.cls``), read with the standard library's :mod:`tarfile`.
 
-Each shard is indexed once (every sample's member offsets and its label), and the index is kept under
-the cache folder (``.index/``) keyed by the shard's path, size and modification time; a sample is then
+Each shard is indexed once (every sample's member offsets and its label), and the index is kept in
+``.index/`` of the default cache folder (``$RBA_CACHE_DIR`` or ``cache/``), keyed by the shard's path, size and modification time; a sample is then
 read by seeking to its offset, so a seeded sample touches only the shards that hold it.
 
 Samples: the first of ``.jpg .jpeg .png .webp`` (an image) or else ``.txt`` (a text); labels: ``.cls``
