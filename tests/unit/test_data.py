@@ -2,6 +2,7 @@
 
 import hashlib
 import io
+import json
 import os
 import shutil
 from pathlib import Path
@@ -231,6 +232,15 @@ def test_text_shards_and_shards_missing_a_column(tmp_path):
     assert source.modality == "text" and len(source) == len(table)
     assert source.items([0, 499, 500, 971]) == [table.column("text")[i].as_py() for i in (0, 499, 500, 971)]
     np.testing.assert_array_equal(source.labels, table.column("label").to_numpy())
+    jsonl = tmp_path / "jsonl"
+    jsonl.mkdir()
+    for k, rows in enumerate([range(0, 3), range(3, 7)]):  # JSON Lines shards read one after the other
+        (jsonl / f"test-{k:05d}.jsonl").write_text("".join(
+            json.dumps({"text": table.column("text")[i].as_py(), "label": table.column("label")[i].as_py()}) + "\n"
+            for i in rows))
+    lines = open_dataset(str(jsonl), "test")
+    assert lines.items(range(7)) == table.column("text").to_pylist()[:7]
+    assert lines.labels.tolist() == table.column("label").to_pylist()[:7]
     pq.write_table(table.slice(0, 5).drop_columns(["label"]), tmp_path / "train-00002-of-00002.parquet")
     with pytest.raises(RBAError, match=r"shard '.*train-00002-of-00002.parquet' lacks column\(s\) label"):
         open_dataset(str(tmp_path), "train")
