@@ -162,7 +162,6 @@ def _no_columns(name: str, columns: Sequence[str]) -> RBAError:
 
 def _table_source(name: str, paths: Sequence[Path], split: str, info: DatasetInfo | None) -> Source:
     """CSV or JSONL files of texts (tables of images come as parquet), shards read one after the other."""
-    import pyarrow as pa
     import pyarrow.csv as pcsv
     import pyarrow.json as pjson
 
@@ -173,7 +172,7 @@ def _table_source(name: str, paths: Sequence[Path], split: str, info: DatasetInf
         except Exception as exc:
             raise RBAError(f"Cannot read '{path}' ({exc.__class__.__name__}); is it valid "
                            f"{'CSV' if path.suffix == '.csv' else 'JSON Lines'}?") from None
-    table = _concat(pa, tables, paths)
+    table = _concat(tables, paths)
     text_cols = _text_columns(table.column_names, info and info.text_columns)
     if text_cols is None:
         raise _no_columns(name, table.column_names)
@@ -181,20 +180,25 @@ def _table_source(name: str, paths: Sequence[Path], split: str, info: DatasetInf
     return _text_source(name, split, table, text_cols, label_col, None, {"table": _stat_fingerprint(paths)})
 
 
-def _concat(pa, tables: list, paths: Sequence[Path]):
-    """One table from the shards' tables, which must have the same columns."""
+def _concat(tables: list, paths: Sequence[Path]):
+    """One table from the shards' tables, which must have the same columns (numeric types may widen)."""
+    import pyarrow as pa
+
+    for path, table in zip(paths, tables):
+        if set(table.column_names) != set(tables[0].column_names):
+            raise RBAError(f"The shard '{path}' has columns {', '.join(table.column_names)} but '{paths[0].name}' has "
+                           f"{', '.join(tables[0].column_names)}; give every shard of a split the same columns.")
     try:
-        return pa.concat_tables(tables, promote_options="default")
-    except Exception:
-        raise RBAError(f"The shards {paths[0].name} ... {paths[-1].name} of '{paths[0].parent}' have different "
-                       "columns; give every shard of a split the same columns.") from None
+        return pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        raise RBAError(f"The shards of '{paths[0].parent}' store a column with different types; write every "
+                       "shard of a split with the same schema.") from None
 
 
 def _parquet_source(name: str, paths: Sequence[Path], split: str, info: DatasetInfo | None) -> Source:
     """Parquet shards of one split (``train.parquet``, or ``train-00000-of-00042.parquet`` ...), read as
     one table in file order. Only the footers and the label column are read up front; images are read
     one row group at a time when a sample needs them, so a dataset far larger than memory works."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     def unreadable(path: Path, exc: Exception) -> RBAError:
@@ -220,17 +224,16 @@ def _parquet_source(name: str, paths: Sequence[Path], split: str, info: DatasetI
         missing = set(wanted) - set(meta.schema.to_arrow_schema().names)
         if missing:
             raise RBAError(f"The parquet shard '{path}' lacks column(s) {', '.join(sorted(missing))} that "
-                           f"'{paths[0].name}' has; "
-                           "give every shard of a split the same columns.")
+                           f"'{paths[0].name}' has; give every shard of a split the same columns.")
     fingerprint = {"parquet": _stat_fingerprint(paths)}
     if image_col is None:
-        try:
-            table = _concat(pa, [pq.read_table(p, columns=wanted) for p in paths], paths)
-        except RBAError:
-            raise
-        except Exception as exc:
-            raise unreadable(paths[0], exc) from None
-        return _text_source(name, split, table, text_cols, label_col, names, fingerprint)
+        tables = []
+        for path in paths:
+            try:
+                tables.append(pq.read_table(path, columns=wanted))
+            except Exception as exc:
+                raise unreadable(path, exc) from None
+        return _text_source(name, split, _concat(tables, paths), text_cols, label_col, names, fingerprint)
     values = []
     for path, meta in zip(paths, metas):
         if label_col:

@@ -19,7 +19,6 @@ import tarfile
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 
 from rba_core.errors import RBAError
 
