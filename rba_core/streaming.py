@@ -82,11 +82,11 @@ def stream_source(name: str, split: str, n: int, seed: int):
     if image_col is None and text_cols is None:
         raise _no_columns(name, columns)
     label_col = _pick(columns, info and info.label_column, LABEL_COLUMNS)
+    dataset = dataset.select_columns([c for c in (image_col, *(text_cols or ()), label_col) if c])
     if image_col and features and isinstance(features[image_col], datasets.Image):
         dataset = dataset.cast_column(image_col, datasets.Image(decode=False))  # keep the bytes; decode in the pass
     rows = []
-    for row in dataset.shuffle(seed=seed, buffer_size=BUFFER_SIZE,
-                                       max_buffer_input_shards=INPUT_SHARDS):
+    for row in dataset.shuffle(seed=seed, buffer_size=BUFFER_SIZE, max_buffer_input_shards=INPUT_SHARDS):
         rows.append(row)
         if len(rows) == n:
             break

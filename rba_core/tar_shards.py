@@ -19,7 +19,6 @@ import tarfile
 from pathlib import Path
 from typing import Sequence
 
-
 from rba_core.errors import RBAError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")

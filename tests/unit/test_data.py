@@ -347,6 +347,11 @@ def test_a_stream_draws_a_seeded_reproducible_sample_through_datasets_streaming(
         open_sample(spec, "train", 151, seed=0)
     with pytest.raises(RBAError, match="has no test parquet files to stream"):
         open_sample(spec, "test", 5, seed=0)
+    texts, indices = open_sample(f"stream:{SHARED_DATASETS / 'debian_descriptions'}", "test", 5, seed=0)
+    whole = open_dataset(str(SHARED_DATASETS / "debian_descriptions"), "test")
+    truth = dict(zip(whole.items(range(len(whole))), whole.labels.tolist()))
+    assert texts.modality == "text" and texts.label_names == whole.label_names
+    assert [truth[t] for t in texts.items(indices)] == texts.labels.tolist()
 
 
 def test_decoding_in_dataloader_workers_keeps_order_results_and_cache_key(tiny_models, image_folder, tmp_path):
