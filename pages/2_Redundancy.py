@@ -43,6 +43,31 @@ def _spearman(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}"
 
 
+SCORE_NAMES = {"block_redundancy": "Block Redundancy (pooled vector)",
+               "block_redundancy_all_tokens": "Block Redundancy (every real token)",
+               "block_influence": "Block Influence (ShortGPT; one-block ranges)",
+               "fit_residual": "fit residual of the least-squares map"}
+
+
+def _score_name(name: str) -> str:
+    if name.startswith("angular_distance_n"):
+        n = name.removeprefix("angular_distance_n")
+        return f"angular distance (PruneMe; ranges l→l+{n})"
+    return SCORE_NAMES.get(name, name)
+
+
+def _show_agreement(agreement: dict) -> None:
+    """Which cheap score predicts the measured ranking: Spearman ρ of each over the candidates it covers."""
+    st.markdown("**Which cheap score predicts the measured ranking**: Spearman ρ between each score and the "
+                "measured MSE, over the candidates the score covers (Block Influence scores one block, angular "
+                "distance a window of n blocks). Every score grows with the change the removed blocks make, so ρ "
+                "near 1 means it orders the candidates as measured; — : fewer than 3 candidates.")
+    dataframe(pd.DataFrame([{"cheap score": _score_name(name), "Spearman ρ": value["spearman"],
+                             "candidates": value["candidates"]}
+                            for name, value in sorted(agreement.items(), key=lambda kv: -(kv[1]["spearman"] or -2))]),
+              column_config={"Spearman ρ": st.column_config.NumberColumn(format="%.2f")})
+
+
 def _show_search(result: dict) -> None:
     """Spearman correlations of the cheap scores with the measured MSE, then the ranked candidates."""
     cols = st.columns(3)
@@ -54,6 +79,10 @@ def _show_search(result: dict) -> None:
     st.markdown("A ρ near 1 means that cheap score, free from the one pass, already orders the candidates as the "
                 "measured error does, so it is enough to choose; a lower ρ means measure before choosing "
                 "(— : fewer than 3 candidates).")
+    for note in result["notes"]:
+        st.warning(note)
+    if result.get("score_agreement"):
+        _show_agreement(result["score_agreement"])
     table = pd.DataFrame([{
         "rank": rank, "range (ours)": row["range"], "paper notation": row["paper"],
         "blocks removed": row["removed_blocks"], "params": row["params"],

@@ -12,7 +12,7 @@ from pages._ui.selection import BOUND, Selection, eval_samples, map_choice, side
 from pages._ui.show import NotComputed, dataframe, downloads, errors, file_download, file_name, not_computed
 from rba_core.approx import paper_notation, validate_ranges
 from rba_core.latency import describe
-from rba_core.maps import MapParams
+from rba_core.maps import MAPS, MapParams
 from rba_core.plots import pca_scatter
 from rba_core.probe import small_classes_note
 from rba_core.projection import shared_pca
@@ -78,7 +78,7 @@ def _export(sel: Selection, ranges: list[tuple[int, int]], kind: str, params: Ma
     built = st.session_state.setdefault("_exports", {})
     buttons = st.container(horizontal=True)
     choices = [("zip", "Build the compressed model")]
-    if unit(sel.dataset) == "images":  # ONNX export covers image models
+    if unit(sel.dataset) == "images" and MAPS[kind].statistics == "tokens":  # ONNX export: image models, map modules
         choices.append(("onnx", "Build the ONNX file"))
     for what, label in choices:
         if start_button(label, key=f"export-{what}", at=buttons, help="Fits the maps from the stored statistics "
@@ -88,12 +88,15 @@ def _export(sel: Selection, ranges: list[tuple[int, int]], kind: str, params: Ma
         del built[what]
     if "zip" in built:
         sizes, counts = built["zip"]["sizes"], built["zip"]["record"]["params"]
+        plain = "folded" in counts  # maps folded into the weights: a plain Hugging Face checkpoint
         file_download("Download the compressed model (zip)", built["zip"]["content"], f"{name}.zip", "application/zip")
         st.markdown(f"**Size on disk: {_size(sum(sizes.values()))}** ("
                     + ", ".join(f"{file} {_size(size)}" for file, size in sizes.items())
-                    + f"); {counts['compressed']:,} parameters instead of {counts['original']:,} (the original's "
-                    f"float32 weights alone take {_size(4 * counts['original'])}). Unzip, then "
-                    f"`rba_core.load_compressed(\"{name}\")`.")
+                    + f"); {counts['folded' if plain else 'compressed']:,} parameters instead of "
+                    f"{counts['original']:,} (the original's float32 weights alone take {_size(4 * counts['original'])}). "
+                    + (f"Unzip, then transformers' `from_pretrained(\"{name}\")`: a plain checkpoint with fewer "
+                       "layers, rba_core not needed." if plain else
+                       f"Unzip, then `rba_core.load_compressed(\"{name}\")`."))
     if "onnx" in built:
         size = built["onnx"]["sizes"]["model.onnx"]
         file_download("Download the ONNX file", built["onnx"]["content"], f"{name}.onnx", "application/octet-stream")

@@ -13,6 +13,7 @@ from rba_core.errors import RBAError
 ASKED = "_cache_delete"  # session key: what the user asked to delete, until confirmed or cancelled
 KINDS = {"pass": "pass (representations, statistics)", "approximated run": "approximated run",
          "scores": "scores (perplexity, next-token agreement)",
+         "fold-statistics": "fold statistics (folded maps: block i's MLP output against hs[i], hs[j])",
          "damaged": "damaged (recomputed when next needed)"}
 
 st.set_page_config(page_title="Cache · RBA Explorer", page_icon=":material/storage:", layout="wide")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -25,6 +26,7 @@ from rba_core.perplexity import lm_scores
 from rba_core.probe import converged_probe_accuracy, probe_accuracy, small_classes_note
 from rba_core.registry import resolve_model
 from rba_core.results import AnalysisResult, ApproximationResult
+from rba_core.stats import StatsTooLarge
 
 Stage = Callable[[str], None]
 
@@ -120,7 +122,7 @@ def _approximated_finals(net: ApproximatedEncoder, encoder: Encoder, dataset, ex
     with here.all_or_none("the approximated model's evaluation"):
         for start in range(0, len(mine), batch_size):
             inputs = encoder.preprocess(source.items(ex.indices[mine[start : start + batch_size]]))
-            out[start : start + batch_size] = net(**inputs).cpu().numpy()
+            out[start : start + batch_size] = net(**inputs).float().cpu().numpy()
             if latency == {}:  # timed on the first batch, both models interleaved on the same inputs
                 latency = measure_latency({"original": original, "approximated": net},
                                           {k: v[:LATENCY_BATCH] for k, v in inputs.items()})
@@ -129,11 +131,25 @@ def _approximated_finals(net: ApproximatedEncoder, encoder: Encoder, dataset, ex
     return here.gather_rows(out, mine, n), latency
 
 
-def approximated_outputs(lazy: LazyEncoder, dataset, fit: Extraction, ex: Extraction, ranges: list[Range],
+def map_statistics(kind: str, fit: Extraction, dataset, sets: Sequence[Sequence[Range]], lazy: LazyEncoder,
+                   cache: Cache, progress: Progress | None = None):
+    """What maps of ``kind`` are fitted from (its ``statistics``): the token statistics of the fit pass
+    ``fit``, or the fold statistics of every range of ``sets`` over the same samples
+    (:func:`rba_core.fold.fold_pass`: one more pass unless stored; one sentence for ranges that cannot fold)."""
+    if map_kind(kind).statistics == "tokens":
+        return fit.stats()
+    from rba_core.fold import fold_pass
+
+    return fold_pass(lazy.model, dataset, fit.meta["n"], fit.meta["seed"], sets, max_length=lazy.max_length,
+                     cache=cache, progress=progress, encoder=lazy)
+
+
+def approximated_outputs(lazy: LazyEncoder, dataset, fit: Extraction, stats, ex: Extraction, ranges: list[Range],
                          kind: str, params: MapParams, cache: Cache, progress: Progress | None,
                          timed: bool = False) -> tuple[np.ndarray, dict]:
     """Cached approximated final representations on ``ex``'s samples, and the run's measurements
-    (latency only when ``timed``: the probe's extra runs are not timed)."""
+    (latency only when ``timed``: the probe's extra runs are not timed). ``stats``: what the maps
+    are fitted from (:func:`map_statistics`)."""
     key = make_key({"kind": "approximated", "fit": fit.key, "samples": ex.key, "timed": timed and LATENCY_METHOD,
                     "ranges": ranges, "map": kind, "map_params": map_kind(kind).key(params)})
 
@@ -143,7 +159,7 @@ def approximated_outputs(lazy: LazyEncoder, dataset, fit: Extraction, ex: Extrac
 
     def compute(progress: Progress | None) -> tuple[np.ndarray, dict]:
         encoder = lazy()
-        net = approximate_encoder(encoder, fit.stats(), ranges, kind, params)
+        net = approximate_encoder(encoder, stats, ranges, kind, params)
         final, measured = _approximated_finals(net, encoder, dataset, ex, progress, timed)
         meta = {"params": count_params(net), "latency_ms_per_image": measured, "model": fit.meta["model"],
                 "dataset": fit.meta["dataset"], "split": ex.meta["split"], "n": len(ex.indices), "ranges": ranges,
@@ -155,8 +171,8 @@ def approximated_outputs(lazy: LazyEncoder, dataset, fit: Extraction, ex: Extrac
     return single_flight(cache, key, lookup, compute, progress)  # one run per key across processes and ranks
 
 
-def _lm_scores(lazy: LazyEncoder, dataset: LMText, fit: Extraction, ev: Extraction, ranges: list[Range], kind: str,
-               params: MapParams, cache: Cache, progress: Progress | None) -> dict:
+def _lm_scores(lazy: LazyEncoder, dataset: LMText, fit: Extraction, stats, ev: Extraction, ranges: list[Range],
+               kind: str, params: MapParams, cache: Cache, progress: Progress | None) -> dict:
     """Perplexity and top-1 agreement of the original, approximated and skipped models on ``ev``'s
     windows, cached like every other result (a stored result never loads the model)."""
     key = make_key({"kind": "lm-scores", "fit": fit.key, "samples": ev.key, "ranges": ranges, "map": kind,
@@ -169,7 +185,7 @@ def _lm_scores(lazy: LazyEncoder, dataset: LMText, fit: Extraction, ev: Extracti
     def compute(progress: Progress | None) -> dict:
         loaded = lazy()
         windows = open_dataset(dataset, "test").items(ev.indices)
-        nets = {"approximated": approximate_encoder(loaded, fit.stats(), ranges, kind, params),
+        nets = {"approximated": approximate_encoder(loaded, stats, ranges, kind, params),
                 "skip": approximate_encoder(loaded, None, ranges, "identity")}
         scores = lm_scores(loaded, nets, windows, progress=progress)
         cache.put(key, {}, {"kind": "scores", "scores": scores, "model": fit.meta["model"], "dataset": fit.meta["dataset"],
@@ -179,9 +195,22 @@ def _lm_scores(lazy: LazyEncoder, dataset: LMText, fit: Extraction, ev: Extracti
     return cache.single_flight(key, lookup, compute, progress)
 
 
+def _fit_extraction(model, dataset, n: int, seed: int, ranges: list[Range], max_length: int, cache: Cache,
+                    progress: Progress | None, lazy: LazyEncoder, budget: int | None) -> Extraction:
+    """The fit samples with all Gram pairs (the analysis of the same samples shares them) when those fit
+    the memory ``budget``; otherwise with only the blocks that these ranges' maps need."""
+    fit = partial(extract, model, dataset, n, seed, "train", max_length=max_length, cache=cache, progress=progress,
+                  encoder=lazy, stats_budget=budget)
+    try:
+        return fit()
+    except StatsTooLarge:
+        return fit(stats_ranges=ranges)
+
+
 def approximate(model, dataset, fit_n: int, eval_n: int, seed: int,
                 ranges: Sequence[Sequence[int]], kind: str = "linear", *, map_params: MapParams | None = None,
                 probe: bool = False, max_length: int = 128, seq_len: int = DEFAULT_SEQ_LEN,
+                stats_budget: int | None = None,
                 cache: Cache | None = None, progress: Progress | None = None, on_stage: Stage | None = None,
                 encoder: Encoder | LazyEncoder | Callable[[], Encoder] | None = None) -> ApproximationResult:
     """Fit maps on ``fit_n`` train samples, evaluate the approximated model on ``eval_n`` test samples.
@@ -190,6 +219,8 @@ def approximate(model, dataset, fit_n: int, eval_n: int, seed: int,
     evaluation samples with their labels (numpy; not in the JSON). For a causal LM on a
     language-model text the samples are windows of ``seq_len`` tokens and the result adds the
     perplexity and top-1 next-token agreement of the original, approximated and skipped models.
+    The fit keeps all Gram pairs when they fit ``stats_budget`` bytes (default a quarter of the free
+    memory), else only the ranges' own blocks.
     """
     declared = map_kind(kind)  # an unknown map fails before any work
     params = map_params or MapParams()
@@ -202,13 +233,15 @@ def approximate(model, dataset, fit_n: int, eval_n: int, seed: int,
     ranges = validate_ranges(ranges, info.num_blocks)  # before any pass
     dataset = lm_dataset(model, dataset, seq_len, ref)
     stage("Fit samples (train split): representations and token statistics")
-    fit = extract(model, dataset, fit_n, seed, "train", max_length=max_length, cache=cache, progress=progress,
-                  encoder=lazy)
+    fit = _fit_extraction(model, dataset, fit_n, seed, ranges, max_length, cache, progress, lazy, stats_budget)
+    if declared.statistics != "tokens":
+        stage(f"Fit samples (train split): what the {kind} maps are fitted from")
+    stats = map_statistics(kind, fit, dataset, [ranges], lazy, cache, progress)
     stage("Evaluation samples (test split): original model")
     ev = extract(model, dataset, eval_n, seed, "test", with_stats=False, max_length=max_length, cache=cache,
                  progress=progress, encoder=lazy)
     stage("Evaluation samples: approximated model")
-    final, measured = approximated_outputs(lazy, dataset, fit, ev, ranges, kind, params, cache, progress,
+    final, measured = approximated_outputs(lazy, dataset, fit, stats, ev, ranges, kind, params, cache, progress,
                                            timed=True)
     removed = sum(j - i for i, j in ranges)
     result = ApproximationResult(
@@ -227,16 +260,17 @@ def approximate(model, dataset, fit_n: int, eval_n: int, seed: int,
     )
     if isinstance(dataset, LMText):
         stage("Evaluation windows: perplexity and next-token agreement")
-        scores = _lm_scores(lazy, dataset, fit, ev, ranges, kind, params, cache, progress)
+        scores = _lm_scores(lazy, dataset, fit, stats, ev, ranges, kind, params, cache, progress)
         result.perplexity, result.top1_agreement = scores["perplexity"], scores["top1_agreement"]
     if probe:
         stage("Linear probe: approximated and skipped models on the fit samples")
         train = {"original": fit.final}
         test = {"original": ev.final}
         for name, map_name in (("approximated", kind), ("skip", "identity")):
-            train[name] = approximated_outputs(lazy, dataset, fit, fit, ranges, map_name, params, cache, progress)[0]
+            train[name] = approximated_outputs(lazy, dataset, fit, stats, fit, ranges, map_name, params, cache,
+                                               progress)[0]
             test[name] = final if map_name == kind else approximated_outputs(
-                lazy, dataset, fit, ev, ranges, map_name, params, cache, progress)[0]
+                lazy, dataset, fit, stats, ev, ranges, map_name, params, cache, progress)[0]
         result.accuracy = {name: probe_accuracy(train[name], fit.labels, test[name], ev.labels)
                            for name in ("original", "approximated", "skip")}
         result.accuracy_converged = {name: converged_probe_accuracy(train[name], fit.labels, test[name], ev.labels)
@@ -248,22 +282,24 @@ def approximate(model, dataset, fit_n: int, eval_n: int, seed: int,
 def export(model, dataset, fit_n: int, seed: int, ranges: Sequence[Sequence[int]], kind: str, out,
            *, eval_n: int = 0, map_params: MapParams | None = None, max_length: int = 128,
            seq_len: int = DEFAULT_SEQ_LEN, onnx: bool = False, cache: Cache | None = None,
-           progress: Progress | None = None, on_stage: Stage | None = None) -> dict:
-    """Fit the maps of ``ranges`` on ``fit_n`` train samples and write the export folder ``out``.
+           progress: Progress | None = None, on_stage: Stage | None = None,
+           encoder: Encoder | Callable[[], Encoder] | None = None) -> dict:
+    """Fit the maps of ``ranges`` on ``fit_n`` train samples and write the export folder ``out``
+    (``encoder``: a loaded encoder of ``model`` or a loader, as for :func:`approximate`).
 
     ``kind`` ``folded`` gives a plain Hugging Face checkpoint with fewer layers (pre-LN models; its
-    ``rba.json`` records the data and, with ``eval_n`` windows of a language-model text, the
-    perplexity of the original and folded models); other kinds the rba-compressed folder with
+    ``rba.json`` records the data and, with ``eval_n`` test samples, the perplexity of the original
+    and folded models on the windows of a language-model text, else the final-representation MSE
+    of the folded model against the original); other kinds the rba-compressed folder with
     the maps as modules (:func:`rba_core.export.save_compressed`). Returns the record written."""
     from rba_core.data import sample_indices
     from rba_core.export import save_compressed, save_folded
-    from rba_core.fold import check_foldable, fold_statistics, folded_encoder
+    from rba_core.fold import check_foldable, fold_pass, folded_encoder
 
     params = map_params or MapParams()
     stage = on_stage or (lambda _: None)
-    if kind != "folded":
-        map_kind(kind)  # an unknown map fails before any work
-        lazy = LazyEncoder(model, None, max_length)
+    if map_kind(kind).statistics == "tokens":  # the maps stay modules: the rba-compressed folder
+        lazy = LazyEncoder(model, encoder, max_length)
         ref = model_ref(model, max_length)
         checked = validate_ranges(ranges, ref.info.num_blocks)
         stage("Fit samples (train split): token statistics")
@@ -271,28 +307,43 @@ def export(model, dataset, fit_n: int, seed: int, ranges: Sequence[Sequence[int]
                       cache=cache, progress=progress, encoder=lazy, stats_ranges=checked)
         save_compressed(approximate_encoder(lazy(), fit.stats(), checked, kind, params), out, onnx=onnx)
         return json.loads((Path(out) / "rba.json").read_text())
-    encoder = model if isinstance(model, Encoder) else load_encoder(model, max_length=max_length)
+    lazy = LazyEncoder(model, encoder, max_length)
+    encoder = lazy()
     checked = check_foldable(encoder, ranges)
     data = lm_dataset(model, dataset, seq_len)
-    source = open_dataset(data, "train")
-    indices = sample_indices(len(source), fit_n, seed, "train", source.unit)
     stage("Fit samples (train split): MLP outputs and block outputs of the ranges")
-    batches = (encoder.preprocess(source.items(indices[s : s + 8])) for s in range(0, len(indices), 8))
-    maps = {rng: stats.fit(params.ridge if kind == "ridge" else 0.0)
-            for rng, stats in fold_statistics(encoder, batches, checked).items()}
+    maps = {rng: stats.fit() for rng, stats in fold_pass(model, data, fit_n, seed, [checked], max_length=max_length,
+                                                          cache=cache, progress=progress, encoder=lazy).items()}
     folded = folded_encoder(encoder, maps)
     record = {"source": encoder.source, "family": encoder.family, "map": "folded",
               "ranges": [list(rng) for rng in checked],
               "paper": [paper_notation(rng) for rng in checked],
               "layers": {"original": encoder.num_blocks, "folded": folded.num_blocks},
               "params": {"original": count_params(encoder.model), "folded": count_params(folded.model)},
-              "data": {"dataset": str(dataset), "fit_n": fit_n, "seed": seed, "seq_len": seq_len}}
-    if eval_n and isinstance(data, LMText):
-        stage("Evaluation windows: perplexity of the original and folded models")
+              "data": {"dataset": str(dataset), "fit_n": fit_n, "seed": seed,
+                       **({"seq_len": seq_len} if isinstance(data, LMText) else {"max_length": encoder.max_length})}}
+    if eval_n:
         test = open_dataset(data, "test")
-        windows = test.items(sample_indices(len(test), eval_n, seed, "test", test.unit))
-        record["perplexity"] = {"original": lm_scores(encoder, {}, windows)["perplexity"]["original"],
-                                "folded": lm_scores(folded, {}, windows)["perplexity"]["original"]}
+        samples = test.items(sample_indices(len(test), eval_n, seed, "test", test.unit))
         record["data"]["eval_n"] = eval_n
+        if isinstance(data, LMText):
+            stage("Evaluation windows: perplexity of the original and folded models")
+            record["perplexity"] = {"original": lm_scores(encoder, {}, samples)["perplexity"]["original"],
+                                    "folded": lm_scores(folded, {}, samples)["perplexity"]["original"]}
+        else:
+            stage("Evaluation samples (test split): final representations of the original and folded models")
+            record["mse_final"] = _final_mse(encoder, folded, samples)
     save_folded(folded, out, record)
     return record
+
+
+@torch.inference_mode()
+def _final_mse(original: Encoder, other: Encoder, samples: Sequence, batch_size: int = 8) -> float:
+    """Mean squared difference of the two encoders' final representations over samples and dimensions."""
+    total, count = 0.0, 0
+    for start in range(0, len(samples), batch_size):
+        inputs = original.preprocess(samples[start : start + batch_size])
+        mask = original.token_mask(inputs)
+        ours, theirs = (enc.final(enc.hidden_states(inputs)[0][-1], mask).double() for enc in (original, other))
+        total, count = total + float(((ours - theirs) ** 2).sum()), count + ours.numel()
+    return total / count

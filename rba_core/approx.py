@@ -6,7 +6,8 @@ shared by all tokens (:mod:`rba_core.maps`).
 
 from __future__ import annotations
 
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -15,7 +16,6 @@ from torch import nn
 from rba_core.errors import RBAError
 from rba_core.maps import MapParams, Range, fit_map
 from rba_core.models import Encoder
-from rba_core.stats import TokenStats
 
 
 class LinearMap(nn.Module):
@@ -27,8 +27,47 @@ class LinearMap(nn.Module):
         self.bias = None if bias is None else nn.Parameter(torch.as_tensor(bias, dtype=torch.float32), requires_grad=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        out = hidden @ self.weight
-        return out if self.bias is None else out + self.bias
+        """In float32 on the map's device whatever the model computes in; returned in the hidden states' dtype."""
+        out = hidden.to(self.weight) @ self.weight
+        return (out if self.bias is None else out + self.bias).to(hidden.dtype)
+
+
+class FoldedMap(nn.Module):
+    """Range i→j's folded map: ``hs[i] ↦ hs[i] − m + m·T``, m being what block i's MLP output layer
+    added to the residual (for i = 0, m = hs[0]: ``hs[0]·T``). This is exactly what block i computes
+    once T is folded into that layer (``W ← W·T``, ``b ← b·T``), so T is a buffer, not a parameter:
+    the folded model has no added parameters."""
+
+    def __init__(self, weight: np.ndarray | torch.Tensor, start: int):
+        super().__init__()
+        self.start = start
+        self.register_buffer("weight", torch.as_tensor(weight, dtype=torch.float32))
+
+    def forward(self, hidden: torch.Tensor, m: torch.Tensor | None = None) -> torch.Tensor:
+        """``m``: block i's MLP output captured while it ran (:func:`captured`); None for i = 0. In float32
+        on the map's device whatever the model computes in; returned as the hidden states are."""
+        if m is None:
+            return (hidden.to(self.weight) @ self.weight).to(hidden)
+        m = m.to(self.weight)
+        return (hidden.to(self.weight) - m + m @ self.weight).to(hidden)
+
+
+@contextmanager
+def captured(modules: dict[int, nn.Module]) -> Iterator[dict[int, torch.Tensor]]:
+    """The latest output of each module while the block runs, by key; the hooks are always removed."""
+    outputs: dict[int, torch.Tensor] = {}
+    handles = [module.register_forward_hook(lambda _m, _in, out, key=key: outputs.__setitem__(key, out))
+               for key, module in modules.items()]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def mlp_outputs(encoder: Encoder, starts) -> dict[int, nn.Module]:
+    """The MLP output layers of the blocks that folded maps start at (block 0, the embeddings, has none)."""
+    return {i: encoder.mlp_output_module(i) for i in starts if i > 0}
 
 
 def paper_notation(rng: Range) -> str:
@@ -69,7 +108,7 @@ class ApproximatedEncoder(nn.Module):
     (attention masks them) or the pooling.
     """
 
-    def __init__(self, encoder: Encoder, ranges: Sequence[Range], maps: Sequence[LinearMap | None]):
+    def __init__(self, encoder: Encoder, ranges: Sequence[Range], maps: Sequence[LinearMap | FoldedMap | None]):
         super().__init__()
         self.encoder = encoder  # not a submodule: its model holds the removed blocks too
         self.ranges = list(ranges)
@@ -98,17 +137,26 @@ class ApproximatedEncoder(nn.Module):
         enc = self.encoder
         hidden = enc.embed(inputs)
         ctx = enc.context(inputs, hidden)
-        for step in self.steps:
-            hidden = step(hidden) if isinstance(step, LinearMap) else enc.run_block(step, hidden, ctx)
+        folded = mlp_outputs(enc, [step.start for step in self.steps if isinstance(step, FoldedMap)])
+        with captured(folded) as m:  # block i's MLP output, for the folded map that follows it
+            for step in self.steps:
+                if isinstance(step, FoldedMap):
+                    hidden = step(hidden, m.get(step.start))
+                elif isinstance(step, LinearMap):
+                    hidden = step(hidden)
+                else:
+                    hidden = enc.run_block(step, hidden, ctx)
         return hidden
 
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
         return self.encoder.final(self.last_hidden(**inputs), self.encoder.token_mask(inputs))
 
 
-def approximate_encoder(encoder: Encoder, stats: TokenStats, ranges: Sequence[Range],
+def approximate_encoder(encoder: Encoder, stats, ranges: Sequence[Range],
                         kind: str = "linear", params: MapParams | None = None) -> ApproximatedEncoder:
-    """Fit one map per range and build the approximated encoder."""
+    """Fit one map per range and build the approximated encoder. ``stats``: what the map kind is
+    fitted from (its ``statistics``): the :class:`TokenStats` of the fit samples, or the fold statistics
+    of the ranges (:func:`rba_core.fold.fold_pass`)."""
     maps = [fit_map(stats, rng, kind, params) for rng in ranges]
     return ApproximatedEncoder(encoder, ranges, maps).eval()
 

@@ -61,15 +61,19 @@ def _parser() -> argparse.ArgumentParser:
     approx.add_argument("--map", default="linear", choices=list(MAPS), help=_map_help())
     approx.add_argument("--ridge", type=float, default=1e-2, help="λ for --map ridge")
     approx.add_argument("--probe", action="store_true", help="also train the linear probe (3 seeds)")
+    approx.add_argument("--stats-budget-gb", type=float, help="memory the fit's token statistics may use (default "
+                        "a quarter of the free RAM or GPU memory); above it only the ranges' Gram blocks are kept")
     _add_table_and_search(sub, common)
     export = sub.add_parser("export", parents=[common], help="fit the maps and write an export folder "
                             "(--map folded: a plain Hugging Face checkpoint with fewer layers)")
     export.add_argument("--fit-n", type=int, required=True, help="train samples (windows) used to fit the maps")
-    export.add_argument("--eval-n", type=int, default=0, help="causal LMs: test windows for the perplexity in rba.json")
+    export.add_argument("--eval-n", type=int, default=0,
+                        help="--map folded: test samples for rba.json (causal LMs on a text: perplexity of "
+                        "the original and folded models; otherwise the folded model's final MSE)")
     export.add_argument("--range", nargs=2, type=int, action="append", required=True, metavar=("I", "J"),
                         help="remove blocks I+1..J, mapping block output I to J (repeatable)")
-    export.add_argument("--map", default="linear", choices=[*MAPS, "folded"],
-                        help=_map_help() + "; folded: fitted on block I's MLP output and folded into its weights")
+    export.add_argument("--map", default="linear", choices=list(MAPS),
+                        help=_map_help() + " (export --map folded writes a plain Hugging Face checkpoint)")
     export.add_argument("--ridge", type=float, default=1e-2, help="λ for --map ridge")
     export.add_argument("--out", required=True, type=Path, help="the export folder")
     export.add_argument("--onnx", action="store_true", help="image models: also write model.onnx")
@@ -92,6 +96,8 @@ def _add_table_and_search(sub, common: argparse.ArgumentParser) -> None:
                        help="comma-separated rows: paper, all-consecutive or I:J ('+' joins ranges of one row)")
     table.add_argument("--map", default="linear", choices=list(MAPS), help=_map_help())
     table.add_argument("--max-length", type=int, default=128, help="text models: truncate texts to this many tokens")
+    table.add_argument("--seq-len", type=int, default=256,
+                       help="causal LMs on a text (WikiText-2, C4, .txt file or folder): tokens per window")
     table.add_argument("--ridge", type=float, default=1e-2, help="λ for --map ridge")
     table.add_argument("--out", required=True, type=Path, help="FILE.csv, FILE.md or FILE.json")
     table.add_argument("--cache-dir", type=Path, help="cache folder (default $RBA_CACHE_DIR or cache/)")
@@ -114,17 +120,20 @@ def _add_table_and_search(sub, common: argparse.ArgumentParser) -> None:
 
 
 class _Bar:
-    """A tqdm progress bar on stderr per stage (a new one when the count restarts); ``unit()`` names the items."""
+    """A tqdm progress bar on stderr per stage (a new one when the count restarts); ``unit()`` names the items.
+    Windows of a language-model text are shown as their ``seq_len`` tokens each (tokens/s and an ETA)."""
 
-    def __init__(self, unit=lambda: "images"):
-        self.unit, self.bar = unit, None
+    def __init__(self, unit=lambda: "images", seq_len: int = 1):
+        self.unit, self.seq_len, self.bar = unit, seq_len, None
 
     def __call__(self, done: int, total: int) -> None:
         from tqdm import tqdm
 
         if self.bar is None or self.bar.total != total or done < self.bar.n:
             self.close()
-            self.bar = tqdm(total=total, unit=f" {self.unit()}", file=sys.stderr)
+            tokens = self.unit() == "windows"
+            self.bar = tqdm(total=total, unit=" tokens" if tokens else f" {self.unit()}", file=sys.stderr,
+                            unit_scale=self.seq_len if tokens else False)
         self.bar.update(done - self.bar.n)
         if done >= total:
             self.close()
@@ -133,6 +142,10 @@ class _Bar:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def _budget(args: argparse.Namespace) -> int | None:
+    return int(args.stats_budget_gb * 1e9) if args.stats_budget_gb else None
 
 
 def _main_rank() -> bool:
@@ -158,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     main_rank = _main_rank()
     tracker = Tracker(on_stage=lambda s: print(s, file=sys.stderr) if main_rank else None)
-    tracker.report = bar = _Bar(lambda: tracker.unit) if main_rank else None
+    tracker.report = bar = _Bar(lambda: tracker.unit, getattr(args, "seq_len", 1)) if main_rank else None
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _stop_on_sigterm) if main_thread else None
     try:
@@ -204,14 +217,15 @@ def _run(args: argparse.Namespace, tracker: Tracker) -> int:
         if args.command == "analyze":
             results = analyze(args.model, args.dataset, args.n, args.seed, args.split, max_length=args.max_length,
                               seq_len=args.seq_len, windows=args.window or (1,), stats_window=args.stats_window,
-                              stats_budget=int(args.stats_budget_gb * 1e9) if args.stats_budget_gb else None,
+                              stats_budget=_budget(args),
                               cache=cache, progress=progress)
         elif args.command == "table":
             from rba_core.table import table, table_format, write_table
 
             table_format(args.out)  # a bad suffix fails before any work
             results = table(args.model, args.dataset, args.fit_n, args.eval_n, args.seed, args.ranges, args.map,
-                            map_params=MapParams(ridge=args.ridge), max_length=args.max_length, cache=cache,
+                            map_params=MapParams(ridge=args.ridge), max_length=args.max_length,
+                            seq_len=args.seq_len, cache=cache,
                             progress=progress, on_stage=tracker.stage)
             if _main_rank():  # one writer under a launcher
                 args.json = write_table(results, args.out)
@@ -222,7 +236,7 @@ def _run(args: argparse.Namespace, tracker: Tracker) -> int:
                              max_params=args.max_params, max_latency_ms=args.max_latency_ms, pairs=args.pairs,
                              probe_top=args.probe_top, kind=args.map, map_params=MapParams(ridge=args.ridge),
                              top_k=args.top_k, exhaustive=args.exhaustive,
-                             max_length=args.max_length, cache=cache,
+                             max_length=args.max_length, seq_len=args.seq_len, cache=cache,
                              progress=progress, on_stage=tracker.stage)
         elif args.command == "export":
             from rba_core.analysis import export
@@ -236,7 +250,7 @@ def _run(args: argparse.Namespace, tracker: Tracker) -> int:
             results = approximate(args.model, args.dataset, args.fit_n, args.eval_n, args.seed, args.range,
                                   args.map, map_params=MapParams(ridge=args.ridge), probe=args.probe,
                                   max_length=args.max_length, seq_len=args.seq_len, cache=cache,
-                                  progress=progress, on_stage=tracker.stage)
+                                  stats_budget=_budget(args), progress=progress, on_stage=tracker.stage)
     except RBAError as exc:
         from rba_core.distributed import WorkerFailed
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from rba_core.approx import ApproximatedEncoder, count_params, paper_notation, validate_ranges
 from rba_core.errors import RBAError
-from rba_core.approx import LinearMap
+from rba_core.approx import FoldedMap, LinearMap
 from rba_core.maps import Range
 from rba_core.models import Encoder, adapter_class, load_config
 
@@ -67,6 +67,9 @@ def _maps_of(net: ApproximatedEncoder) -> list[LinearMap | None]:
 
 def _parts(compressed: Compressed, encoder: Encoder | None) -> tuple[Encoder, list[Range], list[LinearMap | None]]:
     if isinstance(compressed, ApproximatedEncoder):
+        if any(isinstance(step, FoldedMap) for step in compressed.steps):
+            raise RBAError("Folded maps belong in the model's own weights: export them as a plain checkpoint "
+                           "with export --map folded (rba_core.analysis.export(..., kind='folded')).")
         if encoder is not None and compressed.encoder.model is not encoder.model:
             raise RBAError("The approximated model was built from another encoder than encoder=...; pass the "
                            "one it was built from, or leave encoder out.")
@@ -245,13 +248,35 @@ def onnx_session(path: Path | str):
 FOLDED_FORMAT = "rba-folded"
 
 
+#: the transformers classes whose head a folded export keeps (their backbone is replaced)
+_HEADS = ("ForImageClassification", "ForSequenceClassification")
+
+
+def _with_source_head(encoder: Encoder) -> nn.Module:
+    """The folded model inside the source's classification model when the source checkpoint is one
+    (its head kept, its backbone replaced by the folded one), else the folded model itself."""
+    import transformers
+
+    model = encoder.model
+    for name in getattr(model.config, "architectures", None) or []:
+        cls = getattr(transformers, name, None) if name.endswith(_HEADS) else None
+        full = cls and cls.from_pretrained(encoder.source, dtype=torch.float32)
+        if full is not None and type(getattr(full, full.base_model_prefix, None)) is type(model):
+            setattr(full, full.base_model_prefix, model)
+            full.config = model.config  # the cut layer count; labels and head settings are the source's
+            return full.eval()
+    return model
+
+
 def save_folded(encoder: Encoder, folder: Path | str, record: dict) -> Path:
     """Write a folded model (:func:`rba_core.fold.folded_encoder`) as a standard Hugging Face folder
-    (config with the new layer count, safetensors, tokenizer, generation config) that
-    ``AutoModelForCausalLM.from_pretrained`` loads without rba_core, and ``rba.json`` beside it."""
+    (config with the new layer count, safetensors, tokenizer or image processor, generation config)
+    that plain transformers loads without rba_core (``AutoModelForCausalLM``; encoders: ``AutoModel``,
+    or ``AutoModelForImageClassification`` / ``...SequenceClassification`` with the source's head
+    kept when the source has one), and ``rba.json`` beside it."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    encoder.model.save_pretrained(folder)
+    _with_source_head(encoder).save_pretrained(folder)
     encoder.processor.save_pretrained(folder)
     (folder / RECORD).write_text(json.dumps({"format": FOLDED_FORMAT, **record}, indent=2))
     return folder

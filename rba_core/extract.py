@@ -17,7 +17,7 @@ from rba_core.distributed import single_flight, world
 from rba_core.errors import RBAError
 from rba_core.maps import fit_residual_matrix
 from rba_core.metrics import influence_sums
-from rba_core.models import Encoder, load_encoder, model_ref
+from rba_core.models import Encoder, adapter_class, default_device, load_encoder, model_ref
 from rba_core.progress import Progress
 from rba_core.stats import (SAMPLE_GROUP, Pair, StatsAccumulator, TokenStats, check_fits, memory_budget,
                             planned_pairs, stats_bytes)
@@ -62,10 +62,11 @@ class Extraction:
 
 def extraction_key(model: dict, source: Source, indices: np.ndarray, with_stats: bool,
                    token_fraction: float, pooling: str, max_length: int | None,
-                   pairs: list[Pair] | None = None) -> str:
+                   pairs: list[Pair] | None = None, dtype: str = "float32") -> str:
     """Cache key: every input that changes the stored arrays (not the batch size, device or workers).
     ``model`` is the model's fingerprint (:func:`rba_core.models.model_fingerprint`); ``pairs`` the
-    Gram blocks kept when not all pairs (:func:`rba_core.stats.planned_pairs`)."""
+    Gram blocks kept when not all pairs (:func:`rba_core.stats.planned_pairs`); ``dtype`` the model's
+    compute dtype (:meth:`rba_core.models.Encoder.compute_dtype`)."""
     plan = {} if pairs is None or not with_stats else {"pairs": [list(p) for p in pairs]}
     return make_key({**plan,
         "kind": "extraction",
@@ -77,7 +78,7 @@ def extraction_key(model: dict, source: Source, indices: np.ndarray, with_stats:
         "token_fraction": token_fraction if with_stats else None,
         "pooling": pooling,
         "max_length": max_length if source.modality == "text" else None,
-        "dtype": "float32",
+        "dtype": dtype,
     })
 
 
@@ -86,7 +87,7 @@ def token_rows(indices: np.ndarray, mask: torch.Tensor | None, tokens: int, frac
     ``fraction`` < 1 the first token plus a random share of the other real tokens, drawn from a
     generator seeded by the sample's index, so the choice depends neither on the batch size nor
     on how samples are split across workers. None keeps every row."""
-    if mask is None and fraction >= 1.0:
+    if fraction >= 1.0 and (mask is None or bool(mask.all())):  # no padding (images, LM windows): no copies
         return None
     rows = []
     for b, index in enumerate(indices):
@@ -169,6 +170,8 @@ def run_pass(encoder: Encoder, source: Source, indices: np.ndarray, with_stats: 
     batch_size = max(SAMPLE_GROUP, batch_size // SAMPLE_GROUP * SAMPLE_GROUP)
     acc = StatsAccumulator(encoder.num_blocks + 1, encoder.hidden_size, encoder.device, pairs) if with_stats else None
     influence = np.zeros(encoder.num_blocks)  # Σ over the statistics' tokens of 1 - cos(hs[k-1], hs[k])
+    if progress:
+        progress(0, n)  # the clock of the rate and ETA starts with the pass, not after its first batch
     with here.all_or_none("the pass"):
         workers = decode_workers(encoder.device) if workers is None else workers
         pooled, final = _local_pass(encoder, source, indices[mine], acc, influence, batch_size, token_fraction,
@@ -208,8 +211,8 @@ def _local_pass(encoder: Encoder, source: Source, indices: np.ndarray, acc: Stat
         hs, _ = encoder.hidden_states(inputs)
         mask = encoder.token_mask(inputs)
         stop = start + len(batch)
-        pooled[:, start:stop] = torch.stack([encoder.pool(h, mask) for h in hs]).cpu().numpy()
-        final[start:stop] = encoder.final(hs[-1], mask).cpu().numpy()
+        pooled[:, start:stop] = torch.stack([encoder.pool(h, mask).to(hs[0]) for h in hs]).float().cpu().numpy()
+        final[start:stop] = encoder.final(hs[-1], mask).float().cpu().numpy()
         if acc is not None:
             rows = token_rows(batch, mask, hs[0].shape[1], token_fraction)
             acc.add(hs, None if rows is None else rows.to(hs[0].device))
@@ -248,10 +251,13 @@ def extract(model, dataset, n: int, seed: int = 0, split: str = "train", *,
         raise RBAError(f"The maximum text length must be at least 2 tokens, got {max_length}.")
     length = max_length if source.modality == "text" else None
     pairs = planned_pairs(ref.info.num_blocks + 1, stats_window, stats_ranges)
+    dtype = compute_dtype(ref, device or world().device or default_device())
     # An entry with statistics also serves a request without them; the last key is the one stored.
-    keys = [extraction_key(ref.fingerprint, source, indices, True, token_fraction, ref.info.pooling, length, pairs)]
+    keys = [extraction_key(ref.fingerprint, source, indices, True, token_fraction, ref.info.pooling, length, pairs,
+                           dtype)]
     if not with_stats:
-        keys.append(extraction_key(ref.fingerprint, source, indices, False, token_fraction, ref.info.pooling, length))
+        keys.append(extraction_key(ref.fingerprint, source, indices, False, token_fraction, ref.info.pooling, length,
+                                   dtype=dtype))
 
     def lookup() -> Extraction | None:
         for key in keys:
@@ -295,6 +301,15 @@ def extract(model, dataset, n: int, seed: int = 0, split: str = "train", *,
     # One pass per key across threads and processes: a second asker waits, then reads the stored entry.
     # Under a launcher only rank 0 takes the key's lock; the whole group computes or reads together.
     return single_flight(cache, keys[-1], lookup, compute, progress)
+
+
+def compute_dtype(ref, device: str) -> str:
+    """The name of the dtype the model computes in: a loaded model's own, else its family's on ``device``."""
+    if ref.loaded is not None:
+        dtype = next(ref.loaded.model.parameters()).dtype
+    else:
+        dtype = adapter_class(ref.info.family).compute_dtype(device)
+    return str(dtype).removeprefix("torch.")
 
 
 def check_modality(modality: str, source: Source, model: str) -> None:

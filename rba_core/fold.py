@@ -3,23 +3,29 @@
 For range i→j of a pre-LN model, block i writes ``hs[i] = r + m``, m being the output of its MLP's
 last linear layer and r the residual before it. T minimises ``||m·T - (hs[j] - r)||²`` over the real
 tokens of the fit samples (ridge optional); folding it into that layer (``W ← W·T``, ``b ← b·T``)
-makes block i emit ``r + m·T ≈ hs[j]``, so blocks i+1..j can be deleted. With M = stacked m and
-H_k = stacked hs[k], the fit needs MᵀM, MᵀH_i and MᵀH_j only (``hs[j] - r = H_j - H_i + M``),
-accumulated over batches like :mod:`rba_core.stats`.
+makes block i emit ``r + m·T ≈ hs[j]``, so blocks i+1..j can be deleted. Where a per-channel scale
+follows that layer (DINOv2's layer scale λ: m = λ ⊙ layer(x)), ``diag(λ)·T`` is folded and λ set to 1.
+A range 0→j has r = 0 and m = hs[0]: T = lstsq(hs[0], hs[j]) is folded into every embedding
+parameter hs[0] is linear in (patch projection, position and class tokens, token embeddings); an
+output embedding tied to them is untied first, so the LM head keeps the original matrix.
+
+With M = stacked m and H_k = stacked hs[k], the fit needs MᵀM and Mᵀ(H_j - H_i) only
+(``hs[j] - r = H_j - H_i + M``), accumulated over batches like :mod:`rba_core.stats`. The difference
+is taken per token before the float32 product: a block's m is often far smaller than the residual
+stream, and MᵀH_j - MᵀH_i would cancel most of the digits that the products keep.
 """
 
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from rba_core.approx import validate_ranges
+from rba_core.approx import captured as _captured, validate_ranges
 from rba_core.errors import RBAError
 from rba_core.maps import Range, solve_spd
 from rba_core.models import Encoder
@@ -30,92 +36,133 @@ class FoldStats:
     """Sums over real tokens for one range i→j, float64 (D, D) each."""
 
     mm: np.ndarray  # MᵀM
-    mi: np.ndarray  # MᵀH_i
-    mj: np.ndarray  # MᵀH_j
+    md: np.ndarray  # Mᵀ(H_j - H_i)
     count: int
 
     def fit(self, ridge: float = 0.0) -> np.ndarray:
         """T (D, D) minimising ||M T - (H_j - H_i + M)||² + ridge·count·||T||² (λ per token, as the ridge map's)."""
         gram = self.mm + ridge * self.count * np.eye(self.mm.shape[0])
-        return solve_spd(gram, self.mj - self.mi + self.mm)
+        return solve_spd(gram, self.md + self.mm)
 
 
 def check_foldable(encoder: Encoder, ranges: Sequence[Sequence[int]]) -> list[Range]:
-    """Checked ranges whose start block exists and is kept; one sentence for a model or range that cannot fold."""
-    if getattr(encoder, "mlp_out", None) is None:
-        raise RBAError(f"'{encoder.family}' blocks do not end in a linear layer that writes the residual stream "
-                       "(post-LN blocks end in a LayerNorm, Gemma normalises its MLP output), so a map cannot be "
-                       "folded into them; export with --map linear, affine or ridge instead.")
+    """Checked ranges whose start (block i, or the embeddings for i = 0) can take the map and is kept;
+    one sentence for a model or range that cannot fold."""
+    instead = "export with --map linear, affine or ridge instead"
+    if encoder.mlp_out is None and not encoder.linear_stem:
+        raise RBAError(f"A map cannot be folded into this '{encoder.family}' model: {encoder.no_fold_reason}; "
+                       f"{instead}.")
     checked = validate_ranges(ranges, encoder.num_blocks)
+    for i, j in checked:
+        if i == 0 and not encoder.linear_stem:
+            raise RBAError(f"Range 0→{j} cannot be folded into this '{encoder.family}' model's embeddings: "
+                           f"{encoder.no_stem_fold_reason}; start the range at block 1 or later, or {instead}.")
+        if i > 0 and encoder.mlp_out is None:
+            raise RBAError(f"Range {i}→{j} cannot be folded into block {i} of this '{encoder.family}' model: "
+                           f"{encoder.no_fold_reason}; start the range at 0 (the embeddings), or {instead}.")
     for (_, j1), (i2, j2) in zip(checked, checked[1:]):
         if i2 == j1:
             raise RBAError(f"Range {i2}→{j2} would fold into block {i2}, which range ending at {j1} removes; "
                            "merge the two ranges into one.")
     if sum(j - i for i, j in checked) >= encoder.num_blocks:
         raise RBAError("These ranges would remove every layer; keep at least one.")
-    if checked[0][0] == 0:
-        raise RBAError(f"Range 0→{checked[0][1]} starts at the embeddings, which have no MLP to fold into; start "
-                       "the range at block 1 or later, or export with --map linear.")
     return checked
-
-
-@contextmanager
-def _captured(modules: dict[int, nn.Module]) -> Iterator[dict[int, torch.Tensor]]:
-    """The output of each module during the block, by key; the hooks are always removed."""
-    outputs: dict[int, torch.Tensor] = {}
-    handles = [module.register_forward_hook(lambda _m, _in, out, key=key: outputs.__setitem__(key, out))
-               for key, module in modules.items()]
-    try:
-        yield outputs
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @torch.inference_mode()
 def fold_statistics(encoder: Encoder, batches: Iterable[dict[str, torch.Tensor]],
                     ranges: Sequence[Range]) -> dict[Range, FoldStats]:
-    """MᵀM, MᵀH_i, MᵀH_j of every range over the real tokens of ``batches`` (the model's inputs)."""
+    """MᵀM and Mᵀ(H_j - H_i) of every range over the real tokens of ``batches`` (the model's inputs);
+    m is the output of :meth:`Encoder.mlp_output_module` of block i, and hs[0] for i = 0."""
     d = encoder.hidden_size
     zeros = lambda: torch.zeros(d, d, dtype=torch.float64)  # noqa: E731
-    sums = {rng: [zeros(), zeros(), zeros()] for rng in ranges}
+    sums = {rng: [zeros(), zeros()] for rng in ranges}
     count = 0
-    starts = {i: encoder.mlp_output_module(i) for i, _ in ranges}
+    starts = {i: encoder.mlp_output_module(i) for i, _ in ranges if i > 0}
     for inputs in batches:
         with _captured(starts) as outputs:
             hs, _ = encoder.hidden_states(inputs)
         mask = encoder.token_mask(inputs)
         rows = (lambda x: x.reshape(-1, d) if mask is None else x[mask])  # noqa: E731
         for (i, j), acc in sums.items():
-            m = rows(outputs[i]).float()
-            for total, other in zip(acc, (m, rows(hs[i]), rows(hs[j]))):
+            m = rows(outputs[i] if i > 0 else hs[0]).float()
+            change = rows(hs[j]).to(m.device, torch.float32) - rows(hs[i]).to(m.device, torch.float32)
+            for total, other in zip(acc, (m, change)):
                 total += (m.T @ other).double().cpu()  # float32 products, float64 sums
         count += int(rows(hs[0]).shape[0])
     return {rng: FoldStats(*(t.numpy() for t in acc), count) for rng, acc in sums.items()}
 
 
-def _cut_config(config, keep: list[int], num_blocks: int) -> None:
-    """The new layer count, and every per-layer list of the config (``layer_types`` ...) cut to the kept layers."""
+_NOT_PER_LAYER = ("architectures", "stage_names", "out_features", "out_indices")
+
+
+def _cut_config(config, keep: list[int], num_blocks: int, ranges: Sequence[Range]) -> None:
+    """The new layer count, every per-layer list of the config (``layer_types`` ...) cut to the kept
+    layers, and a backbone config's stages (DINOv2: ``stage_names``, ``out_indices``) renumbered: the
+    output of block j, last of a range, is now that of the folded block i."""
     for name, value in list(vars(config).items()):
-        if isinstance(value, (list, tuple)) and len(value) == num_blocks and name != "architectures":
+        if (isinstance(value, (list, tuple)) and len(value) == num_blocks and not name.startswith("_")
+                and name not in _NOT_PER_LAYER):
             setattr(config, name, type(value)(value[k] for k in keep))
     config.num_hidden_layers = len(keep)
+    outputs = getattr(config, "out_indices", None)
+    if outputs is not None and hasattr(config, "stage_names"):
+        stage = {0: 0, **{k + 1: new + 1 for new, k in enumerate(keep)}}
+        stage.update({j: stage[i] for i, j in ranges})
+        config.stage_names = ["stem"] + [f"stage{n}" for n in range(1, len(keep) + 1)]
+        config.out_indices = sorted({stage[k % (num_blocks + 1)] for k in outputs if k % (num_blocks + 1) in stage})
+
+
+def _fold_into_block(encoder: Encoder, block: nn.Module, t: torch.Tensor) -> None:
+    """Block's m becomes m·T: T (times the layer scale, which becomes 1) into its MLP output layer."""
+    layer = block.get_submodule(encoder.mlp_out)
+    t = t.to(layer.weight.device)
+    if encoder.mlp_scale:
+        scale = block.get_parameter(encoder.mlp_scale)
+        t = scale.float()[:, None] * t  # m = (x Wᵀ + b) diag(λ), so m·T = (x Wᵀ + b) diag(λ) T
+        scale.fill_(1.0)
+    # Linear stores (out, in) and computes x Wᵀ; GPT-2's Conv1D stores (in, out) and computes x W.
+    weight = layer.weight.float()
+    layer.weight.copy_(weight @ t if encoder.mlp_out_transposed else t.T @ weight)
+    if layer.bias is not None:
+        layer.bias.copy_(layer.bias.float() @ t)
+
+
+def _fold_into_stem(encoder: Encoder, model: nn.Module, t: torch.Tensor) -> None:
+    """hs[0] becomes hs[0]·T: every parameter of the linear stem times T along its hidden axis (the
+    output channels of a convolution or linear layer's weight, the last axis of anything else).
+    A parameter that a module outside the stem shares (an LM head tied to the token embedding)
+    is first given to that module as a copy, and the config no longer ties them."""
+    stem = [model.get_submodule(path) for path in encoder.linear_stem]
+    inside = {id(m) for module in stem for m in module.modules()}
+    shared = {id(p) for module in stem for p in module.parameters()}
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)) if id(module) not in inside else ():
+            if id(param) in shared:
+                setattr(module, name, nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad))
+                model.config.tie_word_embeddings = False
+    for module in stem:
+        for owner in module.modules():
+            for name, param in owner.named_parameters(recurse=False):
+                axis = 0 if name == "weight" and isinstance(owner, (nn.Linear, nn.modules.conv._ConvNd)) else -1
+                folded = torch.tensordot(param.float(), t.to(param.device), dims=([axis], [0]))
+                param.copy_(folded.movedim(-1, axis))
 
 
 def folded_model(encoder: Encoder, maps: dict[Range, np.ndarray]) -> nn.Module:
-    """A copy of the encoder's model with each range's T folded into block i's MLP output layer and
-    blocks i+1..j deleted (layer indices renumbered, config cut to match). The encoder is untouched."""
+    """A copy of the encoder's model with each range's T folded into block i's MLP output layer (into
+    the embeddings for i = 0) and blocks i+1..j deleted (layer indices renumbered, config cut to
+    match). The encoder is untouched."""
     model = copy.deepcopy(encoder.model)
     path = next(name for name, module in encoder.model.named_modules() if module is encoder.blocks)
     layers = model.get_submodule(path)
     with torch.no_grad():
         for (i, _), t in maps.items():
-            layer = layers[i - 1].get_submodule(encoder.mlp_out)
-            t = torch.as_tensor(t, dtype=layer.weight.dtype, device=layer.weight.device)
-            # Linear stores (out, in) and computes x Wᵀ; GPT-2's Conv1D stores (in, out) and computes x W.
-            layer.weight.copy_(layer.weight @ t if encoder.mlp_out_transposed else t.T @ layer.weight)
-            if layer.bias is not None:
-                layer.bias.copy_(layer.bias @ t)
+            t = torch.as_tensor(t, dtype=torch.float32)  # products in float32, stored in the weights' dtype
+            if i == 0:
+                _fold_into_stem(encoder, model, t)
+            else:
+                _fold_into_block(encoder, layers[i - 1], t)
     removed = {k for i, j in maps for k in range(i, j)}  # 0-based indices of blocks i+1..j
     keep = [k for k in range(len(layers)) if k not in removed]
     for k in sorted(removed, reverse=True):
@@ -124,7 +171,7 @@ def folded_model(encoder: Encoder, maps: dict[Range, np.ndarray]) -> nn.Module:
         for module in block.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = new
-    _cut_config(model.config, keep, encoder.num_blocks)
+    _cut_config(model.config, keep, encoder.num_blocks, list(maps))
     return model.eval()
 
 
@@ -133,3 +180,59 @@ def folded_encoder(encoder: Encoder, maps: dict[Range, np.ndarray]) -> Encoder:
     model = folded_model(encoder, maps)
     return type(encoder)(encoder.name, encoder.source, encoder.family, model, encoder.processor, encoder.device,
                          encoder.pooling, encoder.max_length)
+
+
+def _batches(encoder: Encoder, source, indices: np.ndarray, progress, batch_size: int = 8):
+    """The model's inputs for ``indices`` in batches, reporting the samples done."""
+    for start in range(0, len(indices), batch_size):
+        yield encoder.preprocess(source.items(indices[start : start + batch_size]))
+        if progress:
+            progress(min(start + batch_size, len(indices)), len(indices))
+
+
+def fold_pass(model, dataset, n: int, seed: int, sets: Sequence[Sequence[Range]], *, max_length: int = 128,
+              cache=None, progress=None, encoder=None) -> dict[Range, FoldStats]:
+    """Fold statistics of every range of ``sets`` over the ``n`` fit samples (the train split, sampled as
+    :func:`rba_core.extract.extract` samples them): from the cache when stored, otherwise one pass, before
+    which each set of ranges is checked to fold (:func:`check_foldable`, one sentence if not). ``encoder``:
+    a loaded encoder or a function that loads one (called only on a miss)."""
+    from rba_core.cache import Cache, make_key
+    from rba_core.data import open_dataset, sample_indices
+    from rba_core.distributed import single_flight, world
+    from rba_core.extract import compute_dtype, extraction_key
+    from rba_core.models import default_device, load_encoder, model_ref
+
+    cache = cache or Cache()
+    ref = model_ref(model, max_length)
+    source = open_dataset(dataset, "train")
+    indices = sample_indices(len(source), n, seed, "train", source.unit)
+    length = max_length if source.modality == "text" else None
+    ranges = sorted({(int(i), int(j)) for ranges in sets for i, j in ranges})
+    dtype = compute_dtype(ref, world().device or default_device())
+    samples = extraction_key(ref.fingerprint, source, indices, False, 1.0, ref.info.pooling, length, dtype=dtype)
+    key = make_key({"kind": "fold-statistics", "samples": samples, "ranges": [list(r) for r in ranges]})
+
+    def lookup() -> dict[Range, FoldStats] | None:
+        arrays = cache.load(key, "fold")
+        if arrays is None:
+            return None
+        count = int(arrays["count"][0])
+        return {(i, j): FoldStats(arrays[f"mm_{i}"], arrays[f"md_{i}_{j}"], count)
+                for i, j in ranges}
+
+    def compute(progress) -> dict[Range, FoldStats]:
+        loaded = (ref.loaded or (encoder() if callable(encoder) else encoder)
+                  or load_encoder(model, world().device, length))
+        loaded = loaded.with_max_length(length)
+        for checked in sets:
+            check_foldable(loaded, checked)
+        stats = fold_statistics(loaded, _batches(loaded, source, indices, progress), ranges)
+        arrays = {"count": np.array([next(iter(stats.values())).count], np.int64)}
+        for (i, j), s in stats.items():  # MᵀM depends on the start only: stored once per start
+            arrays.update({f"mm_{i}": s.mm, f"md_{i}_{j}": s.md})
+        if world().is_main:  # one writer per group of workers (each computed the same sums)
+            cache.put(key, {"fold": arrays}, {"kind": "fold-statistics", "model": ref.name, "dataset": source.name,
+                                              "split": "train", "n": n, "seed": seed, "ranges": ranges})
+        return stats
+
+    return single_flight(cache, key, lookup, compute, progress)

@@ -74,7 +74,7 @@ def _row_cosines(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 def influence_sums(states: Sequence[torch.Tensor]) -> np.ndarray:
     """Σ over rows of 1 - cos(states[k-1], states[k]) for k = 1..L, in float64; ``states``: L+1
     tensors (R, D), rows = real tokens. Sums over batches add up to Block Influence × tokens."""
-    return np.array([float((1 - F.cosine_similarity(a.double(), b.double(), dim=-1, eps=1e-300)).sum())
+    return np.array([float((1 - F.cosine_similarity(a.double(), b.to(a.device).double(), dim=-1, eps=1e-300)).sum())
                      for a, b in zip(states, states[1:])])
 
 

@@ -60,6 +60,11 @@ def summarise_search(results: dict, top: int = 5) -> list[str]:
     for rank, row in enumerate(results["candidates"][:top], start=1):
         lines.append(f"  {rank}. {row['range']} (paper: {row['paper']}): MSE {row['mse_final']:.4g}, "
                      f"{row['params']:,} parameters, about {row['latency_ms_per_image_estimate']:.3g} ms per image")
+    agreement = {name: v for name, v in (results.get("score_agreement") or {}).items() if v["spearman"] is not None}
+    if agreement:
+        lines.append("Spearman ρ of each cheap score with the measured ranking (candidates covered): " + ", ".join(
+            f"{name} {v['spearman']:.2f} ({v['candidates']})"
+            for name, v in sorted(agreement.items(), key=lambda kv: -kv[1]["spearman"])) + ".")
     return lines
 
 

@@ -158,7 +158,7 @@ class SearchResult(Result):
     chunk_size: int
     original: dict
     timing_ms_per_image: dict
-    spearman: dict
+    spearman: dict  # block_redundancy and fit_residual, as in score_agreement
     candidates: list[dict]
     cache: dict
     notes: list[str]
@@ -166,6 +166,7 @@ class SearchResult(Result):
     exhaustive: bool = False  # every candidate on every sample, instead of the race
     top_k: int = 5  # the head of the ranking the race keeps exact
     rounds: list[dict] = field(default_factory=list)  # the race: samples seen, candidates run and kept
+    score_agreement: dict = field(default_factory=dict)  # {cheap score: {"spearman": ρ, "candidates": k}}
 
     def to_frame(self):
         """One row per candidate, in ranking order."""

@@ -8,9 +8,15 @@ its compressed model computes after its first map: T applied to the cached hs[i]
 j+1..L. Pairs sharing a first range also share its suffix up to the second range.
 
 The cheap scores come for free from the fit extraction: the Block Redundancy score of a candidate
-is -Σ BR(k) over its removed blocks (the CLS change those blocks make), the fit-residual score the
-sum of its ranges' relative residuals. Their Spearman correlation with the measured MSE says when
-the cheap score is enough to choose.
+is -Σ BR(k) over its removed blocks (the change those blocks make to the pooled vector; the same
+over every real token), the fit-residual score the sum of its ranges' relative residuals, ShortGPT's
+Block Influence that of a one-block range l-1→l and PruneMe's angular distance that of a range
+l→l+n. Their Spearman correlation with the measured MSE, each over the candidates it covers
+(:func:`score_agreement`), says which cheap score is enough to choose.
+
+With the map kind ``folded`` the candidates whose ranges cannot fold (:func:`rba_core.fold.check_foldable`)
+are left out with a note; block i's MLP output, which a folded map of range i→j needs, is captured
+while block i runs (again, from the cached hs[i-1], for a first range).
 """
 
 from __future__ import annotations
@@ -22,15 +28,16 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from rba_core.analysis import Stage, LazyEncoder, approximate
-from rba_core.approx import LinearMap
+from rba_core.analysis import Stage, LazyEncoder, approximate, lm_dataset, map_statistics
+from rba_core.approx import FoldedMap, LinearMap, captured, mlp_outputs
 from rba_core.cache import Cache
 from rba_core.data import open_dataset
 from rba_core.distributed import World, world
 from rba_core.errors import RBAError
 from rba_core.extract import Extraction, Progress, extract
+from rba_core.lm_data import DEFAULT_SEQ_LEN
 from rba_core.maps import MapParams, Range, fit_map, fit_residual_matrix, map_kind
-from rba_core.metrics import block_redundancy
+from rba_core.metrics import angular_distance, block_redundancy, block_redundancy_all_tokens
 from rba_core.models import Encoder
 from rba_core.results import SearchResult
 from rba_core.table import row_label
@@ -106,7 +113,7 @@ def latency_estimate(candidate: Candidate, timing: dict, kind: str) -> float:
     """ms per image: embedding + kept blocks + maps + final norm, from the measured stage times."""
     removed = {k for i, j in candidate for k in range(i + 1, j + 1)}
     kept = sum(t for k, t in enumerate(timing["blocks"], start=1) if k not in removed)
-    maps = 0 if kind == "identity" else len(candidate)
+    maps = len(candidate) if map_kind(kind).added_params(1) else 0  # identity and folded maps add no step
     return timing["embed"] + kept + maps * timing["map"] + timing["norm"]
 
 
@@ -114,8 +121,11 @@ def _on(linear_map: LinearMap | None, device: str) -> LinearMap | None:
     return None if linear_map is None else linear_map.to(device)
 
 
-def _apply(linear_map: LinearMap | None, hidden: torch.Tensor) -> torch.Tensor:
-    return hidden if linear_map is None else linear_map(hidden)
+def _apply(linear_map: LinearMap | FoldedMap | None, hidden: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
+    """The map on the state at its range's start; ``m``: that block's MLP output (folded maps only)."""
+    if linear_map is None:
+        return hidden
+    return linear_map(hidden, m) if isinstance(linear_map, FoldedMap) else linear_map(hidden)
 
 
 @torch.inference_mode()
@@ -127,13 +137,20 @@ def _chunk_sse(encoder: Encoder, hs: list[torch.Tensor], batch: tuple, reference
     the blocks up to their second range. ``batch`` is the chunk's (block context, token mask)."""
     last = encoder.num_blocks
     ctx, mask = batch
+    folded = any(isinstance(m, FoldedMap) for m in maps.values())
 
     def run(hidden: torch.Tensor, first: int, stop: int) -> torch.Tensor:
         return encoder.run_blocks(hidden, first, stop, ctx)
 
+    def run_to_start(hidden: torch.Tensor, first: int, start: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hs at ``start`` from the state before block ``first``, with block ``start``'s MLP output
+        when folded maps need it (block ``start`` must then be among those run)."""
+        with captured(mlp_outputs(encoder, [start] if folded else [])) as m:
+            return run(hidden, first, start), m.get(start)
+
     def add(candidate: Candidate, hidden: torch.Tensor) -> None:
         final = encoder.final(hidden, mask).double()
-        errors[candidate].append(((final - reference) ** 2).mean(-1).cpu().numpy())
+        errors[candidate].append(((final.to(reference) - reference) ** 2).mean(-1).cpu().numpy())
         tick()
 
     for (i1, j1), members in groups.items():
@@ -141,12 +158,14 @@ def _chunk_sse(encoder: Encoder, hs: list[torch.Tensor], batch: tuple, reference
         for candidate in members:
             if len(candidate) == 2:
                 seconds[candidate[1][0]].append(candidate)
-        state, at = _apply(maps[(i1, j1)], hs[i1]), j1
+        begin = i1 - 1 if folded and i1 > 0 else i1  # a folded map reruns block i1 to see its MLP output
+        state, at = _apply(maps[(i1, j1)], *run_to_start(hs[begin], begin + 1, i1)), j1
         for stop in sorted(seconds):
-            state, at = run(state, at + 1, stop), stop
+            state, m = run_to_start(state, at + 1, stop)
+            at = stop
             for candidate in seconds[stop]:
                 i2, j2 = candidate[1]
-                add(candidate, run(_apply(maps[(i2, j2)], state), j2 + 1, last))
+                add(candidate, run(_apply(maps[(i2, j2)], state, m), j2 + 1, last))
         if ((i1, j1),) in members:
             add(((i1, j1),), run(state, at + 1, last))
 
@@ -164,6 +183,42 @@ def _select(candidates: list[Candidate], fit: Extraction, kind: str, timing: dic
             continue
         chosen.append(c)
     return chosen
+
+
+def score_agreement(rows: list[dict], fit: Extraction) -> dict[str, dict]:
+    """How well each cheap score of the fit pass predicts the measured ranking: ``{score: {"spearman": ρ,
+    "candidates": k}}``, ρ between the score and the measured MSE over the k candidates the score covers.
+    Every score grows with the change the removed blocks make, so ρ near 1 means it orders them as
+    measured. ``block_redundancy`` (the pooled vector: CLS, mean or last real token) and
+    ``block_redundancy_all_tokens`` (every real token) sum -BR(k) over the removed blocks, ``fit_residual``
+    the ranges' relative residuals; ``block_influence`` covers the one-block ranges l-1→l and
+    ``angular_distance_n{n}`` the ranges l→l+n."""
+    stats = fit.token_stats
+    all_tokens = None
+    if stats is not None and all(stats.has(k - 1, k) for k in range(1, fit.num_blocks + 1)):
+        all_tokens = -block_redundancy_all_tokens(stats)
+    angular: dict[int, np.ndarray] = {}
+    covered: dict[str, tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
+
+    def add(name: str, score: float, row: dict) -> None:
+        covered[name][0].append(float(score))
+        covered[name][1].append(row["mse_final"])
+
+    for row in rows:
+        add("block_redundancy", row["block_redundancy_score"], row)
+        add("fit_residual", row["fit_residual_score"], row)
+        if all_tokens is not None:
+            add("block_redundancy_all_tokens", sum(all_tokens[k - 1] for i, j in row["ranges"]
+                                                   for k in range(i + 1, j + 1)), row)
+        if len(row["ranges"]) == 1:
+            (i, j), = row["ranges"]
+            if j == i + 1 and fit.block_influence is not None:
+                add("block_influence", fit.block_influence[i], row)
+            if j - i not in angular:
+                angular[j - i] = angular_distance(fit.pooled, j - i)
+            add(f"angular_distance_n{j - i}", angular[j - i][i], row)
+    return {name: {"spearman": _spearman(*covered[name]), "candidates": len(covered[name][0])}
+            for name in sorted(covered)}
 
 
 def _spearman(score: list[float], measured: list[float]) -> float | None:
@@ -269,6 +324,27 @@ def _measure(encoder: Encoder, source, ev: Extraction, size: int, choose, progre
     return {c: np.concatenate(e) for c, e in errors.items()}, timing, seconds
 
 
+def _foldable(encoder: Encoder, candidates: list[Candidate], notes: list[str]) -> list[Candidate]:
+    """The candidates whose ranges fold into this model; a note says how many were left out and why
+    (the reason of the first), and a model that can fold none of them is one sentence."""
+    from rba_core.fold import check_foldable
+
+    kept, reasons = [], {}
+    for c in candidates:
+        try:
+            check_foldable(encoder, c)
+            kept.append(c)
+        except RBAError as exc:
+            reasons[c] = str(exc)
+    if not kept:
+        raise RBAError(next(iter(reasons.values())))
+    if reasons:
+        first, reason = next(iter(reasons.items()))
+        notes.append(f"{len(reasons)} of {len(candidates)} candidates cannot fold and were left out of the folded "
+                     f"search, e.g. {row_label(first)[0]}: {reason}")
+    return kept
+
+
 def _my_groups(candidates: list[Candidate], here: World) -> dict[Range, list[Candidate]]:
     """This rank's candidates, grouped by first range; groups are dealt to the ranks in turn."""
     groups: dict[Range, list[Candidate]] = defaultdict(list)
@@ -299,7 +375,7 @@ def _ranking(errors: dict[Candidate, np.ndarray], fit: Extraction, kind: str, ti
 def search(model, dataset, fit_n: int, eval_n: int, seed: int = 0, *, blocks: int | None = None,
            max_params: int | None = None, max_latency_ms: float | None = None, pairs: bool = False,
            probe_top: int = 0, kind: str = "linear", map_params: MapParams | None = None, max_length: int = 128,
-           cache: Cache | None = None, progress: Progress | None = None, on_stage: Stage | None = None,
+           seq_len: int = DEFAULT_SEQ_LEN, cache: Cache | None = None, progress: Progress | None = None, on_stage: Stage | None = None,
            memory_bytes: int | None = None, exhaustive: bool = False, top_k: int = TOP_K,
            on_round: Callable[[list[dict], dict], None] | None = None,
            encoder: Encoder | Callable[[], Encoder] | None = None) -> SearchResult:
@@ -317,7 +393,9 @@ def search(model, dataset, fit_n: int, eval_n: int, seed: int = 0, *, blocks: in
     samples, as ``exhaustive=True`` (every candidate on every sample) measures it, and they are the
     exhaustive ranking's best ``top_k`` unless an interval (:data:`CONFIDENCE` each) missed; rows of
     candidates that left early carry the estimate over the samples they saw (``samples``, ``mse_ci``).
-    ``on_round(rows, summary)`` gets the ranking after each round, as it sharpens.
+    ``on_round(rows, summary)`` gets the ranking after each round, as it sharpens. A causal LM on a
+    language-model text reads it as windows of ``seq_len`` tokens. ``score_agreement`` says how well
+    each cheap score predicts the measured ranking (:func:`score_agreement`).
     """
     declared = map_kind(kind)
     params = map_params or MapParams()
@@ -325,24 +403,32 @@ def search(model, dataset, fit_n: int, eval_n: int, seed: int = 0, *, blocks: in
     cache = cache or Cache()
     stage = on_stage or (lambda _: None)
     lazy = LazyEncoder(model, encoder, max_length)
+    dataset = lm_dataset(model, dataset, seq_len)
     stage("Fit samples (train split): representations and token statistics")
     fit = extract(model, dataset, fit_n, seed, "train", max_length=max_length, cache=cache, progress=progress,
                   encoder=lazy)
     stage("Evaluation samples (test split): original model")
     ev = extract(model, dataset, eval_n, seed, "test", with_stats=False, max_length=max_length, cache=cache,
                  progress=progress, encoder=lazy)
-    num_blocks, stats = fit.num_blocks, fit.stats()
+    num_blocks = fit.num_blocks
     if blocks is not None and not 1 <= blocks <= num_blocks:
         raise RBAError(f"Cannot remove {blocks} blocks: this model has {num_blocks}; choose 1..{num_blocks}.")
     everything = candidate_ranges(num_blocks, pairs)
 
-    def choose(timing: dict) -> tuple[list[Candidate], dict[Range, LinearMap | None]]:
+    notes: list[str] = []
+
+    def choose(timing: dict) -> tuple[list[Candidate], dict[Range, LinearMap | FoldedMap | None]]:
         chosen = _select(everything, fit, kind, timing, blocks, max_params, max_latency_ms)
         if not chosen:
             raise RBAError("No range fits this budget: allow more parameters or latency, or remove fewer blocks.")
+        if declared.statistics == "fold":
+            chosen = _foldable(encoder, chosen, notes)
         stage(f"Measured search: {len(chosen)} of {len(everything)} candidates fit the budget")
+        if declared.statistics != "tokens":
+            stage(f"Fit samples (train split): what the {kind} maps of these candidates are fitted from")
+        fitted = map_statistics(kind, fit, dataset, chosen, lazy, cache, progress)
         needed = sorted({r for c in chosen for r in c})  # pairs share ranges: fit each map once
-        return chosen, {r: _on(fit_map(stats, r, kind, params), encoder.device) for r in needed}
+        return chosen, {r: _on(fit_map(fitted, r, kind, params), encoder.device) for r in needed}
 
     encoder = lazy()
     source = ev.source or open_dataset(dataset, "test")
@@ -371,7 +457,7 @@ def search(model, dataset, fit_n: int, eval_n: int, seed: int = 0, *, blocks: in
     errors, timing, seconds = _measure(encoder, source, ev, size, choose_timed, progress, stage, seed, exhaustive,
                                        top_k, round_done)
     rows = _ranking(errors, fit, kind, timing)
-    measured = [row["mse_final"] for row in rows]
+    agreement = score_agreement(rows, fit)
     results = SearchResult(
         model=fit.meta["model"], dataset=fit.meta["dataset"], fit_n=fit_n, eval_n=eval_n, seed=seed,
         num_blocks=num_blocks, map=kind, map_params=declared.key(params),
@@ -379,18 +465,16 @@ def search(model, dataset, fit_n: int, eval_n: int, seed: int = 0, *, blocks: in
         pairs=pairs, considered=len(everything), evaluated=len(rows), chunk_size=size,
         original={"params": fit.meta["num_params"], "latency_ms_per_image_estimate": latency_estimate((), timing, kind)},
         timing_ms_per_image=timing,
-        spearman={
-            "block_redundancy": _spearman([r["block_redundancy_score"] for r in rows], measured),
-            "fit_residual": _spearman([r["fit_residual_score"] for r in rows], measured),
-        },
-        candidates=rows, cache={"fit": fit.key, "eval": ev.key}, notes=sorted(set(fit.notes + ev.notes)),
+        spearman={name: agreement[name]["spearman"] for name in ("block_redundancy", "fit_residual")},
+        score_agreement=agreement,
+        candidates=rows, cache={"fit": fit.key, "eval": ev.key}, notes=sorted(set(fit.notes + ev.notes)) + notes,
         seconds=seconds, exhaustive=exhaustive, top_k=top_k, rounds=rounds,
     )
     if probe_top > 0:
         stage(f"Linear probe for the best {min(probe_top, len(rows))} candidates")
         for row in rows[:probe_top]:
             res = approximate(model, dataset, fit_n, eval_n, seed, row["ranges"], kind, map_params=params, probe=True,
-                              max_length=max_length, cache=cache, progress=progress, encoder=lazy)
+                              max_length=max_length, seq_len=seq_len, cache=cache, progress=progress, encoder=lazy)
             row["accuracy"] = {"approximated": res.accuracy["approximated"], "skip": res.accuracy["skip"]}
             results.original["accuracy"] = res.accuracy["original"]
     seconds["total"] = time.perf_counter() - began

@@ -110,6 +110,10 @@ def _gb(size: int) -> str:
     return f"{size / 1e9:.1f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
 
 
+class StatsTooLarge(RBAError):
+    """The requested token statistics do not fit the memory budget (checked before the pass)."""
+
+
 def check_fits(num_states: int, hidden_size: int, pairs: Sequence[Pair] | None, budget: int) -> int:
     """The plan's bytes when they fit ``budget``; otherwise one sentence saying what would fit."""
     need = stats_bytes(num_states, hidden_size, pairs)
@@ -120,7 +124,7 @@ def check_fits(num_states: int, hidden_size: int, pairs: Sequence[Pair] | None, 
                for n in (8, 4, 2, 1) if n < num_states]
     fitting = [f"windows of {n} need {_gb(size)}" for n, size in options if size <= budget][:1]
     advice = f"; {fitting[0]}" if fitting else "; even windows of 1 do not fit, so use fewer or explicit ranges"
-    raise RBAError(f"Token statistics for {what} need {_gb(need)}, above the budget of {_gb(budget)}{advice}.")
+    raise StatsTooLarge(f"Token statistics for {what} need {_gb(need)}, above the budget of {_gb(budget)}{advice}.")
 
 
 #: Samples whose tokens share one float32 product (see :meth:`StatsAccumulator.add`).
@@ -147,12 +151,14 @@ class StatsAccumulator:
     def add(self, states: list[torch.Tensor], token_rows: torch.Tensor | None = None) -> None:
         """``states``: L+1 tensors (B, T, D); ``token_rows`` optionally keeps a subset of B·T rows.
 
-        Products run in the states' dtype (float32: the fast path), one per group of
+        Products run in float32 (the fast path), one per group of
         :data:`SAMPLE_GROUP` consecutive samples, and are summed into float64 accumulators. A group's
         product sees the same rows whatever the batch size or the number of workers (batches and
         worker shares start at multiples of the group; left-out tokens are zero rows, which add
         exactly nothing), so the sums agree to float64 rounding however the samples were split.
         """
+        # bfloat16 states (decoders on CUDA) or blocks spread over devices: float32 on the accumulator's device
+        states = [h.to(device=self.sums.device, dtype=torch.float32) for h in states]
         b, t, d = states[0].shape
         pad = -b % SAMPLE_GROUP  # zero samples complete the last group
         keep = None

@@ -27,6 +27,7 @@ from rba_core.approx import Range, paper_notation, validate_ranges
 from rba_core.cache import Cache
 from rba_core.errors import RBAError
 from rba_core.extract import Progress
+from rba_core.lm_data import DEFAULT_SEQ_LEN
 from rba_core.maps import MapParams, map_kind
 from rba_core.models import Encoder, model_ref
 from rba_core.results import TableResult
@@ -72,7 +73,7 @@ def row_label(row: Sequence[Range]) -> tuple[str, str]:
 
 def table(model, datasets: Sequence[str], fit_n: int, eval_n: int, seed: int = 0,
           rows: str | Sequence[Sequence[Range]] = "paper", kind: str = "linear", *,
-          map_params: MapParams | None = None, max_length: int = 128,
+          map_params: MapParams | None = None, max_length: int = 128, seq_len: int = DEFAULT_SEQ_LEN,
           cache: Cache | None = None, progress: Progress | None = None,
           on_stage: Stage | None = None, encoder: Encoder | Callable[[], Encoder] | None = None) -> TableResult:
     """The original model's row then one row per range set, for each dataset.
@@ -81,7 +82,8 @@ def table(model, datasets: Sequence[str], fit_n: int, eval_n: int, seed: int = 0
     ``blocks_left``, ``params`` (T included), ``mse_final``, ``accuracy`` {``approximated``,
     ``skip``} each {mean, std} over probe seeds 0, 1, 2 (``original`` on the original row), and
     ``accuracy_converged`` the same for the converged probe (one deterministic run, std 0).
-    ``encoder``: a loaded encoder or a zero-argument loader, called only when a row is not cached.
+    ``encoder``: a loaded encoder or a zero-argument loader, called only when a row is not cached. A
+    causal LM on a language-model text reads it as windows of ``seq_len`` tokens.
     """
     if not datasets:
         raise RBAError("Give at least one dataset for the table.")
@@ -99,7 +101,7 @@ def table(model, datasets: Sequence[str], fit_n: int, eval_n: int, seed: int = 0
             label, paper = row_label(row)
             stage(f"{dataset}: row {n + 1}/{len(checked)}, range {label}")
             res = approximate(model, dataset, fit_n, eval_n, seed, row, kind, map_params=params, probe=True,
-                              max_length=max_length, cache=cache, progress=progress, encoder=lazy)
+                              max_length=max_length, seq_len=seq_len, cache=cache, progress=progress, encoder=lazy)
             if n == 0:
                 out.append({"dataset": dataset, "range": "original", "paper": "original", "ranges": [],
                             "blocks_left": res["blocks"]["original"], "params": res["params"]["original"],

@@ -36,15 +36,16 @@ from rba_core.models import preload  # noqa: E402
 
 preload()
 
-from rba_core.analysis import analysis_results, approximate, lm_dataset
+from rba_core.analysis import LazyEncoder, analysis_results, approximate, export, lm_dataset, map_statistics
 from rba_core.approx import approximate_encoder
 from rba_core.cache import Cache, cache_root
 from rba_core.export import ONNX, RECORD, save_compressed
 from rba_core.extract import extract
 from rba_core.hub import hub_status, on_disk
+from rba_core.lm_data import DEFAULT_SEQ_LEN
 from rba_core.data import dataset_unit
 from rba_core.distributed import run_group
-from rba_core.maps import MapParams
+from rba_core.maps import MapParams, map_kind
 from rba_core.models import Encoder, load_encoder, model_info
 from rba_core.progress import stage_unit, stopped_sentence
 from rba_core.search import search
@@ -191,7 +192,8 @@ def _progress_bar(work: _Work, by: str) -> tuple[object, Callable[[int, int], No
             clock["began"] = time.perf_counter()
         clock["last"] = done
         elapsed = time.perf_counter() - clock["began"]
-        speed = f" · {done / elapsed:.1f} {work.unit}/s · about {elapsed / done * (total - done):.0f} s left" \
+        tokens = f" ({done * DEFAULT_SEQ_LEN / elapsed:,.0f} tokens/s)" if work.unit == "windows" and elapsed > 0 else ""
+        speed = f" · {done / elapsed:.1f} {work.unit}/s{tokens} · about {elapsed / done * (total - done):.0f} s left" \
             if done and elapsed > 0 else ""
         bar.progress(min(done / max(total, 1), 1.0), text=f"{done}/{total} {work.unit}{speed}")
 
@@ -361,10 +363,9 @@ def run_continuation(sel: Selection, ranges: list[tuple[int, int]], kind: str, p
     from rba_core.perplexity import continue_text
 
     with _working("Continuing the prompt…", unit(sel.dataset)) as work:
-        fit = extract(sel.model, lm_dataset(sel.model, sel.dataset), sel.n, sel.seed, "train", cache=work.cache,
-                      progress=work.progress, encoder=lambda: encoder(sel.model))
         model = encoder(sel.model)
-        nets = {"approximated": approximate_encoder(model, fit.stats(), ranges, kind, params),
+        stats = _map_statistics(sel, ranges, kind, work)
+        nets = {"approximated": approximate_encoder(model, stats, ranges, kind, params),
                 "skip": approximate_encoder(model, None, ranges, "identity")}
         work.stage(f"Generating {tokens} tokens greedily with each model")
         out = continue_text(model, nets, prompt, tokens)
@@ -372,26 +373,38 @@ def run_continuation(sel: Selection, ranges: list[tuple[int, int]], kind: str, p
     return out
 
 
+def _map_statistics(sel: Selection, ranges: list[tuple[int, int]], kind: str, work: "_Work"):
+    """What the maps of ``kind`` are fitted from, for the sidebar's samples (stored passes reused)."""
+    data = lm_dataset(sel.model, sel.dataset)
+    lazy = LazyEncoder(sel.model, lambda: encoder(sel.model))
+    fit = extract(sel.model, data, sel.n, sel.seed, "train", cache=work.cache, progress=work.progress, encoder=lazy)
+    _opened(sel)
+    return map_statistics(kind, fit, data, [ranges], lazy, work.cache, work.progress)
+
+
 def run_export(sel: Selection, ranges: list[tuple[int, int]], kind: str, params: MapParams, name: str,
                onnx: bool) -> dict:
-    """The approximated model of the dashboard (maps fitted from the stored statistics) written by
-    :func:`rba_core.export.save_compressed` in a temporary folder, in :func:`_working`. Returns
+    """The approximated model of the dashboard (maps fitted from the stored statistics) written in a
+    temporary folder, in :func:`_working`: by :func:`rba_core.export.save_compressed`, or for maps that
+    fold into the weights as a plain Hugging Face checkpoint (:func:`rba_core.analysis.export`). Returns
     ``content`` (the folder as a zip, or with ``onnx`` the ONNX file), ``sizes`` (bytes on disk per
     file) and ``record`` (rba.json)."""
     what = "the ONNX file" if onnx else "the compressed model"
     with _working(f"Building {what}…", unit(sel.dataset)) as work:
         began = time.perf_counter()
-        work.stage("Fitting the maps from the stored token statistics")
-        fit = extract(sel.model, lm_dataset(sel.model, sel.dataset), sel.n, sel.seed, "train", cache=work.cache,
-                      progress=work.progress,
-                      encoder=lambda: encoder(sel.model))
-        _opened(sel)
+        work.stage("Fitting the maps from the stored statistics")
+        stats = _map_statistics(sel, ranges, kind, work)
         model = encoder(sel.model)
-        net = approximate_encoder(model, fit.stats(), ranges, kind, params)
         work.stage("Exporting to ONNX (tracing the model)" if onnx else
                    "Writing the safetensors weights, config and record")
         with tempfile.TemporaryDirectory() as tmp:
-            folder = save_compressed(net, Path(tmp) / name, onnx=onnx)
+            if map_kind(kind).statistics == "fold":  # stored statistics: no pass
+                export(sel.model, sel.dataset, sel.n, sel.seed, ranges, kind, Path(tmp) / name, cache=work.cache,
+                       encoder=lambda: encoder(sel.model))
+                folder = Path(tmp) / name
+            else:
+                folder = save_compressed(approximate_encoder(model, stats, ranges, kind, params), Path(tmp) / name,
+                                         onnx=onnx)
             sizes = {path.name: path.stat().st_size for path in sorted(folder.iterdir())}
             content = (folder / ONNX).read_bytes() if onnx else _zip(folder)
             record = json.loads((folder / RECORD).read_text())

@@ -194,7 +194,8 @@ def model_info(name: str) -> ModelInfo:
 
 
 def load_encoder(name, device: str | None = None, max_length: int | None = 128) -> Encoder:
-    """Load an alias, hub id or local folder as an :class:`Encoder` in float32, eval mode.
+    """Load an alias, hub id or local folder as an :class:`Encoder` in eval mode, in float32 (decoder LMs on
+    CUDA: bfloat16, spread over the GPUs and memory when larger than one device).
 
     ``name`` may also be an already loaded Hugging Face model object (its processor or tokenizer
     is then loaded from ``name.name_or_path``). ``max_length`` truncates texts (text models only).
@@ -214,7 +215,7 @@ def load_encoder(name, device: str | None = None, max_length: int | None = 128) 
     except (OSError, ValueError) as exc:
         raise _load_error(source, exc) from None
     device = device or default_device()
-    model.eval().requires_grad_(False).to(device)
+    model = cls.place(model, device)
     return cls(name, source, config.model_type, model, processor, device, pooling,
                max_length if cls.modality == "text" else None, config=config)
 
@@ -232,7 +233,7 @@ def _wrap_loaded(model, device: str | None, max_length: int | None) -> Encoder:
                        "so its processor or tokenizer cannot be found; pass its folder or hub id instead.")
     pooling = _pooling(source, cls) if cls.modality == "text" else "first"
     device = device or str(next(model.parameters()).device)
-    model.eval().requires_grad_(False).to(device)
+    model = cls.place(model, device)
     return cls(source, source, family, model, cls.load_processor(source), device, pooling,
                max_length if cls.modality == "text" else None)
 

@@ -31,6 +31,9 @@ Context = dict[str, Any]  # per batch: what every block call needs besides the h
 #: real tokens, or the last real token (decoders).
 POOLINGS = ("first", "mean", "last")
 
+#: Why post-LN encoders (BERT, DistilBERT, MPNet ...) cannot take a folded map.
+POST_LN_REASON = "its post-LN blocks and embeddings end in a LayerNorm, so no linear layer writes the residual stream"
+
 
 class Encoder:
     """A loaded model of one family with the pieces the method needs. Hidden states are (B, T, D)."""
@@ -57,6 +60,16 @@ class Encoder:
     def load_processor(cls, source: str):
         """The image processor or tokenizer saved with the model."""
         raise NotImplementedError
+
+    @classmethod
+    def compute_dtype(cls, device: str) -> torch.dtype:
+        """The dtype of the weights and activations on ``device`` (part of every cache key): float32."""
+        return torch.float32
+
+    @classmethod
+    def place(cls, model: nn.Module, device: str) -> nn.Module:
+        """The loaded model in eval mode, without gradients, on ``device`` in :meth:`compute_dtype`."""
+        return model.eval().requires_grad_(False).to(device=device, dtype=cls.compute_dtype(device))
 
     @classmethod
     def build_empty(cls, config) -> nn.Module:
@@ -97,6 +110,24 @@ class Encoder:
     def preprocess(self, items: Sequence) -> Inputs:
         """Raw samples (PIL images or texts) -> the model's inputs on the encoder's device."""
         raise NotImplementedError
+
+    # --- folding (rba_core.fold): where a map can be folded into the weights ------------------
+    #: the linear layer (path inside a block) whose output, times ``mlp_scale`` where there is one,
+    #: is the MLP output m that the block adds to the residual stream; None: no map folds into a block
+    mlp_out: str | None = None
+    mlp_out_transposed = False  # its weight is stored (in, out), as GPT-2's Conv1D
+    mlp_scale: str | None = None  # a per-channel scale parameter (path inside a block) applied after mlp_out
+    no_fold_reason = "its blocks do not end in a linear layer that writes the residual stream"
+    #: modules (paths inside ``model``) whose parameters hs[0] is linear in, each with the hidden
+    #: size as its output axis: a range 0→j folds its map into them; empty: it cannot
+    linear_stem: tuple[str, ...] = ()
+    no_stem_fold_reason = "its embedding output hs[0] is not linear in the embedding weights"
+
+    def mlp_output_module(self, block: int) -> nn.Module:
+        """The module of block ``block`` (1..L) whose output is m, exactly what the block adds to the
+        residual stream (the layer scale after the MLP where there is one)."""
+        return self.blocks[block - 1].get_submodule(self.mlp_scale.rpartition(".")[0] if self.mlp_scale
+                                                    else self.mlp_out)
 
     def save_pretrained_files(self, folder: Path) -> None:
         """Write the config and the processor or tokenizer next to an exported model."""

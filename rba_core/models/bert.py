@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import torch
 
-from rba_core.models.base import TextEncoder
+from rba_core.models.base import POST_LN_REASON, TextEncoder
 
 
 class BertEncoder(TextEncoder):
     """``BertModel`` / ``RobertaModel`` / ``XLMRobertaModel`` without the pooler."""
 
     hf_classes = ("BertModel", "RobertaModel", "XLMRobertaModel")
+    no_fold_reason = POST_LN_REASON
 
     @classmethod
     def load_model(cls, source: str, config):

@@ -19,6 +19,8 @@ class CLIPVisionEncoder(ImageEncoder):
     """Blocks in ``model.encoder.layers``."""
 
     hf_classes = ("CLIPVisionModel",)
+    mlp_out = "mlp.fc2"
+    no_stem_fold_reason = "its hs[0] is the embeddings after pre_layrnorm, which is not linear in them"
 
     def __init__(self, name, source, family, model, *args, config=None, **kwargs):
         vision = getattr(model, "vision_model", None)

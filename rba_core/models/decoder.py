@@ -9,7 +9,7 @@ does), so a text gets the same states whichever side the tokenizer pads. The fin
 of a token is the final norm of ``hs[L]``; one vector per text is its last real token.
 
 A family declares where its pieces live (:attr:`DecoderLM.parts`) and, for folding, the module
-that writes the MLP output into the residual stream (:attr:`DecoderLM.mlp_out`).
+that writes the MLP output into the residual stream (:attr:`Encoder.mlp_out`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from rba_core.errors import RBAError
 from rba_core.models.base import Inputs, TextEncoder
 
 
@@ -30,18 +31,42 @@ class DecoderLM(TextEncoder):
     default_pooling = "last"
     #: attribute names: the base model inside the causal LM, its block list, final norm, token embedding
     parts = {"base": "model", "blocks": "layers", "norm": "norm", "embed": "embed_tokens"}
-    #: the module (inside a block) whose output is the MLP's contribution to the residual stream,
-    #: and whether its weight is stored (in, out) as GPT-2's Conv1D does; None: cannot fold
     mlp_out: str | None = "mlp.down_proj"
-    mlp_out_transposed = False
     rotary_per_kind = False  # Gemma 3: one rotary embedding per attention kind
 
     @classmethod
     def load_model(cls, source: str, config):
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(source, config=config, dtype=torch.float32,
+        return AutoModelForCausalLM.from_pretrained(source, config=config, dtype=torch.float32,  # cast by place()
                                                     trust_remote_code=False)
+
+    @classmethod
+    def compute_dtype(cls, device: str) -> torch.dtype:
+        """bfloat16 weights and activations on CUDA (statistics still take float32 products summed in
+        float64), float32 elsewhere."""
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+
+    @classmethod
+    def place(cls, model: nn.Module, device: str) -> nn.Module:
+        """As every family does, except that a model larger than the free memory of one CUDA device is
+        spread over the GPUs (then CPU memory) as ``device_map="auto"`` would; the pass then follows the
+        layers across devices (accelerate's hooks move each block's inputs to it)."""
+        if not str(device).startswith("cuda"):
+            return super().place(model, device)
+        model = model.eval().requires_grad_(False).to(cls.compute_dtype(device))
+        size = sum(p.numel() * p.element_size() for p in model.parameters())
+        free = torch.cuda.mem_get_info(torch.device(device))[0]
+        if size < 0.9 * free:
+            return model.to(device)
+        try:
+            from accelerate import dispatch_model, infer_auto_device_map
+        except ImportError:
+            raise RBAError(f"This model needs {size / 1e9:.1f} GB, more than the {free / 1e9:.1f} GB free on "
+                           f"{device}; install accelerate (pip install accelerate) to spread it over the "
+                           "devices.") from None
+        device_map = infer_auto_device_map(model, no_split_module_classes=model._no_split_modules)
+        return dispatch_model(model, device_map)
 
     @classmethod
     def load_processor(cls, source: str):
@@ -68,6 +93,11 @@ class DecoderLM(TextEncoder):
     @property
     def final_norm(self):
         return getattr(self.base, self.parts["norm"])
+
+    @property
+    def linear_stem(self) -> tuple[str, ...]:
+        """The token embedding (scaled or not, hs[0] is linear in it)."""
+        return (f"{self.parts['base']}.{self.parts['embed']}",)
 
     @property
     def lm_head(self) -> nn.Module:
@@ -150,7 +180,3 @@ class DecoderLM(TextEncoder):
         logits = self.lm_head(self.final_norm(hidden))
         cap = getattr(self.model.config, "final_logit_softcapping", None)
         return torch.tanh(logits / cap) * cap if cap else logits
-
-    def mlp_output_module(self, block: int) -> nn.Module:
-        """The module of block ``block`` (1..L) whose output is the block's MLP output m."""
-        return self.blocks[block - 1].get_submodule(self.mlp_out)

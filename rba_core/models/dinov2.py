@@ -11,6 +11,11 @@ class Dinov2Encoder(ViTEncoder):
     """As ViT (embeddings, final norm ``model.layernorm``, CLS), with blocks in ``model.encoder.layer``."""
 
     hf_classes = ("Dinov2Model",)
+    mlp_scale = "layer_scale2.lambda1"  # m = λ ⊙ mlp(x): folding puts λ into the MLP output layer
+
+    @property
+    def mlp_out(self):
+        return "mlp.down_proj" if self.model.config.use_swiglu_ffn else "mlp.fc2"
 
     @classmethod
     def load_model(cls, source: str, config):

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from rba_core.models.base import TextEncoder
+from rba_core.models.base import POST_LN_REASON, TextEncoder
 
 
 class DistilBertEncoder(TextEncoder):
     """``DistilBertModel``; the final representation is the pooling of hs[L] (no final norm)."""
 
     hf_classes = ("DistilBertModel",)
+    no_fold_reason = POST_LN_REASON
 
     @classmethod
     def load_model(cls, source: str, config):

@@ -1,7 +1,8 @@
 """Gemma 2 and Gemma 3 (text) causal LMs: scaled token embeddings, alternating sliding and full attention.
 
 Their blocks normalise the MLP output (``post_feedforward_layernorm``) before adding it to the
-residual stream, so no linear layer writes m directly: folding a map is not possible.
+residual stream, so no linear layer writes m directly: a map folds only into the (scaled, still
+linear) token embeddings, for a range 0→j.
 Gemma 3 computes one rotary embedding per attention kind; Gemma 2 caps the logits.
 """
 
@@ -15,6 +16,8 @@ class Gemma2LM(DecoderLM):
 
     hf_classes = ("Gemma2ForCausalLM",)
     mlp_out = None
+    no_fold_reason = ("its blocks normalise the MLP output (post_feedforward_layernorm) before adding it to the "
+                      "residual stream")
 
 
 class Gemma3LM(DecoderLM):
@@ -22,4 +25,5 @@ class Gemma3LM(DecoderLM):
 
     hf_classes = ("Gemma3ForCausalLM",)
     mlp_out = None
+    no_fold_reason = Gemma2LM.no_fold_reason
     rotary_per_kind = True

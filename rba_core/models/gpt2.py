@@ -17,6 +17,7 @@ class GPT2LM(DecoderLM):
     parts = {"base": "transformer", "blocks": "h", "norm": "ln_f", "embed": "wte"}
     mlp_out = "mlp.c_proj"
     mlp_out_transposed = True
+    linear_stem = ("transformer.wte", "transformer.wpe")
 
     def stem(self):
         return {"embed": self.base.wte, "positions": self.base.wpe}

@@ -15,6 +15,9 @@ class ModernBertEncoder(TextEncoder):
     """``ModernBertModel``: blocks in ``model.layers``, final norm ``model.final_norm``."""
 
     hf_classes = ("ModernBertModel",)
+    mlp_out = "mlp.Wo"
+    no_stem_fold_reason = ("its hs[0] is the token embeddings after a LayerNorm (embeddings.norm), which is not "
+                           "linear in them")
 
     @classmethod
     def load_model(cls, source: str, config):

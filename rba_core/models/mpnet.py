@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from rba_core.models.base import TextEncoder
+from rba_core.models.base import POST_LN_REASON, TextEncoder
 
 
 class MPNetEncoder(TextEncoder):
     """``MPNetModel`` without the pooler; the position bias is computed once per batch, as its forward does."""
 
     hf_classes = ("MPNetModel",)
+    no_fold_reason = POST_LN_REASON
 
     @classmethod
     def load_model(cls, source: str, config):

@@ -44,6 +44,8 @@ class TimmViTEncoder(ImageEncoder):
     """``model.blocks``, final norm ``model.norm``, pooling and ``fc_norm`` as timm's head does
     (``final_norm`` holds ``norm`` and the head's parameters, so they are counted and exported)."""
 
+    no_fold_reason = "timm models are not written as Hugging Face checkpoints"
+
     @classmethod
     def load_model(cls, source: str, config):
         timm = _timm()

@@ -11,6 +11,9 @@ class ViTEncoder(ImageEncoder):
     """Blocks in ``model.layers``; final norm ``model.layernorm``; the pooler is never used."""
 
     hf_classes = ("ViTModel", "DeiTModel")
+    mlp_out = "mlp.fc2"
+    #: patch projection, position embeddings, CLS (DeiT: and distillation) token, mask token if present
+    linear_stem = ("embeddings",)
 
     @classmethod
     def _model_class(cls, config):

@@ -268,13 +268,18 @@ def test_an_invalid_custom_table_row_shows_one_error(home, rows, message):
     assert not at.dataframe
 
 
+def _ranking(at: AppTest):
+    """The measured search's ranking (the table with the measured MSE)."""
+    return next(df.value for df in at.dataframe if "final MSE" in df.value.columns)
+
+
 def test_measured_search_ranks_by_measured_mse(home):
     at = _app("pages/2_Redundancy.py", **DEMO, search_blocks="3", search_probe="1")
     assert any("press Run the measured search" in t for t in _texts(at.info))
     at.button(key="search").click().run()
     _clean(at)
     assert [s.label for s in at.status][0].startswith("Measured 10 candidates on 64 images")
-    ranked = at.dataframe[1].value
+    ranked = _ranking(at)
     assert list(ranked["rank"]) == list(range(1, 11)) and (ranked["blocks removed"] == 3).all()
     assert ranked["final MSE"].is_monotonic_increasing and ranked["final MSE"].iloc[0] > 0
     assert ranked["accuracy %"].notna().sum() == 1  # the probe for the best one only
@@ -286,7 +291,7 @@ def test_measured_search_ranks_by_measured_mse(home):
     at.selectbox(key="search_budget").set_value("params").run()
     at.button(key="search").click().run()
     _clean(at)
-    ranked = at.dataframe[1].value
+    ranked = _ranking(at)
     original = list(at.session_state["_searched"].values())[-1]["original"]["params"]
     assert any(f"{original:,} parameters" in t for t in _texts(at.caption))
     assert ranked["final MSE"].is_monotonic_increasing and (ranked["params"] <= 0.75 * original).all()
@@ -489,3 +494,49 @@ def test_a_language_model_shows_its_scores_and_perplexity():
     approx.button(key="continue").click().run()
     _clean(approx)
     assert len(approx.code) == 3 and all(c.value.startswith("The package provides") for c in approx.code)
+
+
+def test_the_measured_search_says_which_cheap_score_predicts_it_and_searches_folded_maps():
+    """Issue 8: after a measured search on the demo GPT, the Spearman of each cheap score; a search of the
+    folded map kind (every range of the GPT-2 folds, 0→j into its embeddings)."""
+    lm = {"model": "demo-GPT", "dataset": "demo-text", "n": "16", "eval_n": "8"}
+    at = _app(**lm)
+    at.button(key="compute-home").click().run()
+    _clean(at)
+    page = _app("pages/2_Redundancy.py", **lm, search_blocks="1", search_probe="0")
+    page.button(key="search").click().run()
+    _clean(page)
+    assert any("Which cheap score predicts the measured ranking" in m.value for m in page.markdown)
+    frame = next(df.value for df in page.dataframe if "cheap score" in df.value.columns)
+    assert {"Block Influence (ShortGPT; one-block ranges)", "angular distance (PruneMe; ranges l→l+1)",
+            "Block Redundancy (every real token)"} <= set(frame["cheap score"])
+    page.selectbox(key="map").set_value("folded").run()
+    page.button(key="search").click().run()
+    _clean(page)
+    result = list(page.session_state["_searched"].values())[-1]
+    assert result["map"] == "folded" and len(result["candidates"]) == 8  # 0→1 .. 7→8
+
+
+def test_approximate_with_folded_maps_continues_and_exports_a_plain_checkpoint(tmp_path):
+    """The folded map kind on the Approximate page (demo GPT): perplexity, the continuation, and the
+    export as a plain checkpoint that plain transformers loads with the layers left."""
+    lm = {"model": "demo-GPT", "dataset": "demo-text", "n": "16", "eval_n": "8"}
+    at = _app(**lm)
+    at.button(key="compute-home").click().run()
+    page = _app("pages/3_Approximate.py", **lm, n_ranges="1", start1="3", end1="5", map="folded")
+    page.button(key="approximate").click().run()
+    _clean(page)
+    assert "Perplexity, approximated" in [m.label for m in page.metric]
+    page.button(key="continue").click().run()
+    _clean(page)
+    assert len(page.code) == 3
+    page.button(key="export-zip").click().run()
+    _clean(page)
+    built = page.session_state["_exports"]["zip"]
+    assert built["record"]["map"] == "folded" and "config.json" in built["sizes"]
+    zipfile.ZipFile(io.BytesIO(built["content"])).extractall(tmp_path)
+    from transformers import AutoModelForCausalLM
+
+    folder = next(tmp_path.iterdir())
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert model.config.num_hidden_layers == built["record"]["layers"]["folded"]

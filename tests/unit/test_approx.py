@@ -190,3 +190,17 @@ def test_approximate_reports_what_the_hand_run_model_computes(fit, image_folder)
     assert result["params"] == {"original": fit.enc.num_params(),
                                 "approximated": fit.enc.num_params() - 2 * block + d * d}
     assert all(0 < m["low"] <= m["median"] <= m["high"] for m in result["latency_ms_per_image"].values())
+
+
+def test_singular_gram_gives_the_minimum_norm_least_squares_map():
+    """Tokens spanning fewer dimensions than D (a byte vocabulary's embeddings, a constant channel): the
+    Gram has no Cholesky factor and the map is numpy's minimum-norm lstsq solution on the tokens."""
+    from rba_core.maps import solve_spd
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 5)) @ rng.standard_normal((5, 12))  # rank 5 in 12 dimensions
+    y = rng.standard_normal((200, 12))
+    with pytest.raises(np.linalg.LinAlgError):
+        np.linalg.cholesky(x.T @ x)
+    expected = np.linalg.lstsq(x, y, rcond=None)[0]
+    np.testing.assert_allclose(solve_spd(x.T @ x, x.T @ y), expected, rtol=1e-7, atol=1e-9)

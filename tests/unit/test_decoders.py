@@ -14,6 +14,7 @@ model's own ``hs[L]`` is compared with the core's ``final_norm(hs[L])``.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import numpy as np
@@ -259,7 +260,7 @@ def test_perplexity_equals_the_models_own_labels_loss(decoders, text_folder):
     assert scores["top1_agreement"]["skip"] == pytest.approx(float((own_top == skip_top).float().mean()))
 
 
-def test_cli_analyze_and_approximate_a_causal_lm(decoders, text_folder, tmp_path):
+def test_cli_analyze_and_approximate_a_causal_lm(decoders, text_folder, tmp_path, capsys):
     import json
 
     from rba_core.cli import main
@@ -269,6 +270,7 @@ def test_cli_analyze_and_approximate_a_causal_lm(decoders, text_folder, tmp_path
     common = ["--model", folder, "--dataset", str(text_folder), "--seq-len", str(SEQ), "--cache-dir", str(tmp_path)]
     assert main(["analyze", *common, "--n", "6", "--window", "1", "--window", "2", "--json", str(tmp_path / "a.json")]) == 0
     analysis = json.loads((tmp_path / "a.json").read_text())
+    assert re.search(r"96/96 \[[0-9:]+<[0-9:]+, +[0-9.]+k? ?tokens/s\]", capsys.readouterr().err)  # 6 windows of 16
     assert len(analysis["block_influence"]) == BLOCKS and analysis["stats"]["kind"] == "all-pairs"
     assert [len(analysis["angular_distance"][n]) for n in ("1", "2")] == [BLOCKS, BLOCKS - 1]
     # The same scores by hand from the model's own hidden states on the sampled windows.
@@ -305,6 +307,13 @@ def test_cli_analyze_and_approximate_a_causal_lm(decoders, text_folder, tmp_path
     for key in ("perplexity", "top1_agreement"):
         assert set(result[key]) == {"original", "approximated", "skip"}
     assert result["top1_agreement"]["original"] == 1.0 and result["perplexity"]["original"] > 1
+    # All pairs (124 kB here) above the budget: only the range's three Gram blocks are kept, same result.
+    assert main(["approximate", *common, *fresh, "--fit-n", "8", "--eval-n", "4", "--range", "1", "3",
+                 "--stats-budget-gb", "5e-5", "--json", str(tmp_path / "c.json")]) == 0
+    ranged = json.loads((tmp_path / "c.json").read_text())
+    assert ranged["cache"]["fit"] != result["cache"]["fit"]
+    assert ranged["mse_final"] == pytest.approx(result["mse_final"], rel=1e-6)
+    assert ranged["perplexity"] == pytest.approx(result["perplexity"], rel=1e-6)
 
 
 def test_the_demo_lm_reproduces_its_recorded_held_out_perplexity():
@@ -338,3 +347,40 @@ def test_greedy_continuation_of_the_original_equals_generate():
                         "Package description: a", tokens=12)
     assert out["original"] == enc.processor.decode(expected[0, ids.shape[1]:], skip_special_tokens=True)
     assert out["skip"] != out["original"]
+
+
+def test_bfloat16_pass_stays_close_to_float32_and_gets_its_own_cache_key(decoders, text_folder):
+    """The CUDA precision (bfloat16 weights and activations, float32 statistics products summed in
+    float64), run here on CPU: the pass, a fitted map and perplexity work on bfloat16 states and stay
+    within bfloat16 rounding of the float32 results; the dtype is part of the extraction key."""
+    from rba_core.data import open_dataset
+    from rba_core.extract import extraction_key, run_pass
+    from rba_core.lm_data import LMText
+    from rba_core.models.decoder import DecoderLM
+    from rba_core.perplexity import lm_scores
+    from rba_core.stats import TokenStats
+
+    folder = decoders("llama")
+    enc = load_encoder(folder, device="cpu")
+    half = type(enc)(enc.name, enc.source, enc.family, copy.deepcopy(enc.model).to(torch.bfloat16), enc.processor,
+                     "cpu", enc.pooling, enc.max_length)
+    assert DecoderLM.compute_dtype("cuda:0") == torch.bfloat16 and DecoderLM.compute_dtype("cpu") == torch.float32
+    source = open_dataset(LMText(str(text_folder), folder, SEQ), "train")
+    indices = np.arange(8)
+    full, bf16 = (run_pass(e, source, indices, True, batch_size=8) for e in (enc, half))
+    for group in ("reps", "stats"):
+        for name, value in full[group].items():
+            if name in ("fit_residual",):
+                continue
+            scale = np.abs(value).max() or 1.0
+            np.testing.assert_allclose(bf16[group][name], value, rtol=0, atol=0.05 * scale, err_msg=name)
+    stats = {name: TokenStats.from_arrays(run["stats"]) for name, run in (("full", full), ("bf16", bf16))}
+    windows = source.items(indices)
+    nets = {name: {"approximated": approximate_encoder(e, stats[name], [(1, 3)])} for name, e in
+            (("full", enc), ("bf16", half))}
+    scores = {name: lm_scores(e, nets[name], windows, batch_size=4) for name, e in (("full", enc), ("bf16", half))}
+    for model in ("original", "approximated"):
+        assert scores["bf16"]["perplexity"][model] == pytest.approx(scores["full"]["perplexity"][model], rel=0.05)
+    keys = {dtype: extraction_key({"model": folder}, source, indices, True, 1.0, "last", None, dtype=dtype)
+            for dtype in ("float32", "bfloat16")}
+    assert keys["float32"] != keys["bfloat16"]
