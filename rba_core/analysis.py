@@ -114,7 +114,7 @@ def _approximated_finals(net: ApproximatedEncoder, encoder: Encoder, dataset, ex
                          progress: Progress | None, timed: bool, batch_size: int = 32) -> tuple[np.ndarray, dict | None]:
     """Final representations of the approximated model on ``ex``'s samples, plus latencies if ``timed``.
     Under a launcher each rank runs its share and the rows are gathered; rank 0 times the models."""
-    source = open_dataset(dataset, ex.meta["split"])
+    source = ex.source or open_dataset(dataset, ex.meta["split"])
     here = world()
     n, mine = len(ex.indices), here.share(len(ex.indices))
     out, latency = np.empty((len(mine), *ex.final.shape[1:]), ex.final.dtype), {} if timed and here.is_main else None

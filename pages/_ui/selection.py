@@ -20,6 +20,7 @@ from rba_core.errors import RBAError
 from rba_core.hub import hub_status, is_available_offline, is_hub_model, offline_problem
 from rba_core.registry import (DATA_DIR_ENV, DATASETS, DEMO_PAIR, MINILM_ID, MODEL_ALIASES, MODELS, TEXT_DEMO_PAIR,
                                dataset_info, local_dataset_dir, model_alias)
+from rba_core.streaming import is_stream
 
 # Grouped by what they read: image models, then text models (and likewise the datasets).
 MODEL_OPTIONS = [m.alias for m in MODEL_ALIASES if m.modality == "image"] + \
@@ -74,7 +75,7 @@ def _dataset_note(name: str, reachable: bool) -> str:
     if name in LM_TEXTS:
         return "language-model text, read as token windows (for decoder language models)"
     if info is None:
-        return "local folder"
+        return "stream: only the sampled rows are read" if is_stream(name) else "local folder or shards"
     return f"{info.modality} dataset · " + _dataset_source(info, reachable)
 
 
@@ -86,7 +87,8 @@ def _dataset_source(info, reachable: bool) -> str:
         return f"local copy in {local_dataset_dir(info)}"
     if info.hub_id is None:
         return f"local only: set ${DATA_DIR_ENV} to a folder holding {info.local_name}/"
-    return f"hub id {info.hub_id}" + ("" if reachable else f" · offline it needs a local copy (${DATA_DIR_ENV})")
+    streamed = " · streamed: only the sampled images are read" if info.streamed else ""
+    return f"hub id {info.hub_id}{streamed}" + ("" if reachable else f" · offline it needs a local copy (${DATA_DIR_ENV})")
 
 
 def _stats_note(model: str, window: int) -> str:
