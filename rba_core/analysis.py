@@ -114,7 +114,7 @@ def _approximated_finals(net: ApproximatedEncoder, encoder: Encoder, dataset, ex
                          progress: Progress | None, timed: bool, batch_size: int = 32) -> tuple[np.ndarray, dict | None]:
     """Final representations of the approximated model on ``ex``'s samples, plus latencies if ``timed``.
     Under a launcher each rank runs its share and the rows are gathered; rank 0 times the models."""
-    source = open_dataset(dataset, ex.meta["split"])
+    source = ex.source or open_dataset(dataset, ex.meta["split"])
     here = world()
     n, mine = len(ex.indices), here.share(len(ex.indices))
     out, latency = np.empty((len(mine), *ex.final.shape[1:]), ex.final.dtype), {} if timed and here.is_main else None
@@ -195,8 +195,8 @@ def _lm_scores(lazy: LazyEncoder, dataset: LMText, fit: Extraction, stats, ev: E
     return cache.single_flight(key, lookup, compute, progress)
 
 
-def _fit_extraction(model, dataset, n: int, seed: int, ranges: list[Range], max_length: int, cache: Cache,
-                    progress: Progress | None, lazy: LazyEncoder, budget: int | None) -> Extraction:
+def fit_extraction(model, dataset, n: int, seed: int, ranges: list[Range], max_length: int, cache: Cache,
+                   progress: Progress | None, lazy: LazyEncoder, budget: int | None = None) -> Extraction:
     """The fit samples with all Gram pairs (the analysis of the same samples shares them) when those fit
     the memory ``budget``; otherwise with only the blocks that these ranges' maps need."""
     fit = partial(extract, model, dataset, n, seed, "train", max_length=max_length, cache=cache, progress=progress,
@@ -233,7 +233,7 @@ def approximate(model, dataset, fit_n: int, eval_n: int, seed: int,
     ranges = validate_ranges(ranges, info.num_blocks)  # before any pass
     dataset = lm_dataset(model, dataset, seq_len, ref)
     stage("Fit samples (train split): representations and token statistics")
-    fit = _fit_extraction(model, dataset, fit_n, seed, ranges, max_length, cache, progress, lazy, stats_budget)
+    fit = fit_extraction(model, dataset, fit_n, seed, ranges, max_length, cache, progress, lazy, stats_budget)
     if declared.statistics != "tokens":
         stage(f"Fit samples (train split): what the {kind} maps are fitted from")
     stats = map_statistics(kind, fit, dataset, [ranges], lazy, cache, progress)

@@ -18,12 +18,24 @@ from rba_core.progress import Cancelled, Tracker
 from rba_core.registry import DATASETS, MODELS
 
 
+DATASET_HELP = (f"alias ({', '.join(DATASETS)}), folder (images, parquet/CSV/JSONL files or shards, WebDataset "
+                "tar shards), shard pattern (shards-{000000..000009}.tar, {split}-{0..3}.tar), or stream:ALIAS, "
+                "stream:HUB_ID or stream:FOLDER (the first n after a seeded shuffle buffer)")
+DECODE_HELP = "processes that decode and preprocess samples during the pass (default 0 on CPU, min(8, CPUs) on a GPU)"
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number of processes, got '{text}'")
+    return int(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m rba_core", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", required=True, help=f"alias ({', '.join(MODELS)}), hub id or folder")
-    common.add_argument("--dataset", required=True, help=f"alias ({', '.join(DATASETS)}) or folder")
+    common.add_argument("--dataset", required=True, help=DATASET_HELP)
     common.add_argument("--max-length", type=int, default=128, help="text models: truncate texts to this many tokens")
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--seq-len", type=int, default=256,
@@ -31,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--json", type=Path, help="where to write the results as JSON ('-': stdout); "
                         "without it a short summary is printed")
     common.add_argument("--cache-dir", type=Path, help="cache folder (default $RBA_CACHE_DIR or cache/)")
+    common.add_argument("--decode-workers", type=_count, help=DECODE_HELP)
     analyze = sub.add_parser("analyze", parents=[common], help="Block Redundancy, similarity and fit residuals")
     analyze.add_argument("--n", type=int, required=True, help="number of sampled images or texts")
     analyze.add_argument("--split", default="train", choices=("train", "test"))
@@ -75,7 +88,7 @@ def _add_table_and_search(sub, common: argparse.ArgumentParser) -> None:
     """The ``table`` and ``search`` subcommands (issue 4)."""
     table = sub.add_parser("table", help="rows like the paper's Tables 1 and 2 (approximated and skipped ranges)")
     table.add_argument("--model", required=True, help="alias, hub id or folder")
-    table.add_argument("--dataset", required=True, action="append", help="alias or folder (repeatable)")
+    table.add_argument("--dataset", required=True, action="append", help=DATASET_HELP + " (repeatable)")
     table.add_argument("--fit-n", type=int, required=True, help="train samples (images or texts) used to fit the maps")
     table.add_argument("--eval-n", type=int, required=True, help="test samples used to evaluate")
     table.add_argument("--seed", type=int, default=0)
@@ -88,6 +101,7 @@ def _add_table_and_search(sub, common: argparse.ArgumentParser) -> None:
     table.add_argument("--ridge", type=float, default=1e-2, help="λ for --map ridge")
     table.add_argument("--out", required=True, type=Path, help="FILE.csv, FILE.md or FILE.json")
     table.add_argument("--cache-dir", type=Path, help="cache folder (default $RBA_CACHE_DIR or cache/)")
+    table.add_argument("--decode-workers", type=_count, help=DECODE_HELP)
     search = sub.add_parser("search", parents=[common], help="rank ranges by measured final-representation MSE")
     search.add_argument("--fit-n", type=int, required=True, help="train samples (images or texts) used to fit the maps")
     search.add_argument("--eval-n", type=int, required=True, help="test samples the MSE is measured on")
@@ -186,6 +200,10 @@ def _run(args: argparse.Namespace, tracker: Tracker) -> int:
         return 2
     from rba_core.analysis import analyze, approximate
     from rba_core.cache import Cache
+    from rba_core.extract import DECODE_WORKERS_ENV
+
+    if args.decode_workers is not None:  # read by every pass of this run (and of this rank)
+        os.environ[DECODE_WORKERS_ENV] = str(args.decode_workers)
 
     cache = Cache(args.cache_dir, on_wait=lambda s: print(s, file=sys.stderr))
     progress = tracker  # also remembers how far each stage got, for the stop sentence

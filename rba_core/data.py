@@ -27,6 +27,8 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 TEXT_COLUMNS: tuple[tuple[str, ...], ...] = (("text",), ("sentence",), ("text_a", "text_b"),
                                              ("premise", "hypothesis"), ("sentence1", "sentence2"))
 TABLE_SUFFIXES = (".parquet", ".csv", ".jsonl", ".json")
+#: WebDataset shards (rba_core.tar_shards): ``train-000000.tar`` ..., or a pattern ``shards-{000000..000009}.tar``.
+SHARD_SUFFIX = ".tar"
 UNITS = {"image": "images", "text": "texts"}
 #: Row groups of a parquet file's image column held in memory at once: the pass reads sorted
 #: samples, so memory holds a few row groups, never the whole column.
@@ -158,75 +160,118 @@ def _no_columns(name: str, columns: Sequence[str]) -> RBAError:
         "to 'image' or 'text'.")
 
 
-def _table_source(name: str, path: Path, split: str, info: DatasetInfo | None) -> Source:
-    """A CSV or JSONL file of texts (tables of images come as parquet)."""
+def _table_source(name: str, paths: Sequence[Path], split: str, info: DatasetInfo | None) -> Source:
+    """CSV or JSONL files of texts (tables of images come as parquet), shards read one after the other."""
     import pyarrow.csv as pcsv
     import pyarrow.json as pjson
 
-    try:
-        table = pcsv.read_csv(path) if path.suffix == ".csv" else pjson.read_json(path)
-    except Exception as exc:
-        raise RBAError(f"Cannot read '{path}' ({exc.__class__.__name__}); is it valid "
-                       f"{'CSV' if path.suffix == '.csv' else 'JSON Lines'}?") from None
+    tables = []
+    for path in paths:
+        try:
+            tables.append(pcsv.read_csv(path) if path.suffix == ".csv" else pjson.read_json(path))
+        except Exception as exc:
+            raise RBAError(f"Cannot read '{path}' ({exc.__class__.__name__}); is it valid "
+                           f"{'CSV' if path.suffix == '.csv' else 'JSON Lines'}?") from None
+    table = _concat(tables, paths)
     text_cols = _text_columns(table.column_names, info and info.text_columns)
     if text_cols is None:
         raise _no_columns(name, table.column_names)
     label_col = _pick(table.column_names, info and info.label_column, LABEL_COLUMNS)
-    return _text_source(name, split, table, text_cols, label_col, None, {"table": _stat_fingerprint([path])})
+    return _text_source(name, split, table, text_cols, label_col, None, {"table": _stat_fingerprint(paths)})
 
 
-def _parquet_source(name: str, path: Path, split: str, info: DatasetInfo | None) -> Source:
+def _concat(tables: list, paths: Sequence[Path]):
+    """One table from the shards' tables, which must have the same columns (numeric types may widen)."""
+    import pyarrow as pa
+
+    for path, table in zip(paths, tables):
+        if set(table.column_names) != set(tables[0].column_names):
+            raise RBAError(f"The shard '{path}' has columns {', '.join(table.column_names)} but '{paths[0].name}' has "
+                           f"{', '.join(tables[0].column_names)}; give every shard of a split the same columns.")
+    try:
+        return pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        raise RBAError(f"The shards of '{paths[0].parent}' store a column with different types; write every "
+                       "shard of a split with the same schema.") from None
+
+
+def _parquet_source(name: str, paths: Sequence[Path], split: str, info: DatasetInfo | None) -> Source:
+    """Parquet shards of one split (``train.parquet``, or ``train-00000-of-00042.parquet`` ...), read as
+    one table in file order. Only the footers and the label column are read up front; images are read
+    one row group at a time when a sample needs them, so a dataset far larger than memory works."""
     import pyarrow.parquet as pq
 
-    try:
-        schema = pq.read_schema(path)
-    except Exception as exc:
-        raise RBAError(f"Cannot read '{path}' ({exc}); is it a valid parquet file?") from None
+    def unreadable(path: Path, exc: Exception) -> RBAError:
+        return RBAError(f"Cannot read '{path}' ({exc}); is it a valid parquet file?")
+
+    metas = []
+    for path in paths:
+        try:
+            metas.append(pq.read_metadata(path))
+        except Exception as exc:
+            raise unreadable(path, exc) from None
+    schema = metas[0].schema.to_arrow_schema()
     columns = schema.names
     label_col = _pick(columns, info and info.label_column, LABEL_COLUMNS)
-    meta = json.loads((schema.metadata or {}).get(b"huggingface", b"{}"))
-    names = meta.get("info", {}).get("features", {}).get(label_col, {}).get("names") if label_col else None
+    hf = json.loads((schema.metadata or {}).get(b"huggingface", b"{}"))
+    names = hf.get("info", {}).get("features", {}).get(label_col, {}).get("names") if label_col else None
     image_col = _pick(columns, info and info.image_column, IMAGE_COLUMNS)
     text_cols = _text_columns(columns, info and info.text_columns)
     if image_col is None and text_cols is None:
         raise _no_columns(name, columns)
+    wanted = list(text_cols or (image_col,)) + ([label_col] if label_col else [])
+    for path, meta in zip(paths, metas):
+        missing = set(wanted) - set(meta.schema.to_arrow_schema().names)
+        if missing:
+            raise RBAError(f"The parquet shard '{path}' lacks column(s) {', '.join(sorted(missing))} that "
+                           f"'{paths[0].name}' has; give every shard of a split the same columns.")
+    fingerprint = {"parquet": _stat_fingerprint(paths)}
     if image_col is None:
-        try:
-            table = pq.read_table(path, columns=list(text_cols) + ([label_col] if label_col else []))
-        except Exception as exc:
-            raise RBAError(f"Cannot read '{path}' ({exc}); is it a valid parquet file?") from None
-        return _text_source(name, split, table, text_cols, label_col, names, {"parquet": _stat_fingerprint([path])})
-    try:
-        parquet = pq.ParquetFile(path)
-        rows = parquet.metadata.num_rows
-        values = parquet.read(columns=[label_col]).column(0).to_numpy() if label_col else None
-    except Exception as exc:
-        raise RBAError(f"Cannot read '{path}' ({exc}); is it a valid parquet file?") from None
-    labels, label_names = _labels(name, split, rows, values, names)
-
-    sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
-    starts = np.cumsum([0] + sizes)
+        tables = []
+        for path in paths:
+            try:
+                tables.append(pq.read_table(path, columns=wanted))
+            except Exception as exc:
+                raise unreadable(path, exc) from None
+        return _text_source(name, split, _concat(tables, paths), text_cols, label_col, names, fingerprint)
+    values = []
+    for path, meta in zip(paths, metas):
+        if label_col:
+            try:
+                values.append(pq.ParquetFile(path, metadata=meta).read(columns=[label_col]).column(0).to_numpy())
+            except Exception as exc:
+                raise unreadable(path, exc) from None
+    labels, label_names = _labels(name, split, sum(m.num_rows for m in metas),
+                                  np.concatenate(values) if label_col else None, names)
+    # Every row group of every shard, in order, and the index of its first row.
+    groups = [(f, g) for f, meta in enumerate(metas) for g in range(meta.num_row_groups)]
+    starts = np.cumsum([0] + [metas[f].row_group(g).num_rows for f, g in groups])
 
     @lru_cache(maxsize=ROW_GROUPS_HELD)
-    def row_group(g: int):  # read on first use (a cache hit needs only the labels), one row group at a time
-        return parquet.read_row_group(g, columns=[image_col]).column(0)
+    def row_group(number: int):  # read on first use (a cache hit needs only the labels), one at a time
+        f, g = groups[number]
+        try:
+            return pq.ParquetFile(paths[f], metadata=metas[f]).read_row_group(g, columns=[image_col]).column(0)
+        except Exception as exc:
+            raise unreadable(paths[f], exc) from None
 
     def load(idx: Sequence[int]) -> list[Image.Image]:
-        groups = np.searchsorted(starts, idx, side="right") - 1
-        return [_decode(row_group(int(g))[int(i - starts[g])].as_py(), path, i) for i, g in zip(idx, groups)]
+        numbers = np.searchsorted(starts, idx, side="right") - 1
+        return [_decode(row_group(int(g))[int(i - starts[g])].as_py(), paths[groups[g][0]], i)
+                for i, g in zip(idx, numbers)]
 
-    fingerprint = {"parquet": _stat_fingerprint([path]), "image": image_col, "label": label_col}
-    return Source(name, split, labels, label_names, fingerprint, load)
+    return Source(name, split, labels, label_names, {**fingerprint, "image": image_col, "label": label_col}, load)
 
 
-def _split_file(folder: Path, split: str) -> Path | None:
-    """``train.parquet`` (or ``train-*.parquet``, ``data/train-*.parquet``, ``train.csv``, ``train.jsonl``)."""
-    for suffix in TABLE_SUFFIXES:
-        for pattern in (f"{split}{suffix}", f"{split}-*{suffix}", f"data/{split}-*{suffix}"):
+def _split_files(folder: Path, split: str) -> list[Path]:
+    """The files of one split: ``train.parquet``, or its shards (``train-00000-of-00042.parquet`` ...,
+    ``data/train-*.parquet``, ``train/*.parquet``), or the same in CSV or JSON Lines; empty when none."""
+    for suffix in (*TABLE_SUFFIXES, SHARD_SUFFIX):
+        for pattern in (f"{split}{suffix}", f"{split}-*{suffix}", f"data/{split}-*{suffix}", f"{split}/*{suffix}"):
             found = sorted(folder.glob(pattern))
             if found:
-                return found[0]
-    return None
+                return found
+    return []
 
 
 def _image_folder_source(name: str, folder: Path, split: str) -> Source:
@@ -259,14 +304,50 @@ def _image_folder_source(name: str, folder: Path, split: str) -> Source:
 
 
 def _folder_source(name: str, folder: Path, split: str, info: DatasetInfo | None) -> Source:
-    table = _split_file(folder, split)
-    if table is not None:
-        read = _parquet_source if table.suffix == ".parquet" else _table_source
-        return read(name, table, split, info)
+    tables = _split_files(folder, split)
+    if tables:
+        read = {".parquet": _parquet_source, SHARD_SUFFIX: _shards_source}.get(tables[0].suffix, _table_source)
+        return read(name, tables, split, info)
+    shards = sorted(folder.glob(f"*{SHARD_SUFFIX}"))
+    if shards:  # shards not named by split: one sample in five (by key) is in the test split
+        return _shards_source(name, shards, split, info, by_key=True)
     if any(next(folder.glob(f"*{suffix}"), None) for suffix in TABLE_SUFFIXES):
         raise RBAError(f"'{folder}' has no {split} file; provide {split}.parquet (or .csv, .jsonl) next to the "
                        "other split.")
     return _image_folder_source(name, folder, split)
+
+
+def _shards_source(name: str, paths: Sequence[Path], split: str, info: DatasetInfo | None,
+                   by_key: bool = False) -> Source:
+    """WebDataset tar shards of one split (``by_key``: the shards hold both splits, told apart by key)."""
+    from rba_core.tar_shards import read_member, shard_samples
+
+    chosen, modality = shard_samples(paths, split if by_key else None)
+    values = [sample["label"] for _, sample in chosen]
+    labels, names = _labels(name, split, len(chosen), values if any(v >= 0 for v in values) else None, None)
+
+    def load(idx: Sequence[int]) -> list:
+        out = []
+        for i in idx:
+            number, sample = chosen[i]
+            data = read_member(paths[number], sample, modality)
+            out.append(_decode(data, paths[number], i) if modality == "image" else data.decode("utf-8"))
+        return out
+
+    fingerprint = {"shards": _stat_fingerprint(paths), "by_key": by_key}
+    return Source(name, split, labels, names, fingerprint, load, modality)
+
+
+def _shard_pattern(name: str, split: str) -> list[Path]:
+    """The shards a pattern names (``{000000..000009}`` ranges; ``{split}`` becomes the split), all present."""
+    from rba_core.tar_shards import expand_braces
+
+    paths = [Path(p).expanduser() for p in expand_braces(name.replace("{split}", split))]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise RBAError(f"The shard '{missing[0]}' named by '{name}' does not exist"
+                       f"{f' (nor {len(missing) - 1} others)' if len(missing) > 1 else ''}; check the pattern.")
+    return paths
 
 
 def _digits_source(split: str) -> Source:
@@ -324,9 +405,13 @@ def dataset_unit(dataset) -> str:
     from the registry for an alias,
     else from the data itself (a folder's labels and columns are read, no image is decoded)."""
     from rba_core.lm_data import is_lm_text
+    from rba_core.streaming import is_stream, stream_target
 
     if is_lm_text(dataset):
         return "windows"  # a language-model text: token windows of the model's tokenizer
+    if is_stream(dataset):  # not opened here: that would read the stream
+        info = dataset_info(stream_target(dataset))
+        return UNITS[info.modality] if info else "samples"
     info = dataset_info(dataset) if isinstance(dataset, str) else None
     return UNITS[info.modality] if info else open_dataset(dataset, "train").unit
 
@@ -338,6 +423,31 @@ def dataset_name(dataset) -> str:
     return dataset if isinstance(dataset, str) else _in_memory_source(dataset, "train").name
 
 
+def stream_spec(name) -> str | None:
+    """``stream:...`` for a dataset read as a stream: one named so, or a streamed alias without a local copy."""
+    from rba_core.streaming import PREFIX, is_stream
+
+    if not isinstance(name, str):
+        return None
+    if is_stream(name):
+        return name
+    info = dataset_info(name)
+    return PREFIX + info.alias if info and info.streamed and local_dataset_dir(info) is None else None
+
+
+def open_sample(name, split: str, n: int, seed: int) -> tuple[Source, np.ndarray]:
+    """The split and the seeded sample of ``n`` indices in it; a ``stream:`` dataset is read only as far as
+    its sample (:mod:`rba_core.streaming`)."""
+    from rba_core.streaming import stream_sample
+
+    _check_split(split)
+    stream = stream_spec(name)
+    if stream:
+        return stream_sample(stream, split, n, seed)
+    source = open_dataset(name, split)
+    return source, sample_indices(len(source), n, seed, split, source.unit)
+
+
 def open_dataset(name, split: str = "train") -> Source:
     """Open a dataset alias (local copy under ``$RBA_DATA_DIR`` first, then the hub) or folder;
     a list of samples (or of (sample, label) pairs) serves as both splits."""
@@ -346,6 +456,9 @@ def open_dataset(name, split: str = "train") -> Source:
         return name.open_split(split)
     if not isinstance(name, str):
         return _in_memory_source(name, split)
+    if stream_spec(name):
+        raise RBAError(f"'{name}' is read as a stream, a sample at a time; ask for a sample of it (analyze, "
+                       "approximate, search) rather than the whole split.")
     info = dataset_info(name)
     if info is not None:
         if info.hub_id == "sklearn:digits":
@@ -357,6 +470,9 @@ def open_dataset(name, split: str = "train") -> Source:
             raise RBAError(f"Dataset '{info.alias}' has no hub copy: set {DATA_DIR_ENV} to a folder holding "
                            f"{info.local_name}/train.parquet and {info.local_name}/test.parquet.")
         return _hub_source(info, split)
+    if name.strip().endswith(SHARD_SUFFIX):  # one shard, or a pattern of shards
+        shards = _shard_pattern(name.strip(), split)
+        return _shards_source(name, shards, split, None, by_key="{split}" not in name)
     folder = Path(name).expanduser()
     if folder.is_dir():
         return _folder_source(str(folder), folder, split, None)

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from rba_core.cache import Cache, make_key
-from rba_core.data import Source, open_dataset, sample_indices
+from rba_core.data import Source, open_sample
 from rba_core.distributed import single_flight, world
 from rba_core.errors import RBAError
 from rba_core.maps import fit_residual_matrix
@@ -38,6 +39,7 @@ class Extraction:
     fit_residual: np.ndarray | None = None  # (L+1, L+1), stored with the statistics
     notes: list[str] = field(default_factory=list)  # e.g. a damaged cache entry recomputed
     block_influence: np.ndarray | None = None  # (L,) ShortGPT's score over the statistics' tokens
+    source: Source | None = field(default=None, repr=False)  # the split the samples come from
 
     @property
     def num_blocks(self) -> int:
@@ -98,12 +100,65 @@ def token_rows(indices: np.ndarray, mask: torch.Tensor | None, tokens: int, frac
     return torch.cat(rows)
 
 
+#: Environment variable: processes that decode and preprocess samples during the pass (CLI --decode-workers).
+DECODE_WORKERS_ENV = "RBA_DECODE_WORKERS"
+
+
+def decode_workers(device: torch.device | str) -> int:
+    """DataLoader worker processes for decoding: ``$RBA_DECODE_WORKERS``, else none on CPU (the cores
+    run the model) and min(8, CPUs) on a GPU, which a single decoding process would starve."""
+    chosen = os.environ.get(DECODE_WORKERS_ENV, "").strip()
+    if chosen:
+        if not chosen.isdigit():
+            raise RBAError(f"{DECODE_WORKERS_ENV} must be a whole number of processes (0: decode in the pass's own "
+                           f"process), got '{chosen}'.")
+        return int(chosen)
+    return min(8, len(os.sched_getaffinity(0))) if torch.device(device).type == "cuda" else 0
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Batch k of the pass, decoded and preprocessed (in a DataLoader worker when there are workers)."""
+
+    def __init__(self, load: Callable, batches: list[np.ndarray]):
+        self.load, self.batches = load, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, k: int):
+        try:
+            return self.load(self.batches[k])
+        except RBAError as exc:  # handed back as a value: DataLoader would wrap it in a worker's traceback
+            return exc
+
+
+def _prefetched(load: Callable, batches: list[np.ndarray], workers: int) -> Iterator:
+    """The loaded batches in order, read ahead of the model: by ``workers`` DataLoader processes, or with
+    none by one thread (PIL, numpy and the tokenizers release the GIL)."""
+    if workers > 0:
+        import multiprocessing
+
+        fork = "fork" if "fork" in multiprocessing.get_all_start_methods() else None  # closures need no pickling
+        yield from torch.utils.data.DataLoader(_Batches(load, batches), batch_size=None, num_workers=workers,
+                                               multiprocessing_context=fork)
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(load, batches[0])
+        for number in range(len(batches)):
+            loaded = pending.result()
+            if number + 1 < len(batches):
+                pending = pool.submit(load, batches[number + 1])
+            yield loaded
+
+
 @torch.inference_mode()
 def run_pass(encoder: Encoder, source: Source, indices: np.ndarray, with_stats: bool,
              batch_size: int = 32, token_fraction: float = 1.0,
-             progress: Progress | None = None, pairs: list[Pair] | None = None) -> dict[str, dict[str, np.ndarray]]:
+             progress: Progress | None = None, pairs: list[Pair] | None = None,
+             workers: int | None = None) -> dict[str, dict[str, np.ndarray]]:
     """One forward pass over ``indices``; returns array groups ``reps`` and (optionally) ``stats``
-    (all Gram pairs, or only ``pairs``).
+    (all Gram pairs, or only ``pairs``). ``workers``: decoding processes (default :func:`decode_workers`);
+    they change the speed, never the result.
 
     Under a launcher each rank runs its share of the samples; the statistics are summed and the
     per-sample vectors gathered across ranks (:mod:`rba_core.distributed`), so every rank returns
@@ -118,8 +173,9 @@ def run_pass(encoder: Encoder, source: Source, indices: np.ndarray, with_stats: 
     if progress:
         progress(0, n)  # the clock of the rate and ETA starts with the pass, not after its first batch
     with here.all_or_none("the pass"):
+        workers = decode_workers(encoder.device) if workers is None else workers
         pooled, final = _local_pass(encoder, source, indices[mine], acc, influence, batch_size, token_fraction,
-                                    progress, n)
+                                    progress, n, workers)
     groups = {"reps": {"pooled": np.moveaxis(here.gather_rows(np.moveaxis(pooled, 1, 0), mine, n), 0, 1),
                        "final": here.gather_rows(final, mine, n)}}
     if acc is not None:
@@ -137,7 +193,7 @@ def run_pass(encoder: Encoder, source: Source, indices: np.ndarray, with_stats: 
 
 def _local_pass(encoder: Encoder, source: Source, indices: np.ndarray, acc: StatsAccumulator | None,
                 influence: np.ndarray, batch_size: int, token_fraction: float, progress: Progress | None,
-                total: int) -> tuple[np.ndarray, np.ndarray]:
+                total: int, workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """This process's samples: pooled (L+1, n, D) and final (n, D) vectors, statistics added to ``acc``
     and Block Influence sums to ``influence``; progress is reported in units of the ``total`` samples
     of the whole group."""
@@ -148,28 +204,23 @@ def _local_pass(encoder: Encoder, source: Source, indices: np.ndarray, acc: Stat
     if not batches:
         return pooled, final
     load = lambda batch: encoder.preprocess(source.items(batch))  # noqa: E731
-    # Read and preprocess the next batch in a thread while the model runs (PIL, numpy and the
-    # tokenizers release the GIL), so data handling stays off the critical path.
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(load, batches[0])
-        start = 0
-        for number, batch in enumerate(batches):
-            inputs = pending.result()
-            if number + 1 < len(batches):
-                pending = pool.submit(load, batches[number + 1])
-            hs, _ = encoder.hidden_states(inputs)
-            mask = encoder.token_mask(inputs)
-            stop = start + len(batch)
-            pooled[:, start:stop] = torch.stack([encoder.pool(h, mask).to(hs[0]) for h in hs]).float().cpu().numpy()
-            final[start:stop] = encoder.final(hs[-1], mask).float().cpu().numpy()
-            if acc is not None:
-                rows = token_rows(batch, mask, hs[0].shape[1], token_fraction)
-                acc.add(hs, None if rows is None else rows.to(hs[0].device))
-                flat = [h.reshape(-1, d) for h in hs]
-                influence += influence_sums(flat if rows is None else [x[rows.to(x.device)] for x in flat])
-            start = stop
-            if progress:
-                progress(round(stop * total / n), total)
+    start = 0
+    for batch, inputs in zip(batches, _prefetched(load, batches, workers)):
+        if isinstance(inputs, RBAError):
+            raise inputs
+        hs, _ = encoder.hidden_states(inputs)
+        mask = encoder.token_mask(inputs)
+        stop = start + len(batch)
+        pooled[:, start:stop] = torch.stack([encoder.pool(h, mask).to(hs[0]) for h in hs]).float().cpu().numpy()
+        final[start:stop] = encoder.final(hs[-1], mask).float().cpu().numpy()
+        if acc is not None:
+            rows = token_rows(batch, mask, hs[0].shape[1], token_fraction)
+            acc.add(hs, None if rows is None else rows.to(hs[0].device))
+            flat = [h.reshape(-1, d) for h in hs]
+            influence += influence_sums(flat if rows is None else [x[rows.to(x.device)] for x in flat])
+        start = stop
+        if progress:
+            progress(round(stop * total / n), total)
     return pooled, final
 
 
@@ -179,7 +230,7 @@ def extract(model, dataset, n: int, seed: int = 0, split: str = "train", *,
             device: str | None = None,
             encoder: Encoder | Callable[[], Encoder] | None = None,
             stats_window: int | None = None, stats_ranges: Sequence[Pair] = (),
-            stats_budget: int | None = None) -> Extraction:
+            stats_budget: int | None = None, decode_workers: int | None = None) -> Extraction:
     """Per-block pooled vectors, final representations and (optionally) token statistics, from
     the cache when present; otherwise one streaming pass. A cache hit never loads the model.
 
@@ -188,16 +239,16 @@ def extract(model, dataset, n: int, seed: int = 0, split: str = "train", *,
     encoder or a function that loads one (called only on a miss). ``max_length`` truncates texts.
     Token statistics keep all Gram pairs unless ``stats_window`` (windows of n blocks) or
     ``stats_ranges`` ask for fewer; their size is checked against ``stats_budget`` bytes (default a
-    quarter of the free memory) before the pass.
+    quarter of the free memory) before the pass. ``decode_workers``: processes that decode the samples
+    (default :func:`decode_workers`); not in the cache key, since they never change the result.
     """
     cache = cache or Cache()
     seen = len(cache.damaged)
     ref = model_ref(model, max_length)
-    source = open_dataset(dataset, split)
+    source, indices = open_sample(dataset, split, n, seed)
     check_modality(ref.info.modality, source, ref.name)
     if source.modality == "text" and max_length < 2:
         raise RBAError(f"The maximum text length must be at least 2 tokens, got {max_length}.")
-    indices = sample_indices(len(source), n, seed, split, source.unit)
     length = max_length if source.modality == "text" else None
     pairs = planned_pairs(ref.info.num_blocks + 1, stats_window, stats_ranges)
     dtype = compute_dtype(ref, device or world().device or default_device())
@@ -227,7 +278,8 @@ def extract(model, dataset, n: int, seed: int = 0, split: str = "train", *,
         if with_stats:  # before the pass: a plan that does not fit is one sentence, not an out-of-memory crash
             check_fits(loaded.num_blocks + 1, loaded.hidden_size, pairs, stats_budget or memory_budget(loaded.device))
         began = time.perf_counter()
-        groups = run_pass(loaded, source, indices, with_stats, batch_size, token_fraction, progress, pairs)
+        groups = run_pass(loaded, source, indices, with_stats, batch_size, token_fraction, progress, pairs,
+                          decode_workers)
         meta = {
             "model": ref.name, "source": loaded.source, **loaded.describe(),
             "dataset": source.name, "split": split, "n": n, "seed": seed,
@@ -271,4 +323,4 @@ def _extraction(key, hit, meta, reps, stats, source, indices, notes) -> Extracti
     token_stats = TokenStats.from_arrays(stats) if stats is not None else None
     return Extraction(key, hit, meta, reps["pooled"], reps["final"], source.labels[indices], indices,
                       token_stats, stats.get("fit_residual") if stats is not None else None, notes,
-                      stats.get("block_influence") if stats is not None else None)
+                      stats.get("block_influence") if stats is not None else None, source)

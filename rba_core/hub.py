@@ -104,8 +104,13 @@ def is_available_offline(name: str) -> bool:
 def on_disk(dataset: str) -> bool:
     """True when opening ``dataset`` reads local files only (a folder, digits, a copy under
     $RBA_DATA_DIR); otherwise it goes to the hub and may download the whole dataset."""
+    from rba_core.data import stream_spec
     from rba_core.lm_data import HUB_TEXTS
+    from rba_core.streaming import stream_target
 
+    stream = stream_spec(dataset)
+    if stream:  # streamed from the hub unless it names a local folder
+        return Path(stream_target(stream)).expanduser().is_dir()
     if dataset.strip().lower() in HUB_TEXTS:  # WikiText-2, C4: language-model texts from the hub
         return False
     info = dataset_info(dataset)
@@ -127,7 +132,11 @@ def offline_problem(model: str | None = None, datasets: Iterable[str] = ()) -> s
     Looks at the hub only when something would come from it (local folders never need it).
     """
     hub_models = [model] if model and is_hub_model(model) and not is_available_offline(model) else []
-    hub_data = [d for d in datasets if not on_disk(d) and not _dataset_cached(dataset_info(d).hub_id)]
+    from rba_core.data import stream_spec
+    from rba_core.streaming import stream_target
+
+    # A stream is read from the hub on every draw; another dataset may already be in the local cache.
+    hub_data = [d for d in datasets if not on_disk(d) and (stream_spec(d) or not _dataset_cached(dataset_info(d).hub_id))]
     if not hub_models and not hub_data:
         return None
     reachable, reason = hub_status()
@@ -136,6 +145,9 @@ def offline_problem(model: str | None = None, datasets: Iterable[str] = ()) -> s
     if hub_models:
         return (f"Model '{model}' is not in the local Hugging Face cache and cannot be downloaded: {reason}; "
                 f"pick {DEMO_PAIR[0]} (the offline demo) or a local folder written by save_pretrained.")
+    if stream_spec(hub_data[0]):
+        return (f"Dataset '{stream_target(stream_spec(hub_data[0]))}' cannot be streamed: {reason}; connect to the internet, or "
+                "give a local folder of parquet shards or WebDataset shards.")
     info = dataset_info(hub_data[0])
     return (f"Dataset '{info.alias}' ({info.hub_id}) is not available offline: {reason}; set {DATA_DIR_ENV} to a "
             f"folder with local copies ({info.local_name}/train.parquet, {info.local_name}/test.parquet) "

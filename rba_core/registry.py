@@ -81,6 +81,7 @@ class DatasetInfo:
     text_columns: tuple[str, ...] | None = None  # one text column, or a pair
     hub_config: str | None = None
     test_split: str = "test"  # the hub split used as our test split
+    streamed: bool = False  # read as a stream (rba_core.streaming) unless a local copy exists
 
     def hub_split(self, split: str) -> str:
         return self.test_split if split == "test" else split
@@ -102,6 +103,10 @@ DATASETS: dict[str, DatasetInfo] = {
         # Gated on the hub (accept its terms, then `huggingface-cli login`); fit samples come from
         # train, evaluation samples from the 50,000 validation images, as the paper's successor does.
         DatasetInfo("ImageNet-1k", "ILSVRC/imagenet-1k", "image", "label", "imagenet", test_split="validation"),
+        # The same splits streamed: the fit sample is drawn from the 1.28 M train images without downloading
+        # them (about 150 GB), the evaluation sample likewise from the validation stream.
+        DatasetInfo("ImageNet-1k-train", "ILSVRC/imagenet-1k", "image", "label", "imagenet", test_split="validation",
+                    streamed=True),
         # SST-2 and MNLI have no labels in their hub test splits: their validation split is the test split.
         _text("SST-2", "stanfordnlp/sst2", ("sentence",), "sst2", test_split="validation"),
         _text("AG-News", "fancyzhx/ag_news", ("text",), "ag_news"),

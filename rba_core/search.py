@@ -431,7 +431,7 @@ def search(model, dataset, fit_n: int, eval_n: int, seed: int = 0, *, blocks: in
         return chosen, {r: _on(fit_map(fitted, r, kind, params), encoder.device) for r in needed}
 
     encoder = lazy()
-    source = open_dataset(dataset, "test")
+    source = ev.source or open_dataset(dataset, "test")
     with torch.inference_mode():
         tokens = encoder.embed(encoder.preprocess(source.items(ev.indices[:1]))).shape[1]
     tokens = max(tokens, encoder.max_length or 0)  # texts of a chunk pad to the longest one

@@ -106,7 +106,7 @@ def memory_budget(device: str | torch.device = "cpu") -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") // 4
 
 
-def _gb(size: int) -> str:
+def size_text(size: int) -> str:
     return f"{size / 1e9:.1f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
 
 
@@ -122,9 +122,9 @@ def check_fits(num_states: int, hidden_size: int, pairs: Sequence[Pair] | None, 
     what = "all pairs" if pairs is None else "the requested statistics"
     options = [(n, stats_bytes(num_states, hidden_size, planned_pairs(num_states, n)))
                for n in (8, 4, 2, 1) if n < num_states]
-    fitting = [f"windows of {n} need {_gb(size)}" for n, size in options if size <= budget][:1]
+    fitting = [f"windows of {n} need {size_text(size)}" for n, size in options if size <= budget][:1]
     advice = f"; {fitting[0]}" if fitting else "; even windows of 1 do not fit, so use fewer or explicit ranges"
-    raise StatsTooLarge(f"Token statistics for {what} need {_gb(need)}, above the budget of {_gb(budget)}{advice}.")
+    raise StatsTooLarge(f"Token statistics for {what} need {size_text(need)}, above the budget of {size_text(budget)}{advice}.")
 
 
 #: Samples whose tokens share one float32 product (see :meth:`StatsAccumulator.add`).

@@ -36,7 +36,8 @@ from rba_core.models import preload  # noqa: E402
 
 preload()
 
-from rba_core.analysis import LazyEncoder, analysis_results, approximate, export, lm_dataset, map_statistics
+from rba_core.analysis import (LazyEncoder, analysis_results, approximate, export, fit_extraction, lm_dataset,
+                               map_statistics)
 from rba_core.approx import approximate_encoder
 from rba_core.cache import Cache, cache_root
 from rba_core.export import ONNX, RECORD, save_compressed
@@ -109,10 +110,11 @@ def _reading(read: Callable[[Cache], dict], cache_dir: str) -> dict:
 
 
 @st.cache_data(max_entries=16, show_spinner="Reading stored results…")
-def stored_analysis(model: str, dataset: str, n: int, seed: int, cache_dir: str) -> dict:
+def stored_analysis(model: str, dataset: str, n: int, seed: int, cache_dir: str, stats_window: int = 0) -> dict:
     """The ``analyze`` results from the disk cache; raises :class:`NotComputed` (not memoised) on a miss."""
     return _reading(lambda cache: analysis_results(extract(model, lm_dataset(model, dataset), n, seed, "train",
-                                                           cache=cache, encoder=_refuse)), cache_dir)
+                                                           cache=cache, encoder=_refuse,
+                                                           stats_window=stats_window or None)), cache_dir)
 
 
 @st.cache_data(max_entries=16, show_spinner="Reading stored results…")
@@ -230,10 +232,11 @@ def run_analysis(sel: Selection, processes: int = 1) -> None:
         began = time.perf_counter()
         if processes > 1:
             work.stage(f"Running the pass as {processes} worker processes (torchrun) on this machine")
+            window = ["--stats-window", str(sel.stats_window)] if sel.stats_window else []
             run_group(["analyze", "--model", sel.model, "--dataset", sel.dataset, "--n", str(sel.n),
-                       "--seed", str(sel.seed)], processes, work.cache.root, work.progress)
+                       "--seed", str(sel.seed), *window], processes, work.cache.root, work.progress)
         ex = extract(sel.model, lm_dataset(sel.model, sel.dataset), sel.n, sel.seed, "train", cache=work.cache,
-                     progress=work.progress, encoder=lambda: encoder(sel.model))
+                     progress=work.progress, encoder=lambda: encoder(sel.model), stats_window=sel.stats_window or None)
         _opened(sel)
         for note in ex.notes:
             st.warning(note)
@@ -270,7 +273,7 @@ def analysis(sel: Selection, key: str = "compute", label: str = "Compute", proce
                 f"load it if it is stored; the dataset comes from the hub and {source}.")
         return None
     try:
-        results = stored_analysis(sel.model, sel.dataset, sel.n, sel.seed, str(cache_root()))
+        results = stored_analysis(sel.model, sel.dataset, sel.n, sel.seed, str(cache_root()), sel.stats_window)
     except NotComputed as exc:
         not_computed(exc, f"{sel.model} on {sel.dataset} (n={sel.n}, seed={sel.seed}) is not computed yet: "
                           f"press {label}.")
@@ -377,7 +380,7 @@ def _map_statistics(sel: Selection, ranges: list[tuple[int, int]], kind: str, wo
     """What the maps of ``kind`` are fitted from, for the sidebar's samples (stored passes reused)."""
     data = lm_dataset(sel.model, sel.dataset)
     lazy = LazyEncoder(sel.model, lambda: encoder(sel.model))
-    fit = extract(sel.model, data, sel.n, sel.seed, "train", cache=work.cache, progress=work.progress, encoder=lazy)
+    fit = fit_extraction(sel.model, data, sel.n, sel.seed, ranges, 128, work.cache, work.progress, lazy)
     _opened(sel)
     return map_statistics(kind, fit, data, [ranges], lazy, work.cache, work.progress)
 

@@ -14,10 +14,13 @@ from dataclasses import dataclass
 import streamlit as st
 
 from rba_core.maps import MAPS, MapParams
+from rba_core.models import default_device, model_info
+from rba_core.stats import memory_budget, planned_pairs, size_text, stats_bytes
 from rba_core.errors import RBAError
 from rba_core.hub import hub_status, is_available_offline, is_hub_model, offline_problem
 from rba_core.registry import (DATA_DIR_ENV, DATASETS, DEMO_PAIR, MINILM_ID, MODEL_ALIASES, MODELS, TEXT_DEMO_PAIR,
                                dataset_info, local_dataset_dir, model_alias)
+from rba_core.streaming import is_stream
 
 # Grouped by what they read: image models, then text models (and likewise the datasets).
 MODEL_OPTIONS = [m.alias for m in MODEL_ALIASES if m.modality == "image"] + \
@@ -38,6 +41,8 @@ PAGES = [("app.py", "Home", ":material/home:"),
          ("pages/4_Table.py", "Table", ":material/table_chart:"),
          ("pages/5_Cache.py", "Cache", ":material/storage:")]
 MAX_SAMPLES = 100_000
+#: The token statistics a pass keeps (``stats_window`` 0: all Gram pairs), as ``analyze --stats-window`` offers.
+STATS_PLANS = {"all pairs": 0, **{f"windows of {n} blocks": n for n in (1, 2, 4, 8)}}
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,7 @@ class Selection:
     dataset: str
     n: int
     seed: int
+    stats_window: int = 0  # token statistics: 0 all Gram pairs, n windows of n blocks
 
 
 def _model_note(name: str, reachable: bool) -> str:
@@ -69,7 +75,7 @@ def _dataset_note(name: str, reachable: bool) -> str:
     if name in LM_TEXTS:
         return "language-model text, read as token windows (for decoder language models)"
     if info is None:
-        return "local folder"
+        return "stream: only the sampled rows are read" if is_stream(name) else "local folder or shards"
     return f"{info.modality} dataset · " + _dataset_source(info, reachable)
 
 
@@ -81,7 +87,26 @@ def _dataset_source(info, reachable: bool) -> str:
         return f"local copy in {local_dataset_dir(info)}"
     if info.hub_id is None:
         return f"local only: set ${DATA_DIR_ENV} to a folder holding {info.local_name}/"
-    return f"hub id {info.hub_id}" + ("" if reachable else f" · offline it needs a local copy (${DATA_DIR_ENV})")
+    streamed = " · streamed: only the sampled images are read" if info.streamed else ""
+    return f"hub id {info.hub_id}{streamed}" + ("" if reachable else f" · offline it needs a local copy (${DATA_DIR_ENV})")
+
+
+def _stats_note(model: str, window: int) -> str:
+    """The memory the chosen token statistics need against the budget, from the model's config alone."""
+    try:
+        info = model_info(model)
+    except RBAError:
+        return ""  # the sidebar says what is wrong with the model
+    try:
+        pairs = planned_pairs(info.num_blocks + 1, window or None)
+    except RBAError as exc:
+        return str(exc)
+    if info.hidden_size is None:
+        return ""
+    need, budget = stats_bytes(info.num_blocks + 1, info.hidden_size, pairs), memory_budget(default_device())
+    what = "all pairs" if not window else f"windows of {window}"
+    verdict = "fits" if need <= budget else "is above; choose windows of fewer blocks"
+    return f"Token statistics, {what}: {size_text(need)} (the budget, a quarter of the free memory, {size_text(budget)}, {verdict})."
 
 
 def text_demo_available() -> bool:
@@ -131,6 +156,12 @@ def sidebar(announce: bool = False) -> Selection:
         n = count_input("Samples n (train split)", "n", 256, 2, MAX_SAMPLES, step=64,
                         help="Images or texts sampled for the analysis and for fitting the maps.")
         seed = count_input("Seed", "seed", 0, 0, 2**31 - 1, help="Chooses which samples are drawn.")
+        plan = st.selectbox("Token statistics", list(STATS_PLANS), key="stats", **BOUND, help=(
+            "What the pass keeps for the fit residuals of the Redundancy page: the Gram blocks of every pair of "
+            "block outputs (all ranges i→j), or for windows of n blocks only hs[i]ᵀhs[i] and hs[i]ᵀhs[i+n] "
+            "(ranges i→i+n), far less memory for a large model. Approximations fit their own ranges either way."))
+        if model:
+            st.caption(_stats_note(model, STATS_PLANS[plan]))
         st.caption("Hugging Face hub: reachable." if reachable else
                    f"Hugging Face hub: unreachable ({reason}); only local folders, downloaded "
                    "models and the offline demos work.")
@@ -152,7 +183,7 @@ def sidebar(announce: bool = False) -> Selection:
     if problem:
         raise RBAError(problem)
     return Selection(model, dataset, checked(n, "Samples n (train split)", 2, MAX_SAMPLES),
-                     checked(seed, "Seed", 0, 2**31 - 1))
+                     checked(seed, "Seed", 0, 2**31 - 1), STATS_PLANS[plan])
 
 
 def count_input(label: str, key: str, default: int, low: int, high: int, at=st, **kwargs) -> int:

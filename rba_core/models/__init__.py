@@ -183,6 +183,7 @@ class ModelInfo:
     modality: str  # "image" or "text"
     num_blocks: int
     pooling: str  # "first", "mean" or "last" (decoders: the last real token)
+    hidden_size: int | None = None  # D (None where a loaded model did not say)
 
 
 def model_info(name: str) -> ModelInfo:
@@ -190,7 +191,7 @@ def model_info(name: str) -> ModelInfo:
     config = load_config(name)
     cls = adapter_class(config.model_type)
     pooling = _pooling(resolve_model(name), cls) if cls.modality == "text" else "first"
-    return ModelInfo(config.model_type, cls.modality, cls.num_blocks_of(config), pooling)
+    return ModelInfo(config.model_type, cls.modality, cls.num_blocks_of(config), pooling, cls.hidden_size_of(config))
 
 
 def load_encoder(name, device: str | None = None, max_length: int | None = 128) -> Encoder:
@@ -266,7 +267,7 @@ def model_ref(model, max_length: int | None = 128) -> ModelRef:
     if isinstance(model, str):
         return ModelRef(model, model_fingerprint(model), model_info(model))
     encoder = model if isinstance(model, Encoder) else load_encoder(model, max_length=max_length)
-    info = ModelInfo(encoder.family, encoder.modality, encoder.num_blocks, encoder.pooling)
+    info = ModelInfo(encoder.family, encoder.modality, encoder.num_blocks, encoder.pooling, encoder.hidden_size)
     return ModelRef(encoder.name, {"weights": _weights_digest(encoder), "family": encoder.family}, info, encoder)
 
 

@@ -81,6 +81,11 @@ class Encoder:
         """L, from the config alone (no weights loaded)."""
         return int(config.num_hidden_layers)
 
+    @classmethod
+    def hidden_size_of(cls, config) -> int:
+        """D, from the config alone (no weights loaded)."""
+        return int(config.hidden_size)
+
     @property
     def blocks(self) -> nn.ModuleList:
         """The L transformer blocks, in order."""

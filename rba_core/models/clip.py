@@ -44,6 +44,10 @@ class CLIPVisionEncoder(ImageEncoder):
     def num_blocks_of(cls, config) -> int:
         return int(_vision_config(config).num_hidden_layers)
 
+    @classmethod
+    def hidden_size_of(cls, config) -> int:
+        return int(_vision_config(config).hidden_size)
+
     @property
     def blocks(self):
         return self.model.encoder.layers

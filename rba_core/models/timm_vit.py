@@ -74,6 +74,11 @@ class TimmViTEncoder(ImageEncoder):
         with torch.device("meta"):
             return len(cls.build_empty(config).blocks)
 
+    @classmethod
+    def hidden_size_of(cls, config) -> int:
+        with torch.device("meta"):
+            return int(cls.build_empty(config).embed_dim)
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.processor is None:

@@ -540,3 +540,30 @@ def test_approximate_with_folded_maps_continues_and_exports_a_plain_checkpoint(t
     folder = next(tmp_path.iterdir())
     model = AutoModelForCausalLM.from_pretrained(folder)
     assert model.config.num_hidden_layers == built["record"]["layers"]["folded"]
+
+
+def test_token_statistics_for_windows_only_keep_those_ranges_and_approximations_still_fit(home):
+    """The sidebar's statistics plan (issue 8): windows of 2 blocks on the demo say their memory, store
+    windows (fit residual only for ranges i→i+2, the same values as all pairs), and the Approximate
+    page still fits any range."""
+    plan = {**DEMO, "stats": "windows of 2 blocks"}
+    at = _app(**plan)
+    captions = _texts(at.sidebar.caption)
+    assert any(c.startswith("Token statistics, windows of 2:") and "fits" in c for c in captions), captions
+    at.button(key="compute-home").click().run()
+    _clean(at)
+    page = _app("pages/2_Redundancy.py", **plan)
+    _clean(page)
+    full = extract(DEMO_PAIR[0], DEMO_PAIR[1], 64, 0, cache=Cache())
+    windowed = extract(DEMO_PAIR[0], DEMO_PAIR[1], 64, 0, cache=Cache(), stats_window=2)
+    assert windowed.key != full.key and windowed.meta["stats"]["kind"] == "windows"
+    ours, theirs = windowed.fit_residual, full.fit_residual
+    for i in range(ours.shape[0]):
+        for j in range(i + 1, ours.shape[0]):
+            assert np.isnan(ours[i, j]) == (j != i + 2)
+            if j == i + 2:
+                assert ours[i, j] == pytest.approx(theirs[i, j], rel=1e-6)
+    approx = _app("pages/3_Approximate.py", **plan, n_ranges="1", start1="2", end1="6")
+    approx.button(key="approximate").click().run()
+    _clean(approx)
+    assert {m.label: m.value for m in approx.metric}["Blocks after"] == "8"

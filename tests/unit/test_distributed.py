@@ -2,7 +2,12 @@
 cache entry, and fail as a group with one sentence when a worker fails."""
 
 import json
+import os
+import re
 import shutil
+import signal
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,6 +32,14 @@ def torchrun(*args: str):
     return finish(start("--", *args, launch=TORCHRUN))
 
 
+def assert_same_analysis(launched: dict, alone) -> None:
+    """A launched run's analyze JSON equals a single process's analysis to 1e-6 relative."""
+    for name in ("block_redundancy", "cosine", "cka", "fit_residual"):
+        expected = np.array(alone[name], float)
+        np.testing.assert_allclose(np.array(launched[name], float), expected, rtol=1e-6,
+                                   atol=1e-6 * np.nanmax(np.abs(expected)), err_msg=name)
+
+
 def test_shares_cover_every_position_once_in_whole_groups():
     for n in (1, 7, 8, 27, 64):
         for size in (1, 2, 3, 5):
@@ -45,10 +58,7 @@ def test_two_gloo_workers_equal_one_process_and_share_its_entry(tiny_models, ima
 
     alone = analyze(model, image_folder, N, cache=Cache(tmp_path / "single"))
     assert alone.workers == 1 and alone.cache["key"] == launched["cache"]["key"]  # workers not in the key
-    for name in ("block_redundancy", "cosine", "cka", "fit_residual"):
-        expected = np.array(alone[name], float)
-        np.testing.assert_allclose(np.array(launched[name], float), expected, rtol=1e-6,
-                                   atol=1e-6 * np.nanmax(np.abs(expected)), err_msg=name)
+    assert_same_analysis(launched, alone)
 
     # The distributed entry, reopened in this process: a hit that reports the workers that stored it.
     shared = Cache(tmp_path / "dist")
@@ -136,3 +146,62 @@ def test_the_dashboard_launcher_forwards_rank_0_progress_and_stops_the_whole_gro
     # be cut when torchrun stops the group), so the sentence may carry the reporting rank.
     with pytest.raises(RBAError, match=r"^(\[rank \d+\] )?The number of samples n"):
         run_group(request[:-1] + ["0"], 2, tmp_path / "stopped", None)
+
+
+def test_accelerate_launch_runs_the_same_pass_as_one_process(tiny_models, image_folder, tmp_path):
+    """``accelerate launch --multi_gpu --num_processes 2`` (torchrun underneath; gloo without GPUs)."""
+    # ``python -m accelerate.commands.launch`` is ``accelerate launch``: the console script also imports timm
+    # for its estimate command, which fails where timm is installed without torchvision.
+    launch = ("-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no")
+    out = tmp_path / "analysis.json"
+    run = finish(start("analyze", "--model", tiny_models["vit"], "--dataset", image_folder, "--n", str(N),
+                       "--cache-dir", str(tmp_path / "dist"), "--json", str(out), launch=launch))
+    assert run.returncode == 0, run.stderr
+    launched = json.loads(out.read_text())
+    alone = analyze(tiny_models["vit"], image_folder, N, cache=Cache(tmp_path / "single"))
+    assert launched["workers"] == 2 and launched["cache"]["key"] == alone.cache["key"]
+    assert_same_analysis(launched, alone)
+
+
+def _workers(launcher: int) -> dict[int, int]:
+    """rank -> PID of the worker processes a launcher started (its children that carry RANK)."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != launcher:
+                continue
+            env = dict(v.split("=", 1) for v in (stat.parent / "environ").read_text().split("\0") if "=" in v)
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        if "RANK" in env:
+            found[int(env["RANK"])] = int(stat.parent.name)
+    return found
+
+
+def test_a_killed_worker_fails_the_run_naming_its_rank_and_stores_nothing(tmp_path):
+    """SIGKILL to a real rank mid-pass: rank 0, which holds the cache lock and is the one writer."""
+    import fcntl
+
+    cache_dir = tmp_path / "cache"
+    run = start("--", "analyze", "--model", "digits-ViT", "--dataset", "digits", "--n", "1400",
+                "--cache-dir", str(cache_dir), launch=TORCHRUN)
+    deadline = time.monotonic() + 120
+    while not list((cache_dir / ".locks").glob("*.progress")):  # rank 0 reports progress: the pass runs
+        assert run.poll() is None and time.monotonic() < deadline, finish(run).stderr
+        time.sleep(0.1)
+    workers = _workers(run.pid)
+    assert sorted(workers) == [0, 1]
+    os.kill(workers[0], signal.SIGKILL)
+    done = finish(run)
+    assert done.returncode != 0
+    # torchrun's failure summary names the killed rank as the root cause; no traceback from our code.
+    assert "Root Cause" in done.stderr, done.stderr
+    root_cause = done.stderr.split("Root Cause", 1)[1]
+    assert re.search(r"rank\s*:\s*0 \(local_rank: 0\)\s*\n\s*exitcode\s*:\s*-9", root_cause), done.stderr
+    assert 'File "' + str(ROOT) not in done.stderr
+    assert Cache(cache_dir).entries() == []
+    assert [p.name for p in cache_dir.iterdir()] == [".locks"]  # no entry, no temporary folder
+    for lock in (cache_dir / ".locks").glob("*.lock"):  # the dead writer's lock is free for the next run
+        with open(lock, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
