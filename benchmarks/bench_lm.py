@@ -9,6 +9,10 @@ plain decoder forward, no LM head) and of the pass with window statistics (Gram 
 cross-Gram with hs[i+n]) on the same windows, best of ``--repeats`` runs, the two timed in turn.
 The pass ends with one-off solves (the fit residual of every kept range, stored with the entry),
 whose time does not grow with the number of windows; it is reported on its own as well.
+
+With ``--export I J`` it also folds range I→J (``export --map folded``, fitted on ``--n`` windows) and
+reports the plain checkpoint's size and the latency of plain ``AutoModelForCausalLM`` forwards
+(logits of one batch), original vs folded, timed in turn.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import json
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import common
@@ -44,6 +49,31 @@ def llama_folder(folder: Path) -> str:
     return str(folder)
 
 
+def export_report(folder: str, source, args, tmp: Path) -> dict:
+    """Fold ``args.export`` into a plain checkpoint; its size and plain-transformers latency vs the original's."""
+    from transformers import AutoModelForCausalLM
+
+    from rba_core.analysis import export
+    from rba_core.cache import Cache
+
+    out = tmp / "folded"
+    record = export(folder, "demo-text", args.n, 0, [tuple(args.export)], "folded", out, eval_n=args.batch,
+                    seq_len=args.seq_len, cache=Cache(tmp / "cache"))
+    ids = torch.as_tensor(np.stack(source.items(range(args.batch))))
+    models = {name: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+              for name, path in (("original", folder), ("folded", out))}
+    seconds = {name: float("inf") for name in models}
+    with torch.inference_mode():
+        for _ in range(args.repeats + 1):  # in turn; the first round warms up
+            for name, model in models.items():
+                seconds[name] = min(seconds[name], common.best_seconds(lambda: model(input_ids=ids), 1))
+    size = lambda path: sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))  # noqa: E731
+    return {"range": args.export, "layers": record["layers"], "params": record["params"],
+            "perplexity": record.get("perplexity"),
+            "weights_bytes": {"original": size(folder), "folded": size(out)},
+            "batch_latency_s": seconds, "speed_up": seconds["original"] / seconds["folded"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=64)
@@ -51,12 +81,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--window", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--export", type=int, nargs=2, metavar=("I", "J"), help="also fold range I→J and time it")
     parser.add_argument("--json", type=Path, default=common.ROOT / "benchmarks" / "out" / "lm.json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = llama_folder(Path(tmp) / "llama")
         encoder = load_encoder(folder, "cpu")
         source = open_dataset(lm_dataset(folder, "demo-text", args.seq_len), "train")
+        exported = export_report(folder, source, args, Path(tmp)) if args.export else None
     indices = sample_indices(len(source), args.n, 0)
     pairs = planned_pairs(encoder.num_blocks + 1, args.window)
     windows = [source.items(indices[s : s + args.batch]) for s in range(0, args.n, args.batch)]
@@ -82,7 +114,7 @@ def main() -> None:
               "streaming_vs_plain": seconds["plain_forward"] / (seconds["pass_window_stats"] - seconds["one_off_solves"]),
               "stats_bytes": {"windows": stats_bytes(encoder.num_blocks + 1, encoder.hidden_size, pairs),
                               "all_pairs": stats_bytes(encoder.num_blocks + 1, encoder.hidden_size)},
-              "machine": common.machine()}
+              "export": exported, "machine": common.machine()}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
