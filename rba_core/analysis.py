@@ -14,7 +14,7 @@ from rba_core.approx import ApproximatedEncoder, Range, approximate_encoder, cou
 from rba_core.cache import Cache, make_key
 from rba_core.data import open_dataset
 from rba_core.distributed import single_flight, world
-from rba_core.extract import Extraction, Progress, extract
+from rba_core.extract import Extraction, Progress, extract, model_inputs
 from rba_core.latency import BATCH as LATENCY_BATCH, METHOD as LATENCY_METHOD, measure as measure_latency
 from rba_core.maps import MapParams, fit_residual_matrix, map_kind
 from rba_core.lm_data import DEFAULT_SEQ_LEN, LMText, is_lm_text
@@ -120,8 +120,9 @@ def _approximated_finals(net: ApproximatedEncoder, encoder: Encoder, dataset, ex
     out, latency = np.empty((len(mine), *ex.final.shape[1:]), ex.final.dtype), {} if timed and here.is_main else None
     original = ApproximatedEncoder(encoder, [], [])  # no range: the original model's own path
     with here.all_or_none("the approximated model's evaluation"):
-        for start in range(0, len(mine), batch_size):
-            inputs = encoder.preprocess(source.items(ex.indices[mine[start : start + batch_size]]))
+        starts = range(0, len(mine), batch_size)
+        batches = [ex.indices[mine[start : start + batch_size]] for start in starts]
+        for start, inputs in zip(starts, model_inputs(encoder, source, batches)):
             out[start : start + batch_size] = net(**inputs).float().cpu().numpy()
             if latency == {}:  # timed on the first batch, both models interleaved on the same inputs
                 latency = measure_latency({"original": original, "approximated": net},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import copy
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -132,6 +133,25 @@ class _Batches(torch.utils.data.Dataset):
             return exc
 
 
+def model_inputs(encoder: Encoder, source: Source, batches: Sequence[np.ndarray],
+                 workers: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """The model's inputs for each batch of sample indices, in order, decoded and preprocessed ahead of
+    the model: by ``workers`` DataLoader processes (default :func:`decode_workers`), which work on the
+    CPU only (their tensors move to the encoder's device here), or by one thread. A sample that cannot
+    be read raises its :class:`RBAError`. Every loop over samples (the pass, evaluations, the search,
+    fold statistics) reads through this."""
+    workers = decode_workers(encoder.device) if workers is None else workers
+    host = encoder
+    if workers > 0 and str(encoder.device) != "cpu":  # a forked worker must not touch the GPU
+        host = copy.copy(encoder)
+        host.device = "cpu"
+    load = lambda batch: host.preprocess(source.items(batch))  # noqa: E731
+    for inputs in _prefetched(load, list(batches), workers):
+        if isinstance(inputs, RBAError):
+            raise inputs
+        yield inputs if host is encoder else {k: v.to(encoder.device) for k, v in inputs.items()}
+
+
 def _prefetched(load: Callable, batches: list[np.ndarray], workers: int) -> Iterator:
     """The loaded batches in order, read ahead of the model: by ``workers`` DataLoader processes, or with
     none by one thread (PIL, numpy and the tokenizers release the GIL)."""
@@ -173,7 +193,6 @@ def run_pass(encoder: Encoder, source: Source, indices: np.ndarray, with_stats: 
     if progress:
         progress(0, n)  # the clock of the rate and ETA starts with the pass, not after its first batch
     with here.all_or_none("the pass"):
-        workers = decode_workers(encoder.device) if workers is None else workers
         pooled, final = _local_pass(encoder, source, indices[mine], acc, influence, batch_size, token_fraction,
                                     progress, n, workers)
     groups = {"reps": {"pooled": np.moveaxis(here.gather_rows(np.moveaxis(pooled, 1, 0), mine, n), 0, 1),
@@ -193,7 +212,7 @@ def run_pass(encoder: Encoder, source: Source, indices: np.ndarray, with_stats: 
 
 def _local_pass(encoder: Encoder, source: Source, indices: np.ndarray, acc: StatsAccumulator | None,
                 influence: np.ndarray, batch_size: int, token_fraction: float, progress: Progress | None,
-                total: int, workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                total: int, workers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """This process's samples: pooled (L+1, n, D) and final (n, D) vectors, statistics added to ``acc``
     and Block Influence sums to ``influence``; progress is reported in units of the ``total`` samples
     of the whole group."""
@@ -203,11 +222,8 @@ def _local_pass(encoder: Encoder, source: Source, indices: np.ndarray, acc: Stat
     batches = [indices[start : start + batch_size] for start in range(0, n, batch_size)]
     if not batches:
         return pooled, final
-    load = lambda batch: encoder.preprocess(source.items(batch))  # noqa: E731
     start = 0
-    for batch, inputs in zip(batches, _prefetched(load, batches, workers)):
-        if isinstance(inputs, RBAError):
-            raise inputs
+    for batch, inputs in zip(batches, model_inputs(encoder, source, batches, workers)):
         hs, _ = encoder.hidden_states(inputs)
         mask = encoder.token_mask(inputs)
         stop = start + len(batch)

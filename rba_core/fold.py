@@ -184,8 +184,12 @@ def folded_encoder(encoder: Encoder, maps: dict[Range, np.ndarray]) -> Encoder:
 
 def _batches(encoder: Encoder, source, indices: np.ndarray, progress, batch_size: int = 8):
     """The model's inputs for ``indices`` in batches, reporting the samples done."""
-    for start in range(0, len(indices), batch_size):
-        yield encoder.preprocess(source.items(indices[start : start + batch_size]))
+    from rba_core.extract import model_inputs
+
+    starts = range(0, len(indices), batch_size)
+    batches = [indices[start : start + batch_size] for start in starts]
+    for start, inputs in zip(starts, model_inputs(encoder, source, batches)):
+        yield inputs
         if progress:
             progress(min(start + batch_size, len(indices)), len(indices))
 

@@ -34,7 +34,7 @@ from rba_core.cache import Cache
 from rba_core.data import open_dataset
 from rba_core.distributed import World, world
 from rba_core.errors import RBAError
-from rba_core.extract import Extraction, Progress, extract
+from rba_core.extract import Extraction, Progress, extract, model_inputs
 from rba_core.lm_data import DEFAULT_SEQ_LEN
 from rba_core.maps import MapParams, Range, fit_map, fit_residual_matrix, map_kind
 from rba_core.metrics import angular_distance, block_redundancy, block_redundancy_all_tokens
@@ -288,9 +288,10 @@ def _measure(encoder: Encoder, source, ev: Extraction, size: int, choose, progre
                 progress(done, total)
 
         with here.all_or_none("the measured search"):
-            for start in range(seen, until, size):
-                positions = np.sort(order[start : min(start + size, until)])  # sorted: files are read in order
-                inputs = encoder.preprocess(source.items(ev.indices[positions]))
+            starts = range(seen, until, size)
+            chunks = [np.sort(order[start : min(start + size, until)]) for start in starts]  # sorted: files in order
+            for start, positions, inputs in zip(starts, chunks,
+                                                model_inputs(encoder, source, [ev.indices[p] for p in chunks])):
                 began = time.perf_counter()
                 with torch.inference_mode():
                     if start == 0:  # warm-up: the first call of each stage pays one-time set-up costs, untimed
