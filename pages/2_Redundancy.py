@@ -64,7 +64,7 @@ def _show_agreement(agreement: dict) -> None:
                 "near 1 means it orders the candidates as measured; — : fewer than 3 candidates.")
     dataframe(pd.DataFrame([{"cheap score": _score_name(name), "Spearman ρ": value["spearman"],
                              "candidates": value["candidates"]}
-                            for name, value in sorted(agreement.items(), key=lambda kv: -(kv[1]["spearman"] or -2))]),
+                            for name, value in sorted(agreement.items(), key=lambda kv: -(-2 if kv[1]["spearman"] is None else kv[1]["spearman"]))]),
               column_config={"Spearman ρ": st.column_config.NumberColumn(format="%.2f")})
 
 

@@ -12,7 +12,7 @@ import torch
 
 from rba_core.approx import ApproximatedEncoder, Range, approximate_encoder, count_params, paper_notation, validate_ranges
 from rba_core.cache import Cache, make_key
-from rba_core.data import open_dataset
+from rba_core.data import open_dataset, open_sample
 from rba_core.distributed import single_flight, world
 from rba_core.extract import Extraction, Progress, extract, model_inputs
 from rba_core.latency import BATCH as LATENCY_BATCH, METHOD as LATENCY_METHOD, measure as measure_latency
@@ -185,7 +185,7 @@ def _lm_scores(lazy: LazyEncoder, dataset: LMText, fit: Extraction, stats, ev: E
 
     def compute(progress: Progress | None) -> dict:
         loaded = lazy()
-        windows = open_dataset(dataset, "test").items(ev.indices)
+        windows = (ev.source or open_dataset(dataset, "test")).items(ev.indices)
         nets = {"approximated": approximate_encoder(loaded, stats, ranges, kind, params),
                 "skip": approximate_encoder(loaded, None, ranges, "identity")}
         scores = lm_scores(loaded, nets, windows, progress=progress)
@@ -293,7 +293,6 @@ def export(model, dataset, fit_n: int, seed: int, ranges: Sequence[Sequence[int]
     and folded models on the windows of a language-model text, else the final-representation MSE
     of the folded model against the original); other kinds the rba-compressed folder with
     the maps as modules (:func:`rba_core.export.save_compressed`). Returns the record written."""
-    from rba_core.data import sample_indices
     from rba_core.export import save_compressed, save_folded
     from rba_core.fold import check_foldable, fold_pass, folded_encoder
 
@@ -324,8 +323,8 @@ def export(model, dataset, fit_n: int, seed: int, ranges: Sequence[Sequence[int]
               "data": {"dataset": str(dataset), "fit_n": fit_n, "seed": seed,
                        **({"seq_len": seq_len} if isinstance(data, LMText) else {"max_length": encoder.max_length})}}
     if eval_n:
-        test = open_dataset(data, "test")
-        samples = test.items(sample_indices(len(test), eval_n, seed, "test", test.unit))
+        test, indices = open_sample(data, "test", eval_n, seed)
+        samples = test.items(indices)
         record["data"]["eval_n"] = eval_n
         if isinstance(data, LMText):
             stage("Evaluation windows: perplexity of the original and folded models")

@@ -6,6 +6,7 @@ shared by all tokens (:mod:`rba_core.maps`).
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
@@ -47,6 +48,8 @@ class FoldedMap(nn.Module):
         """``m``: block i's MLP output captured while it ran (:func:`captured`); None for i = 0. In float32
         on the map's device whatever the model computes in; returned as the hidden states are."""
         if m is None:
+            if self.start > 0:
+                raise RuntimeError(f"the folded map of block {self.start} needs that block's MLP output m")
             return (hidden.to(self.weight) @ self.weight).to(hidden)
         m = m.to(self.weight)
         return (hidden.to(self.weight) - m + m @ self.weight).to(hidden)
@@ -54,9 +57,17 @@ class FoldedMap(nn.Module):
 
 @contextmanager
 def captured(modules: dict[int, nn.Module]) -> Iterator[dict[int, torch.Tensor]]:
-    """The latest output of each module while the block runs, by key; the hooks are always removed."""
+    """The latest output of each module while the block runs, by key; the hooks are always removed.
+    Only this thread's forwards are caught: the dashboard's sessions share one loaded model, and a
+    hook fires for every caller of its module."""
     outputs: dict[int, torch.Tensor] = {}
-    handles = [module.register_forward_hook(lambda _m, _in, out, key=key: outputs.__setitem__(key, out))
+    owner = threading.get_ident()
+
+    def keep(key: int, out: torch.Tensor) -> None:
+        if threading.get_ident() == owner:
+            outputs[key] = out
+
+    handles = [module.register_forward_hook(lambda _m, _in, out, key=key: keep(key, out))
                for key, module in modules.items()]
     try:
         yield outputs

@@ -201,15 +201,14 @@ def fold_pass(model, dataset, n: int, seed: int, sets: Sequence[Sequence[Range]]
     which each set of ranges is checked to fold (:func:`check_foldable`, one sentence if not). ``encoder``:
     a loaded encoder or a function that loads one (called only on a miss)."""
     from rba_core.cache import Cache, make_key
-    from rba_core.data import open_dataset, sample_indices
+    from rba_core.data import open_sample
     from rba_core.distributed import single_flight, world
     from rba_core.extract import compute_dtype, extraction_key
     from rba_core.models import default_device, load_encoder, model_ref
 
     cache = cache or Cache()
     ref = model_ref(model, max_length)
-    source = open_dataset(dataset, "train")
-    indices = sample_indices(len(source), n, seed, "train", source.unit)
+    source, indices = open_sample(dataset, "train", n, seed)  # a stream is read only as far as its sample
     length = max_length if source.modality == "text" else None
     ranges = sorted({(int(i), int(j)) for ranges in sets for i, j in ranges})
     dtype = compute_dtype(ref, world().device or default_device())

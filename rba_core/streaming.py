@@ -1,10 +1,11 @@
 """Datasets read as a stream (``stream:`` before an alias, hub id or local parquet folder): nothing is
-downloaded or held but the samples drawn.
+downloaded to disk, and only the samples drawn are kept.
 
 The sample of n is the first n samples of the stream after a seeded shuffle buffer
 (``IterableDataset.shuffle(seed, buffer_size)``, which also shuffles the order of the shards), so it is
-reproducible for the same seed, n and shards; if the dataset's files change (a new revision on the hub)
-the same request draws other samples. The encoded samples drawn are kept in memory, not decoded.
+reproducible for the same seed, n and shards; a hub dataset is read at the commit the hub names now,
+which is in the fingerprint. The buffer reads about ``BUFFER_SIZE`` + n encoded samples before the
+first comes out; the n drawn are kept in memory, encoded.
 """
 
 from __future__ import annotations
@@ -53,14 +54,24 @@ def _open(target: str, split: str):
     hub_id = info.hub_id if info else target
     if info is not None and (hub_id is None or hub_id.startswith("sklearn:")):
         raise RBAError(f"Dataset '{info.alias}' cannot be streamed (it has no hub copy); drop the '{PREFIX}' prefix.")
-    hub_split = info.hub_split(split) if info else ("validation" if split == "test" else split)
+    config = info.hub_config if info else None
     try:
-        dataset = datasets.load_dataset(hub_id, info.hub_config if info else None, split=hub_split, streaming=True)
+        from huggingface_hub import HfApi
+
+        revision = HfApi().dataset_info(hub_id).sha  # in the key: a new revision is another sample
+        if info is not None:
+            hub_split = info.hub_split(split)
+        elif split == "test":  # an unregistered dataset evaluates on its test split, else its validation split
+            names = datasets.get_dataset_split_names(hub_id, config, revision=revision)
+            hub_split = "test" if "test" in names else "validation"
+        else:
+            hub_split = split
+        dataset = datasets.load_dataset(hub_id, config, split=hub_split, streaming=True, revision=revision)
     except Exception as exc:  # offline, missing repo, gated: the same advice
         raise RBAError(f"Dataset '{hub_id}' cannot be streamed from the hub ({exc.__class__.__name__}: "
                        f"{str(exc).splitlines()[0][:160] if str(exc) else 'no detail'}); connect to the internet "
                        "and log in for gated datasets, or give a local folder.") from None
-    return dataset, info, {"hub": hub_id, "config": info.hub_config if info else None, "split": hub_split}
+    return dataset, info, {"hub": hub_id, "config": config, "split": hub_split, "revision": revision}
 
 
 @lru_cache(maxsize=4)  # the fit and evaluation samples of one request, drawn once per process

@@ -38,10 +38,6 @@ def expand_braces(pattern: str) -> list[str]:
     return [name for k in range(int(first), int(last) + 1) for name in expand_braces(f"{head}{k:0{width}d}{tail}")]
 
 
-def is_brace_pattern(name: str) -> bool:
-    return bool(_BRACES.search(name))
-
-
 def _split_of(key: str) -> str:
     """The fixed split of a sample in shards not named by split: one key in five goes to ``test``."""
     return "test" if int(hashlib.sha1(key.encode()).hexdigest(), 16) % 5 == 0 else "train"

@@ -16,6 +16,7 @@ the work got; :func:`start_button` says so on the next run. No mutable state is 
 from __future__ import annotations
 
 import io
+import os
 import json
 import tempfile
 import threading
@@ -28,6 +29,12 @@ from typing import Callable, Iterator, Sequence
 
 import pandas as pd
 import streamlit as st
+
+from rba_core.extract import DECODE_WORKERS_ENV
+
+# The server runs many threads; forking it for DataLoader decoding workers could copy a lock some other
+# thread holds. Passes started here read ahead with one thread instead, unless the user set the variable.
+os.environ.setdefault(DECODE_WORKERS_ENV, "0")
 
 # transformers resolves its classes lazily and that is not thread-safe, while Streamlit may run two
 # script threads at once (fast reruns, several tabs). Resolving them here, while this module is

@@ -75,7 +75,7 @@ def _dataset_note(name: str, reachable: bool) -> str:
     if name in LM_TEXTS:
         return "language-model text, read as token windows (for decoder language models)"
     if info is None:
-        return "stream: only the sampled rows are read" if is_stream(name) else "local folder or shards"
+        return "stream: nothing downloaded to disk; the sample is drawn through a shuffle buffer" if is_stream(name) else "local folder or shards"
     return f"{info.modality} dataset · " + _dataset_source(info, reachable)
 
 
@@ -87,23 +87,28 @@ def _dataset_source(info, reachable: bool) -> str:
         return f"local copy in {local_dataset_dir(info)}"
     if info.hub_id is None:
         return f"local only: set ${DATA_DIR_ENV} to a folder holding {info.local_name}/"
-    streamed = " · streamed: only the sampled images are read" if info.streamed else ""
+    streamed = " · streamed: nothing downloaded to disk" if info.streamed else ""
     return f"hub id {info.hub_id}{streamed}" + ("" if reachable else f" · offline it needs a local copy (${DATA_DIR_ENV})")
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def _shape(model: str) -> tuple[int, int]:
+    """L and D from the model's config (read once per model; a failure is not memoised)."""
+    info = model_info(model)
+    return info.num_blocks, info.hidden_size
 
 
 def _stats_note(model: str, window: int) -> str:
     """The memory the chosen token statistics need against the budget, from the model's config alone."""
     try:
-        info = model_info(model)
+        blocks, hidden = _shape(model)
     except RBAError:
         return ""  # the sidebar says what is wrong with the model
     try:
-        pairs = planned_pairs(info.num_blocks + 1, window or None)
+        pairs = planned_pairs(blocks + 1, window or None)
     except RBAError as exc:
         return str(exc)
-    if info.hidden_size is None:
-        return ""
-    need, budget = stats_bytes(info.num_blocks + 1, info.hidden_size, pairs), memory_budget(default_device())
+    need, budget = stats_bytes(blocks + 1, hidden, pairs), memory_budget(default_device())
     what = "all pairs" if not window else f"windows of {window}"
     verdict = "fits" if need <= budget else "is above; choose windows of fewer blocks"
     return f"Token statistics, {what}: {size_text(need)} (the budget, a quarter of the free memory, {size_text(budget)}, {verdict})."

@@ -204,3 +204,22 @@ def test_singular_gram_gives_the_minimum_norm_least_squares_map():
         np.linalg.cholesky(x.T @ x)
     expected = np.linalg.lstsq(x, y, rcond=None)[0]
     np.testing.assert_allclose(solve_spd(x.T @ x, x.T @ y), expected, rtol=1e-7, atol=1e-9)
+
+
+def test_captured_outputs_ignore_other_threads_forwards():
+    """The dashboard's sessions share one model: a forward from another thread while a folded map's
+    hook is on must not replace this thread's captured MLP output."""
+    import threading
+
+    from rba_core.approx import FoldedMap, captured
+
+    layer = torch.nn.Linear(4, 4)
+    mine, theirs = torch.randn(1, 4), torch.randn(2, 4)
+    with captured({1: layer}) as outputs:
+        expected = layer(mine)
+        other = threading.Thread(target=lambda: layer(theirs))
+        other.start()
+        other.join()
+    torch.testing.assert_close(outputs[1], expected, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="needs that block's MLP output"):
+        FoldedMap(np.eye(4), start=2)(torch.randn(1, 4))
