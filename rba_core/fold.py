@@ -29,6 +29,7 @@ from rba_core.approx import captured as _captured, validate_ranges
 from rba_core.errors import RBAError
 from rba_core.maps import Range, solve_spd
 from rba_core.models import Encoder
+from rba_core.stats import SAMPLE_GROUP
 
 
 @dataclass
@@ -76,21 +77,23 @@ def fold_statistics(encoder: Encoder, batches: Iterable[dict[str, torch.Tensor]]
     m is the output of :meth:`Encoder.mlp_output_module` of block i, and hs[0] for i = 0."""
     d = encoder.hidden_size
     zeros = lambda: torch.zeros(d, d, dtype=torch.float64)  # noqa: E731
-    sums = {rng: [zeros(), zeros()] for rng in ranges}
+    gram = {i: zeros() for i in sorted({i for i, _ in ranges})}  # MᵀM: one per start, shared by its ranges
+    cross = {rng: zeros() for rng in ranges}  # Mᵀ(H_j - H_i)
     count = 0
-    starts = {i: encoder.mlp_output_module(i) for i, _ in ranges if i > 0}
+    starts = {i: encoder.mlp_output_module(i) for i in gram if i > 0}
     for inputs in batches:
         with _captured(starts) as outputs:
             hs, _ = encoder.hidden_states(inputs)
         mask = encoder.token_mask(inputs)
         rows = (lambda x: x.reshape(-1, d) if mask is None else x[mask])  # noqa: E731
-        for (i, j), acc in sums.items():
+        for i, total in gram.items():  # float32 products, float64 sums
             m = rows(outputs[i] if i > 0 else hs[0]).float()
-            change = rows(hs[j]).to(m.device, torch.float32) - rows(hs[i]).to(m.device, torch.float32)
-            for total, other in zip(acc, (m, change)):
-                total += (m.T @ other).double().cpu()  # float32 products, float64 sums
+            total += (m.T @ m).double().cpu()
+            for j in (j for start, j in cross if start == i):
+                change = rows(hs[j]).to(m.device, torch.float32) - rows(hs[i]).to(m.device, torch.float32)
+                cross[i, j] += (m.T @ change).double().cpu()
         count += int(rows(hs[0]).shape[0])
-    return {rng: FoldStats(*(t.numpy() for t in acc), count) for rng, acc in sums.items()}
+    return {(i, j): FoldStats(gram[i].numpy(), md.numpy(), count) for (i, j), md in cross.items()}
 
 
 _NOT_PER_LAYER = ("architectures", "stage_names", "out_features", "out_indices")
@@ -182,8 +185,9 @@ def folded_encoder(encoder: Encoder, maps: dict[Range, np.ndarray]) -> Encoder:
                          encoder.pooling, encoder.max_length)
 
 
-def _batches(encoder: Encoder, source, indices: np.ndarray, progress, batch_size: int = 8):
-    """The model's inputs for ``indices`` in batches, reporting the samples done."""
+def _batches(encoder: Encoder, source, indices: np.ndarray, progress, total: int, batch_size: int = 8):
+    """The model's inputs for ``indices`` in batches, reporting progress in units of the ``total`` samples
+    of the whole group of workers."""
     from rba_core.extract import model_inputs
 
     starts = range(0, len(indices), batch_size)
@@ -191,7 +195,7 @@ def _batches(encoder: Encoder, source, indices: np.ndarray, progress, batch_size
     for start, inputs in zip(starts, model_inputs(encoder, source, batches)):
         yield inputs
         if progress:
-            progress(min(start + batch_size, len(indices)), len(indices))
+            progress(round(min(start + batch_size, len(indices)) * total / max(len(indices), 1)), total)
 
 
 def fold_pass(model, dataset, n: int, seed: int, sets: Sequence[Sequence[Range]], *, max_length: int = 128,
@@ -229,11 +233,24 @@ def fold_pass(model, dataset, n: int, seed: int, sets: Sequence[Sequence[Range]]
         loaded = loaded.with_max_length(length)
         for checked in sets:
             check_foldable(loaded, checked)
-        stats = fold_statistics(loaded, _batches(loaded, source, indices, progress), ranges)
+        # Under a launcher each rank sums its share (whole groups of 8 samples: one float32 product per
+        # batch of 8 whatever the split), then the float64 sums are added over the ranks.
+        here = world()
+        mine = here.share(len(indices), SAMPLE_GROUP)
+        with here.all_or_none("the fold statistics"):
+            stats = fold_statistics(loaded, _batches(loaded, source, indices[mine], progress, len(indices),
+                                                     SAMPLE_GROUP), ranges)
         arrays = {"count": np.array([next(iter(stats.values())).count], np.int64)}
         for (i, j), s in stats.items():  # MᵀM depends on the start only: stored once per start
             arrays.update({f"mm_{i}": s.mm, f"md_{i}_{j}": s.md})
-        if world().is_main:  # one writer per group of workers (each computed the same sums)
+        if here.size > 1:
+            summed = {name: torch.from_numpy(np.ascontiguousarray(a, np.float64)) for name, a in arrays.items()}
+            here.sum(list(summed.values()))
+            arrays = {name: t.numpy() for name, t in summed.items()}
+            arrays["count"] = arrays["count"].round().astype(np.int64)
+            stats = {(i, j): FoldStats(arrays[f"mm_{i}"], arrays[f"md_{i}_{j}"], int(arrays["count"][0]))
+                     for i, j in ranges}
+        if here.is_main:  # one writer per group of workers
             cache.put(key, {"fold": arrays}, {"kind": "fold-statistics", "model": ref.name, "dataset": source.name,
                                               "split": "train", "n": n, "seed": seed, "ranges": ranges})
         return stats

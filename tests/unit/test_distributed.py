@@ -106,12 +106,15 @@ def test_token_subsampling_depends_neither_on_batch_size_nor_on_sample_groups(ti
 
 
 def test_approximate_and_search_under_two_workers_equal_one_process(tiny_models, image_folder, tmp_path):
-    """The approximated model's evaluation (rows gathered) and the search (candidates dealt to ranks)."""
+    """The approximated model's evaluation (rows gathered), the search (candidates dealt to ranks) and
+    a folded map's statistics (each rank's share, summed over the ranks)."""
     model, common = tiny_models["vit"], ["--model", tiny_models["vit"], "--dataset", image_folder, "--fit-n", "24",
                                          "--eval-n", "11", "--cache-dir", str(tmp_path / "dist")]
     budget = ["--pairs", "--max-latency-ms", "1e9"]  # the budget needs rank 0's stage times on every rank
-    for command, extra in (("approximate", ["--range", "1", "3"]), ("search", budget)):
-        run = torchrun(command, *common, *extra, "--json", str(tmp_path / f"{command}.json"))
+    folded = ["--range", "1", "3", "--map", "folded"]
+    for command, extra, name in (("approximate", ["--range", "1", "3"], "approximate"), ("search", budget, "search"),
+                                 ("approximate", folded, "folded")):
+        run = torchrun(command, *common, *extra, "--json", str(tmp_path / f"{name}.json"))
         assert run.returncode == 0, run.stderr
     launched = json.loads((tmp_path / "approximate.json").read_text())
     alone = approximate(model, image_folder, 24, 11, 0, [(1, 3)], cache=Cache(tmp_path / "single"))
@@ -123,6 +126,9 @@ def test_approximate_and_search_under_two_workers_equal_one_process(tiny_models,
         [(r["range"], r["samples"]) for r in expected.candidates]
     np.testing.assert_allclose([r["mse_final"] for r in searched["candidates"]],
                                [r["mse_final"] for r in expected.candidates], rtol=1e-6)
+    launched = json.loads((tmp_path / "folded.json").read_text())
+    alone = approximate(model, image_folder, 24, 11, 0, [(1, 3)], "folded", cache=Cache(tmp_path / "single"))
+    assert launched["map"] == "folded" and launched["mse_final"] == pytest.approx(alone.mse_final, rel=1e-6)
 
 
 def test_the_dashboard_launcher_forwards_rank_0_progress_and_stops_the_whole_group(tiny_models, tmp_path):
