@@ -185,8 +185,10 @@ def _workers(launcher: int) -> dict[int, int]:
     return found
 
 
-def test_a_killed_worker_fails_the_run_naming_its_rank_and_stores_nothing(tmp_path):
-    """SIGKILL to a real rank mid-pass: rank 0, which holds the cache lock and is the one writer."""
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_killed_worker_fails_the_run_naming_its_rank_and_stores_nothing(rank, tmp_path):
+    """SIGKILL to a real rank mid-pass: rank 0, which holds the cache lock and is the one writer, or rank 1,
+    whose peer is then stopped by the launcher."""
     import fcntl
 
     cache_dir = tmp_path / "cache"
@@ -198,13 +200,13 @@ def test_a_killed_worker_fails_the_run_naming_its_rank_and_stores_nothing(tmp_pa
         time.sleep(0.1)
     workers = _workers(run.pid)
     assert sorted(workers) == [0, 1]
-    os.kill(workers[0], signal.SIGKILL)
+    os.kill(workers[rank], signal.SIGKILL)
     done = finish(run)
     assert done.returncode != 0
     # torchrun's failure summary names the killed rank as the root cause; no traceback from our code.
     assert "Root Cause" in done.stderr, done.stderr
     root_cause = done.stderr.split("Root Cause", 1)[1]
-    assert re.search(r"rank\s*:\s*0 \(local_rank: 0\)\s*\n\s*exitcode\s*:\s*-9", root_cause), done.stderr
+    assert re.search(rf"rank\s*:\s*{rank} \(local_rank: {rank}\)\s*\n\s*exitcode\s*:\s*-9", root_cause), done.stderr
     assert 'File "' + str(ROOT) not in done.stderr
     assert Cache(cache_dir).entries() == []
     assert [p.name for p in cache_dir.iterdir()] == [".locks"]  # no entry, no temporary folder
