@@ -61,11 +61,19 @@ def check_foldable(encoder: Encoder, ranges: Sequence[Sequence[int]]) -> list[Ra
         if i > 0 and encoder.mlp_out is None:
             raise RBAError(f"Range {i}→{j} cannot be folded into block {i} of this '{encoder.family}' model: "
                            f"{encoder.no_fold_reason}; start the range at 0 (the embeddings), or {instead}.")
+    check_fold_set(checked, encoder.num_blocks)
+    return checked
+
+
+def check_fold_set(ranges: Sequence[Sequence[int]], num_blocks: int) -> list[Range]:
+    """The checks of one set of ranges that need no model: valid, disjoint, none folding into a block that
+    another removes, at least one layer kept."""
+    checked = validate_ranges(ranges, num_blocks)
     for (_, j1), (i2, j2) in zip(checked, checked[1:]):
         if i2 == j1:
             raise RBAError(f"Range {i2}→{j2} would fold into block {i2}, which range ending at {j1} removes; "
                            "merge the two ranges into one.")
-    if sum(j - i for i, j in checked) >= encoder.num_blocks:
+    if sum(j - i for i, j in checked) >= num_blocks:
         raise RBAError("These ranges would remove every layer; keep at least one.")
     return checked
 
@@ -218,6 +226,8 @@ def fold_pass(model, dataset, n: int, seed: int, sets: Sequence[Sequence[Range]]
     dtype = compute_dtype(ref, world().device or default_device())
     samples = extraction_key(ref.fingerprint, source, indices, False, 1.0, ref.info.pooling, length, dtype=dtype)
     key = make_key({"kind": "fold-statistics", "samples": samples, "ranges": [list(r) for r in ranges]})
+    for checked in sets:  # before a cache hit too: a stored entry for the same ranges may have grouped them otherwise
+        check_fold_set(checked, ref.info.num_blocks)
 
     def lookup() -> dict[Range, FoldStats] | None:
         arrays = cache.load(key, "fold")

@@ -86,6 +86,9 @@ def test_fold_pass_fits_lstsq_on_the_fit_windows_and_is_cached(decoders, lm_text
     again = fold_pass(folder, data, 6, 0, [[(1, 3)]], cache=cache, encoder=refuse)
     np.testing.assert_array_equal(again[(1, 3)].mm, stats[(1, 3)].mm)
     assert again[(1, 3)].count == stats[(1, 3)].count == ids.numel()
+    fold_pass(folder, data, 6, 0, [[(1, 2)], [(2, 3)]], cache=cache)  # one stored entry for both ranges
+    with pytest.raises(RBAError, match="would fold into block 2"):  # grouped in one set: checked on a hit too
+        fold_pass(folder, data, 6, 0, [[(1, 2), (2, 3)]], cache=cache, encoder=refuse)
     gemma = decoders("gemma2")
     with pytest.raises(RBAError, match="cannot be folded"):
         fold_pass(gemma, lm_dataset(gemma, lm_text, SEQ), 6, 0, [[(1, 3)]], cache=cache)
