@@ -292,7 +292,8 @@ def extract(model, dataset, n: int, seed: int = 0, split: str = "train", *,
                   or load_encoder(model, device or here.device, max_length))
         loaded = loaded.with_max_length(length)
         if with_stats:  # before the pass: a plan that does not fit is one sentence, not an out-of-memory crash
-            check_fits(loaded.num_blocks + 1, loaded.hidden_size, pairs, stats_budget or memory_budget(loaded.device))
+            budget = here.from_main(stats_budget or memory_budget(loaded.device))  # every rank decides alike
+            check_fits(loaded.num_blocks + 1, loaded.hidden_size, pairs, budget)
         began = time.perf_counter()
         groups = run_pass(loaded, source, indices, with_stats, batch_size, token_fraction, progress, pairs,
                           decode_workers)
