@@ -14,6 +14,7 @@ that writes the MLP output into the residual stream (:attr:`Encoder.mlp_out`).
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import numpy as np
@@ -59,13 +60,18 @@ class DecoderLM(TextEncoder):
         free = torch.cuda.mem_get_info(torch.device(device))[0]
         if size < 0.9 * free:
             return model.to(device)
+        need = f"This model needs {size / 1e9:.1f} GB, more than the {free / 1e9:.1f} GB free on {device}"
+        if int(os.environ.get("WORLD_SIZE") or 1) > 1:  # each worker holds a whole copy on its own GPU
+            raise RBAError(f"{need}; run it as one process (no launcher), which spreads it over the GPUs.")
         try:
             from accelerate import dispatch_model, infer_auto_device_map
         except ImportError:
-            raise RBAError(f"This model needs {size / 1e9:.1f} GB, more than the {free / 1e9:.1f} GB free on "
-                           f"{device}; install accelerate (pip install accelerate) to spread it over the "
-                           "devices.") from None
+            raise RBAError(f"{need}; install accelerate (pip install accelerate) to spread it over the devices.") \
+                from None
         device_map = infer_auto_device_map(model, no_split_module_classes=model._no_split_modules)
+        if "disk" in device_map.values():
+            raise RBAError(f"{need}, and more than the GPUs and the free RAM together hold; use a machine with "
+                           "more memory or a smaller model.")
         return dispatch_model(model, device_map)
 
     @classmethod
