@@ -210,12 +210,12 @@ def load_encoder(name, device: str | None = None, max_length: int | None = 128) 
     config = load_config(name)
     cls = adapter_class(config.model_type)
     pooling = _pooling(source, cls) if cls.modality == "text" else "first"
+    device = device or default_device()
     try:
-        model = cls.load_model(source, config)
+        model = cls.load_model(source, config, **cls.load_options(device))
         processor = cls.load_processor(source)
     except (OSError, ValueError) as exc:
         raise _load_error(source, exc) from None
-    device = device or default_device()
     model = cls.place(model, device)
     return cls(name, source, config.model_type, model, processor, device, pooling,
                max_length if cls.modality == "text" else None, config=config)

@@ -62,6 +62,11 @@ class Encoder:
         raise NotImplementedError
 
     @classmethod
+    def load_options(cls, device: str) -> dict:
+        """Keyword arguments of :meth:`load_model` for a model bound for ``device`` (none by default)."""
+        return {}
+
+    @classmethod
     def compute_dtype(cls, device: str) -> torch.dtype:
         """The dtype of the weights and activations on ``device`` (part of every cache key): float32."""
         return torch.float32

@@ -36,11 +36,15 @@ class DecoderLM(TextEncoder):
     rotary_per_kind = False  # Gemma 3: one rotary embedding per attention kind
 
     @classmethod
-    def load_model(cls, source: str, config):
+    def load_model(cls, source: str, config, dtype: torch.dtype = torch.float32):
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(source, config=config, dtype=torch.float32,  # cast by place()
-                                                    trust_remote_code=False)
+        return AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype, trust_remote_code=False)
+
+    @classmethod
+    def load_options(cls, device: str) -> dict:
+        """Read straight in the dtype it computes in: a bfloat16 model never exists in float32 first."""
+        return {"dtype": cls.compute_dtype(device)}
 
     @classmethod
     def compute_dtype(cls, device: str) -> torch.dtype:
