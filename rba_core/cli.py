@@ -21,7 +21,8 @@ from rba_core.registry import DATASETS, MODELS
 DATASET_HELP = (f"alias ({', '.join(DATASETS)}), folder (images, parquet/CSV/JSONL files or shards, WebDataset "
                 "tar shards), shard pattern (shards-{000000..000009}.tar, {split}-{0..3}.tar), or stream:ALIAS, "
                 "stream:HUB_ID or stream:FOLDER (the first n after a seeded shuffle buffer)")
-DECODE_HELP = "processes that decode and preprocess samples during the pass (default 0 on CPU, min(8, CPUs) on a GPU)"
+DECODE_HELP = ("processes that decode and preprocess the samples of every pass, evaluation and search (default 0 "
+               "on CPU, min(8, CPUs) on a GPU)")
 
 
 def _count(text: str) -> int:
