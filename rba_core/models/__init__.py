@@ -212,7 +212,7 @@ def load_encoder(name, device: str | None = None, max_length: int | None = 128) 
     pooling = _pooling(source, cls) if cls.modality == "text" else "first"
     device = device or default_device()
     try:
-        model = cls.load_model(source, config, **cls.load_options(device))
+        model = cls.load_model(source, config, cls.compute_dtype(device))
         processor = cls.load_processor(source)
     except (OSError, ValueError) as exc:
         raise _load_error(source, exc) from None
@@ -286,5 +286,5 @@ def preload() -> None:
     for target in set(ADAPTERS.values()):
         module, name = target.split(":")
         cls = getattr(importlib.import_module(f"rba_core.models.{module}"), name)
-        for class_name in cls.hf_classes:
+        for class_name in (*cls.hf_classes, cls.hf_model):
             getattr(transformers, class_name)

@@ -51,10 +51,22 @@ class Encoder:
         self._config = config
 
     # --- declared by each family -------------------------------------------------------------
+    #: the transformers class of the family's model (an ``Auto*`` class or a concrete one) and the extra
+    #: keyword arguments it is built with (``add_pooling_layer=False``: the pooler is never used)
+    hf_model: str = "AutoModel"
+    hf_options: dict[str, Any] = {}
+
     @classmethod
-    def load_model(cls, source: str, config) -> nn.Module:
-        """The model (float32, no pooler or head) from a hub id or folder."""
-        raise NotImplementedError
+    def model_class(cls, config):
+        """The transformers class that loads or builds this config's model."""
+        import transformers
+
+        return getattr(transformers, cls.hf_model)
+
+    @classmethod
+    def load_model(cls, source: str, config, dtype: torch.dtype = torch.float32) -> nn.Module:
+        """The model (no pooler; decoders keep their LM head) from a hub id or folder, read in ``dtype``."""
+        return cls.model_class(config).from_pretrained(source, dtype=dtype, trust_remote_code=False, **cls.hf_options)
 
     @classmethod
     def load_processor(cls, source: str):
@@ -62,13 +74,9 @@ class Encoder:
         raise NotImplementedError
 
     @classmethod
-    def load_options(cls, device: str) -> dict:
-        """Keyword arguments of :meth:`load_model` for a model bound for ``device`` (none by default)."""
-        return {}
-
-    @classmethod
     def compute_dtype(cls, device: str) -> torch.dtype:
-        """The dtype of the weights and activations on ``device`` (part of every cache key): float32."""
+        """The dtype of the weights and activations on ``device`` (part of every cache key; the model is read
+        in it): float32."""
         return torch.float32
 
     @classmethod
@@ -79,7 +87,10 @@ class Encoder:
     @classmethod
     def build_empty(cls, config) -> nn.Module:
         """The same architecture with random weights (what an exported folder is loaded into)."""
-        raise NotImplementedError
+        model_class = cls.model_class(config)
+        if cls.hf_model.startswith("Auto"):
+            return model_class.from_config(config, **cls.hf_options)
+        return model_class(config, **cls.hf_options)
 
     @classmethod
     def num_blocks_of(cls, config) -> int:

@@ -6,8 +6,6 @@ pooling of hs[L] ([CLS], or the mean over real tokens for sentence-transformers 
 
 from __future__ import annotations
 
-import torch
-
 from rba_core.models.base import POST_LN_REASON, TextEncoder
 
 
@@ -15,20 +13,8 @@ class BertEncoder(TextEncoder):
     """``BertModel`` / ``RobertaModel`` / ``XLMRobertaModel`` without the pooler."""
 
     hf_classes = ("BertModel", "RobertaModel", "XLMRobertaModel")
+    hf_options = {"add_pooling_layer": False}
     no_fold_reason = POST_LN_REASON
-
-    @classmethod
-    def load_model(cls, source: str, config):
-        from transformers import AutoModel
-
-        return AutoModel.from_pretrained(source, config=config, dtype=torch.float32, trust_remote_code=False,
-                                         add_pooling_layer=False)
-
-    @classmethod
-    def build_empty(cls, config):
-        from transformers import AutoModel
-
-        return AutoModel.from_config(config, add_pooling_layer=False)
 
     @property
     def blocks(self):

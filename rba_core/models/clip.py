@@ -6,8 +6,6 @@ representation is the CLS token of hs[L] after ``post_layernorm``, as CLIP's own
 
 from __future__ import annotations
 
-import torch
-
 from rba_core.models.base import ImageEncoder
 
 
@@ -19,6 +17,7 @@ class CLIPVisionEncoder(ImageEncoder):
     """Blocks in ``model.encoder.layers``."""
 
     hf_classes = ("CLIPVisionModel",)
+    hf_model = "CLIPVisionModel"
     mlp_out = "mlp.fc2"
     no_stem_fold_reason = "its hs[0] is the embeddings after pre_layrnorm, which is not linear in them"
 
@@ -29,16 +28,8 @@ class CLIPVisionEncoder(ImageEncoder):
         super().__init__(name, source, family, model, *args, config=config, **kwargs)
 
     @classmethod
-    def load_model(cls, source: str, config):
-        from transformers import CLIPVisionModel
-
-        return CLIPVisionModel.from_pretrained(source, dtype=torch.float32, trust_remote_code=False)
-
-    @classmethod
     def build_empty(cls, config):
-        from transformers import CLIPVisionModel
-
-        return CLIPVisionModel(_vision_config(config))
+        return super().build_empty(_vision_config(config))
 
     @classmethod
     def num_blocks_of(cls, config) -> int:

@@ -29,22 +29,13 @@ class DecoderLM(TextEncoder):
     """A ``*ForCausalLM`` model: blocks, final norm and embeddings under its base model, LM head kept."""
 
     hf_classes = ("AutoModelForCausalLM",)
+    hf_model = "AutoModelForCausalLM"
     default_pooling = "last"
     #: attribute names: the base model inside the causal LM, its block list, final norm, token embedding
     parts = {"base": "model", "blocks": "layers", "norm": "norm", "embed": "embed_tokens"}
     mlp_out: str | None = "mlp.down_proj"
     rotary_per_kind = False  # Gemma 3: one rotary embedding per attention kind
 
-    @classmethod
-    def load_model(cls, source: str, config, dtype: torch.dtype = torch.float32):
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype, trust_remote_code=False)
-
-    @classmethod
-    def load_options(cls, device: str) -> dict:
-        """Read straight in the dtype it computes in: a bfloat16 model never exists in float32 first."""
-        return {"dtype": cls.compute_dtype(device)}
 
     @classmethod
     def compute_dtype(cls, device: str) -> torch.dtype:
@@ -84,12 +75,6 @@ class DecoderLM(TextEncoder):
         if tokenizer.pad_token is None:  # decoders often have none; padding is masked anyway
             tokenizer.pad_token = tokenizer.eos_token
         return tokenizer
-
-    @classmethod
-    def build_empty(cls, config):
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_config(config)
 
     # --- where the pieces live ----------------------------------------------------------------
     @property

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from rba_core.models.vit import ViTEncoder
 
 
@@ -11,23 +9,13 @@ class Dinov2Encoder(ViTEncoder):
     """As ViT (embeddings, final norm ``model.layernorm``, CLS), with blocks in ``model.encoder.layer``."""
 
     hf_classes = ("Dinov2Model",)
+    hf_model = "Dinov2Model"
+    hf_options = {}  # no pooler to leave out
     mlp_scale = "layer_scale2.lambda1"  # m = λ ⊙ mlp(x): folding puts λ into the MLP output layer
 
     @property
     def mlp_out(self):
         return "mlp.down_proj" if self.model.config.use_swiglu_ffn else "mlp.fc2"
-
-    @classmethod
-    def load_model(cls, source: str, config):
-        from transformers import Dinov2Model
-
-        return Dinov2Model.from_pretrained(source, dtype=torch.float32, trust_remote_code=False)
-
-    @classmethod
-    def build_empty(cls, config):
-        from transformers import Dinov2Model
-
-        return Dinov2Model(config)
 
     @property
     def blocks(self):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from rba_core.models.base import POST_LN_REASON, TextEncoder
 
 
@@ -11,19 +9,8 @@ class DistilBertEncoder(TextEncoder):
     """``DistilBertModel``; the final representation is the pooling of hs[L] (no final norm)."""
 
     hf_classes = ("DistilBertModel",)
+    hf_model = "DistilBertModel"
     no_fold_reason = POST_LN_REASON
-
-    @classmethod
-    def load_model(cls, source: str, config):
-        from transformers import DistilBertModel
-
-        return DistilBertModel.from_pretrained(source, dtype=torch.float32, trust_remote_code=False)
-
-    @classmethod
-    def build_empty(cls, config):
-        from transformers import DistilBertModel
-
-        return DistilBertModel(config)
 
     @property
     def blocks(self):

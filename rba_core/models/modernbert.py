@@ -15,21 +15,10 @@ class ModernBertEncoder(TextEncoder):
     """``ModernBertModel``: blocks in ``model.layers``, final norm ``model.final_norm``."""
 
     hf_classes = ("ModernBertModel",)
+    hf_model = "ModernBertModel"
     mlp_out = "mlp.Wo"
     no_stem_fold_reason = ("its hs[0] is the token embeddings after a LayerNorm (embeddings.norm), which is not "
                            "linear in them")
-
-    @classmethod
-    def load_model(cls, source: str, config):
-        from transformers import ModernBertModel
-
-        return ModernBertModel.from_pretrained(source, dtype=torch.float32, trust_remote_code=False)
-
-    @classmethod
-    def build_empty(cls, config):
-        from transformers import ModernBertModel
-
-        return ModernBertModel(config)
 
     @property
     def blocks(self):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from rba_core.models.base import POST_LN_REASON, TextEncoder
 
 
@@ -11,20 +9,9 @@ class MPNetEncoder(TextEncoder):
     """``MPNetModel`` without the pooler; the position bias is computed once per batch, as its forward does."""
 
     hf_classes = ("MPNetModel",)
+    hf_model = "MPNetModel"
+    hf_options = {"add_pooling_layer": False}
     no_fold_reason = POST_LN_REASON
-
-    @classmethod
-    def load_model(cls, source: str, config):
-        from transformers import MPNetModel
-
-        return MPNetModel.from_pretrained(source, dtype=torch.float32, trust_remote_code=False,
-                                          add_pooling_layer=False)
-
-    @classmethod
-    def build_empty(cls, config):
-        from transformers import MPNetModel
-
-        return MPNetModel(config, add_pooling_layer=False)
 
     @property
     def blocks(self):

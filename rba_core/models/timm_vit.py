@@ -47,7 +47,7 @@ class TimmViTEncoder(ImageEncoder):
     no_fold_reason = "timm models are not written as Hugging Face checkpoints"
 
     @classmethod
-    def load_model(cls, source: str, config):
+    def load_model(cls, source: str, config, dtype: torch.dtype = torch.float32):
         timm = _timm()
         prefix = "local-dir:" if Path(source).is_dir() else "hf-hub:"
         model = timm.create_model(prefix + source, pretrained=True, num_classes=0)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from rba_core.models.base import ImageEncoder
 
 
@@ -15,21 +13,14 @@ class ViTEncoder(ImageEncoder):
     #: patch projection, position embeddings, CLS (DeiT: and distillation) token, mask token if present
     linear_stem = ("embeddings",)
 
-    @classmethod
-    def _model_class(cls, config):
-        from transformers import DeiTModel, ViTModel
-
-        return DeiTModel if config.model_type == "deit" else ViTModel
+    hf_model = "ViTModel"
+    hf_options = {"add_pooling_layer": False}  # the pooler is unused and often newly initialised in a backbone
 
     @classmethod
-    def load_model(cls, source: str, config):
-        # The pooler is unused and often newly initialised when loading a backbone.
-        return cls._model_class(config).from_pretrained(source, dtype=torch.float32, trust_remote_code=False,
-                                                        add_pooling_layer=False)
+    def model_class(cls, config):
+        import transformers
 
-    @classmethod
-    def build_empty(cls, config):
-        return cls._model_class(config)(config, add_pooling_layer=False)
+        return transformers.DeiTModel if config.model_type == "deit" else getattr(transformers, cls.hf_model)
 
     @property
     def blocks(self):
