@@ -294,6 +294,13 @@ class TextEncoder(Encoder):
         return create_bidirectional_mask(config=self.model.config, inputs_embeds=hidden,
                                          attention_mask=inputs.get("attention_mask"))
 
+    def context(self, inputs: Inputs, hidden: torch.Tensor) -> Context:
+        """A bidirectional encoder's blocks need the padding mask only (families with more override this)."""
+        return {"mask": self.bidirectional_mask(inputs, hidden)}
+
+    def call_block(self, block: nn.Module, hidden: torch.Tensor, ctx: Context):
+        return block(hidden, ctx["mask"])
+
 
 def sentence_pooling(folder: Path) -> str | None:
     """``mean`` or ``first`` from a sentence-transformers ``1_Pooling/config.json``; None without one.

@@ -25,9 +25,3 @@ class BertEncoder(TextEncoder):
 
     def embed(self, inputs):
         return self.model.embeddings(input_ids=inputs["input_ids"], token_type_ids=inputs.get("token_type_ids"))
-
-    def context(self, inputs, hidden):
-        return {"mask": self.bidirectional_mask(inputs, hidden)}
-
-    def call_block(self, block, hidden, ctx):
-        return block(hidden, ctx["mask"])

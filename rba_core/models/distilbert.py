@@ -21,9 +21,3 @@ class DistilBertEncoder(TextEncoder):
 
     def embed(self, inputs):
         return self.model.embeddings(inputs["input_ids"])
-
-    def context(self, inputs, hidden):
-        return {"mask": self.bidirectional_mask(inputs, hidden)}
-
-    def call_block(self, block, hidden, ctx):
-        return block(hidden, ctx["mask"])
