@@ -49,7 +49,7 @@ class FoldStats:
 def check_foldable(encoder: Encoder, ranges: Sequence[Sequence[int]]) -> list[Range]:
     """Checked ranges whose start (block i, or the embeddings for i = 0) can take the map and is kept;
     one sentence for a model or range that cannot fold."""
-    instead = "export with --map linear, affine or ridge instead"
+    instead = "use --map linear, affine or ridge instead (a map module, not folded)"
     if encoder.mlp_out is None and not encoder.linear_stem:
         raise RBAError(f"A map cannot be folded into this '{encoder.family}' model: {encoder.no_fold_reason}; "
                        f"{instead}.")
