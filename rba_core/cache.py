@@ -32,7 +32,7 @@ import xxhash
 from rba_core.progress import Progress
 
 CACHE_DIR_ENV = "RBA_CACHE_DIR"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 TMP_PREFIX = ".tmp-"
 LOCKS = ".locks"
 STALE_AFTER_S = 24 * 3600  # a temporary folder without a lock file is a dead writer's after a day

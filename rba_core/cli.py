@@ -62,8 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     approx.add_argument("--map", default="linear", choices=list(MAPS), help=_map_help())
     approx.add_argument("--ridge", type=float, default=1e-2, help="λ for --map ridge")
     approx.add_argument("--probe", action="store_true", help="also train the linear probe (3 seeds)")
-    approx.add_argument("--stats-budget-gb", type=float, help="memory the fit's token statistics may use (default "
-                        "a quarter of the free RAM or GPU memory); above it only the ranges' Gram blocks are kept")
+    approx.add_argument("--no-latency", dest="latency", action="store_false",
+                        help="do not time the original and approximated models (latency_ms_per_image is null)")
     _add_table_and_search(sub, common)
     export = sub.add_parser("export", parents=[common], help="fit the maps and write an export folder "
                             "(--map folded: a plain Hugging Face checkpoint with fewer layers)")
@@ -251,7 +251,7 @@ def _run(args: argparse.Namespace, tracker: Tracker) -> int:
             results = approximate(args.model, args.dataset, args.fit_n, args.eval_n, args.seed, args.range,
                                   args.map, map_params=MapParams(ridge=args.ridge), probe=args.probe,
                                   max_length=args.max_length, seq_len=args.seq_len, cache=cache,
-                                  stats_budget=_budget(args), progress=progress, on_stage=tracker.stage)
+                                  latency=args.latency, progress=progress, on_stage=tracker.stage)
     except RBAError as exc:
         from rba_core.distributed import WorkerFailed
 
