@@ -16,7 +16,7 @@ from rba_core.maps import MAPS, MapParams
 from rba_core.plots import pca_scatter
 from rba_core.probe import small_classes_note
 from rba_core.projection import shared_pca
-from rba_core.ranking import default_ranges
+from rba_core.ranking import default_ranges, removes_text
 
 MAX_RANGES = 4
 
@@ -127,7 +127,7 @@ def _ranges(blocks: int, count: int) -> list[tuple[int, int]]:
         cols = st.columns([1, 1, 3], vertical_alignment="bottom")
         start = cols[0].number_input(f"Range {r}: start i", value=default[0], key=f"start{r}", **BOUND)
         end = cols[1].number_input(f"Range {r}: end j", value=default[1], key=f"end{r}", **BOUND)
-        cols[2].markdown(f"**{start}→{end}** removes blocks {start + 1}..{end} · "
+        cols[2].markdown(f"**{start}→{end}** {removes_text((start, end))} · "
                          f"paper's notation: **{paper_notation((start, end))}**")
         picked.append((int(start), int(end)))
     return validate_ranges(picked, blocks)

@@ -13,7 +13,7 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from rba_core.ranking import top_blocks
+from rba_core.ranking import removes_text, top_blocks
 
 METRIC_NAMES = {"cosine": "cosine similarity", "cka": "linear CKA"}
 HIGHLIGHT, PLAIN = "#d62728", "#9aa5b1"
@@ -104,7 +104,7 @@ def residual_heatmap(residual: np.ndarray) -> go.Figure:
     states = len(residual)
     rows, cols = np.indices(residual.shape)
     residual[rows >= cols] = np.nan  # only i < j is a range
-    ranges = [[f"{i}→{j} (removes blocks {i + 1}..{j})" if i < j else "" for j in range(states)]
+    ranges = [[f"{i}→{j} ({removes_text((i, j))})" if i < j else "" for j in range(states)]
               for i in range(states)]
     labels = state_labels(states)
     fig = go.Figure(go.Heatmap(
