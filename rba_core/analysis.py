@@ -12,6 +12,7 @@ import torch
 
 from rba_core.approx import ApproximatedEncoder, Range, approximate_encoder, count_params, paper_notation, validate_ranges
 from rba_core.cache import Cache, make_key
+from rba_core.errors import RBAError
 from rba_core.data import open_dataset, open_sample
 from rba_core.distributed import single_flight, world
 from rba_core.extract import Extraction, Progress, extract, model_inputs
@@ -24,7 +25,7 @@ from rba_core.models import Encoder, ModelRef, adapter_class, load_config, load_
 from rba_core.models.decoder import DecoderLM
 from rba_core.perplexity import lm_scores
 from rba_core.probe import converged_probe_accuracy, probe_accuracy, small_classes_note
-from rba_core.registry import resolve_model
+from rba_core.registry import lm_text_mismatch, resolve_model
 from rba_core.results import AnalysisResult, ApproximationResult
 from rba_core.stats import StatsTooLarge
 
@@ -69,7 +70,7 @@ def lm_dataset(model, dataset, seq_len: int = DEFAULT_SEQ_LEN, ref: ModelRef | N
         return dataset
     ref = ref or model_ref(model)
     if not issubclass(adapter_class(ref.info.family), DecoderLM):
-        return dataset
+        raise RBAError(lm_text_mismatch(ref.name, ref.info.modality, dataset))
     if ref.loaded is not None:
         source, config = ref.loaded.source, ref.loaded.config
     else:

@@ -16,10 +16,10 @@ from pathlib import Path
 from rba_core.errors import RBAError
 from rba_core.maps import MAPS, MapParams
 from rba_core.progress import Cancelled, Tracker
-from rba_core.registry import DATASETS, MODELS
+from rba_core.registry import DATASET_ALIASES, MODELS
 
 
-DATASET_HELP = (f"alias ({', '.join(DATASETS)}), folder (images, parquet/CSV/JSONL files or shards, WebDataset "
+DATASET_HELP = (f"alias ({', '.join(DATASET_ALIASES)}), folder (images, parquet/CSV/JSONL files or shards, WebDataset "
                 "tar shards), shard pattern (shards-{000000..000009}.tar, {split}-{0..3}.tar), or stream:ALIAS, "
                 "stream:HUB_ID or stream:FOLDER (the first n after a seeded shuffle buffer)")
 DECODE_HELP = ("processes that decode and preprocess the samples of every pass, evaluation and search (default 0 "

@@ -20,6 +20,7 @@ from rba_core.maps import fit_residual_matrix
 from rba_core.metrics import influence_sums
 from rba_core.models import Encoder, adapter_class, default_device, load_encoder, model_ref
 from rba_core.progress import Progress
+from rba_core.registry import modality_mismatch
 from rba_core.stats import (SAMPLE_GROUP, Pair, StatsAccumulator, TokenStats, check_fits, memory_budget,
                             planned_pairs, stats_bytes)
 
@@ -332,8 +333,7 @@ def compute_dtype(ref, device: str) -> str:
 def check_modality(modality: str, source: Source, model: str) -> None:
     """One sentence when a text model is given images or an image model texts."""
     if modality != source.modality:
-        raise RBAError(f"'{model}' reads {modality}s but '{source.name}' holds {source.unit}: pick a dataset of "
-                       f"{modality}s for this model, or a model that reads {source.unit} for this dataset.")
+        raise RBAError(modality_mismatch(model, modality, source.name, source.modality))
 
 
 def _extraction(key, hit, meta, reps, stats, source, indices, notes) -> Extraction:

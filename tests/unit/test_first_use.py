@@ -57,3 +57,26 @@ def test_help_names_rba_and_lists_every_subcommand(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert capsys.readouterr().out.startswith("usage: python -m rba_core ")
+
+
+# Item 7: an image model on a language-model text.
+
+
+def test_an_image_model_on_a_language_model_text_is_the_dashboards_sentence():
+    message = one_error(run_cli("analyze", "--model", "digits-ViT", "--dataset", "demo-text", "--n", "4"))
+    assert message == ("digits-ViT reads images but demo-text holds texts: pick an image dataset for this model "
+                       "(or a text model).")
+
+
+def test_unknown_dataset_lists_the_language_model_texts_and_the_grammar_is_right(tmp_path):
+    from rba_core.cache import Cache
+    from rba_core.data import open_dataset
+    from rba_core.errors import RBAError
+    from rba_core.extract import extract
+
+    with pytest.raises(RBAError, match="debian-descriptions, demo-text, WikiText-2, C4\\)"):
+        open_dataset("no-such-dataset")
+    with pytest.raises(RBAError) as info:  # the core's own check, on a text given to an image model
+        extract("digits-ViT", ["a text", "another"], 2, cache=Cache(tmp_path))
+    assert str(info.value) == ("digits-ViT reads images but in-memory (2 texts) holds texts: pick an image "
+                               "dataset for this model (or a text model).")
