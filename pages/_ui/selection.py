@@ -167,7 +167,7 @@ def sidebar(announce: bool = False) -> Selection:
         if model:
             st.caption(_stats_note(model, STATS_PLANS[plan]))
         st.caption("Hugging Face hub: reachable." if reachable else
-                   f"Hugging Face hub: unreachable ({reason}); only local folders, downloaded "
+                   f"Hugging Face hub: offline, because {reason}; only local folders, downloaded "
                    "models and the offline demos work.")
         demos = [f"{DEMO_PAIR[0]} on {DEMO_PAIR[1]}"]
         demos.append(f"{TEXT_DEMO_PAIR[0]} on {TEXT_DEMO_PAIR[1]}" if text_demo_available() else
@@ -180,8 +180,7 @@ def sidebar(announce: bool = False) -> Selection:
         raise RBAError(f"Type {'a hub id or model folder' if not model else 'a dataset folder'} in the "
                        "sidebar, or pick one of the listed names.")
     if announce and not reachable and (model, dataset) == DEMO_PAIR:
-        st.info(f"The Hugging Face hub cannot be reached ({reason}), so the app opened on the offline demo: "
-                f"{DEMO_PAIR[0]} on {DEMO_PAIR[1]}.")
+        st.info(f"The app opened on the offline demo, {DEMO_PAIR[0]} on {DEMO_PAIR[1]}, because {reason}.")
     problem = offline_problem(model, [dataset])
     if problem:
         raise RBAError(problem)

@@ -79,7 +79,7 @@ def home():
 
 def test_home_starts_on_the_demo_says_why_and_computes(home):
     before, at = home
-    assert any("opened on the offline demo: digits-ViT on digits" in t and "HF_HUB_OFFLINE" in t for t in before)
+    assert "The app opened on the offline demo, digits-ViT on digits, because HF_HUB_OFFLINE is set." in before
     assert any("not computed yet" in t for t in before)
     _clean(at)
     assert at.sidebar.selectbox(key="model").value == DEMO_PAIR[0]
@@ -87,7 +87,28 @@ def test_home_starts_on_the_demo_says_why_and_computes(home):
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Blocks L"] == "12" and metrics["Samples n"] == "64"
     assert [s.label for s in at.status][0].startswith("Computed 12 blocks on 64 images")
-    assert any("unreachable" in t for t in _texts(at.sidebar.caption))
+    assert any(t.startswith("Hugging Face hub: offline, because HF_HUB_OFFLINE is set;")
+               for t in _texts(at.sidebar.caption))
+
+
+def test_an_unreachable_hub_is_said_once_not_nested(monkeypatch):
+    """Issue 18 item 12: the probe's reason reads as the reason, not wrapped in a second "cannot be reached"."""
+    import socket
+
+    from rba_core.hub import UNREACHABLE, hub_status
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed once the socket is
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    at = _app()
+    reachable, reason = hub_status()
+    assert not reachable and reason.startswith(f"{UNREACHABLE} (http://127.0.0.1:{port}")
+    assert f"The app opened on the offline demo, digits-ViT on digits, because {reason}." in _texts(at.info)
+    assert f"Hugging Face hub: offline, because {reason}; only local folders, downloaded models and the offline " \
+           "demos work." in _texts(at.sidebar.caption)
+    assert not any("cannot be reached (" in t or "unreachable (" in t for t in _texts(at.info) + _texts(at.sidebar.caption))
 
 
 def test_a_stored_result_shows_at_once_and_compute_says_cache_hit(home):
