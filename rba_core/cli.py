@@ -288,7 +288,7 @@ def _write(args: argparse.Namespace, results) -> None:
     if args.command == "table":
         print(f"wrote {args.json}", file=sys.stderr)
     elif args.json is None:
-        sys.stdout.write(json.dumps(data, indent=1) + "\n" if args.command == "export" else summarise(args.command, data))
+        sys.stdout.write(summarise(args.command, data))
     elif str(args.json) == "-":
         sys.stdout.write(json.dumps(data, indent=1) + "\n")
     else:

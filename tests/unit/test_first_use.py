@@ -80,3 +80,21 @@ def test_unknown_dataset_lists_the_language_model_texts_and_the_grammar_is_right
         extract("digits-ViT", ["a text", "another"], 2, cache=Cache(tmp_path))
     assert str(info.value) == ("digits-ViT reads images but in-memory (2 texts) holds texts: pick an image "
                                "dataset for this model (or a text model).")
+
+
+# Item 10: export without --json prints the short summary.
+
+
+def test_export_without_json_prints_a_summary_not_the_record(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "export"
+    assert main(["export", "--model", "digits-ViT", "--dataset", "digits", "--fit-n", "16", "--range", "2", "6",
+                 "--range", "8", "9", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    record = json.loads((out / "rba.json").read_text())
+    assert printed == [
+        f"{record['source']}: 2→6 (paper: 1 5), 8→9 (paper: 7 8), linear map; blocks 12 → 7; parameters "
+        f"{record['params']['original']:,} → {record['params']['compressed']:,} "
+        f"({record['params']['compressed'] / record['params']['original'] - 1:+.1%}).",
+        "rba_core.load_compressed(folder) rebuilds it (safetensors and JSON only)."]
