@@ -263,6 +263,9 @@ def _run(args: argparse.Namespace, tracker: Tracker) -> int:
                                   args.map, map_params=MapParams(ridge=args.ridge), probe=args.probe,
                                   max_length=args.max_length, seq_len=args.seq_len, cache=cache,
                                   stats_budget=_budget(args), progress=progress, on_stage=tracker.stage)
+    except (KeyboardInterrupt, Cancelled):
+        tracker.waiting = cache.waiting  # only waiting for another run's computation: that one goes on
+        raise
     except RBAError as exc:
         from rba_core.distributed import WorkerFailed
 

@@ -400,12 +400,13 @@ def test_a_damaged_entry_shows_the_clis_warning_sentence(home, cache_dir, capsys
     assert not at.exception and not at.error
     (shown,) = _texts(at.warning)
     assert any("not computed yet: press Compute" in t for t in _texts(at.info))
+    assert "recomputed" not in shown  # issue 18 item 11: not "is recomputed" next to "press Compute"
     shutil.copytree(cache_dir.parent / "damaged-copy", entry)  # the same damage, now through the CLI
     capsys.readouterr()
     assert main(["analyze", "--model", DEMO_PAIR[0], "--dataset", DEMO_PAIR[1], "--n", "48",
                  "--cache-dir", str(cache_dir), "--json", str(cache_dir.parent / "analysis.json")]) == 0
     notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
-    assert notes == [f"note: {shown}"] and ex.key[:12] in shown and shown.endswith("and is recomputed")
+    assert notes == [f"note: {shown}"] and ex.key[:12] in shown and shown.endswith("and was removed.")
 
 
 @pytest.mark.parametrize("params, field", [({"n": "0"}, "Samples n (train split)"),

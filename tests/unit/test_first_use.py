@@ -98,3 +98,90 @@ def test_export_without_json_prints_a_summary_not_the_record(tmp_path, capsys):
         f"{record['params']['original']:,} → {record['params']['compressed']:,} "
         f"({record['params']['compressed'] / record['params']['original'] - 1:+.1%}).",
         "rba_core.load_compressed(folder) rebuilds it (safetensors and JSON only)."]
+
+
+# Item 11: a damaged entry is told once, in words that fit the CLI and the pages; a stopped wait says so.
+
+
+def test_a_damaged_entry_is_reported_once_on_the_cli(tmp_path):
+    import json
+
+    cache = tmp_path / "cache"
+    args = ["analyze", "--model", "digits-ViT", "--dataset", "digits", "--n", "8", "--cache-dir", str(cache),
+            "--json", str(tmp_path / "a.json")]
+    assert main(args) == 0
+    key = json.loads((tmp_path / "a.json").read_text())["cache"]["key"]
+    (cache / key / "reps.safetensors").write_bytes(b"damaged")
+    run = run_cli(*args)
+    assert run.returncode == 0, run.stderr
+    told = [line for line in run.stderr.splitlines() if key[:12] in line]
+    assert told == [f"note: cache entry {key[:12]} was damaged ({cache / key / 'reps.safetensors'} is missing or "
+                    "does not match its checksum) and was removed."]
+
+
+def test_a_stopped_wait_says_the_other_run_goes_on(tmp_path):
+    """SIGTERM to a process that only waits for another asker's computation of the same key."""
+    import json
+    import signal
+
+    from rba_core.cache import LOCKS, Cache, WAITING, _release, _try_lock
+
+    cache = tmp_path / "cache"
+    args = ["analyze", "--model", "digits-ViT", "--dataset", "digits", "--n", "8", "--cache-dir", str(cache)]
+    assert main([*args, "--json", str(tmp_path / "a.json")]) == 0
+    key = json.loads((tmp_path / "a.json").read_text())["cache"]["key"]
+    assert Cache(cache).delete(key)
+    lock = cache / LOCKS / f"{key}.lock"
+    held = _try_lock(lock)  # another asker computes this key, as far as 3136 of 3800
+    (cache / LOCKS / f"{key}.progress").write_text("3136 3800")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT)}
+    waiter = subprocess.Popen([sys.executable, "-m", "rba_core", *args], cwd=ROOT, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        lines = []
+        while WAITING not in lines:
+            line = waiter.stderr.readline()
+            assert line, "".join(lines)
+            lines.append(line.strip())
+        waiter.send_signal(signal.SIGTERM)
+        _, rest = waiter.communicate(timeout=60)
+    finally:
+        _release(held, lock)
+    assert waiter.returncode == 130
+    assert rest.splitlines()[-1] == ("Stopped waiting for the same computation started elsewhere (at 3136 of 3800 "
+                                     "images); that run goes on and stores its result in the cache.")
+
+
+# Item 17: the lock and progress files of a killed asker are removed when the cache is next opened.
+
+HOLD = """
+import sys, time
+from rba_core.cache import Cache
+
+def compute(progress):
+    progress(5, 10)
+    print("holding", flush=True)
+    time.sleep(600)
+
+Cache(sys.argv[1]).single_flight("k" * 64, lambda: None, compute)
+"""
+
+
+def test_a_killed_askers_lock_and_progress_are_removed_on_open(tmp_path):
+    import signal
+
+    from rba_core.cache import LOCKS, Cache
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert holder.stdout.readline() == "holding\n"
+    files = sorted(p.name for p in (tmp_path / LOCKS).iterdir())
+    assert files == ["k" * 64 + ".lock", "k" * 64 + ".progress"]
+    Cache(tmp_path)  # a live holder's files stay
+    assert sorted(p.name for p in (tmp_path / LOCKS).iterdir()) == files
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(30)
+    assert sorted(p.name for p in (tmp_path / LOCKS).iterdir()) == files  # SIGKILL left them
+    Cache(tmp_path)
+    assert not any((tmp_path / LOCKS).iterdir())
