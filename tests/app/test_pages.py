@@ -221,6 +221,18 @@ def test_a_hub_model_missing_offline_is_marked_and_one_error(home, page, model):
     assert any("unavailable offline" in t for t in _texts(at.sidebar.caption))
 
 
+def test_damaged_weights_are_the_clis_sentence_not_a_bug_report(home, tmp_path):
+    """Issue 18 item 1: a demo copy whose weights header is overwritten, computed from the dashboard."""
+    shutil.copytree(ROOT / "rba_core" / "demo" / "digits-vit", tmp_path / "model")
+    with open(tmp_path / "model" / "model.safetensors", "r+b") as handle:
+        handle.write(b"\xff" * 8)
+    at = _app(model="custom", model_path=str(tmp_path / "model"), dataset="digits")
+    at.button(key="compute-home").click().run()
+    assert not at.exception and [e.value for e in at.error] == [
+        f"The weights file '{tmp_path / 'model' / 'model.safetensors'}' is damaged (its header is cut off or "
+        "garbled); download or copy the model again."]
+
+
 def test_a_bad_model_folder_and_a_bad_dataset_are_errors_not_exceptions(home, tmp_path):
     missing = {"model": "custom", "model_path": str(tmp_path / "missing-model"), "dataset": "digits"}
     at = _app("pages/3_Approximate.py", **missing)

@@ -185,3 +185,72 @@ def test_a_killed_askers_lock_and_progress_are_removed_on_open(tmp_path):
     assert sorted(p.name for p in (tmp_path / LOCKS).iterdir()) == files  # SIGKILL left them
     Cache(tmp_path)
     assert not any((tmp_path / LOCKS).iterdir())
+
+
+# Item 1: damaged model files are one sentence naming the file, exit status 2.
+
+DEMO_VIT = ROOT / "rba_core" / "demo" / "digits-vit"
+
+
+def _damaged_demo(folder: Path, damage: str) -> Path:
+    """A copy of the shipped digits-ViT with one kind of damage; returns the file the sentence must name."""
+    import json
+    import shutil
+
+    shutil.copytree(DEMO_VIT, folder)
+    weights = folder / "model.safetensors"
+    if damage == "header":
+        with open(weights, "r+b") as handle:
+            handle.write(b"\xff" * 8)
+        return weights
+    if damage == "truncated":
+        os.truncate(weights, weights.stat().st_size // 2)
+        return weights
+    if damage == "missing shard":
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(weights)
+        names = sorted(tensors)
+        shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+        for shard, members in shards.items():
+            save_file({n: tensors[n] for n in members}, folder / shard)
+        (folder / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {}, "weight_map": {n: shard for shard, members in shards.items() for n in members}}))
+        weights.unlink()
+        (folder / "model-00002-of-00002.safetensors").unlink()
+        return folder / "model-00002-of-00002.safetensors"
+    config = json.loads((folder / "config.json").read_text())
+    del config["model_type"]
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder / "config.json"
+
+
+SENTENCES = {
+    "header": "The weights file '{}' is damaged (its header is cut off or garbled); download or copy the model again.",
+    "truncated": "The weights file '{}' is truncated or damaged (its size does not match its header); download or "
+                 "copy the model again.",
+    "missing shard": "The weights file '{}' is missing (model.safetensors.index.json lists it); download or copy the "
+                     "model again.",
+    "no model_type": "The config file '{}' has no model_type, so the model's family cannot be told; add the "
+                     "model_type of its architecture (for example \"model_type\": \"vit\") or save the model again "
+                     "with save_pretrained.",
+}
+
+
+@pytest.mark.parametrize("damage", list(SENTENCES))
+def test_damaged_model_files_are_one_sentence_naming_the_file(damage, tmp_path, capsys):
+    named = _damaged_demo(tmp_path / "model", damage)
+    code = main(["analyze", "--model", str(tmp_path / "model"), "--dataset", "digits", "--n", "32",
+                 "--cache-dir", str(tmp_path / "cache")])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and errors == ["error: " + SENTENCES[damage].format(named)]
+
+
+def test_a_damaged_weights_file_reads_the_same_through_the_library(tmp_path):
+    from rba_core.errors import RBAError
+    from rba_core.models import load_encoder
+
+    named = _damaged_demo(tmp_path / "model", "header")
+    with pytest.raises(RBAError) as info:
+        load_encoder(str(tmp_path / "model"), "cpu")
+    assert str(info.value) == SENTENCES["header"].format(named)
