@@ -21,7 +21,8 @@ from rba_core.maps import MapParams, fit_residual_matrix, map_kind
 from rba_core.lm_data import DEFAULT_SEQ_LEN, LMText, is_lm_text
 from rba_core.metrics import (angular_distance, block_redundancy, block_redundancy_all_tokens, cosine_matrix,
                               linear_cka_matrix)
-from rba_core.models import Encoder, ModelRef, adapter_class, load_config, load_encoder, model_ref
+from rba_core.models import (Encoder, ModelRef, adapter_class, check_text_length, load_config, load_encoder,
+                             model_ref)
 from rba_core.models.decoder import DecoderLM
 from rba_core.perplexity import lm_scores
 from rba_core.probe import converged_probe_accuracy, probe_accuracy, small_classes_note
@@ -312,6 +313,8 @@ def export(model, dataset, fit_n: int, seed: int, ranges: Sequence[Sequence[int]
     encoder = lazy()
     checked = check_foldable(encoder, ranges)
     data = lm_dataset(model, dataset, seq_len)
+    if encoder.modality == "text" and not isinstance(data, LMText):  # the fold pass truncates texts to it
+        check_text_length(model_ref(encoder).info, max_length)
     stage("Fit samples (train split): MLP outputs and block outputs of the ranges")
     maps = {rng: stats.fit() for rng, stats in fold_pass(model, data, fit_n, seed, [checked], max_length=max_length,
                                                           cache=cache, progress=progress, encoder=lazy).items()}

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from rba_core.errors import RBAError
+from rba_core.errors import RBAError, above_maximum
 from rba_core.hub import hub_cache_dir, is_available_offline, require_available
 from rba_core.models.base import Encoder
 from rba_core.registry import resolve_model
@@ -250,6 +250,7 @@ class ModelInfo:
     num_blocks: int
     pooling: str  # "first", "mean" or "last" (decoders: the last real token)
     hidden_size: int | None = None  # D (None where a loaded model did not say)
+    max_tokens: int | None = None  # text models: the most tokens a text may be truncated to (position embeddings)
 
 
 def model_info(name: str) -> ModelInfo:
@@ -257,7 +258,8 @@ def model_info(name: str) -> ModelInfo:
     config = load_config(name)
     cls = adapter_class(config.model_type)
     pooling = _pooling(resolve_model(name), cls) if cls.modality == "text" else "first"
-    return ModelInfo(config.model_type, cls.modality, cls.num_blocks_of(config), pooling, cls.hidden_size_of(config))
+    return ModelInfo(config.model_type, cls.modality, cls.num_blocks_of(config), pooling, cls.hidden_size_of(config),
+                     cls.max_tokens_of(config))
 
 
 def load_encoder(name, device: str | None = None, max_length: int | None = 128) -> Encoder:
@@ -311,6 +313,14 @@ def _wrap_loaded(model, device: str | None, max_length: int | None) -> Encoder:
                max_length if cls.modality == "text" else None)
 
 
+def check_text_length(info: ModelInfo, max_length: int) -> None:
+    """Before any pass: ``max_length`` (texts are truncated to it) must lie in 2 .. the model's maximum."""
+    if max_length < 2:
+        raise RBAError(f"The maximum text length must be at least 2 tokens, got {max_length}.")
+    if info.max_tokens and max_length > info.max_tokens:
+        raise above_maximum("--max-length", max_length, info.max_tokens)
+
+
 @dataclass
 class ModelRef:
     """A model as a request names it: its display name, what identifies it (for cache keys), what
@@ -339,7 +349,8 @@ def model_ref(model, max_length: int | None = 128) -> ModelRef:
     if isinstance(model, str):
         return ModelRef(model, model_fingerprint(model), model_info(model))
     encoder = model if isinstance(model, Encoder) else load_encoder(model, max_length=max_length)
-    info = ModelInfo(encoder.family, encoder.modality, encoder.num_blocks, encoder.pooling, encoder.hidden_size)
+    info = ModelInfo(encoder.family, encoder.modality, encoder.num_blocks, encoder.pooling, encoder.hidden_size,
+                     encoder.max_tokens_of(encoder.config))
     return ModelRef(encoder.name, {"weights": _weights_digest(encoder), "family": encoder.family}, info, encoder)
 
 

