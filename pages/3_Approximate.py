@@ -3,6 +3,7 @@
 import json
 from dataclasses import asdict
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 
@@ -170,32 +171,35 @@ with errors():
             "label": final["labels"], "pc1 original": pca["original"][:, 0], "pc2 original": pca["original"][:, 1],
             "pc1 approximated": pca["approximated"][:, 0], "pc2 approximated": pca["approximated"][:, 1]}))
 
-        st.subheader("Linear probe accuracy")
-        st.markdown(f"A linear classifier trained on the final representations of the n train {unit(sel.dataset)} and "
-                    f"tested on the evaluation {unit(sel.dataset)}, for the original model, the approximated one and the same ranges "
-                    "simply skipped (the paper's Tables 1–2). Two probes are trained. **The paper's protocol**, "
-                    "which the paper's tables used: one linear layer, Adam, 5 epochs, batch 256, seeds 0, 1, 2 "
-                    "(mean ± std). It takes only about ten optimizer steps on 512 samples, so differences between "
-                    "variants often stay within its seed noise. **The converged probe**: logistic regression on "
-                    "standardized features trained to convergence (scikit-learn, lbfgs, C = 1), one deterministic "
-                    "run. The first compares with the paper; the second separates the variants reliably.")
-        small = small_classes_note(final["labels"], final["label_names"])
-        if small:
-            st.warning(small)
-        spec = json.dumps([sel.model, sel.dataset, sel.n, sel.seed, int(eval_n), ranges, kind, asdict(params)])
-        probed = st.session_state.setdefault("_probed", [])
-        if start_button("Train the linear probes", key="probe", help="Both probes on the original, approximated "
-                        "and skipped models (the approximated and skipped models also run on the n fit samples)."):
-            run_approximation(sel, int(eval_n), ranges, kind, params, probe=True)
-            probed.append(spec)
-        if spec in probed:
-            probe_res = approximation(sel, int(eval_n), ranges, kind, params, probe=True)
-            accuracy, converged = probe_res["accuracy"], probe_res["accuracy_converged"]
-            table = _probe_table(accuracy, converged)
-            dataframe(table, column_config={name: st.column_config.NumberColumn(format="%.4f") for name in (
-                "accuracy mean", "accuracy std", "converged probe accuracy")})
-            downloads("probe-accuracy", table=table, data={**{k: v for k, v in summary.items() if k != "cache"},
-                                                           "accuracy": accuracy, "accuracy_converged": converged})
+        if (np.asarray(final["labels"]) < 0).any():  # a language-model text, or a dataset without labels
+            st.caption(f"No linear probes: {sel.dataset} has no labels to classify.")
+        else:
+            st.subheader("Linear probe accuracy")
+            st.markdown(f"A linear classifier trained on the final representations of the n train {unit(sel.dataset)} and "
+                        f"tested on the evaluation {unit(sel.dataset)}, for the original model, the approximated one and the same ranges "
+                        "simply skipped (the paper's Tables 1–2). Two probes are trained. **The paper's protocol**, "
+                        "which the paper's tables used: one linear layer, Adam, 5 epochs, batch 256, seeds 0, 1, 2 "
+                        "(mean ± std). It takes only about ten optimizer steps on 512 samples, so differences between "
+                        "variants often stay within its seed noise. **The converged probe**: logistic regression on "
+                        "standardized features trained to convergence (scikit-learn, lbfgs, C = 1), one deterministic "
+                        "run. The first compares with the paper; the second separates the variants reliably.")
+            small = small_classes_note(final["labels"], final["label_names"], unit=unit(sel.dataset))
+            if small:
+                st.warning(small)
+            spec = json.dumps([sel.model, sel.dataset, sel.n, sel.seed, int(eval_n), ranges, kind, asdict(params)])
+            probed = st.session_state.setdefault("_probed", [])
+            if start_button("Train the linear probes", key="probe", help="Both probes on the original, approximated "
+                            "and skipped models (the approximated and skipped models also run on the n fit samples)."):
+                run_approximation(sel, int(eval_n), ranges, kind, params, probe=True)
+                probed.append(spec)
+            if spec in probed:
+                probe_res = approximation(sel, int(eval_n), ranges, kind, params, probe=True)
+                accuracy, converged = probe_res["accuracy"], probe_res["accuracy_converged"]
+                table = _probe_table(accuracy, converged)
+                dataframe(table, column_config={name: st.column_config.NumberColumn(format="%.4f") for name in (
+                    "accuracy mean", "accuracy std", "converged probe accuracy")})
+                downloads("probe-accuracy", table=table, data={**{k: v for k, v in summary.items() if k != "cache"},
+                                                               "accuracy": accuracy, "accuracy_converged": converged})
 
         if res.get("perplexity"):
             st.subheader("Continue a prompt")

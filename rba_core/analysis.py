@@ -13,7 +13,7 @@ import torch
 from rba_core.approx import ApproximatedEncoder, Range, approximate_encoder, count_params, paper_notation, validate_ranges
 from rba_core.cache import Cache, make_key
 from rba_core.errors import RBAError
-from rba_core.data import open_dataset, open_sample
+from rba_core.data import UNITS, open_dataset, open_sample
 from rba_core.distributed import single_flight, world
 from rba_core.extract import Extraction, Progress, extract, model_inputs
 from rba_core.latency import BATCH as LATENCY_BATCH, METHOD as LATENCY_METHOD, measure as measure_latency
@@ -278,7 +278,8 @@ def approximate(model, dataset, fit_n: int, eval_n: int, seed: int,
                            for name in ("original", "approximated", "skip")}
         result.accuracy_converged = {name: converged_probe_accuracy(train[name], fit.labels, test[name], ev.labels)
                                      for name in ("original", "approximated", "skip")}
-        result.notes += [note] if (note := small_classes_note(ev.labels, fit.label_names)) else []
+        result.notes += [note] if (note := small_classes_note(ev.labels, fit.label_names,
+                                                              unit=UNITS[info.modality])) else []
     return result
 
 

@@ -525,6 +525,9 @@ def test_a_language_model_shows_its_scores_and_perplexity():
     _clean(approx)
     labels = [m.label for m in approx.metric]
     assert "Perplexity, approximated" in labels and "Top-1 agreement with the original" in labels
+    # Issue 18 item 6: the windows of a text have no labels, so no probe is offered.
+    assert "Train the linear probes" not in [b.label for b in approx.button]
+    assert "No linear probes: demo-text has no labels to classify." in _texts(approx.caption)
     approx.button(key="continue").click().run()
     _clean(approx)
     assert len(approx.code) == 3 and all(c.value.startswith("The package provides") for c in approx.code)

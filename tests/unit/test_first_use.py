@@ -301,3 +301,30 @@ def test_roberta_positions_start_after_the_padding_id():
     assert adapter_class("roberta").max_tokens_of(RobertaConfig(max_position_embeddings=514, pad_token_id=1)) == 512
     assert adapter_class("mpnet").max_tokens_of(MPNetConfig(max_position_embeddings=514, pad_token_id=1)) == 512
     assert adapter_class("vit").max_tokens_of(None) is None
+
+
+# Item 6: texts are not called images.
+
+
+def test_the_small_class_note_calls_texts_texts():
+    from rba_core.probe import small_classes_note
+
+    labels = np.array([0] * 12 + [1] * 7 + [2])
+    assert small_classes_note(labels, ["web", "database", "games"], unit="texts") == (
+        "The evaluation samples hold only 1 text of class 'games' (fewer than 10 per class), so probe accuracies "
+        "move in steps of 5.0 points and mean little; raise the evaluation samples.")
+    assert "only 7 texts of class 'database'" in small_classes_note(labels[:19], ["web", "database"], unit="texts")
+
+
+def test_minilm_on_debian_descriptions_says_texts(tmp_path):
+    from rba_core.analysis import approximate
+    from rba_core.cache import Cache
+    from rba_core.registry import DATASETS, local_dataset_dir
+
+    if local_dataset_dir(DATASETS["debian-descriptions"]) is None:
+        pytest.skip("needs ../shared/datasets/debian_descriptions")
+    result = approximate(_minilm(), "debian-descriptions", 24, 16, 0, [(2, 4)], probe=True, max_length=32,
+                         cache=Cache(tmp_path))
+    (note,) = [n for n in result.notes if n.startswith("The evaluation samples hold only")]
+    assert " texts of class " in note or " text of class " in note
+    assert "image" not in " ".join(result.notes)
