@@ -39,6 +39,13 @@ def _budget(results: dict, blocks: int, at) -> dict:
              "shows with the results."))}
 
 
+def _plan(results: dict) -> str:
+    """The token statistics a pass kept, in words: "windows of 2 blocks", "all pairs"."""
+    stats = results.get("stats") or {}
+    window = stats.get("window")
+    return f"windows of {window} block{'s' if window != 1 else ''}" if window else "all pairs"
+
+
 def _spearman(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}"
 
@@ -128,11 +135,16 @@ with errors():
                         "each token before and after the block; low = redundant) and **angular distance** "
                         "(PruneMe: arccos(cos)/π between block outputs l and l+n of the pooled vector; low = the "
                         "n blocks after l change little).")
+            every_token = results["block_redundancy_all_tokens"]
             scores = {"block": list(range(1, blocks + 1)), "Block Redundancy (pooled)": redundancy,
-                      "Block Redundancy (every token)": results["block_redundancy_all_tokens"] or [None] * blocks,
+                      **({"Block Redundancy (every token)": every_token} if every_token else {}),
                       "Block Influence": results["block_influence"]}
             table = pd.DataFrame({k: v for k, v in scores.items() if len(v) == blocks})
             dataframe(table)
+            if not every_token:
+                st.caption(f"Block Redundancy on every token is not computed for this pass: it needs the statistics "
+                           f"of consecutive block outputs, and the pass kept {_plan(results)} (choose all pairs or "
+                           "windows of 1 block under Token statistics in the sidebar).")
             for n, values in (results["angular_distance"] or {}).items():
                 st.caption(f"Angular distance of windows of n = {n} blocks (output l to output l+{n}):")
                 dataframe(pd.DataFrame({"window": [f"{l}→{l + int(n)}" for l in range(len(values))],
@@ -157,6 +169,11 @@ with errors():
             "paper notation": paper_notation((c.start, c.end)), "fit residual": c.residual,
         } for rank, c in enumerate(ranked, start=1)])
         dataframe(table, column_config={"fit residual": st.column_config.NumberColumn(format="%.4g")})
+        window = (results.get("stats") or {}).get("window")
+        if not ranked and window and window != int(removed):
+            st.info(f"No candidate ranges: this pass kept {_plan(results)}, which give a fit residual only for "
+                    f"ranges removing {window} blocks; set Blocks removed to {window}, or choose all pairs under "
+                    "Token statistics in the sidebar.")
         st.caption("Ours: range i→j removes blocks i+1..j; the paper's tables write the same range as "
                    "\"i−1 j−1\" in 0-indexed block outputs. Try one on the Approximate page.")
         downloads(f"candidates-{int(removed)}-blocks", table=table, data={

@@ -591,6 +591,12 @@ def test_token_statistics_for_windows_only_keep_those_ranges_and_approximations_
     _clean(at)
     page = _app("pages/2_Redundancy.py", **plan)
     _clean(page)
+    # Issue 18 item 9: the empty candidate table (4 blocks removed by default) says why.
+    assert ("No candidate ranges: this pass kept windows of 2 blocks, which give a fit residual only for ranges "
+            "removing 2 blocks; set Blocks removed to 2, or choose all pairs under Token statistics in the "
+            "sidebar.") in _texts(page.info)
+    page.number_input(key="removed").set_value(2).run()
+    assert len(page.dataframe[0].value) == 11 and not any(t.startswith("No candidate") for t in _texts(page.info))
     full = extract(DEMO_PAIR[0], DEMO_PAIR[1], 64, 0, cache=Cache())
     windowed = extract(DEMO_PAIR[0], DEMO_PAIR[1], 64, 0, cache=Cache(), stats_window=2)
     assert windowed.key != full.key and windowed.meta["stats"]["kind"] == "windows"
@@ -604,3 +610,18 @@ def test_token_statistics_for_windows_only_keep_those_ranges_and_approximations_
     approx.button(key="approximate").click().run()
     _clean(approx)
     assert {m.label: m.value for m in approx.metric}["Blocks after"] == "8"
+
+
+def test_a_windowed_language_model_pass_says_why_every_token_redundancy_is_missing():
+    """Issue 18 item 9: windows of 2 blocks keep no statistics of consecutive outputs, so no every-token BR."""
+    lm = {"model": "demo-GPT", "dataset": "demo-text", "n": "16", "eval_n": "8", "stats": "windows of 2 blocks"}
+    at = _app(**lm)
+    at.button(key="compute-home").click().run()
+    _clean(at)
+    page = _app("pages/2_Redundancy.py", **lm)
+    _clean(page)
+    scores = next(df.value for df in page.dataframe if "Block Influence" in df.value.columns)
+    assert "Block Redundancy (every token)" not in scores.columns
+    assert ("Block Redundancy on every token is not computed for this pass: it needs the statistics of consecutive "
+            "block outputs, and the pass kept windows of 2 blocks (choose all pairs or windows of 1 block under "
+            "Token statistics in the sidebar).") in _texts(page.caption)
