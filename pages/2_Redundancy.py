@@ -11,7 +11,7 @@ from pages._ui.compute import analysis, pass_meta, run_search, start_button
 from pages._ui.show import dataframe, downloads, errors, matrix_table, result_part
 from pages._ui.selection import BOUND, eval_samples, map_choice, sidebar
 from rba_core.approx import paper_notation
-from rba_core.plots import redundancy_bars, residual_heatmap
+from rba_core.plots import POOLED, br_formula, redundancy_bars, residual_heatmap
 from rba_core.ranking import rank_ranges, suggested_removed, top_blocks
 
 BUDGETS = {"blocks": "blocks to remove", "params": "parameters at most", "latency": "latency at most"}
@@ -118,12 +118,14 @@ with errors():
         redundancy, residual, blocks = results["block_redundancy"], results["fit_residual"], results["num_blocks"]
 
         st.subheader("Block Redundancy")
-        st.markdown("BR(k) = −mean((cls_k − cls_{k−1})²) over samples and dimensions (the paper's Figure 3): "
-                    "the closer to zero, the less block k changes the CLS representation.")
+        pooling = results.get("pooling") or "first"
+        symbol, pooled = POOLED[pooling]
+        st.markdown(f"{br_formula(pooling)} over samples and dimensions (the paper's Figure 3), where {symbol}_k is "
+                    f"{pooled} of block k's output: the closer to zero, the less block k changes that vector.")
         top_k = st.number_input("Highlight the k most redundant blocks", min_value=1, max_value=blocks,
                                 value=min(3, blocks), key="top_k", width=320, **BOUND)
         top = top_blocks(redundancy, int(top_k))
-        st.plotly_chart(redundancy_bars(redundancy, int(top_k)), key="br")
+        st.plotly_chart(redundancy_bars(redundancy, int(top_k), pooling), key="br")
         downloads("block-redundancy", data=result_part(results, "block_redundancy"),
                   table=pd.DataFrame({"block": range(1, blocks + 1), "block_redundancy": redundancy,
                                       "highlighted": [k in top for k in range(1, blocks + 1)]}))

@@ -328,3 +328,16 @@ def test_minilm_on_debian_descriptions_says_texts(tmp_path):
     (note,) = [n for n in result.notes if n.startswith("The evaluation samples hold only")]
     assert " texts of class " in note or " text of class " in note
     assert "image" not in " ".join(result.notes)
+
+
+# Item 15: the Block Redundancy axis names the pooled vector the model uses.
+
+
+@pytest.mark.parametrize("pooling, title", [
+    ("first", "BR(k) = −mean((cls_k − cls_{k−1})²), cls = the CLS (first) token"),
+    ("mean", "BR(k) = −mean((mean_k − mean_{k−1})²), mean = the mean over real tokens"),
+    ("last", "BR(k) = −mean((last_k − last_{k−1})²), last = the last real token")])
+def test_the_redundancy_axis_names_the_pooled_vector(pooling, title):
+    from rba_core.plots import redundancy_bars
+
+    assert redundancy_bars(np.array([-1.0, -0.5, -2.0]), 1, pooling).layout.yaxis.title.text == title
