@@ -12,7 +12,7 @@ from pages._ui.compute import (approximation, may_read, num_blocks, run_approxim
 from pages._ui.selection import BOUND, Selection, eval_samples, map_choice, sidebar
 from pages._ui.show import NotComputed, dataframe, downloads, errors, file_download, file_name, not_computed
 from rba_core.approx import paper_notation, validate_ranges
-from rba_core.latency import describe
+from rba_core.latency import change, describe, measurable
 from rba_core.maps import MAPS, MapParams
 from rba_core.plots import pca_scatter
 from rba_core.probe import small_classes_note
@@ -51,10 +51,12 @@ def _metrics(res: dict) -> None:
                      help=f"Share of positions whose most likely next token is the original model's; "
                           f"skipping the blocks: {top1['skip']:.1%}.")
     after, before = latency["approximated"], latency["original"]
+    apart = measurable(before, after)  # else the machine's noise is larger than the difference: no arrow, no colour
     cols[3].metric("Latency after, ms per sample", f"{after['median']:.3g} ({after['low']:.3g}–{after['high']:.3g})",
-                   delta_color="inverse",
-                   delta=f"{after['median'] / before['median'] - 1:+.1%} (was {before['median']:.3g})",
-                   help="Median and, in brackets, the 25th–75th percentiles of the timed runs.")
+                   delta_color="inverse" if apart else "off", delta_arrow="auto" if apart else "off",
+                   delta=f"{change(before, after)} (was {before['median']:.3g})",
+                   help="Median and, in brackets, the 25th–75th percentiles of the timed runs; when the two ranges "
+                        "overlap the difference is not measurable on this machine now.")
     steady = before["converged"] and after["converged"]
     st.caption(f"Latency per sample on this machine, median (p25–p75) of runs timed after a warm-up, the original "
                f"and the approximated model taking turns on the same {before['images']} evaluation samples: "

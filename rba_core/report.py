@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from rba_core.approx import paper_notation
-from rba_core.latency import describe
+from rba_core.latency import change, describe
 from rba_core.ranking import rank_ranges, suggested_removed, top_blocks
 
 _MODELS = (("original", "original"), ("approximated", "approximated"), ("skip", "skipped"))
@@ -48,7 +48,8 @@ def summarise_approximation(results: dict) -> list[str]:
              f"Parameters {params['original']:,} → {params['approximated']:,} "
              f"({params['approximated'] / params['original'] - 1:+.1%}).",
              f"Latency per sample, median (p25–p75): original {describe(latency['original'])}, "
-             f"approximated {describe(latency['approximated'])}."]
+             f"approximated {describe(latency['approximated'])}: "
+             f"{change(latency['original'], latency['approximated'])}."]
     if "accuracy" in results:
         lines += [f"Probe accuracy, paper protocol (mean ± std, seeds 0-2): {_accuracy(results['accuracy'])}.",
                   f"Probe accuracy, converged: {_accuracy(results['accuracy_converged'], std=False)}."]

@@ -341,3 +341,22 @@ def test_the_redundancy_axis_names_the_pooled_vector(pooling, title):
     from rba_core.plots import redundancy_bars
 
     assert redundancy_bars(np.array([-1.0, -0.5, -2.0]), 1, pooling).layout.yaxis.title.text == title
+
+
+# Item 16: a latency change within the machine's noise is no measurable difference.
+
+
+def test_latency_changes_inside_the_spread_are_no_measurable_difference():
+    from rba_core.latency import change, summarise
+    from rba_core.report import summarise_approximation
+
+    busy = summarise([0.008, 0.010, 0.014, 0.022, 0.024], 8)  # p25–p75: 1.25–2.75 ms, median 1.75
+    slower = summarise([0.020, 0.021, 0.0245, 0.025, 0.026], 8)  # median +75 %, but inside busy's spread
+    quick = summarise([0.004, 0.0041, 0.0042, 0.0043, 0.0044], 8)
+    assert change(busy, slower) == "no measurable difference"
+    assert change(busy, quick) == f"{quick['median'] / busy['median'] - 1:+.1%}" == "-70.0%"
+    result = {"model": "m", "dataset": "d", "ranges": [{"start": 2, "end": 6, "paper": "1 5"}], "map": "linear",
+              "blocks": {"original": 12, "approximated": 8}, "mse_final": 0.5, "eval_n": 8, "modality": "image",
+              "params": {"original": 100, "approximated": 70},
+              "latency_ms_per_image": {"original": busy, "approximated": slower}}
+    assert summarise_approximation(result)[-1].endswith(": no measurable difference.")
