@@ -269,7 +269,7 @@ def load_encoder(name, device: str | None = None, max_length: int | None = 128) 
     ``name`` may also be an already loaded Hugging Face model object (its processor or tokenizer
     is then loaded from ``name.name_or_path``). ``max_length`` truncates texts (text models only).
     """
-    from rba_core.quiet import silence_library_noise
+    from rba_core.quiet import no_library_bars, silence_library_noise
 
     silence_library_noise()  # an unused head or pooler in the checkpoint is expected here, not a warning
     if not isinstance(name, str):
@@ -281,7 +281,8 @@ def load_encoder(name, device: str | None = None, max_length: int | None = 128) 
     device = device or default_device()
     check_weights(source)
     try:
-        model = cls.load_model(source, config, cls.compute_dtype(device))
+        with no_library_bars():  # the tool reports its own progress
+            model = cls.load_model(source, config, cls.compute_dtype(device))
         processor = cls.load_processor(source)
     except (OSError, ValueError) as exc:
         raise _load_error(source, exc) from None

@@ -360,3 +360,26 @@ def test_latency_changes_inside_the_spread_are_no_measurable_difference():
               "params": {"original": 100, "approximated": 70},
               "latency_ms_per_image": {"original": busy, "approximated": slower}}
     assert summarise_approximation(result)[-1].endswith(": no measurable difference.")
+
+
+# Item 14: no library noise on a CLI run: transformers' bars, torch.onnx's torchvision notes, pytree's warning.
+
+NOISE = ("Loading weights", "Writing model shards", "torchvision", "LeafSpec", "Warning")
+
+
+def test_an_onnx_export_run_shows_only_the_tools_own_lines(tmp_path):
+    run = run_cli("export", "--model", "digits-ViT", "--dataset", "digits", "--fit-n", "16", "--range", "2", "6",
+                  "--onnx", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"))
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "out" / "model.onnx").is_file()
+    assert not [word for word in NOISE if word in run.stderr], run.stderr
+
+
+def test_a_folded_export_loads_and_saves_without_transformers_bars(tmp_path, capfd):
+    assert main(["export", "--model", "digits-ViT", "--dataset", "digits", "--fit-n", "16", "--range", "2", "6",
+                 "--map", "folded", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]) == 0
+    err = capfd.readouterr().err
+    assert "wrote" in err and not [word for word in NOISE if word in err], err
+    from transformers.utils import logging as hf_logging
+
+    assert hf_logging.is_progress_bar_enabled()  # switched off only while the tool loaded and saved
