@@ -11,7 +11,7 @@ from pages._ui.compute import analysis, pass_meta, run_search, start_button
 from pages._ui.show import dataframe, downloads, errors, matrix_table, result_part
 from pages._ui.selection import BOUND, eval_samples, map_choice, sidebar
 from rba_core.approx import paper_notation
-from rba_core.plots import redundancy_bars, residual_heatmap
+from rba_core.plots import POOLED, br_formula, redundancy_bars, residual_heatmap
 from rba_core.ranking import rank_ranges, suggested_removed, top_blocks
 
 BUDGETS = {"blocks": "blocks to remove", "params": "parameters at most", "latency": "latency at most"}
@@ -37,6 +37,13 @@ def _budget(results: dict, blocks: int, at) -> dict:
         "Latency at most, ms per image", min_value=0.0, value=100.0, format="%.4g", key="search_latency", **BOUND,
         help="Estimated from the measured time of each stage on this machine; the original model's estimate "
              "shows with the results."))}
+
+
+def _plan(results: dict) -> str:
+    """The token statistics a pass kept, in words: "windows of 2 blocks", "all pairs"."""
+    stats = results.get("stats") or {}
+    window = stats.get("window")
+    return f"windows of {window} block{'s' if window != 1 else ''}" if window else "all pairs"
 
 
 def _spearman(value: float | None) -> str:
@@ -111,12 +118,14 @@ with errors():
         redundancy, residual, blocks = results["block_redundancy"], results["fit_residual"], results["num_blocks"]
 
         st.subheader("Block Redundancy")
-        st.markdown("BR(k) = −mean((cls_k − cls_{k−1})²) over samples and dimensions (the paper's Figure 3): "
-                    "the closer to zero, the less block k changes the CLS representation.")
+        pooling = results.get("pooling") or "first"
+        symbol, pooled = POOLED[pooling]
+        st.markdown(f"{br_formula(pooling)} over samples and dimensions (the paper's Figure 3), where {symbol}_k is "
+                    f"{pooled} of block k's output: the closer to zero, the less block k changes that vector.")
         top_k = st.number_input("Highlight the k most redundant blocks", min_value=1, max_value=blocks,
                                 value=min(3, blocks), key="top_k", width=320, **BOUND)
         top = top_blocks(redundancy, int(top_k))
-        st.plotly_chart(redundancy_bars(redundancy, int(top_k)), key="br")
+        st.plotly_chart(redundancy_bars(redundancy, int(top_k), pooling), key="br")
         downloads("block-redundancy", data=result_part(results, "block_redundancy"),
                   table=pd.DataFrame({"block": range(1, blocks + 1), "block_redundancy": redundancy,
                                       "highlighted": [k in top for k in range(1, blocks + 1)]}))
@@ -128,11 +137,16 @@ with errors():
                         "each token before and after the block; low = redundant) and **angular distance** "
                         "(PruneMe: arccos(cos)/π between block outputs l and l+n of the pooled vector; low = the "
                         "n blocks after l change little).")
+            every_token = results["block_redundancy_all_tokens"]
             scores = {"block": list(range(1, blocks + 1)), "Block Redundancy (pooled)": redundancy,
-                      "Block Redundancy (every token)": results["block_redundancy_all_tokens"] or [None] * blocks,
+                      **({"Block Redundancy (every token)": every_token} if every_token else {}),
                       "Block Influence": results["block_influence"]}
             table = pd.DataFrame({k: v for k, v in scores.items() if len(v) == blocks})
             dataframe(table)
+            if not every_token:
+                st.caption(f"Block Redundancy on every token is not computed for this pass: it needs the statistics "
+                           f"of consecutive block outputs, and the pass kept {_plan(results)} (choose all pairs or "
+                           "windows of 1 block under Token statistics in the sidebar).")
             for n, values in (results["angular_distance"] or {}).items():
                 st.caption(f"Angular distance of windows of n = {n} blocks (output l to output l+{n}):")
                 dataframe(pd.DataFrame({"window": [f"{l}→{l + int(n)}" for l in range(len(values))],
@@ -157,6 +171,11 @@ with errors():
             "paper notation": paper_notation((c.start, c.end)), "fit residual": c.residual,
         } for rank, c in enumerate(ranked, start=1)])
         dataframe(table, column_config={"fit residual": st.column_config.NumberColumn(format="%.4g")})
+        window = (results.get("stats") or {}).get("window")
+        if not ranked and window and window != int(removed):
+            st.info(f"No candidate ranges: this pass kept {_plan(results)}, which give a fit residual only for "
+                    f"ranges removing {window} blocks; set Blocks removed to {window}, or choose all pairs under "
+                    "Token statistics in the sidebar.")
         st.caption("Ours: range i→j removes blocks i+1..j; the paper's tables write the same range as "
                    "\"i−1 j−1\" in 0-indexed block outputs. Try one on the Approximate page.")
         downloads(f"candidates-{int(removed)}-blocks", table=table, data={

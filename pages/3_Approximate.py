@@ -3,6 +3,7 @@
 import json
 from dataclasses import asdict
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 
@@ -11,12 +12,12 @@ from pages._ui.compute import (approximation, may_read, num_blocks, run_approxim
 from pages._ui.selection import BOUND, Selection, eval_samples, map_choice, sidebar
 from pages._ui.show import NotComputed, dataframe, downloads, errors, file_download, file_name, not_computed
 from rba_core.approx import paper_notation, validate_ranges
-from rba_core.latency import describe
+from rba_core.latency import change, describe, measurable
 from rba_core.maps import MAPS, MapParams
 from rba_core.plots import pca_scatter
 from rba_core.probe import small_classes_note
 from rba_core.projection import shared_pca
-from rba_core.ranking import default_ranges
+from rba_core.ranking import default_ranges, removes_text
 
 MAX_RANGES = 4
 
@@ -50,10 +51,12 @@ def _metrics(res: dict) -> None:
                      help=f"Share of positions whose most likely next token is the original model's; "
                           f"skipping the blocks: {top1['skip']:.1%}.")
     after, before = latency["approximated"], latency["original"]
+    apart = measurable(before, after)  # else the machine's noise is larger than the difference: no arrow, no colour
     cols[3].metric("Latency after, ms per sample", f"{after['median']:.3g} ({after['low']:.3g}–{after['high']:.3g})",
-                   delta_color="inverse",
-                   delta=f"{after['median'] / before['median'] - 1:+.1%} (was {before['median']:.3g})",
-                   help="Median and, in brackets, the 25th–75th percentiles of the timed runs.")
+                   delta_color="inverse" if apart else "off", delta_arrow="auto" if apart else "off",
+                   delta=f"{change(before, after)} (was {before['median']:.3g})",
+                   help="Median and, in brackets, the 25th–75th percentiles of the timed runs; when the two ranges "
+                        "overlap the difference is not measurable on this machine now.")
     steady = before["converged"] and after["converged"]
     st.caption(f"Latency per sample on this machine, median (p25–p75) of runs timed after a warm-up, the original "
                f"and the approximated model taking turns on the same {before['images']} evaluation samples: "
@@ -127,7 +130,7 @@ def _ranges(blocks: int, count: int) -> list[tuple[int, int]]:
         cols = st.columns([1, 1, 3], vertical_alignment="bottom")
         start = cols[0].number_input(f"Range {r}: start i", value=default[0], key=f"start{r}", **BOUND)
         end = cols[1].number_input(f"Range {r}: end j", value=default[1], key=f"end{r}", **BOUND)
-        cols[2].markdown(f"**{start}→{end}** removes blocks {start + 1}..{end} · "
+        cols[2].markdown(f"**{start}→{end}** {removes_text((start, end))} · "
                          f"paper's notation: **{paper_notation((start, end))}**")
         picked.append((int(start), int(end)))
     return validate_ranges(picked, blocks)
@@ -170,32 +173,35 @@ with errors():
             "label": final["labels"], "pc1 original": pca["original"][:, 0], "pc2 original": pca["original"][:, 1],
             "pc1 approximated": pca["approximated"][:, 0], "pc2 approximated": pca["approximated"][:, 1]}))
 
-        st.subheader("Linear probe accuracy")
-        st.markdown(f"A linear classifier trained on the final representations of the n train {unit(sel.dataset)} and "
-                    f"tested on the evaluation {unit(sel.dataset)}, for the original model, the approximated one and the same ranges "
-                    "simply skipped (the paper's Tables 1–2). Two probes are trained. **The paper's protocol**, "
-                    "which the paper's tables used: one linear layer, Adam, 5 epochs, batch 256, seeds 0, 1, 2 "
-                    "(mean ± std). It takes only about ten optimizer steps on 512 samples, so differences between "
-                    "variants often stay within its seed noise. **The converged probe**: logistic regression on "
-                    "standardized features trained to convergence (scikit-learn, lbfgs, C = 1), one deterministic "
-                    "run. The first compares with the paper; the second separates the variants reliably.")
-        small = small_classes_note(final["labels"], final["label_names"])
-        if small:
-            st.warning(small)
-        spec = json.dumps([sel.model, sel.dataset, sel.n, sel.seed, int(eval_n), ranges, kind, asdict(params)])
-        probed = st.session_state.setdefault("_probed", [])
-        if start_button("Train the linear probes", key="probe", help="Both probes on the original, approximated "
-                        "and skipped models (the approximated and skipped models also run on the n fit samples)."):
-            run_approximation(sel, int(eval_n), ranges, kind, params, probe=True)
-            probed.append(spec)
-        if spec in probed:
-            probe_res = approximation(sel, int(eval_n), ranges, kind, params, probe=True)
-            accuracy, converged = probe_res["accuracy"], probe_res["accuracy_converged"]
-            table = _probe_table(accuracy, converged)
-            dataframe(table, column_config={name: st.column_config.NumberColumn(format="%.4f") for name in (
-                "accuracy mean", "accuracy std", "converged probe accuracy")})
-            downloads("probe-accuracy", table=table, data={**{k: v for k, v in summary.items() if k != "cache"},
-                                                           "accuracy": accuracy, "accuracy_converged": converged})
+        if (np.asarray(final["labels"]) < 0).any():  # a language-model text, or a dataset without labels
+            st.caption(f"No linear probes: {sel.dataset} has no labels to classify.")
+        else:
+            st.subheader("Linear probe accuracy")
+            st.markdown(f"A linear classifier trained on the final representations of the n train {unit(sel.dataset)} and "
+                        f"tested on the evaluation {unit(sel.dataset)}, for the original model, the approximated one and the same ranges "
+                        "simply skipped (the paper's Tables 1–2). Two probes are trained. **The paper's protocol**, "
+                        "which the paper's tables used: one linear layer, Adam, 5 epochs, batch 256, seeds 0, 1, 2 "
+                        "(mean ± std). It takes only about ten optimizer steps on 512 samples, so differences between "
+                        "variants often stay within its seed noise. **The converged probe**: logistic regression on "
+                        "standardized features trained to convergence (scikit-learn, lbfgs, C = 1), one deterministic "
+                        "run. The first compares with the paper; the second separates the variants reliably.")
+            small = small_classes_note(final["labels"], final["label_names"], unit=unit(sel.dataset))
+            if small:
+                st.warning(small)
+            spec = json.dumps([sel.model, sel.dataset, sel.n, sel.seed, int(eval_n), ranges, kind, asdict(params)])
+            probed = st.session_state.setdefault("_probed", [])
+            if start_button("Train the linear probes", key="probe", help="Both probes on the original, approximated "
+                            "and skipped models (the approximated and skipped models also run on the n fit samples)."):
+                run_approximation(sel, int(eval_n), ranges, kind, params, probe=True)
+                probed.append(spec)
+            if spec in probed:
+                probe_res = approximation(sel, int(eval_n), ranges, kind, params, probe=True)
+                accuracy, converged = probe_res["accuracy"], probe_res["accuracy_converged"]
+                table = _probe_table(accuracy, converged)
+                dataframe(table, column_config={name: st.column_config.NumberColumn(format="%.4f") for name in (
+                    "accuracy mean", "accuracy std", "converged probe accuracy")})
+                downloads("probe-accuracy", table=table, data={**{k: v for k, v in summary.items() if k != "cache"},
+                                                               "accuracy": accuracy, "accuracy_converged": converged})
 
         if res.get("perplexity"):
             st.subheader("Continue a prompt")

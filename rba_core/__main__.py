@@ -1,5 +1,7 @@
 """Entry point for ``python -m rba_core`` (the ``rba`` console script is the same)."""
 
-from rba_core.cli import main_exit
+import sys
 
-main_exit()
+from rba_core.cli import main
+
+sys.exit(main())

@@ -12,7 +12,8 @@ import torch
 
 from rba_core.approx import ApproximatedEncoder, Range, approximate_encoder, count_params, paper_notation, validate_ranges
 from rba_core.cache import Cache, make_key
-from rba_core.data import open_dataset, open_sample
+from rba_core.errors import RBAError
+from rba_core.data import UNITS, open_dataset, open_sample
 from rba_core.distributed import single_flight, world
 from rba_core.extract import Extraction, Progress, extract, model_inputs
 from rba_core.latency import BATCH as LATENCY_BATCH, METHOD as LATENCY_METHOD, measure as measure_latency
@@ -20,12 +21,13 @@ from rba_core.maps import PRODUCT_EPS, MapParams, fit_map, fit_residual_matrix, 
 from rba_core.lm_data import DEFAULT_SEQ_LEN, LMText, is_lm_text
 from rba_core.metrics import (angular_distance, block_redundancy, block_redundancy_all_tokens, cosine_matrix,
                               linear_cka_matrix)
-from rba_core.models import Encoder, ModelRef, adapter_class, load_config, load_encoder, model_ref
+from rba_core.models import (Encoder, ModelRef, adapter_class, check_text_length, load_config, load_encoder,
+                             model_ref)
 from rba_core.models.decoder import DecoderLM
 from rba_core.perplexity import lm_scores
 from rba_core.range_pass import RangeStatistics, range_statistics
 from rba_core.probe import converged_probe_accuracy, probe_accuracy, small_classes_note
-from rba_core.registry import resolve_model
+from rba_core.registry import lm_text_mismatch, resolve_model
 from rba_core.results import AnalysisResult, ApproximationResult
 from rba_core.stats import StatsTooLarge
 
@@ -70,7 +72,7 @@ def lm_dataset(model, dataset, seq_len: int = DEFAULT_SEQ_LEN, ref: ModelRef | N
         return dataset
     ref = ref or model_ref(model)
     if not issubclass(adapter_class(ref.info.family), DecoderLM):
-        return dataset
+        raise RBAError(lm_text_mismatch(ref.name, ref.info.modality, dataset))
     if ref.loaded is not None:
         source, config = ref.loaded.source, ref.loaded.config
     else:
@@ -345,7 +347,8 @@ def approximate(model, dataset, fit_n: int, eval_n: int, seed: int,
                            for name in ("original", "approximated", "skip")}
         result.accuracy_converged = {name: converged_probe_accuracy(train[name], reps.labels, test[name], ev.labels)
                                      for name in ("original", "approximated", "skip")}
-        result.notes += [note] if (note := small_classes_note(ev.labels, fit.label_names)) else []
+        result.notes += [note] if (note := small_classes_note(ev.labels, fit.label_names,
+                                                              unit=UNITS[info.modality])) else []
     return result
 
 

@@ -140,6 +140,33 @@ def remove_stale_temporaries(root: Path, max_age_s: float = STALE_AFTER_S) -> li
     return removed
 
 
+def remove_stale_locks(root: Path) -> list[str]:
+    """Remove the single-flight files of askers that died (SIGKILL, a crash): a ``.locks/<key>.lock`` whose
+    lock nobody holds, and a ``<key>.progress`` without its lock file. A live holder's files are never
+    touched. Returns the keys cleaned."""
+    locks = root / LOCKS
+    try:
+        names = [e.name for e in os.scandir(locks)]
+    except OSError:
+        return []
+    cleaned = []
+    for name in names:
+        key, _, suffix = name.rpartition(".")
+        if suffix == "lock":
+            fd = _try_lock(locks / name, create=False)
+            if fd is None:
+                continue  # a live holder, or already gone
+            (locks / f"{key}.progress").unlink(missing_ok=True)  # in the order a holder itself cleans up
+            _release(fd, locks / name)
+            cleaned.append(key)
+        elif suffix == "progress" and f"{key}.lock" not in names and not (locks / f"{key}.lock").exists():
+            (locks / name).unlink(missing_ok=True)
+            cleaned.append(key)
+    if cleaned:
+        log.info("removed the single-flight files of %d dead computations in %s", len(cleaned), locks)
+    return cleaned
+
+
 @dataclass(frozen=True)
 class EntryInfo:
     """One stored entry as the cache page lists it; ``size`` in bytes, ``created`` a Unix time."""
@@ -188,7 +215,8 @@ class Cache:
 
     ``on_wait(sentence)`` is told when this asker waits for a computation another asker holds;
     ``wait=False`` never waits (for readers whose computation only says "not stored").
-    Opening a cache removes the temporary folders of writers that died.
+    Opening a cache removes the temporary folders of writers that died, and the lock and progress files of
+    askers that died.
     """
 
     def __init__(self, root: Path | str | None = None, *, on_wait: Callable[[str], None] | None = None,
@@ -196,7 +224,9 @@ class Cache:
         self.root = Path(root) if root else cache_root()
         self.damaged: list[str] = []  # reasons for entries dropped by this instance
         self.on_wait, self.wait = on_wait, wait
+        self.waiting = False  # True while this asker waits for a computation another asker holds
         remove_stale_temporaries(self.root)
+        remove_stale_locks(self.root)
 
     def get(self, key: str) -> CacheEntry | None:
         """The entry for ``key``, or None; a damaged entry is reported, removed and missed."""
@@ -260,9 +290,10 @@ class Cache:
         return self.get(key)
 
     def discard(self, key: str, reason: str) -> None:
-        """Remove a damaged entry, saying why."""
-        log.warning("cache entry %s is damaged (%s); recomputing it", key, reason)
-        self.damaged.append(f"cache entry {key[:12]} was damaged ({reason}) and is recomputed")
+        """Remove a damaged entry; the sentence saying why joins :attr:`damaged` (the CLI prints it as a note,
+        the pages as a warning), so it is not logged as a warning as well."""
+        log.info("cache entry %s is damaged (%s); removed it", key, reason)  # the caller shows self.damaged
+        self.damaged.append(f"cache entry {key[:12]} was damaged ({reason}) and was removed.")
         shutil.rmtree(self.root / key, ignore_errors=True)
 
     # One computation per key.
@@ -294,6 +325,7 @@ class Cache:
         """Hold ``lock``, waiting (and forwarding the holder's progress) while another asker has it."""
         told, last = False, None
         while (fd := _try_lock(lock)) is None:
+            self.waiting = True  # a stop now ends only this wait (it stays True then, for the stop sentence)
             if not told and self.on_wait:
                 self.on_wait(WAITING)
             told = True
@@ -305,6 +337,7 @@ class Cache:
                 progress(done, total)
                 last = (done, total)
             time.sleep(WAIT_POLL_S)
+        self.waiting = False
         return fd
 
     # What the cache page shows and does.

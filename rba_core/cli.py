@@ -1,6 +1,7 @@
-"""Command line: ``python -m rba_core analyze|approximate|table|search ...`` writing the results as JSON
-(``--json FILE``, or ``--json -`` for stdout; without it a short summary; ``table`` writes CSV, Markdown
-or JSON). Progress goes to stderr; Ctrl-C or SIGTERM stops with one sentence and exit status 130."""
+"""Command line: ``rba analyze|approximate|table|search|export ...`` (also ``python -m rba_core ...``) writing
+the results as JSON (``--json FILE``, or ``--json -`` for stdout; without it a short summary; ``table`` writes
+CSV, Markdown or JSON; ``export`` writes a folder). Progress goes to stderr; Ctrl-C or SIGTERM stops with one
+sentence and exit status 130."""
 
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ from pathlib import Path
 from rba_core.errors import RBAError
 from rba_core.maps import MAPS, MapParams
 from rba_core.progress import Cancelled, Tracker
-from rba_core.registry import DATASETS, MODELS
+from rba_core.registry import DATASET_ALIASES, MODELS
 
 
-DATASET_HELP = (f"alias ({', '.join(DATASETS)}), folder (images, parquet/CSV/JSONL files or shards, WebDataset "
+DATASET_HELP = (f"alias ({', '.join(DATASET_ALIASES)}), folder (images, parquet/CSV/JSONL files or shards, WebDataset "
                 "tar shards), shard pattern (shards-{000000..000009}.tar, {split}-{0..3}.tar), or stream:ALIAS, "
                 "stream:HUB_ID or stream:FOLDER (the first n after a seeded shuffle buffer)")
 DECODE_HELP = ("processes that decode and preprocess the samples of every pass, evaluation and search (default 0 "
@@ -31,8 +32,18 @@ def _count(text: str) -> int:
     return int(text)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m rba_core", description=__doc__)
+#: What the ``--help`` page says the tool does: every subcommand is listed.
+DESCRIPTION = ("Find redundant transformer blocks and replace them by linear maps. Subcommands: analyze (Block "
+               "Redundancy, similarity, fit residuals), approximate (replace block ranges by maps and evaluate), "
+               "table (rows like the paper's Tables 1 and 2), search (rank ranges by measured error) and export "
+               "(write the approximated model). Results go to --json FILE ('-': stdout) or a short summary; "
+               "progress goes to stderr; Ctrl-C or SIGTERM stops with one sentence and exit status 130.")
+#: How the tool is invoked, for its usage lines: ``rba`` as the console script, else through the module.
+MODULE_PROG, SCRIPT_PROG = "python -m rba_core", "rba"
+
+
+def _parser(prog: str = MODULE_PROG) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", required=True, help=f"alias ({', '.join(MODELS)}), hub id or folder")
@@ -164,11 +175,11 @@ def _stop_on_sigterm(signum, frame):
     raise KeyboardInterrupt  # stop exactly as Ctrl-C does
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = MODULE_PROG) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # torchrun reads --n as one of its own options unless the module's arguments follow "--",
     # which it then passes on: `torchrun ... -m rba_core -- analyze --n 64 ...`.
-    args = _parser().parse_args(argv[1:] if argv[:1] == ["--"] else argv)
+    args = _parser(prog).parse_args(argv[1:] if argv[:1] == ["--"] else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     main_rank = _main_rank()
     tracker = Tracker(on_stage=lambda s: print(s, file=sys.stderr) if main_rank else None)
@@ -252,6 +263,9 @@ def _run(args: argparse.Namespace, tracker: Tracker) -> int:
                                   args.map, map_params=MapParams(ridge=args.ridge), probe=args.probe,
                                   max_length=args.max_length, seq_len=args.seq_len, cache=cache,
                                   latency=args.latency, progress=progress, on_stage=tracker.stage)
+    except (KeyboardInterrupt, Cancelled):
+        tracker.waiting = cache.waiting  # only waiting for another run's computation: that one goes on
+        raise
     except RBAError as exc:
         from rba_core.distributed import WorkerFailed
 
@@ -277,7 +291,7 @@ def _write(args: argparse.Namespace, results) -> None:
     if args.command == "table":
         print(f"wrote {args.json}", file=sys.stderr)
     elif args.json is None:
-        sys.stdout.write(json.dumps(data, indent=1) + "\n" if args.command == "export" else summarise(args.command, data))
+        sys.stdout.write(summarise(args.command, data))
     elif str(args.json) == "-":
         sys.stdout.write(json.dumps(data, indent=1) + "\n")
     else:
@@ -288,4 +302,4 @@ def _write(args: argparse.Namespace, results) -> None:
 
 def main_exit() -> None:
     """The ``rba`` console script: ``python -m rba_core`` under a shorter name."""
-    sys.exit(main())
+    sys.exit(main(prog=SCRIPT_PROG))

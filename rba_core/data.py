@@ -17,7 +17,7 @@ from PIL import Image
 
 from rba_core.errors import RBAError
 from rba_core.hub import require_available
-from rba_core.registry import DATA_DIR_ENV, DATASETS, DatasetInfo, dataset_info, local_dataset_dir
+from rba_core.registry import DATA_DIR_ENV, DATASET_ALIASES, DatasetInfo, dataset_info, local_dataset_dir
 
 SPLITS = ("train", "test")
 IMAGE_COLUMNS = ("image", "img", "pixel_values", "picture")
@@ -479,6 +479,6 @@ def open_dataset(name, split: str = "train") -> Source:
     if name.strip().startswith((".", "/", "~")) or "/" in name:
         raise RBAError(f"The dataset folder '{folder}' does not exist; check the path, or pick a listed dataset.")
     raise RBAError(
-        f"Unknown dataset '{name}': use an alias ({', '.join(DATASETS)}) or a folder of parquet, "
+        f"Unknown dataset '{name}': use an alias ({', '.join(DATASET_ALIASES)}) or a folder of parquet, "
         "CSV or JSONL files or of class folders."
     )

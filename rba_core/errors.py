@@ -3,3 +3,8 @@
 
 class RBAError(Exception):
     """A user-fixable problem; its message is one sentence that says what to do."""
+
+
+def above_maximum(option: str, value: int, maximum: int) -> RBAError:
+    """A text length option (``--max-length``, ``--seq-len``) above the model's position limit, said before any pass."""
+    return RBAError(f"{option} {value} is above the model's maximum of {maximum} tokens; use at most {maximum}.")

@@ -29,6 +29,7 @@ from rba_core.errors import RBAError
 from rba_core.approx import FoldedMap, LinearMap
 from rba_core.maps import Range
 from rba_core.models import Encoder, adapter_class, load_config
+from rba_core.quiet import no_library_bars, quiet_onnx_export
 
 FORMAT = "rba-compressed"
 VERSION = 2
@@ -218,9 +219,10 @@ def export_onnx(net: nn.Module, path: Path | str, image_size: tuple[int, int]) -
     path = Path(path)
     example = torch.zeros(2, 3, *image_size)
     batch = torch.export.Dim("batch", min=1, max=4096)
-    torch.onnx.export(_PixelsIn(net).eval(), (example,), str(path), input_names=["pixel_values"], output_names=["final"],
-                      dynamic_shapes={"pixel_values": {0: batch}}, external_data=False, dynamo=True,
-                      verbose=False)
+    with quiet_onnx_export():
+        torch.onnx.export(_PixelsIn(net).eval(), (example,), str(path), input_names=["pixel_values"],
+                          output_names=["final"], dynamic_shapes={"pixel_values": {0: batch}}, external_data=False,
+                          dynamo=True, verbose=False)
     return path
 
 
@@ -277,7 +279,8 @@ def save_folded(encoder: Encoder, folder: Path | str, record: dict) -> Path:
     kept when the source has one), and ``rba.json`` beside it."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    _with_source_head(encoder).save_pretrained(folder)
+    with no_library_bars():
+        _with_source_head(encoder).save_pretrained(folder)
     encoder.processor.save_pretrained(folder)
     (folder / RECORD).write_text(json.dumps({"format": FOLDED_FORMAT, **record}, indent=2))
     return folder

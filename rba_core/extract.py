@@ -18,8 +18,9 @@ from rba_core.distributed import single_flight, world
 from rba_core.errors import RBAError
 from rba_core.maps import fit_residual_matrix
 from rba_core.metrics import influence_sums
-from rba_core.models import Encoder, adapter_class, default_device, load_encoder, model_ref
+from rba_core.models import Encoder, adapter_class, check_text_length, default_device, load_encoder, model_ref
 from rba_core.progress import Progress
+from rba_core.registry import modality_mismatch
 from rba_core.stats import (SAMPLE_GROUP, Pair, StatsAccumulator, TokenStats, check_fits, memory_budget,
                             planned_pairs, planned_precision, stats_bytes)
 
@@ -262,10 +263,10 @@ def extract(model, dataset, n: int, seed: int = 0, split: str = "train", *,
     cache = cache or Cache()
     seen = len(cache.damaged)
     ref = model_ref(model, max_length)
+    if ref.info.modality == "text" and not hasattr(dataset, "open_split"):  # windows of a LM text are not truncated
+        check_text_length(ref.info, max_length)  # before the dataset is opened
     source, indices = open_sample(dataset, split, n, seed)
     check_modality(ref.info.modality, source, ref.name)
-    if source.modality == "text" and max_length < 2:
-        raise RBAError(f"The maximum text length must be at least 2 tokens, got {max_length}.")
     length = max_length if source.modality == "text" else None
     pairs = planned_pairs(ref.info.num_blocks + 1, stats_window, stats_ranges)
     precision = planned_precision(stats_window, stats_ranges)
@@ -334,8 +335,7 @@ def compute_dtype(ref, device: str) -> str:
 def check_modality(modality: str, source: Source, model: str) -> None:
     """One sentence when a text model is given images or an image model texts."""
     if modality != source.modality:
-        raise RBAError(f"'{model}' reads {modality}s but '{source.name}' holds {source.unit}: pick a dataset of "
-                       f"{modality}s for this model, or a model that reads {source.unit} for this dataset.")
+        raise RBAError(modality_mismatch(model, modality, source.name, source.modality))
 
 
 def _extraction(key, hit, meta, reps, stats, source, indices, notes) -> Extraction:

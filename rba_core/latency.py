@@ -72,6 +72,21 @@ def measure(forwards: Mapping[str, Callable[..., Any]], inputs: Mapping[str, tor
     return {name: summarise(t, items, target_spread) for name, t in times.items()}
 
 
+#: What a latency change reads when the spreads of the two measurements overlap.
+NO_DIFFERENCE = "no measurable difference"
+
+
+def measurable(before: dict, after: dict) -> bool:
+    """Whether two measurements differ by more than their spread: their 25th–75th percentile ranges are apart."""
+    return after["high"] < before["low"] or after["low"] > before["high"]
+
+
+def change(before: dict, after: dict) -> str:
+    """``after`` against ``before`` as the pages and the CLI write it: "-33.1%", or "no measurable difference"
+    when their 25th–75th percentile ranges overlap (the machine's noise is larger than the difference)."""
+    return f"{after['median'] / before['median'] - 1:+.1%}" if measurable(before, after) else NO_DIFFERENCE
+
+
 def describe(measured: dict) -> str:
     """"0.82 ms (0.80–0.85, 40 runs)": a measurement as the pages and the CLI summary write it."""
     return f"{measured['median']:.3g} ms ({measured['low']:.3g}–{measured['high']:.3g}, {measured['repeats']} runs)"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rba_core.errors import RBAError
+from rba_core.errors import RBAError, above_maximum
 from rba_core.registry import DATA_DIR_ENV, DEMO_TEXT_DIR
 
 DEFAULT_SEQ_LEN = 256
@@ -145,8 +145,7 @@ class LMText:
         from rba_core.data import Source
 
         if self.max_positions and self.seq_len > self.max_positions:
-            raise RBAError(f"--seq-len {self.seq_len} is above the model's maximum of {self.max_positions} tokens; "
-                           f"use at most {self.max_positions}.")
+            raise above_maximum("--seq-len", self.seq_len, self.max_positions)
         windows = _windows(self.dataset, self.tokenizer_source, self.seq_len, split, _stamp(self.dataset))
         fingerprint = {"seq_len": self.seq_len, "tokens": hashlib.sha256(windows.tobytes()).hexdigest()}
         load = lambda idx: [windows[i] for i in idx]  # noqa: E731

@@ -13,9 +13,18 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from rba_core.ranking import top_blocks
+from rba_core.ranking import removes_text, top_blocks
 
 METRIC_NAMES = {"cosine": "cosine similarity", "cka": "linear CKA"}
+#: The pooled vector of a block output, per pooling: its symbol in formulas and its name in words.
+POOLED = {"first": ("cls", "the CLS (first) token"), "mean": ("mean", "the mean over real tokens"),
+          "last": ("last", "the last real token")}
+
+
+def br_formula(pooling: str = "first") -> str:
+    """Block Redundancy written with the pooled vector the model uses, e.g. "BR(k) = −mean((last_k − last_{k−1})²)"."""
+    v = POOLED[pooling][0]
+    return f"BR(k) = −mean(({v}_k − {v}_{{k−1}})²)"
 HIGHLIGHT, PLAIN = "#d62728", "#9aa5b1"
 ORIGINAL_SYMBOL, APPROXIMATED_SYMBOL = "circle", "x"
 
@@ -48,7 +57,7 @@ def similarity_heatmap(matrix: np.ndarray, metric: str = "cosine", title: str | 
     """(L+1, L+1) similarity between every pair of block outputs; values on hover."""
     fig = go.Figure(_similarity_trace(matrix, metric, colorbar={"title": {"text": METRIC_NAMES[metric]}}))
     _matrix_axes(fig)
-    fig.update_layout(title=title or f"{metric_title(metric)} between block outputs (CLS token)",
+    fig.update_layout(title=title or f"{metric_title(metric)} between block outputs (pooled vectors)",
                       height=560)
     return fig
 
@@ -82,8 +91,9 @@ def similarity_side_by_side(matrices: Mapping[str, np.ndarray], metric: str = "c
     return fig
 
 
-def redundancy_bars(redundancy: np.ndarray, top_k: int = 3) -> go.Figure:
-    """Block Redundancy of blocks 1..L as bars; the ``top_k`` most redundant ones highlighted."""
+def redundancy_bars(redundancy: np.ndarray, top_k: int = 3, pooling: str = "first") -> go.Figure:
+    """Block Redundancy of blocks 1..L as bars; the ``top_k`` most redundant ones highlighted; the axis names the
+    pooled vector of ``pooling`` (``first``: CLS, ``mean``, ``last``: the last real token)."""
     redundancy = np.asarray(redundancy, dtype=np.float64)
     top = set(top_blocks(redundancy, top_k))
     blocks = list(range(1, len(redundancy) + 1))
@@ -94,7 +104,8 @@ def redundancy_bars(redundancy: np.ndarray, top_k: int = 3) -> go.Figure:
         hovertemplate="%{x}<br>BR = %{y:.4g}<br>%{customdata}<extra></extra>"))
     fig.update_layout(title=f"Block Redundancy (higher = the block changes its input less; "
                             f"top {len(top)} in red)",
-                      xaxis_title="block", yaxis_title="BR = −mean((cls_k − cls_{k−1})²)", height=420)
+                      xaxis_title="block", yaxis_title=f"{br_formula(pooling)}, {POOLED[pooling][0]} = "
+                      f"{POOLED[pooling][1]}", height=420)
     return fig
 
 
@@ -104,7 +115,7 @@ def residual_heatmap(residual: np.ndarray) -> go.Figure:
     states = len(residual)
     rows, cols = np.indices(residual.shape)
     residual[rows >= cols] = np.nan  # only i < j is a range
-    ranges = [[f"{i}→{j} (removes blocks {i + 1}..{j})" if i < j else "" for j in range(states)]
+    ranges = [[f"{i}→{j} ({removes_text((i, j))})" if i < j else "" for j in range(states)]
               for i in range(states)]
     labels = state_labels(states)
     fig = go.Figure(go.Heatmap(

@@ -26,7 +26,7 @@ MIN_PER_CLASS = 10
 
 def _check_labels(train_y: np.ndarray, test_y: np.ndarray) -> None:
     if (train_y < 0).any() or (test_y < 0).any():
-        raise RBAError("The linear probe needs labelled images; this dataset has no label column.")
+        raise RBAError("The linear probe needs labelled samples; this dataset has no label column.")
 
 
 def probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
@@ -86,8 +86,9 @@ def converged_probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: n
 
 
 def small_classes_note(labels: np.ndarray, label_names: list[str] | None = None,
-                       minimum: int = MIN_PER_CLASS) -> str | None:
-    """A warning sentence when some class has fewer than ``minimum`` evaluation images, else None."""
+                       minimum: int = MIN_PER_CLASS, unit: str = "images") -> str | None:
+    """A warning sentence when some class has fewer than ``minimum`` evaluation samples (``unit``: what they are
+    called, "images" or "texts"), else None."""
     labels = np.asarray(labels)
     if len(labels) == 0 or (labels < 0).any():
         return None
@@ -97,6 +98,7 @@ def small_classes_note(labels: np.ndarray, label_names: list[str] | None = None,
     if counts[fewest] >= minimum:
         return None
     name = label_names[fewest] if label_names and fewest < len(label_names) else str(fewest)
-    return (f"The evaluation samples hold only {counts[fewest]} image(s) of class '{name}' (fewer than {minimum} "
+    what = unit.removesuffix("s") if counts[fewest] == 1 else unit
+    return (f"The evaluation samples hold only {counts[fewest]} {what} of class '{name}' (fewer than {minimum} "
             f"per class), so probe accuracies move in steps of {100 / len(labels):.1f} points and mean little; "
             "raise the evaluation samples.")

@@ -29,9 +29,14 @@ def stage_unit(stage: str, samples: str = "images") -> str:
     return next((unit for prefix, unit in _STAGE_UNITS.items() if stage.startswith(prefix)), samples)
 
 
-def stopped_sentence(done: int, total: int, unit: str = "images", cause: str = "") -> str:
+def stopped_sentence(done: int, total: int, unit: str = "images", cause: str = "", waiting: bool = False) -> str:
     """The one sentence that reports a stop, e.g. "Stopped after 12 of 40 images; nothing partial was stored.";
-    ``cause`` (" by ...") says who stopped it."""
+    ``cause`` (" by ...") says who stopped it. ``waiting``: this asker was only waiting for the same computation
+    started elsewhere (``done``, ``total``: how far that one got), which goes on."""
+    if waiting:
+        got = f" (at {done} of {total} {unit})" if total > 0 else ""
+        return (f"Stopped waiting for the same computation started elsewhere{got}{cause}; that run goes on and "
+                "stores its result in the cache.")
     if total <= 0:
         return f"Stopped before any {unit} were counted{cause}; nothing partial was stored."
     return f"Stopped after {done} of {total} {unit}{cause}; nothing partial was stored."
@@ -45,6 +50,7 @@ class Tracker:
                  samples: str = "images"):
         self.report, self.on_stage, self.samples = report, on_stage, samples
         self.done, self.total, self.unit = 0, 0, samples
+        self.waiting = False  # set when a stop ended a wait for another asker's computation (Cache.waiting)
 
     def __call__(self, done: int, total: int) -> None:
         self.done, self.total = done, total
@@ -58,4 +64,4 @@ class Tracker:
 
     def stopped(self, cause: str = "") -> str:
         """The stop sentence for where this tracker is now."""
-        return stopped_sentence(self.done, self.total, self.unit, cause)
+        return stopped_sentence(self.done, self.total, self.unit, cause, self.waiting)

@@ -24,7 +24,7 @@ from rba_core.distributed import single_flight, world
 from rba_core.errors import RBAError
 from rba_core.extract import check_modality, compute_dtype, extraction_key, model_inputs
 from rba_core.maps import Conditioning, Range, solve_spd_conditioned
-from rba_core.models import Encoder, default_device, load_encoder, model_ref
+from rba_core.models import Encoder, check_text_length, default_device, load_encoder, model_ref
 from rba_core.progress import Progress
 from rba_core.stats import SAMPLE_GROUP, TokenStats
 
@@ -139,6 +139,8 @@ def range_statistics(model, dataset, n: int, seed: int, ranges: Sequence[Range],
     ``encoder``: a loaded encoder or a function that loads one (called only on a miss)."""
     cache = cache or Cache()
     ref = model_ref(model, max_length)
+    if ref.info.modality == "text" and not hasattr(dataset, "open_split"):  # windows of a LM text are not truncated
+        check_text_length(ref.info, max_length)  # before the dataset is opened
     source, indices = open_sample(dataset, "train", n, seed)  # a stream is read only as far as its sample
     check_modality(ref.info.modality, source, ref.name)
     length = max_length if source.modality == "text" else None

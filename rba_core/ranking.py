@@ -11,6 +11,12 @@ from dataclasses import dataclass
 import numpy as np
 
 
+def removes_text(rng: tuple[int, int]) -> str:
+    """What range i→j removes, in words: "removes blocks 3..6", or "removes block 4" for one block."""
+    first, last = rng[0] + 1, rng[1]
+    return f"removes block {last}" if first == last else f"removes blocks {first}..{last}"
+
+
 @dataclass(frozen=True)
 class Candidate:
     """Range i→j (blocks i+1..j removed) and the relative residual of its least-squares map."""

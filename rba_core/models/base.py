@@ -102,6 +102,11 @@ class Encoder:
         """D, from the config alone (no weights loaded)."""
         return int(config.hidden_size)
 
+    @classmethod
+    def max_tokens_of(cls, config) -> int | None:
+        """The most tokens one sample may have, from the config alone (None: no limit that a setting reaches)."""
+        return None
+
     @property
     def blocks(self) -> nn.ModuleList:
         """The L transformer blocks, in order."""
@@ -277,6 +282,18 @@ class TextEncoder(Encoder):
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(source)
+
+    @classmethod
+    def position_offset(cls, config) -> int:
+        """Position embeddings never used: 0, or pad_token_id + 1 where position ids start after the padding
+        id (RoBERTa, XLM-R, MPNet)."""
+        return 0
+
+    @classmethod
+    def max_tokens_of(cls, config) -> int | None:
+        """The model's position embeddings: a text truncated to more tokens than this cannot run."""
+        limit = getattr(config, "max_position_embeddings", None)
+        return int(limit) - cls.position_offset(config) if limit else None
 
     def preprocess(self, items: Sequence) -> Inputs:
         """Texts (or (text_a, text_b) pairs) -> input_ids, attention_mask (+ token_type_ids)."""

@@ -16,6 +16,10 @@ class BertEncoder(TextEncoder):
     hf_options = {"add_pooling_layer": False}
     no_fold_reason = POST_LN_REASON
 
+    @classmethod
+    def position_offset(cls, config) -> int:
+        return 0 if config.model_type == "bert" else int(config.pad_token_id) + 1  # RoBERTa, XLM-R
+
     @property
     def blocks(self):
         return self.model.encoder.layer

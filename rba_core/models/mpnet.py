@@ -13,6 +13,10 @@ class MPNetEncoder(TextEncoder):
     hf_options = {"add_pooling_layer": False}
     no_fold_reason = POST_LN_REASON
 
+    @classmethod
+    def position_offset(cls, config) -> int:
+        return int(config.pad_token_id) + 1  # position ids start after the padding id, as RoBERTa's
+
     @property
     def blocks(self):
         return self.model.encoder.layer

@@ -79,7 +79,7 @@ def home():
 
 def test_home_starts_on_the_demo_says_why_and_computes(home):
     before, at = home
-    assert any("opened on the offline demo: digits-ViT on digits" in t and "HF_HUB_OFFLINE" in t for t in before)
+    assert "The app opened on the offline demo, digits-ViT on digits, because HF_HUB_OFFLINE is set." in before
     assert any("not computed yet" in t for t in before)
     _clean(at)
     assert at.sidebar.selectbox(key="model").value == DEMO_PAIR[0]
@@ -87,7 +87,28 @@ def test_home_starts_on_the_demo_says_why_and_computes(home):
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Blocks L"] == "12" and metrics["Samples n"] == "64"
     assert [s.label for s in at.status][0].startswith("Computed 12 blocks on 64 images")
-    assert any("unreachable" in t for t in _texts(at.sidebar.caption))
+    assert any(t.startswith("Hugging Face hub: offline, because HF_HUB_OFFLINE is set;")
+               for t in _texts(at.sidebar.caption))
+
+
+def test_an_unreachable_hub_is_said_once_not_nested(monkeypatch):
+    """Issue 18 item 12: the probe's reason reads as the reason, not wrapped in a second "cannot be reached"."""
+    import socket
+
+    from rba_core.hub import UNREACHABLE, hub_status
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed once the socket is
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    at = _app()
+    reachable, reason = hub_status()
+    assert not reachable and reason.startswith(f"{UNREACHABLE} (http://127.0.0.1:{port}")
+    assert f"The app opened on the offline demo, digits-ViT on digits, because {reason}." in _texts(at.info)
+    assert f"Hugging Face hub: offline, because {reason}; only local folders, downloaded models and the offline " \
+           "demos work." in _texts(at.sidebar.caption)
+    assert not any("cannot be reached (" in t or "unreachable (" in t for t in _texts(at.info) + _texts(at.sidebar.caption))
 
 
 def test_a_stored_result_shows_at_once_and_compute_says_cache_hit(home):
@@ -198,6 +219,18 @@ def test_a_hub_model_missing_offline_is_marked_and_one_error(home, page, model):
     assert not at.exception
     assert len(at.error) == 1 and "not in the local Hugging Face cache" in at.error[0].value
     assert any("unavailable offline" in t for t in _texts(at.sidebar.caption))
+
+
+def test_damaged_weights_are_the_clis_sentence_not_a_bug_report(home, tmp_path):
+    """Issue 18 item 1: a demo copy whose weights header is overwritten, computed from the dashboard."""
+    shutil.copytree(ROOT / "rba_core" / "demo" / "digits-vit", tmp_path / "model")
+    with open(tmp_path / "model" / "model.safetensors", "r+b") as handle:
+        handle.write(b"\xff" * 8)
+    at = _app(model="custom", model_path=str(tmp_path / "model"), dataset="digits")
+    at.button(key="compute-home").click().run()
+    assert not at.exception and [e.value for e in at.error] == [
+        f"The weights file '{tmp_path / 'model' / 'model.safetensors'}' is damaged (its header is cut off or "
+        "garbled); download or copy the model again."]
 
 
 def test_a_bad_model_folder_and_a_bad_dataset_are_errors_not_exceptions(home, tmp_path):
@@ -379,12 +412,13 @@ def test_a_damaged_entry_shows_the_clis_warning_sentence(home, cache_dir, capsys
     assert not at.exception and not at.error
     (shown,) = _texts(at.warning)
     assert any("not computed yet: press Compute" in t for t in _texts(at.info))
+    assert "recomputed" not in shown  # issue 18 item 11: not "is recomputed" next to "press Compute"
     shutil.copytree(cache_dir.parent / "damaged-copy", entry)  # the same damage, now through the CLI
     capsys.readouterr()
     assert main(["analyze", "--model", DEMO_PAIR[0], "--dataset", DEMO_PAIR[1], "--n", "48",
                  "--cache-dir", str(cache_dir), "--json", str(cache_dir.parent / "analysis.json")]) == 0
     notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
-    assert notes == [f"note: {shown}"] and ex.key[:12] in shown and shown.endswith("and is recomputed")
+    assert notes == [f"note: {shown}"] and ex.key[:12] in shown and shown.endswith("and was removed.")
 
 
 @pytest.mark.parametrize("params, field", [({"n": "0"}, "Samples n (train split)"),
@@ -491,6 +525,9 @@ def test_a_language_model_shows_its_scores_and_perplexity():
     _clean(approx)
     labels = [m.label for m in approx.metric]
     assert "Perplexity, approximated" in labels and "Top-1 agreement with the original" in labels
+    # Issue 18 item 6: the windows of a text have no labels, so no probe is offered.
+    assert "Train the linear probes" not in [b.label for b in approx.button]
+    assert "No linear probes: demo-text has no labels to classify." in _texts(approx.caption)
     approx.button(key="continue").click().run()
     _clean(approx)
     assert len(approx.code) == 3 and all(c.value.startswith("The package provides") for c in approx.code)
@@ -554,6 +591,12 @@ def test_token_statistics_for_windows_only_keep_those_ranges_and_approximations_
     _clean(at)
     page = _app("pages/2_Redundancy.py", **plan)
     _clean(page)
+    # Issue 18 item 9: the empty candidate table (4 blocks removed by default) says why.
+    assert ("No candidate ranges: this pass kept windows of 2 blocks, which give a fit residual only for ranges "
+            "removing 2 blocks; set Blocks removed to 2, or choose all pairs under Token statistics in the "
+            "sidebar.") in _texts(page.info)
+    page.number_input(key="removed").set_value(2).run()
+    assert len(page.dataframe[0].value) == 11 and not any(t.startswith("No candidate") for t in _texts(page.info))
     full = extract(DEMO_PAIR[0], DEMO_PAIR[1], 64, 0, cache=Cache())
     windowed = extract(DEMO_PAIR[0], DEMO_PAIR[1], 64, 0, cache=Cache(), stats_window=2)
     assert windowed.key != full.key and windowed.meta["stats"]["kind"] == "windows"
@@ -567,3 +610,18 @@ def test_token_statistics_for_windows_only_keep_those_ranges_and_approximations_
     approx.button(key="approximate").click().run()
     _clean(approx)
     assert {m.label: m.value for m in approx.metric}["Blocks after"] == "8"
+
+
+def test_a_windowed_language_model_pass_says_why_every_token_redundancy_is_missing():
+    """Issue 18 item 9: windows of 2 blocks keep no statistics of consecutive outputs, so no every-token BR."""
+    lm = {"model": "demo-GPT", "dataset": "demo-text", "n": "16", "eval_n": "8", "stats": "windows of 2 blocks"}
+    at = _app(**lm)
+    at.button(key="compute-home").click().run()
+    _clean(at)
+    page = _app("pages/2_Redundancy.py", **lm)
+    _clean(page)
+    scores = next(df.value for df in page.dataframe if "Block Influence" in df.value.columns)
+    assert "Block Redundancy (every token)" not in scores.columns
+    assert ("Block Redundancy on every token is not computed for this pass: it needs the statistics of consecutive "
+            "block outputs, and the pass kept windows of 2 blocks (choose all pairs or windows of 1 block under "
+            "Token statistics in the sidebar).") in _texts(page.caption)

@@ -131,6 +131,6 @@ def test_converged_probe_separates_what_is_separable_and_needs_two_classes():
 def test_small_classes_note_counts_the_rarest_class():
     labels = np.array([0] * 12 + [1] * 3 + [2] * 15)
     note = small_classes_note(labels, ["cat", "dog", "bird"])
-    assert "only 3 image(s) of class 'dog'" in note and "raise the evaluation samples" in note
-    assert "only 0 image(s) of class 'fish'" in small_classes_note(labels, ["cat", "dog", "bird", "fish"])
+    assert "only 3 images of class 'dog'" in note and "raise the evaluation samples" in note
+    assert "only 0 images of class 'fish'" in small_classes_note(labels, ["cat", "dog", "bird", "fish"])
     assert small_classes_note(np.repeat([0, 1, 2], 10), ["a", "b", "c"]) is None
