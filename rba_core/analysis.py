@@ -21,13 +21,13 @@ from rba_core.maps import PRODUCT_EPS, MapParams, fit_map, fit_residual_matrix, 
 from rba_core.lm_data import DEFAULT_SEQ_LEN, LMText, is_lm_text
 from rba_core.metrics import (angular_distance, block_redundancy, block_redundancy_all_tokens, cosine_matrix,
                               linear_cka_matrix)
-from rba_core.models import (Encoder, ModelRef, adapter_class, check_text_length, load_config, load_encoder,
-                             model_ref)
+from rba_core.models import (Encoder, ModelRef, adapter_class, load_config, load_encoder,
+                             model_ref, readable_source)
 from rba_core.models.decoder import DecoderLM
 from rba_core.perplexity import lm_scores
 from rba_core.range_pass import RangeStatistics, range_statistics
 from rba_core.probe import converged_probe_accuracy, probe_accuracy, small_classes_note
-from rba_core.registry import lm_text_mismatch, resolve_model
+from rba_core.registry import lm_text_mismatch
 from rba_core.results import AnalysisResult, ApproximationResult
 from rba_core.stats import StatsTooLarge
 
@@ -76,7 +76,8 @@ def lm_dataset(model, dataset, seq_len: int = DEFAULT_SEQ_LEN, ref: ModelRef | N
     if ref.loaded is not None:
         source, config = ref.loaded.source, ref.loaded.config
     else:
-        source, config = resolve_model(model), load_config(model)
+        config = load_config(model)
+        source = readable_source(model)  # a GGUF file: its plain checkpoint, which holds the tokenizer
     return LMText(dataset, source, seq_len, getattr(config, "max_position_embeddings", None))
 
 

@@ -210,9 +210,17 @@ def _run(args: argparse.Namespace, tracker: Tracker) -> int:
     except RBAError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from rba_core.cache import using_root
+
+    with using_root(args.cache_dir):  # also where a GGUF file's plain checkpoint is kept
+        return _run_in_cache(args, tracker)
+
+
+def _run_in_cache(args: argparse.Namespace, tracker: Tracker) -> int:
     from rba_core.analysis import analyze, approximate
     from rba_core.cache import Cache
     from rba_core.extract import DECODE_WORKERS_ENV
+    from rba_core.models import gguf_ready
 
     if args.decode_workers is not None:  # read by every pass of this run (and of this rank)
         os.environ[DECODE_WORKERS_ENV] = str(args.decode_workers)
@@ -226,6 +234,8 @@ def _run(args: argparse.Namespace, tracker: Tracker) -> int:
 
         first = args.dataset[0] if args.command == "table" else args.dataset
         tracker.samples = tracker.unit = "windows" if is_lm_text(first) else dataset_unit(first)
+        if not gguf_ready(args.model):
+            tracker.stage(f"Dequantising {args.model} into the cache as a float32 checkpoint (once per GGUF file)")
         if args.command == "analyze":
             results = analyze(args.model, args.dataset, args.n, args.seed, args.split, max_length=args.max_length,
                               seq_len=args.seq_len, windows=args.window or (1,), stats_window=args.stats_window,

@@ -20,7 +20,6 @@ MᵀH_j - MᵀH_i would cancel most of the digits that the products keep.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
