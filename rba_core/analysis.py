@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -29,7 +28,6 @@ from rba_core.range_pass import RangeStatistics, range_statistics
 from rba_core.probe import converged_probe_accuracy, probe_accuracy, small_classes_note
 from rba_core.registry import lm_text_mismatch
 from rba_core.results import AnalysisResult, ApproximationResult
-from rba_core.stats import StatsTooLarge
 
 Stage = Callable[[str], None]
 
@@ -212,18 +210,6 @@ def _lm_scores(lazy: LazyEncoder, dataset: LMText, fit, maps: Sequence, ev: Extr
         return scores, final, meta
 
     return cache.single_flight(key, lookup, compute, progress)
-
-
-def fit_extraction(model, dataset, n: int, seed: int, ranges: list[Range], max_length: int, cache: Cache,
-                   progress: Progress | None, lazy: LazyEncoder, budget: int | None = None) -> Extraction:
-    """The fit samples with all Gram pairs (the analysis of the same samples shares them) when those fit
-    the memory ``budget``; otherwise with only the blocks that these ranges' maps need."""
-    fit = partial(extract, model, dataset, n, seed, "train", max_length=max_length, cache=cache, progress=progress,
-                  encoder=lazy, stats_budget=budget)
-    try:
-        return fit()
-    except StatsTooLarge:
-        return fit(stats_ranges=ranges)
 
 
 def fit_range_maps(model, dataset, n: int, seed: int, ranges: list[Range], kind: str, params: MapParams,
