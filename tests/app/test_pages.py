@@ -580,6 +580,8 @@ def test_the_lm_demo_is_listed_and_a_gguf_model_is_dequantised_in_the_background
     at = _app()
     assert LM_DEMO_PAIR[0] in at.sidebar.selectbox(key="model").options
     assert any(f"{LM_DEMO_PAIR[0]} on demo-text" in t for t in _texts(at.sidebar.caption))
+    assert any("[Open the LM demo](Approximate?model=SmolLM2-135M-Instruct-Q4&dataset=demo-text&n=16&eval_n=8"
+               "&map=folded)" in m.value for m in at.sidebar.markdown)
     lm = {"model": "custom", "model_path": str(tiny_gguf["file"]), "dataset": "demo-text", "n": "16", "eval_n": "8"}
     at = _app(**lm)
     assert any("being dequantised into the cache in the background" in t for t in _texts(at.info)), _texts(at.info)
