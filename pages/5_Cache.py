@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from pages._ui.selection import sidebar
-from pages._ui.show import dataframe, errors
+from pages._ui.show import Waiting, dataframe, errors
 from rba_core.cache import Cache
 from rba_core.errors import RBAError
 
@@ -14,6 +14,7 @@ ASKED = "_cache_delete"  # session key: what the user asked to delete, until con
 KINDS = {"pass": "pass (representations, statistics)", "approximated run": "approximated run",
          "scores": "scores (perplexity, next-token agreement)",
          "fold-statistics": "fold statistics (folded maps: block i's MLP output against hs[i], hs[j])",
+         "dequantised GGUF": "dequantised GGUF model (a float32 checkpoint read from the .gguf file once)",
          "damaged": "damaged (recomputed when next needed)"}
 
 st.set_page_config(page_title="Cache · RBA Explorer", page_icon=":material/storage:", layout="wide")
@@ -28,7 +29,8 @@ def _size(count: int) -> str:
 
 
 def _describe(entry) -> str:
-    return f"{entry.key[:12]}… · {KINDS.get(entry.kind, entry.kind)} · {entry.model} on {entry.dataset}"
+    return f"{entry.key[:12]}… · {KINDS.get(entry.kind, entry.kind)} · {entry.model}" + (
+        f" on {entry.dataset}" if entry.dataset else "")
 
 
 def _confirm(cache: Cache, asked: str, entries: list) -> None:
@@ -52,7 +54,7 @@ def _confirm(cache: Cache, asked: str, entries: list) -> None:
 with errors():
     try:
         sidebar()  # the shared navigation and selection; this page itself needs no selection
-    except RBAError:
+    except (RBAError, Waiting):
         pass
     cache = Cache()
     st.markdown(f"Results are stored in **`{cache.root}`** (set `RBA_CACHE_DIR` to move it), one folder per "

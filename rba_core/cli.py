@@ -46,7 +46,8 @@ def _parser(prog: str = MODULE_PROG) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", required=True, help=f"alias ({', '.join(MODELS)}), hub id or folder")
+    common.add_argument("--model", required=True,
+                        help=f"alias ({', '.join(MODELS)}), hub id, folder, or GGUF file (or a folder holding one)")
     common.add_argument("--dataset", required=True, help=DATASET_HELP)
     common.add_argument("--max-length", type=int, default=128, help="text models: truncate texts to this many tokens")
     common.add_argument("--seed", type=int, default=0)
@@ -99,7 +100,7 @@ def _map_help() -> str:
 def _add_table_and_search(sub, common: argparse.ArgumentParser) -> None:
     """The ``table`` and ``search`` subcommands (issue 4)."""
     table = sub.add_parser("table", help="rows like the paper's Tables 1 and 2 (approximated and skipped ranges)")
-    table.add_argument("--model", required=True, help="alias, hub id or folder")
+    table.add_argument("--model", required=True, help="alias, hub id, folder or GGUF file")
     table.add_argument("--dataset", required=True, action="append", help=DATASET_HELP + " (repeatable)")
     table.add_argument("--fit-n", type=int, required=True, help="train samples (images or texts) used to fit the maps")
     table.add_argument("--eval-n", type=int, required=True, help="test samples used to evaluate")

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random ViT / DeiT / DINOv2 encoders saved to disk, tiny image datasets."""
+"""Shared fixtures: tiny random ViT / DeiT / DINOv2 encoders saved to disk, tiny image datasets, and a tiny
+random Llama written as a GGUF file (with its safetensors twin)."""
 
 import os
 

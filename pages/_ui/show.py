@@ -28,6 +28,11 @@ class NotComputed(Exception):
         self.notes = list(notes)
 
 
+class Waiting(Exception):
+    """The selection cannot be shown yet because something it needs is being prepared in the background (a
+    GGUF model being dequantised); the page says so with ``st.info`` and continues by itself when it is ready."""
+
+
 def _one_sentence(text: str, limit: int = 300) -> str:
     text = re.sub(r"\s+", " ", text).strip()
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -50,9 +55,12 @@ def not_computed(exc: NotComputed, message: str) -> None:
 
 @contextmanager
 def errors() -> Iterator[None]:
-    """Show any error raised in the block as one ``st.error`` sentence, never a traceback."""
+    """Show any error raised in the block as one ``st.error`` sentence, never a traceback (a :class:`Waiting`
+    notice as ``st.info``)."""
     try:
         yield
+    except Waiting as exc:
+        st.info(str(exc))
     except Exception as exc:
         if not isinstance(exc, (RBAError, NotComputed)):  # a bug: the details go to the log
             log.exception("unexpected error in a dashboard page")

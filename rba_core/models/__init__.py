@@ -51,7 +51,7 @@ ADAPTERS: dict[str, str] = {
 }
 
 __all__ = ["ADAPTERS", "Encoder", "ModelInfo", "ModelRef", "adapter_class", "model_ref", "default_device", "is_available_offline",
-           "gguf_checkpoint", "gguf_ready", "load_config", "load_encoder", "model_fingerprint", "model_info",
+           "gguf_checkpoint", "gguf_ready", "is_gguf", "load_config", "load_encoder", "model_fingerprint", "model_info",
            "readable_source", "supported_families"]
 
 
@@ -191,6 +191,14 @@ def _gguf_key(path: Path) -> str:
         except PackageNotFoundError:  # reading the file then says what to install
             readers[package] = None
     return make_key({"kind": gguf_file.KIND, "sha256": _digest(path), **readers})
+
+
+def is_gguf(name: str) -> bool:
+    """Whether ``name`` (alias or path) is a GGUF file or a folder holding one; False for anything unreadable."""
+    try:
+        return gguf_file.find(resolve_model(name)) is not None
+    except RBAError:
+        return True  # a missing .gguf path or a folder of several: a GGUF source all the same
 
 
 def gguf_ready(name: str) -> bool:
@@ -440,6 +448,7 @@ def preload() -> None:
     """
     import transformers
     import transformers.masking_utils  # noqa: F401
+    import transformers.modeling_gguf_pytorch_utils  # noqa: F401  (GGUF files are read in a background thread)
 
     for name in ("AutoConfig", "AutoModel", "AutoTokenizer", "AutoImageProcessor"):
         getattr(transformers, name)

