@@ -61,6 +61,7 @@ def analysis_results(ex: Extraction, windows: Sequence[int] = ()) -> AnalysisRes
         angular_distance={str(n): angular_distance(ex.pooled, n).tolist() for n in windows} or None,
         stats=meta.get("stats") if stats is not None else None,
         workers=int(meta.get("workers", 1)),
+        threads=meta.get("threads"),
     )
 
 
@@ -153,12 +154,18 @@ def approximated_outputs(lazy: LazyEncoder, dataset, fit: Extraction, stats, ex:
     """Cached approximated final representations on ``ex``'s samples, and the run's measurements
     (latency only when ``timed``: the probe's extra runs are not timed). ``stats``: what the maps
     are fitted from (:func:`map_statistics`)."""
-    key = make_key({"kind": "approximated", "fit": fit.key, "samples": ex.key, "timed": timed and LATENCY_METHOD,
-                    "ranges": ranges, "map": kind, "map_params": map_kind(kind).key(params)})
+    spec = {"kind": "approximated", "fit": fit.key, "samples": ex.key, "ranges": ranges, "map": kind,
+            "map_params": map_kind(kind).key(params)}
+    key = make_key({**spec, "timed": timed and LATENCY_METHOD})
+    # An untimed request is served by a timed entry too (the same outputs); a timed one needs its latency.
+    keys = [key] if timed else [make_key({**spec, "timed": LATENCY_METHOD}), key]
 
     def lookup() -> tuple[np.ndarray, dict] | None:
-        stored = cache.load(key, "final")
-        return None if stored is None else (stored["final"], cache.get(key).meta)
+        for stored_key in keys:
+            stored = cache.load(stored_key, "final")
+            if stored is not None:
+                return stored["final"], cache.get(stored_key).meta
+        return None
 
     def compute(progress: Progress | None) -> tuple[np.ndarray, dict]:
         encoder = lazy()
@@ -213,7 +220,7 @@ def fit_extraction(model, dataset, n: int, seed: int, ranges: list[Range], max_l
 def approximate(model, dataset, fit_n: int, eval_n: int, seed: int,
                 ranges: Sequence[Sequence[int]], kind: str = "linear", *, map_params: MapParams | None = None,
                 probe: bool = False, max_length: int = 128, seq_len: int = DEFAULT_SEQ_LEN,
-                stats_budget: int | None = None,
+                stats_budget: int | None = None, latency: bool = True,
                 cache: Cache | None = None, progress: Progress | None = None, on_stage: Stage | None = None,
                 encoder: Encoder | LazyEncoder | Callable[[], Encoder] | None = None) -> ApproximationResult:
     """Fit maps on ``fit_n`` train samples, evaluate the approximated model on ``eval_n`` test samples.
@@ -223,7 +230,8 @@ def approximate(model, dataset, fit_n: int, eval_n: int, seed: int,
     language-model text the samples are windows of ``seq_len`` tokens and the result adds the
     perplexity and top-1 next-token agreement of the original, approximated and skipped models.
     The fit keeps all Gram pairs when they fit ``stats_budget`` bytes (default a quarter of the free
-    memory), else only the ranges' own blocks.
+    memory), else only the ranges' own blocks. ``latency=False`` skips timing the two models
+    (``latency_ms_per_image`` is then None unless a stored run measured it).
     """
     declared = map_kind(kind)  # an unknown map fails before any work
     params = map_params or MapParams()
@@ -245,7 +253,7 @@ def approximate(model, dataset, fit_n: int, eval_n: int, seed: int,
                  progress=progress, encoder=lazy)
     stage("Evaluation samples: approximated model")
     final, measured = approximated_outputs(lazy, dataset, fit, stats, ev, ranges, kind, params, cache, progress,
-                                           timed=True)
+                                           timed=latency)
     removed = sum(j - i for i, j in ranges)
     result = ApproximationResult(
         model=fit.meta["model"], dataset=fit.meta["dataset"], modality=info.modality, pooling=info.pooling,
