@@ -12,9 +12,9 @@ import torch
 
 from rba_core.approx import ApproximatedEncoder, Range, approximate_encoder, count_params, paper_notation, validate_ranges
 from rba_core.cache import Cache, make_key
-from rba_core.errors import RBAError
 from rba_core.data import UNITS, open_dataset, open_sample
 from rba_core.distributed import single_flight, world
+from rba_core.errors import RBAError
 from rba_core.extract import Extraction, Progress, extract, model_inputs
 from rba_core.latency import BATCH as LATENCY_BATCH, METHOD as LATENCY_METHOD, measure as measure_latency
 from rba_core.maps import MapParams, fit_residual_matrix, map_kind
@@ -323,7 +323,7 @@ def export(model, dataset, fit_n: int, seed: int, ranges: Sequence[Sequence[int]
     checked = check_foldable(encoder, ranges)
     data = lm_dataset(model, dataset, seq_len)
     if encoder.modality == "text" and not isinstance(data, LMText):  # the fold pass truncates texts to it
-        check_text_length(model_ref(encoder).info, max_length)
+        check_text_length(max_length, encoder.max_tokens_of(encoder.config))
     stage("Fit samples (train split): MLP outputs and block outputs of the ranges")
     maps = {rng: stats.fit() for rng, stats in fold_pass(model, data, fit_n, seed, [checked], max_length=max_length,
                                                           cache=cache, progress=progress, encoder=lazy).items()}

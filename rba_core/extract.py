@@ -263,7 +263,7 @@ def extract(model, dataset, n: int, seed: int = 0, split: str = "train", *,
     seen = len(cache.damaged)
     ref = model_ref(model, max_length)
     if ref.info.modality == "text" and not hasattr(dataset, "open_split"):  # windows of a LM text are not truncated
-        check_text_length(ref.info, max_length)  # before the dataset is opened
+        check_text_length(max_length, ref.info.max_tokens)  # before the dataset is opened
     source, indices = open_sample(dataset, split, n, seed)
     check_modality(ref.info.modality, source, ref.name)
     length = max_length if source.modality == "text" else None

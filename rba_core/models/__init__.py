@@ -46,7 +46,8 @@ ADAPTERS: dict[str, str] = {
 }
 
 __all__ = ["ADAPTERS", "Encoder", "ModelInfo", "ModelRef", "adapter_class", "model_ref", "default_device", "is_available_offline",
-           "load_config", "load_encoder", "model_fingerprint", "model_info", "supported_families"]
+           "check_text_length", "check_weights", "load_config", "load_encoder", "model_fingerprint", "model_info",
+           "supported_families"]
 
 
 def supported_families() -> str:
@@ -314,12 +315,13 @@ def _wrap_loaded(model, device: str | None, max_length: int | None) -> Encoder:
                max_length if cls.modality == "text" else None)
 
 
-def check_text_length(info: ModelInfo, max_length: int) -> None:
-    """Before any pass: ``max_length`` (texts are truncated to it) must lie in 2 .. the model's maximum."""
+def check_text_length(max_length: int, max_tokens: int | None) -> None:
+    """Before any pass: ``max_length`` (texts are truncated to it) must lie in 2 .. the model's ``max_tokens``
+    (:attr:`ModelInfo.max_tokens`; None: no limit)."""
     if max_length < 2:
         raise RBAError(f"The maximum text length must be at least 2 tokens, got {max_length}.")
-    if info.max_tokens and max_length > info.max_tokens:
-        raise above_maximum("--max-length", max_length, info.max_tokens)
+    if max_tokens and max_length > max_tokens:
+        raise above_maximum("--max-length", max_length, max_tokens)
 
 
 @dataclass
