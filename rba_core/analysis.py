@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -17,18 +16,18 @@ from rba_core.distributed import single_flight, world
 from rba_core.errors import RBAError
 from rba_core.extract import Extraction, Progress, extract, model_inputs
 from rba_core.latency import BATCH as LATENCY_BATCH, METHOD as LATENCY_METHOD, measure as measure_latency
-from rba_core.maps import MapParams, fit_residual_matrix, map_kind
+from rba_core.maps import PRODUCT_EPS, MapParams, fit_map, fit_residual_matrix, map_kind
 from rba_core.lm_data import DEFAULT_SEQ_LEN, LMText, is_lm_text
 from rba_core.metrics import (angular_distance, block_redundancy, block_redundancy_all_tokens, cosine_matrix,
                               linear_cka_matrix)
-from rba_core.models import (Encoder, ModelRef, adapter_class, check_text_length, load_config, load_encoder,
-                             model_ref)
+from rba_core.models import (Encoder, ModelRef, adapter_class, load_config, load_encoder,
+                             model_ref, readable_source)
 from rba_core.models.decoder import DecoderLM
 from rba_core.perplexity import lm_scores
+from rba_core.range_pass import RangeStatistics, range_statistics
 from rba_core.probe import converged_probe_accuracy, probe_accuracy, small_classes_note
-from rba_core.registry import lm_text_mismatch, resolve_model
+from rba_core.registry import lm_text_mismatch
 from rba_core.results import AnalysisResult, ApproximationResult
-from rba_core.stats import StatsTooLarge
 
 Stage = Callable[[str], None]
 
@@ -76,7 +75,8 @@ def lm_dataset(model, dataset, seq_len: int = DEFAULT_SEQ_LEN, ref: ModelRef | N
     if ref.loaded is not None:
         source, config = ref.loaded.source, ref.loaded.config
     else:
-        source, config = resolve_model(model), load_config(model)
+        config = load_config(model)
+        source = readable_source(model)  # a GGUF file: its plain checkpoint, which holds the tokenizer
     return LMText(dataset, source, seq_len, getattr(config, "max_position_embeddings", None))
 
 
@@ -148,12 +148,12 @@ def map_statistics(kind: str, fit: Extraction, dataset, sets: Sequence[Sequence[
                      cache=cache, progress=progress, encoder=lazy)
 
 
-def approximated_outputs(lazy: LazyEncoder, dataset, fit: Extraction, stats, ex: Extraction, ranges: list[Range],
+def approximated_outputs(lazy: LazyEncoder, dataset, fit, maps: Sequence, ex: Extraction, ranges: list[Range],
                          kind: str, params: MapParams, cache: Cache, progress: Progress | None,
                          timed: bool = False) -> tuple[np.ndarray, dict]:
     """Cached approximated final representations on ``ex``'s samples, and the run's measurements
-    (latency only when ``timed``: the probe's extra runs are not timed). ``stats``: what the maps
-    are fitted from (:func:`map_statistics`)."""
+    (latency only when ``timed``: the probe's extra runs are not timed). ``fit``: the statistics (with
+    ``key`` and ``meta``) that ``maps``, one per range (None: skipped), were fitted from."""
     spec = {"kind": "approximated", "fit": fit.key, "samples": ex.key, "ranges": ranges, "map": kind,
             "map_params": map_kind(kind).key(params)}
     key = make_key({**spec, "timed": timed and LATENCY_METHOD})
@@ -169,7 +169,7 @@ def approximated_outputs(lazy: LazyEncoder, dataset, fit: Extraction, stats, ex:
 
     def compute(progress: Progress | None) -> tuple[np.ndarray, dict]:
         encoder = lazy()
-        net = approximate_encoder(encoder, stats, ranges, kind, params)
+        net = ApproximatedEncoder(encoder, ranges, maps).eval()
         final, measured = _approximated_finals(net, encoder, dataset, ex, progress, timed)
         meta = {"params": count_params(net), "latency_ms_per_image": measured, "model": fit.meta["model"],
                 "dataset": fit.meta["dataset"], "split": ex.meta["split"], "n": len(ex.indices), "ranges": ranges,
@@ -181,46 +181,94 @@ def approximated_outputs(lazy: LazyEncoder, dataset, fit: Extraction, stats, ex:
     return single_flight(cache, key, lookup, compute, progress)  # one run per key across processes and ranks
 
 
-def _lm_scores(lazy: LazyEncoder, dataset: LMText, fit: Extraction, stats, ev: Extraction, ranges: list[Range],
-               kind: str, params: MapParams, cache: Cache, progress: Progress | None) -> dict:
-    """Perplexity and top-1 agreement of the original, approximated and skipped models on ``ev``'s
-    windows, cached like every other result (a stored result never loads the model)."""
+def _lm_scores(lazy: LazyEncoder, dataset: LMText, fit, maps: Sequence, ev: Extraction, ranges: list[Range],
+               kind: str, params: MapParams, cache: Cache, progress: Progress | None,
+               timed: bool = False) -> tuple[dict, np.ndarray, dict]:
+    """Perplexity and top-1 agreement of the original, approximated and skipped models on ``ev``'s windows,
+    the approximated model's final representations and its measurements (parameters; latency when
+    ``timed``), all from one loop over the windows in which each approximation runs only from its first
+    range on (:func:`rba_core.perplexity.lm_scores`); cached like every other result (a stored result never
+    loads the model)."""
     key = make_key({"kind": "lm-scores", "fit": fit.key, "samples": ev.key, "ranges": ranges, "map": kind,
-                    "map_params": map_kind(kind).key(params)})
+                    "map_params": map_kind(kind).key(params), "timed": timed and LATENCY_METHOD})
 
-    def lookup() -> dict | None:
+    def lookup() -> tuple[dict, np.ndarray, dict] | None:
         entry = cache.get(key)
-        return None if entry is None else entry.meta.get("scores")
+        stored = None if entry is None else cache.load(key, "final")
+        return None if stored is None else (entry.meta["scores"], stored["final"], entry.meta)
 
-    def compute(progress: Progress | None) -> dict:
+    def compute(progress: Progress | None) -> tuple[dict, np.ndarray, dict]:
         loaded = lazy()
         windows = (ev.source or open_dataset(dataset, "test")).items(ev.indices)
-        nets = {"approximated": approximate_encoder(loaded, stats, ranges, kind, params),
+        nets = {"approximated": ApproximatedEncoder(loaded, ranges, maps).eval(),
                 "skip": approximate_encoder(loaded, None, ranges, "identity")}
-        scores = lm_scores(loaded, nets, windows, progress=progress)
-        cache.put(key, {}, {"kind": "scores", "scores": scores, "model": fit.meta["model"], "dataset": fit.meta["dataset"],
-                            "split": "test", "n": len(ev.indices), "ranges": ranges, "map": kind})
-        return scores
+        finals: dict[str, list] = {}
+        scores = lm_scores(loaded, nets, windows, progress=progress, finals=finals)
+        latency = None
+        if timed:  # both models on the first windows, interleaved
+            inputs = loaded.preprocess(list(windows[:LATENCY_BATCH]))
+            latency = measure_latency({"original": ApproximatedEncoder(loaded, [], []),
+                                       "approximated": nets["approximated"]}, inputs)
+        final = torch.cat(finals["approximated"]).numpy()
+        meta = {"kind": "scores", "scores": scores, "params": count_params(nets["approximated"]),
+                "latency_ms_per_image": latency, "model": fit.meta["model"], "dataset": fit.meta["dataset"],
+                "split": "test", "n": len(ev.indices), "ranges": ranges, "map": kind}
+        meta = cache.put(key, {"final": {"final": final}}, meta).meta
+        return scores, final, meta
 
     return cache.single_flight(key, lookup, compute, progress)
 
 
-def fit_extraction(model, dataset, n: int, seed: int, ranges: list[Range], max_length: int, cache: Cache,
-                   progress: Progress | None, lazy: LazyEncoder, budget: int | None = None) -> Extraction:
-    """The fit samples with all Gram pairs (the analysis of the same samples shares them) when those fit
-    the memory ``budget``; otherwise with only the blocks that these ranges' maps need."""
-    fit = partial(extract, model, dataset, n, seed, "train", max_length=max_length, cache=cache, progress=progress,
-                  encoder=lazy, stats_budget=budget)
-    try:
-        return fit()
-    except StatsTooLarge:
-        return fit(stats_ranges=ranges)
+def fit_range_maps(model, dataset, n: int, seed: int, ranges: list[Range], kind: str, params: MapParams,
+                   cache: Cache, progress: Progress | None, lazy: LazyEncoder) -> tuple[RangeStatistics, list]:
+    """The maps of ``kind`` for ``ranges`` and the fit statistics they come from: one float64 pass over the
+    ``n`` fit samples up to the last range's end, holding the Gram blocks and (where the model folds) the
+    fold statistics of the ranges, so every map kind of the same ranges shares it
+    (:func:`rba_core.range_pass.range_statistics`). A fold that the model cannot take is one sentence
+    before the pass."""
+    from rba_core.fold import check_fold_set, check_foldable
+
+    folds = map_kind(kind).statistics == "fold"
+    if folds:
+        check_fold_set(ranges, model_ref(lazy.encoder if isinstance(lazy.encoder, Encoder) else model,
+                                         lazy.max_length).info.num_blocks)
+
+    def load() -> Encoder:
+        loaded = lazy()
+        if folds:
+            check_foldable(loaded, ranges)
+        return loaded
+
+    fit = range_statistics(model, dataset, n, seed, ranges, max_length=lazy.max_length, cache=cache,
+                           progress=progress, encoder=load)
+    if folds and any(rng not in fit.fold for rng in ranges):  # a stored entry of a model that cannot fold
+        check_foldable(load(), ranges)
+    maps = [fit_map(fit.fold if folds else fit.tokens, rng, kind, params) for rng in ranges]
+    return fit, maps
+
+
+def conditioning_report(ranges: Sequence[Range], maps: Sequence) -> tuple[list[dict] | None, list[str]]:
+    """Each fitted map's condition number and the rank its solve used (JSON), and a note for every map whose
+    solve dropped directions that its statistics could not resolve."""
+    rows, notes = [], []
+    for (i, j), fitted in zip(ranges, maps):
+        conditioning = getattr(fitted, "conditioning", None)
+        if conditioning is None:
+            continue
+        rows.append({"range": [i, j], **conditioning.to_json()})
+        if conditioning.dropped:
+            notes.append(f"The map of range {i}→{j} used {conditioning.rank} of {conditioning.dimension} directions: "
+                         f"the fit samples' block {i} outputs span the other {conditioning.dropped} too weakly for "
+                         f"{conditioning.precision} statistics to resolve (condition number above "
+                         f"{1 / (conditioning.dimension * PRODUCT_EPS[conditioning.precision]):.0e}); more or more "
+                         "varied fit samples, or --map ridge, determine them.")
+    return rows or None, notes
 
 
 def approximate(model, dataset, fit_n: int, eval_n: int, seed: int,
                 ranges: Sequence[Sequence[int]], kind: str = "linear", *, map_params: MapParams | None = None,
                 probe: bool = False, max_length: int = 128, seq_len: int = DEFAULT_SEQ_LEN,
-                stats_budget: int | None = None, latency: bool = True,
+                latency: bool = True,
                 cache: Cache | None = None, progress: Progress | None = None, on_stage: Stage | None = None,
                 encoder: Encoder | LazyEncoder | Callable[[], Encoder] | None = None) -> ApproximationResult:
     """Fit maps on ``fit_n`` train samples, evaluate the approximated model on ``eval_n`` test samples.
@@ -229,9 +277,9 @@ def approximate(model, dataset, fit_n: int, eval_n: int, seed: int,
     evaluation samples with their labels (numpy; not in the JSON). For a causal LM on a
     language-model text the samples are windows of ``seq_len`` tokens and the result adds the
     perplexity and top-1 next-token agreement of the original, approximated and skipped models.
-    The fit keeps all Gram pairs when they fit ``stats_budget`` bytes (default a quarter of the free
-    memory), else only the ranges' own blocks. ``latency=False`` skips timing the two models
-    (``latency_ms_per_image`` is then None unless a stored run measured it).
+    The maps come from one float64 pass over the fit samples that keeps only the ranges' own statistics
+    (:func:`fit_range_maps`). ``latency``: time both models per image (a few seconds); off, the result's
+    ``latency_ms_per_image`` is None.
     """
     declared = map_kind(kind)  # an unknown map fails before any work
     params = map_params or MapParams()
@@ -243,17 +291,22 @@ def approximate(model, dataset, fit_n: int, eval_n: int, seed: int,
     info = ref.info
     ranges = validate_ranges(ranges, info.num_blocks)  # before any pass
     dataset = lm_dataset(model, dataset, seq_len, ref)
-    stage("Fit samples (train split): representations and token statistics")
-    fit = fit_extraction(model, dataset, fit_n, seed, ranges, max_length, cache, progress, lazy, stats_budget)
-    if declared.statistics != "tokens":
-        stage(f"Fit samples (train split): what the {kind} maps are fitted from")
-    stats = map_statistics(kind, fit, dataset, [ranges], lazy, cache, progress)
+    stage("Fit samples (train split): statistics of the ranges (float64, blocks up to the last range's end)")
+    fit, maps = fit_range_maps(model, dataset, fit_n, seed, ranges, kind, params, cache, progress, lazy)
+    conditioning, notes = conditioning_report(ranges, maps)
     stage("Evaluation samples (test split): original model")
     ev = extract(model, dataset, eval_n, seed, "test", with_stats=False, max_length=max_length, cache=cache,
                  progress=progress, encoder=lazy)
-    stage("Evaluation samples: approximated model")
-    final, measured = approximated_outputs(lazy, dataset, fit, stats, ev, ranges, kind, params, cache, progress,
-                                           timed=latency)
+    scores = None
+    if isinstance(dataset, LMText):
+        stage("Evaluation windows: the approximated and skipped models from their first range on; perplexity "
+              "and next-token agreement")
+        scores, final, measured = _lm_scores(lazy, dataset, fit, maps, ev, ranges, kind, params, cache, progress,
+                                             timed=latency)
+    else:
+        stage("Evaluation samples: approximated model")
+        final, measured = approximated_outputs(lazy, dataset, fit, maps, ev, ranges, kind, params, cache, progress,
+                                               timed=latency)
     removed = sum(j - i for i, j in ranges)
     result = ApproximationResult(
         model=fit.meta["model"], dataset=fit.meta["dataset"], modality=info.modality, pooling=info.pooling,
@@ -266,25 +319,27 @@ def approximate(model, dataset, fit_n: int, eval_n: int, seed: int,
         params={"original": fit.meta["num_params"], "approximated": measured["params"]},
         latency_ms_per_image=measured["latency_ms_per_image"],
         cache={"fit": fit.key, "eval": ev.key},
-        notes=sorted(set(fit.notes + ev.notes)),
+        notes=sorted(set(ev.notes + notes)),
+        conditioning=conditioning,
         final={"original": ev.final, "approximated": final, "labels": ev.labels, "label_names": fit.label_names},
     )
-    if isinstance(dataset, LMText):
-        stage("Evaluation windows: perplexity and next-token agreement")
-        scores = _lm_scores(lazy, dataset, fit, stats, ev, ranges, kind, params, cache, progress)
+    if scores is not None:
         result.perplexity, result.top1_agreement = scores["perplexity"], scores["top1_agreement"]
     if probe:
-        stage("Linear probe: approximated and skipped models on the fit samples")
-        train = {"original": fit.final}
+        stage("Linear probe: original, approximated and skipped models on the fit samples")
+        reps = extract(model, dataset, fit_n, seed, "train", with_stats=False, max_length=max_length, cache=cache,
+                       progress=progress, encoder=lazy)
+        train = {"original": reps.final}
         test = {"original": ev.final}
-        for name, map_name in (("approximated", kind), ("skip", "identity")):
-            train[name] = approximated_outputs(lazy, dataset, fit, stats, fit, ranges, map_name, params, cache,
+        skipped = [None] * len(ranges)
+        for name, map_name, fitted in (("approximated", kind, maps), ("skip", "identity", skipped)):
+            train[name] = approximated_outputs(lazy, dataset, fit, fitted, reps, ranges, map_name, params, cache,
                                                progress)[0]
             test[name] = final if map_name == kind else approximated_outputs(
-                lazy, dataset, fit, stats, ev, ranges, map_name, params, cache, progress)[0]
-        result.accuracy = {name: probe_accuracy(train[name], fit.labels, test[name], ev.labels)
+                lazy, dataset, fit, fitted, ev, ranges, map_name, params, cache, progress)[0]
+        result.accuracy = {name: probe_accuracy(train[name], reps.labels, test[name], ev.labels)
                            for name in ("original", "approximated", "skip")}
-        result.accuracy_converged = {name: converged_probe_accuracy(train[name], fit.labels, test[name], ev.labels)
+        result.accuracy_converged = {name: converged_probe_accuracy(train[name], reps.labels, test[name], ev.labels)
                                      for name in ("original", "approximated", "skip")}
         result.notes += [note] if (note := small_classes_note(ev.labels, fit.label_names,
                                                               unit=UNITS[info.modality])) else []
@@ -305,28 +360,22 @@ def export(model, dataset, fit_n: int, seed: int, ranges: Sequence[Sequence[int]
     of the folded model against the original); other kinds the rba-compressed folder with
     the maps as modules (:func:`rba_core.export.save_compressed`). Returns the record written."""
     from rba_core.export import save_compressed, save_folded
-    from rba_core.fold import check_foldable, fold_pass, folded_encoder
+    from rba_core.fold import folded_encoder
 
     params = map_params or MapParams()
     stage = on_stage or (lambda _: None)
-    if map_kind(kind).statistics == "tokens":  # the maps stay modules: the rba-compressed folder
-        lazy = LazyEncoder(model, encoder, max_length)
-        ref = model_ref(model, max_length)
-        checked = validate_ranges(ranges, ref.info.num_blocks)
-        stage("Fit samples (train split): token statistics")
-        fit = extract(model, lm_dataset(model, dataset, seq_len, ref), fit_n, seed, "train", max_length=max_length,
-                      cache=cache, progress=progress, encoder=lazy, stats_ranges=checked)
-        save_compressed(approximate_encoder(lazy(), fit.stats(), checked, kind, params), out, onnx=onnx)
-        return json.loads((Path(out) / "rba.json").read_text())
     lazy = LazyEncoder(model, encoder, max_length)
+    ref = model_ref(model, max_length)
+    checked = validate_ranges(ranges, ref.info.num_blocks)
+    data = lm_dataset(model, dataset, seq_len, ref)
+    stage("Fit samples (train split): statistics of the ranges (float64, blocks up to the last range's end)")
+    fit, fitted = fit_range_maps(model, data, fit_n, seed, checked, kind, params, cache or Cache(), progress, lazy)
+    conditioning, notes = conditioning_report(checked, fitted)  # the compressed record holds it per range
+    if map_kind(kind).statistics == "tokens":  # the maps stay modules: the rba-compressed folder
+        save_compressed(ApproximatedEncoder(lazy(), checked, fitted).eval(), out, onnx=onnx)
+        return {**json.loads((Path(out) / "rba.json").read_text()), "notes": notes}
     encoder = lazy()
-    checked = check_foldable(encoder, ranges)
-    data = lm_dataset(model, dataset, seq_len)
-    if encoder.modality == "text" and not isinstance(data, LMText):  # the fold pass truncates texts to it
-        check_text_length(max_length, encoder.max_tokens_of(encoder.config))
-    stage("Fit samples (train split): MLP outputs and block outputs of the ranges")
-    maps = {rng: stats.fit() for rng, stats in fold_pass(model, data, fit_n, seed, [checked], max_length=max_length,
-                                                          cache=cache, progress=progress, encoder=lazy).items()}
+    maps = {rng: m.weight.double().cpu().numpy() for rng, m in zip(checked, fitted)}
     folded = folded_encoder(encoder, maps)
     record = {"source": encoder.source, "family": encoder.family, "map": "folded",
               "ranges": [list(rng) for rng in checked],
@@ -334,7 +383,8 @@ def export(model, dataset, fit_n: int, seed: int, ranges: Sequence[Sequence[int]
               "layers": {"original": encoder.num_blocks, "folded": folded.num_blocks},
               "params": {"original": count_params(encoder.model), "folded": count_params(folded.model)},
               "data": {"dataset": str(dataset), "fit_n": fit_n, "seed": seed,
-                       **({"seq_len": seq_len} if isinstance(data, LMText) else {"max_length": encoder.max_length})}}
+                       **({"seq_len": seq_len} if isinstance(data, LMText) else {"max_length": encoder.max_length})},
+              "conditioning": conditioning}
     if eval_n:
         test, indices = open_sample(data, "test", eval_n, seed)
         samples = test.items(indices)
@@ -347,7 +397,7 @@ def export(model, dataset, fit_n: int, seed: int, ranges: Sequence[Sequence[int]
             stage("Evaluation samples (test split): final representations of the original and folded models")
             record["mse_final"] = _final_mse(encoder, folded, samples)
     save_folded(folded, out, record)
-    return record
+    return {**record, "notes": notes}
 
 
 @torch.inference_mode()

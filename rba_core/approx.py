@@ -15,15 +15,17 @@ import torch
 from torch import nn
 
 from rba_core.errors import RBAError
-from rba_core.maps import MapParams, Range, fit_map
+from rba_core.maps import Conditioning, MapParams, Range, fit_map
 from rba_core.models import Encoder
 
 
 class LinearMap(nn.Module):
     """h ↦ h @ weight + bias, applied to every token. ``weight``: (D, D)."""
 
-    def __init__(self, weight: np.ndarray | torch.Tensor, bias: np.ndarray | torch.Tensor | None = None):
+    def __init__(self, weight: np.ndarray | torch.Tensor, bias: np.ndarray | torch.Tensor | None = None, *,
+                 conditioning: "Conditioning | None" = None):
         super().__init__()
+        self.conditioning = conditioning  # how well the fit's system was determined (None: not fitted here)
         self.weight = nn.Parameter(torch.as_tensor(weight, dtype=torch.float32), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(torch.as_tensor(bias, dtype=torch.float32), requires_grad=False)
 
@@ -39,9 +41,10 @@ class FoldedMap(nn.Module):
     once T is folded into that layer (``W ← W·T``, ``b ← b·T``), so T is a buffer, not a parameter:
     the folded model has no added parameters."""
 
-    def __init__(self, weight: np.ndarray | torch.Tensor, start: int):
+    def __init__(self, weight: np.ndarray | torch.Tensor, start: int, *, conditioning: "Conditioning | None" = None):
         super().__init__()
         self.start = start
+        self.conditioning = conditioning
         self.register_buffer("weight", torch.as_tensor(weight, dtype=torch.float32))
 
     def forward(self, hidden: torch.Tensor, m: torch.Tensor | None = None) -> torch.Tensor:
@@ -161,6 +164,29 @@ class ApproximatedEncoder(nn.Module):
 
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
         return self.encoder.final(self.last_hidden(**inputs), self.encoder.token_mask(inputs))
+
+    @property
+    def first_map(self) -> int:
+        """The step index where this model first leaves the original's path (the first range's start i)."""
+        return min((i for i, _ in self.ranges), default=self.encoder.num_blocks)
+
+    def resume(self, hs: list[torch.Tensor], m: dict[int, torch.Tensor], ctx) -> torch.Tensor:
+        """:meth:`last_hidden` from the original's block outputs ``hs`` of the same inputs: up to the first
+        range's start i the two models compute the same thing, so only the steps from there on run. ``m``:
+        the original's MLP outputs of the folded maps' blocks (:func:`captured`)."""
+        start = self.first_map
+        hidden = hs[start]
+        # a folded map at a later range needs its block's MLP output in this model, not in the original
+        later = mlp_outputs(self.encoder, [s.start for s in self.steps if isinstance(s, FoldedMap) and s.start > start])
+        with captured(later) as own:
+            for step in self.steps[start:]:
+                if isinstance(step, FoldedMap):
+                    hidden = step(hidden, m.get(step.start) if step.start == start else own.get(step.start))
+                elif isinstance(step, LinearMap):
+                    hidden = step(hidden)
+                else:
+                    hidden = self.encoder.run_block(step, hidden, ctx)
+        return hidden
 
 
 def approximate_encoder(encoder: Encoder, stats, ranges: Sequence[Range],

@@ -4,6 +4,7 @@ checksums verified on read, and the listing and deleting the cache page shows.
 Layout under the root (``$RBA_CACHE_DIR`` or ``cache/``)::
 
     <key>/meta.json, <key>/<group>.safetensors    a stored entry
+    <key>/meta.json, <key>/<files>                a stored folder (a dequantised GGUF model), checksums in meta.json
     .locks/<key>.lock, .locks/<key>.progress      the single-flight lock of a key being computed
     .tmp-<random>/, .tmp-<random>.lock            an entry being written, and its writer's lock
 
@@ -22,6 +23,7 @@ import secrets
 import shutil
 import time
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
@@ -32,7 +34,7 @@ import xxhash
 from rba_core.progress import Progress
 
 CACHE_DIR_ENV = "RBA_CACHE_DIR"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 TMP_PREFIX = ".tmp-"
 LOCKS = ".locks"
 STALE_AFTER_S = 24 * 3600  # a temporary folder without a lock file is a dead writer's after a day
@@ -43,9 +45,25 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+_ROOT: ContextVar[Path | None] = ContextVar("rba_cache_root", default=None)
+
+
 def cache_root() -> Path:
-    """``$RBA_CACHE_DIR``, else ``cache/`` next to the package."""
-    return Path(os.environ.get(CACHE_DIR_ENV) or Path(__file__).resolve().parent.parent / "cache")
+    """The folder :func:`using_root` chose for this context, else ``$RBA_CACHE_DIR``, else ``cache/`` next to
+    the package."""
+    return _ROOT.get() or Path(os.environ.get(CACHE_DIR_ENV) or Path(__file__).resolve().parent.parent / "cache")
+
+
+@contextmanager
+def using_root(root: Path | str | None) -> Iterator[None]:
+    """Make ``root`` (when given) the default cache folder inside the block, for what opens a cache of its
+    own (a GGUF file's plain checkpoint): the CLI's ``--cache-dir``."""
+    token = _ROOT.set(Path(root)) if root else None
+    try:
+        yield
+    finally:
+        if token is not None:
+            _ROOT.reset(token)
 
 
 def make_key(spec: dict) -> str:
@@ -288,6 +306,39 @@ class Cache:
             except OSError:  # another process stored the same key first; theirs is as good
                 pass
         return self.get(key)
+
+    def put_folder(self, key: str, write: Callable[[Path], dict | None], meta: dict) -> CacheEntry:
+        """Write an entry whose files ``write(folder)`` makes (a model checkpoint, say) atomically; what it
+        returns joins ``meta``. Its ``meta.json`` keeps a checksum of every file, which :meth:`folder` verifies."""
+        with self._writing() as (tmp, mode):
+            meta = {**meta, **(write(tmp) or {})}
+            checksums = {}
+            for path in sorted(tmp.iterdir()):
+                os.chmod(path, mode)
+                checksums[path.name] = _checksum(path)
+            (tmp / "meta.json").write_text(json.dumps({**meta, "files": {}, "checksums": checksums}, indent=1))
+            try:
+                os.rename(tmp, self.root / key)
+            except OSError:  # another process stored the same key first; theirs is as good
+                pass
+        return self.get(key)
+
+    def folder(self, key: str) -> Path | None:
+        """The folder of an entry :meth:`put_folder` wrote, when every file matches its checksum; None when
+        there is none (a damaged one is reported and removed)."""
+        entry = self.get(key)
+        if entry is None:
+            return None
+        checksums = entry.meta.get("checksums")
+        try:
+            intact = isinstance(checksums, dict) and all(
+                _checksum(entry.folder / name) == value for name, value in checksums.items())
+        except OSError:
+            intact = False
+        if not intact:
+            self.discard(key, "its files do not match their checksums")
+            return None
+        return entry.folder
 
     def discard(self, key: str, reason: str) -> None:
         """Remove a damaged entry; the sentence saying why joins :attr:`damaged` (the CLI prints it as a note,

@@ -73,8 +73,8 @@ def _parser(prog: str = MODULE_PROG) -> argparse.ArgumentParser:
     approx.add_argument("--map", default="linear", choices=list(MAPS), help=_map_help())
     approx.add_argument("--ridge", type=float, default=1e-2, help="λ for --map ridge")
     approx.add_argument("--probe", action="store_true", help="also train the linear probe (3 seeds)")
-    approx.add_argument("--stats-budget-gb", type=float, help="memory the fit's token statistics may use (default "
-                        "a quarter of the free RAM or GPU memory); above it only the ranges' Gram blocks are kept")
+    approx.add_argument("--no-latency", dest="latency", action="store_false",
+                        help="do not time the original and approximated models (latency_ms_per_image is null)")
     _add_table_and_search(sub, common)
     export = sub.add_parser("export", parents=[common], help="fit the maps and write an export folder "
                             "(--map folded: a plain Hugging Face checkpoint with fewer layers)")
@@ -213,9 +213,17 @@ def _run(args: argparse.Namespace, tracker: Tracker) -> int:
     from rba_core.threads import configure_threads
 
     configure_threads()  # the cores free now, or this worker's share of them; the user's OMP_NUM_THREADS wins
+    from rba_core.cache import using_root
+
+    with using_root(args.cache_dir):  # also where a GGUF file's plain checkpoint is kept
+        return _run_in_cache(args, tracker)
+
+
+def _run_in_cache(args: argparse.Namespace, tracker: Tracker) -> int:
     from rba_core.analysis import analyze, approximate
     from rba_core.cache import Cache
     from rba_core.extract import DECODE_WORKERS_ENV
+    from rba_core.models import gguf_ready
 
     if args.decode_workers is not None:  # read by every pass of this run (and of this rank)
         os.environ[DECODE_WORKERS_ENV] = str(args.decode_workers)
@@ -229,6 +237,8 @@ def _run(args: argparse.Namespace, tracker: Tracker) -> int:
 
         first = args.dataset[0] if args.command == "table" else args.dataset
         tracker.samples = tracker.unit = "windows" if is_lm_text(first) else dataset_unit(first)
+        if not gguf_ready(args.model):
+            tracker.stage(f"Dequantising {args.model} into the cache as a float32 checkpoint (once per GGUF file)")
         if args.command == "analyze":
             results = analyze(args.model, args.dataset, args.n, args.seed, args.split, max_length=args.max_length,
                               seq_len=args.seq_len, windows=args.window or (1,), stats_window=args.stats_window,
@@ -265,7 +275,7 @@ def _run(args: argparse.Namespace, tracker: Tracker) -> int:
             results = approximate(args.model, args.dataset, args.fit_n, args.eval_n, args.seed, args.range,
                                   args.map, map_params=MapParams(ridge=args.ridge), probe=args.probe,
                                   max_length=args.max_length, seq_len=args.seq_len, cache=cache,
-                                  stats_budget=_budget(args), progress=progress, on_stage=tracker.stage)
+                                  latency=args.latency, progress=progress, on_stage=tracker.stage)
     except (KeyboardInterrupt, Cancelled):
         tracker.waiting = cache.waiting  # only waiting for another run's computation: that one goes on
         raise

@@ -104,7 +104,8 @@ def save_compressed(compressed: Compressed, folder: Path | str, *, encoder: Enco
     record = {
         "format": FORMAT, "version": VERSION, "source": encoder.source, **encoder.describe(),
         "num_blocks": encoder.num_blocks, "hidden_size": encoder.hidden_size,
-        "ranges": [{"start": i, "end": j, "paper": paper_notation((i, j)), "map": _map_kind(m)}
+        "ranges": [{"start": i, "end": j, "paper": paper_notation((i, j)), "map": _map_kind(m),
+                    **({"conditioning": m.conditioning.to_json()} if getattr(m, "conditioning", None) else {})}
                    for (i, j), m in zip(ranges, maps)],
         "kept_blocks": [k for k in range(1, encoder.num_blocks + 1) if k not in removed],
         "params": {"original": encoder.num_params(), "compressed": count_params(net)},

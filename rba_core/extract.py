@@ -22,7 +22,7 @@ from rba_core.models import Encoder, adapter_class, check_text_length, default_d
 from rba_core.progress import Progress
 from rba_core.registry import modality_mismatch
 from rba_core.stats import (SAMPLE_GROUP, Pair, StatsAccumulator, TokenStats, check_fits, memory_budget,
-                            planned_pairs, stats_bytes)
+                            planned_pairs, planned_precision, stats_bytes)
 
 
 @dataclass
@@ -64,12 +64,12 @@ class Extraction:
 
 def extraction_key(model: dict, source: Source, indices: np.ndarray, with_stats: bool,
                    token_fraction: float, pooling: str, max_length: int | None,
-                   pairs: list[Pair] | None = None, dtype: str = "float32") -> str:
+                   pairs: list[Pair] | None = None, dtype: str = "float32", precision: str = "float32") -> str:
     """Cache key: every input that changes the stored arrays (not the batch size, device or workers).
     ``model`` is the model's fingerprint (:func:`rba_core.models.model_fingerprint`); ``pairs`` the
     Gram blocks kept when not all pairs (:func:`rba_core.stats.planned_pairs`); ``dtype`` the model's
     compute dtype (:meth:`rba_core.models.Encoder.compute_dtype`)."""
-    plan = {} if pairs is None or not with_stats else {"pairs": [list(p) for p in pairs]}
+    plan = {} if pairs is None or not with_stats else {"pairs": [list(p) for p in pairs], "precision": precision}
     return make_key({**plan,
         "kind": "extraction",
         "model": model,
@@ -176,7 +176,7 @@ def _prefetched(load: Callable, batches: list[np.ndarray], workers: int) -> Iter
 def run_pass(encoder: Encoder, source: Source, indices: np.ndarray, with_stats: bool,
              batch_size: int = 32, token_fraction: float = 1.0,
              progress: Progress | None = None, pairs: list[Pair] | None = None,
-             workers: int | None = None) -> dict[str, dict[str, np.ndarray]]:
+             workers: int | None = None, precision: str = "float32") -> dict[str, dict[str, np.ndarray]]:
     """One forward pass over ``indices``; returns array groups ``reps`` and (optionally) ``stats``
     (all Gram pairs, or only ``pairs``). ``workers``: decoding processes (default :func:`decode_workers`);
     they change the speed, never the result.
@@ -189,7 +189,8 @@ def run_pass(encoder: Encoder, source: Source, indices: np.ndarray, with_stats: 
     # sees the same samples however the pass is split (rba_core.stats.SAMPLE_GROUP).
     n, mine = len(indices), here.share(len(indices), SAMPLE_GROUP)
     batch_size = max(SAMPLE_GROUP, batch_size // SAMPLE_GROUP * SAMPLE_GROUP)
-    acc = StatsAccumulator(encoder.num_blocks + 1, encoder.hidden_size, encoder.device, pairs) if with_stats else None
+    acc = (StatsAccumulator(encoder.num_blocks + 1, encoder.hidden_size, encoder.device, pairs, precision)
+           if with_stats else None)
     influence = np.zeros(encoder.num_blocks)  # Σ over the statistics' tokens of 1 - cos(hs[k-1], hs[k])
     if progress:
         progress(0, n)  # the clock of the rate and ETA starts with the pass, not after its first batch
@@ -263,15 +264,16 @@ def extract(model, dataset, n: int, seed: int = 0, split: str = "train", *,
     seen = len(cache.damaged)
     ref = model_ref(model, max_length)
     if ref.info.modality == "text" and not hasattr(dataset, "open_split"):  # windows of a LM text are not truncated
-        check_text_length(max_length, ref.info.max_tokens)  # before the dataset is opened
+        check_text_length(ref.info, max_length)  # before the dataset is opened
     source, indices = open_sample(dataset, split, n, seed)
     check_modality(ref.info.modality, source, ref.name)
     length = max_length if source.modality == "text" else None
     pairs = planned_pairs(ref.info.num_blocks + 1, stats_window, stats_ranges)
+    precision = planned_precision(stats_window, stats_ranges)
     dtype = compute_dtype(ref, device or world().device or default_device())
     # An entry with statistics also serves a request without them; the last key is the one stored.
     keys = [extraction_key(ref.fingerprint, source, indices, True, token_fraction, ref.info.pooling, length, pairs,
-                           dtype)]
+                           dtype, precision)]
     if not with_stats:
         keys.append(extraction_key(ref.fingerprint, source, indices, False, token_fraction, ref.info.pooling, length,
                                    dtype=dtype))
@@ -297,7 +299,7 @@ def extract(model, dataset, n: int, seed: int = 0, split: str = "train", *,
             check_fits(loaded.num_blocks + 1, loaded.hidden_size, pairs, budget)
         began = time.perf_counter()
         groups = run_pass(loaded, source, indices, with_stats, batch_size, token_fraction, progress, pairs,
-                          decode_workers)
+                          decode_workers, precision)
         meta = {
             "model": ref.name, "source": loaded.source, **loaded.describe(),
             "dataset": source.name, "split": split, "n": n, "seed": seed,

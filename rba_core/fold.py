@@ -10,40 +10,28 @@ parameter hs[0] is linear in (patch projection, position and class tokens, token
 output embedding tied to them is untied first, so the LM head keeps the original matrix.
 
 With M = stacked m and H_k = stacked hs[k], the fit needs MᵀM and Mᵀ(H_j - H_i) only
-(``hs[j] - r = H_j - H_i + M``), accumulated over batches like :mod:`rba_core.stats`. The difference
-is taken per token before the float32 product: a block's m is often far smaller than the residual
-stream, and MᵀH_j - MᵀH_i would cancel most of the digits that the products keep.
+(``hs[j] - r = H_j - H_i + M``), accumulated over batches like :mod:`rba_core.stats`, with float64
+products (as ReplaceMe forms them): a block's MLP output often spans few directions (MᵀM of demo-GPT's
+block 5 has a condition number of 1e10), which float32 products turn into negative eigenvalues. The
+difference is taken per token before the product: m is often far smaller than the residual stream, and
+MᵀH_j - MᵀH_i would cancel most of the digits that the products keep.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from rba_core.approx import captured as _captured, validate_ranges
+from rba_core.approx import validate_ranges
+from rba_core.distributed import world
 from rba_core.errors import RBAError
-from rba_core.maps import Range, solve_spd
-from rba_core.models import Encoder
-from rba_core.stats import SAMPLE_GROUP
-
-
-@dataclass
-class FoldStats:
-    """Sums over real tokens for one range i→j, float64 (D, D) each."""
-
-    mm: np.ndarray  # MᵀM
-    md: np.ndarray  # Mᵀ(H_j - H_i)
-    count: int
-
-    def fit(self, ridge: float = 0.0) -> np.ndarray:
-        """T (D, D) minimising ||M T - (H_j - H_i + M)||² + ridge·count·||T||² (λ per token, as the ridge map's)."""
-        gram = self.mm + ridge * self.count * np.eye(self.mm.shape[0])
-        return solve_spd(gram, self.md + self.mm)
+from rba_core.maps import Range
+from rba_core.models import Encoder, load_encoder
+from rba_core.range_pass import FoldStats, collect, range_statistics
 
 
 def check_foldable(encoder: Encoder, ranges: Sequence[Sequence[int]]) -> list[Range]:
@@ -55,10 +43,10 @@ def check_foldable(encoder: Encoder, ranges: Sequence[Sequence[int]]) -> list[Ra
                        f"{instead}.")
     checked = validate_ranges(ranges, encoder.num_blocks)
     for i, j in checked:
-        if i == 0 and not encoder.linear_stem:
+        if i == 0 and not encoder.folds_at(0):
             raise RBAError(f"Range 0→{j} cannot be folded into this '{encoder.family}' model's embeddings: "
                            f"{encoder.no_stem_fold_reason}; start the range at block 1 or later, or {instead}.")
-        if i > 0 and encoder.mlp_out is None:
+        if i > 0 and not encoder.folds_at(i):
             raise RBAError(f"Range {i}→{j} cannot be folded into block {i} of this '{encoder.family}' model: "
                            f"{encoder.no_fold_reason}; start the range at 0 (the embeddings), or {instead}.")
     check_fold_set(checked, encoder.num_blocks)
@@ -78,30 +66,13 @@ def check_fold_set(ranges: Sequence[Sequence[int]], num_blocks: int) -> list[Ran
     return checked
 
 
-@torch.inference_mode()
 def fold_statistics(encoder: Encoder, batches: Iterable[dict[str, torch.Tensor]],
                     ranges: Sequence[Range]) -> dict[Range, FoldStats]:
-    """MᵀM and Mᵀ(H_j - H_i) of every range over the real tokens of ``batches`` (the model's inputs);
-    m is the output of :meth:`Encoder.mlp_output_module` of block i, and hs[0] for i = 0."""
-    d = encoder.hidden_size
-    zeros = lambda: torch.zeros(d, d, dtype=torch.float64)  # noqa: E731
-    gram = {i: zeros() for i in sorted({i for i, _ in ranges})}  # MᵀM: one per start, shared by its ranges
-    cross = {rng: zeros() for rng in ranges}  # Mᵀ(H_j - H_i)
-    count = 0
-    starts = {i: encoder.mlp_output_module(i) for i in gram if i > 0}
-    for inputs in batches:
-        with _captured(starts) as outputs:
-            hs, _ = encoder.hidden_states(inputs)
-        mask = encoder.token_mask(inputs)
-        rows = (lambda x: x.reshape(-1, d) if mask is None else x[mask])  # noqa: E731
-        for i, total in gram.items():  # float32 products, float64 sums
-            m = rows(outputs[i] if i > 0 else hs[0]).float()
-            total += (m.T @ m).double().cpu()
-            for j in (j for start, j in cross if start == i):
-                change = rows(hs[j]).to(m.device, torch.float32) - rows(hs[i]).to(m.device, torch.float32)
-                cross[i, j] += (m.T @ change).double().cpu()
-        count += int(rows(hs[0]).shape[0])
-    return {(i, j): FoldStats(gram[i].numpy(), md.numpy(), count) for (i, j), md in cross.items()}
+    """MᵀM and Mᵀ(H_j - H_i) of every range over the real tokens of ``batches`` (the model's inputs), in
+    float64; m is the output of :meth:`Encoder.mlp_output_module` of block i, and hs[0] for i = 0."""
+    arrays = collect(encoder, batches, ranges, tokens=False, fold=ranges)
+    count = int(arrays["count"][0])
+    return {(i, j): FoldStats(arrays[f"mm_{i}"], arrays[f"md_{i}_{j}"], count) for i, j in ranges}
 
 
 _NOT_PER_LAYER = ("architectures", "stage_names", "out_features", "out_indices")
@@ -193,76 +164,30 @@ def folded_encoder(encoder: Encoder, maps: dict[Range, np.ndarray]) -> Encoder:
                          encoder.pooling, encoder.max_length)
 
 
-def _batches(encoder: Encoder, source, indices: np.ndarray, progress, total: int, batch_size: int = 8):
-    """The model's inputs for ``indices`` in batches, reporting progress in units of the ``total`` samples
-    of the whole group of workers."""
-    from rba_core.extract import model_inputs
-
-    starts = range(0, len(indices), batch_size)
-    batches = [indices[start : start + batch_size] for start in starts]
-    for start, inputs in zip(starts, model_inputs(encoder, source, batches)):
-        yield inputs
-        if progress:
-            progress(round(min(start + batch_size, len(indices)) * total / max(len(indices), 1)), total)
-
-
 def fold_pass(model, dataset, n: int, seed: int, sets: Sequence[Sequence[Range]], *, max_length: int = 128,
               cache=None, progress=None, encoder=None) -> dict[Range, FoldStats]:
     """Fold statistics of every range of ``sets`` over the ``n`` fit samples (the train split, sampled as
-    :func:`rba_core.extract.extract` samples them): from the cache when stored, otherwise one pass, before
-    which each set of ranges is checked to fold (:func:`check_foldable`, one sentence if not). ``encoder``:
-    a loaded encoder or a function that loads one (called only on a miss)."""
-    from rba_core.cache import Cache, make_key
-    from rba_core.data import open_sample
-    from rba_core.distributed import single_flight, world
-    from rba_core.extract import compute_dtype, extraction_key
-    from rba_core.models import default_device, load_encoder, model_ref
+    :func:`rba_core.extract.extract` samples them): from the cache when stored, otherwise one pass
+    (:func:`rba_core.range_pass.range_statistics`), before which each set of ranges is checked to fold
+    (:func:`check_foldable`, one sentence if not). ``encoder``: a loaded encoder or a function that loads one."""
+    from rba_core.models import model_ref
 
-    cache = cache or Cache()
     ref = model_ref(model, max_length)
-    source, indices = open_sample(dataset, "train", n, seed)  # a stream is read only as far as its sample
-    length = max_length if source.modality == "text" else None
-    ranges = sorted({(int(i), int(j)) for ranges in sets for i, j in ranges})
-    dtype = compute_dtype(ref, world().device or default_device())
-    samples = extraction_key(ref.fingerprint, source, indices, False, 1.0, ref.info.pooling, length, dtype=dtype)
-    key = make_key({"kind": "fold-statistics", "samples": samples, "ranges": [list(r) for r in ranges]})
     for checked in sets:  # before a cache hit too: a stored entry for the same ranges may have grouped them otherwise
         check_fold_set(checked, ref.info.num_blocks)
+    ranges = sorted({(int(i), int(j)) for ranges in sets for i, j in ranges})
+    loader = encoder or ref.loaded
 
-    def lookup() -> dict[Range, FoldStats] | None:
-        arrays = cache.load(key, "fold")
-        if arrays is None:
-            return None
-        count = int(arrays["count"][0])
-        return {(i, j): FoldStats(arrays[f"mm_{i}"], arrays[f"md_{i}_{j}"], count)
-                for i, j in ranges}
-
-    def compute(progress) -> dict[Range, FoldStats]:
-        loaded = (ref.loaded or (encoder() if callable(encoder) else encoder)
-                  or load_encoder(model, world().device, length))
-        loaded = loaded.with_max_length(length)
+    def checked_loader() -> Encoder:  # on a miss only: the ranges must fold into this model
+        loaded = loader() if callable(loader) else loader or load_encoder(model, world().device, max_length)
         for checked in sets:
             check_foldable(loaded, checked)
-        # Under a launcher each rank sums its share (whole groups of 8 samples: one float32 product per
-        # batch of 8 whatever the split), then the float64 sums are added over the ranks.
-        here = world()
-        mine = here.share(len(indices), SAMPLE_GROUP)
-        with here.all_or_none("the fold statistics"):
-            stats = fold_statistics(loaded, _batches(loaded, source, indices[mine], progress, len(indices),
-                                                     SAMPLE_GROUP), ranges)
-        arrays = {"count": np.array([next(iter(stats.values())).count], np.int64)}
-        for (i, j), s in stats.items():  # MᵀM depends on the start only: stored once per start
-            arrays.update({f"mm_{i}": s.mm, f"md_{i}_{j}": s.md})
-        if here.size > 1:
-            summed = {name: torch.from_numpy(np.ascontiguousarray(a, np.float64)) for name, a in arrays.items()}
-            here.sum(list(summed.values()))
-            arrays = {name: t.numpy() for name, t in summed.items()}
-            arrays["count"] = arrays["count"].round().astype(np.int64)
-            stats = {(i, j): FoldStats(arrays[f"mm_{i}"], arrays[f"md_{i}_{j}"], int(arrays["count"][0]))
-                     for i, j in ranges}
-        if here.is_main:  # one writer per group of workers
-            cache.put(key, {"fold": arrays}, {"kind": "fold-statistics", "model": ref.name, "dataset": source.name,
-                                              "split": "train", "n": n, "seed": seed, "ranges": ranges})
-        return stats
+        return loaded
 
-    return single_flight(cache, key, lookup, compute, progress)
+    stats = range_statistics(model, dataset, n, seed, ranges, tokens=False, fold=True, max_length=max_length,
+                             cache=cache, progress=progress, encoder=checked_loader).fold
+    missing = [rng for rng in ranges if rng not in stats]
+    if missing:
+        raise RBAError(f"Range {missing[0][0]}→{missing[0][1]} cannot be folded into this model; use --map linear, "
+                       "affine or ridge instead.")
+    return stats

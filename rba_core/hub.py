@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterable
 
 from rba_core.errors import RBAError
-from rba_core.registry import DATA_DIR_ENV, DEMO_PAIR, dataset_info, local_dataset_dir, resolve_model
+from rba_core.registry import DATA_DIR_ENV, DEMO_PAIR, dataset_info, local_dataset_dir, missing_model, resolve_model
 
 PROBE_TIMEOUT_S = 2.0
 USER_OFFLINE = "HF_HUB_OFFLINE is set"
@@ -129,8 +129,11 @@ def _dataset_cached(hub_id: str) -> bool:
 def offline_problem(model: str | None = None, datasets: Iterable[str] = ()) -> str | None:
     """The sentence saying why ``model`` or one of ``datasets`` cannot be used now, or None when they can.
 
-    Looks at the hub only when something would come from it (local folders never need it).
+    Looks at the hub only when something would come from it (local folders never need it); an alias whose
+    package is not installed says how to add it.
     """
+    if model and missing_model(model):
+        return missing_model(model)
     hub_models = [model] if model and is_hub_model(model) and not is_available_offline(model) else []
     from rba_core.data import stream_spec
     from rba_core.streaming import stream_target

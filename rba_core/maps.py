@@ -32,21 +32,57 @@ class MapParams:
     ridge: float = 1e-2  # λ of the ridge map, in units of the per-token second moment
 
 
-def solve_spd(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
-    """Solve gram @ T = rhs for a symmetric PSD gram (float64 Cholesky); if it is singular, the
-    minimum-norm least-squares solution, from its eigendecomposition with LAPACK's default cutoff
-    (eigenvalues below max·n·eps count as zero, as ``lstsq``'s ``rcond=None``), several times
-    faster than an SVD-based ``lstsq``."""
+#: Relative precision of a statistic's entries, by how its products were formed: float32 products
+#: (summed in float64) resolve eigenvalues down to about 2⁻²⁴ of the largest, float64 products to 2⁻⁵³.
+PRODUCT_EPS = {"float32": 2.0 ** -24, "float64": 2.0 ** -53}
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """How well a fit's system was determined: ``condition`` = λmax/λmin of its Gram matrix (inf when
+    singular to the statistics' precision), ``rank`` the directions the solve used out of ``dimension``."""
+
+    condition: float
+    rank: int
+    dimension: int
+    precision: str  # how the statistics' products were formed: "float64" or "float32"
+
+    @property
+    def dropped(self) -> int:
+        return self.dimension - self.rank
+
+    def to_json(self) -> dict:
+        return {"condition_number": None if not np.isfinite(self.condition) else float(self.condition),
+                "rank": self.rank, "dimension": self.dimension, "statistics_precision": self.precision}
+
+
+def solve_spd_conditioned(gram: np.ndarray, rhs: np.ndarray, precision: str = "float64"
+                          ) -> tuple[np.ndarray, Conditioning]:
+    """The minimum-norm least-squares solution of gram @ T = rhs for a symmetric PSD ``gram`` (float64
+    eigendecomposition), and its :class:`Conditioning`.
+
+    Eigenvalues below ``dimension · eps · λmax`` count as zero, ``eps`` being the precision the statistics
+    carry (:data:`PRODUCT_EPS` of ``precision``): a direction the products cannot resolve is dropped rather
+    than inverted as noise (as ``lstsq`` drops singular values below its ``rcond``)."""
     import torch
 
-    g, r = torch.from_numpy(np.asarray(gram, np.float64)), torch.from_numpy(np.asarray(rhs, np.float64))
-    factor, info = torch.linalg.cholesky_ex(g)
-    if int(info) == 0:
-        return torch.cholesky_solve(r, factor).numpy()
+    g = torch.from_numpy(np.asarray(gram, np.float64))
+    r = torch.from_numpy(np.asarray(rhs, np.float64))
+    g = (g + g.T) / 2
     values, vectors = torch.linalg.eigh(g)
-    cutoff = values.abs().max() * g.shape[0] * torch.finfo(g.dtype).eps
-    inverse = torch.where(values > cutoff, 1 / values, torch.zeros_like(values))
-    return (vectors @ (inverse[:, None] * (vectors.T @ r))).numpy()
+    top = float(values.max().clamp_min(0))
+    cutoff = top * g.shape[0] * PRODUCT_EPS[precision]
+    keep = values > cutoff
+    inverse = torch.where(keep, 1 / values, torch.zeros_like(values))
+    solution = (vectors @ (inverse[:, None] * (vectors.T @ r))).numpy()
+    low = float(values.min())
+    condition = top / low if low > cutoff else float("inf")
+    return solution, Conditioning(condition, int(keep.sum()), g.shape[0], precision)
+
+
+def solve_spd(gram: np.ndarray, rhs: np.ndarray, precision: str = "float64") -> np.ndarray:
+    """:func:`solve_spd_conditioned` without its report."""
+    return solve_spd_conditioned(gram, rhs, precision)[0]
 
 
 def _fit_linear(stats: "TokenStats", rng: Range, params: MapParams) -> "LinearMap":
@@ -54,7 +90,8 @@ def _fit_linear(stats: "TokenStats", rng: Range, params: MapParams) -> "LinearMa
     from rba_core.approx import LinearMap
 
     i, j = rng
-    return LinearMap(solve_spd(stats.gram(i, i), stats.gram(i, j)))
+    weight, conditioning = solve_spd_conditioned(stats.gram(i, i), stats.gram(i, j), stats.precision)
+    return LinearMap(weight, conditioning=conditioning)
 
 
 def _fit_ridge(stats: "TokenStats", rng: Range, params: MapParams) -> "LinearMap":
@@ -63,7 +100,9 @@ def _fit_ridge(stats: "TokenStats", rng: Range, params: MapParams) -> "LinearMap
 
     i, j = rng
     n, d = stats.count, stats.hidden_size
-    return LinearMap(solve_spd(stats.gram(i, i) / n + params.ridge * np.eye(d), stats.gram(i, j) / n))
+    weight, conditioning = solve_spd_conditioned(stats.gram(i, i) / n + params.ridge * np.eye(d),
+                                                 stats.gram(i, j) / n, stats.precision)
+    return LinearMap(weight, conditioning=conditioning)
 
 
 def _fit_affine(stats: "TokenStats", rng: Range, params: MapParams) -> "LinearMap":
@@ -73,8 +112,9 @@ def _fit_affine(stats: "TokenStats", rng: Range, params: MapParams) -> "LinearMa
     i, j = rng
     sums, n = stats.sums, stats.count
     aug = np.block([[stats.gram(i, i), sums[i][:, None]], [sums[i][None, :], np.array([[n]])]])
-    solution = solve_spd(aug, np.vstack([stats.gram(i, j), sums[j][None, :]]))
-    return LinearMap(solution[:-1], solution[-1])
+    solution, conditioning = solve_spd_conditioned(aug, np.vstack([stats.gram(i, j), sums[j][None, :]]),
+                                                   stats.precision)
+    return LinearMap(solution[:-1], solution[-1], conditioning=conditioning)
 
 
 def _fit_folded(stats: "dict[Range, FoldStats]", rng: Range, params: MapParams) -> "FoldedMap":
@@ -84,7 +124,8 @@ def _fit_folded(stats: "dict[Range, FoldStats]", rng: Range, params: MapParams) 
 
     if rng not in stats:
         raise RBAError(f"The fold statistics of this pass do not hold range {rng[0]}→{rng[1]}; collect them first.")
-    return FoldedMap(stats[rng].fit(), rng[0])
+    weight, conditioning = stats[rng].solve()
+    return FoldedMap(weight, rng[0], conditioning=conditioning)
 
 
 @dataclass(frozen=True)
@@ -136,7 +177,7 @@ def all_pair_maps(stats: "TokenStats"):
     """
     d = stats.hidden_size
     for i in range(stats.num_blocks):
-        yield i, solve_spd(stats.gram(i, i), stats.upper[i][:, d:])
+        yield i, solve_spd(stats.gram(i, i), stats.upper[i][:, d:], stats.precision)
 
 
 def fit_residual_matrix(stats: "TokenStats") -> np.ndarray:
@@ -153,7 +194,7 @@ def fit_residual_matrix(stats: "TokenStats") -> np.ndarray:
     if stats.pairs is not None:  # only some pairs kept: the ranges whose three Gram blocks are there
         for i, j in stats.pairs:
             if i < j and stats.has(i, i) and stats.has(j, j):
-                out[i, j] = residual(solve_spd(stats.gram(i, i), stats.gram(i, j)), stats.gram(i, j), j)
+                out[i, j] = residual(solve_spd(stats.gram(i, i), stats.gram(i, j), stats.precision), stats.gram(i, j), j)
         return out
     for i, maps in all_pair_maps(stats):
         cross = stats.upper[i][:, d:]

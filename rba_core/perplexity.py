@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rba_core.approx import ApproximatedEncoder
+from rba_core.approx import ApproximatedEncoder, FoldedMap, captured, mlp_outputs
 from rba_core.errors import RBAError
 from rba_core.models.decoder import DecoderLM
 from rba_core.progress import Progress
@@ -22,28 +22,39 @@ from rba_core.progress import Progress
 
 @torch.inference_mode()
 def lm_scores(encoder: DecoderLM, nets: dict[str, ApproximatedEncoder], windows: Sequence[np.ndarray],
-              batch_size: int = 8, progress: Progress | None = None) -> dict[str, dict[str, float]]:
+              batch_size: int = 8, progress: Progress | None = None,
+              finals: dict[str, list] | None = None) -> dict[str, dict[str, float]]:
     """``{"perplexity": {name: float}, "top1_agreement": {name: float}}`` for the original model
-    (``"original"``) and every net in ``nets``, on ``windows`` (equal-length int64 token id arrays)."""
-    models = {"original": ApproximatedEncoder(encoder, [], []), **nets}
-    loss = dict.fromkeys(models, 0.0)
-    agree = dict.fromkeys(models, 0)
+    (``"original"``) and every net in ``nets``, on ``windows`` (equal-length int64 token id arrays).
+
+    The original runs once per batch keeping every block output; each net then runs only from its first
+    range's start on (:meth:`ApproximatedEncoder.resume`), since up to there it computes what the original
+    does. ``finals``, when given, receives each model's final representations (B, D) per batch by name."""
+    starts = {step.start for net in nets.values() for step in net.steps if isinstance(step, FoldedMap)}
+    names = ["original", *nets]
+    loss = dict.fromkeys(names, 0.0)
+    agree = dict.fromkeys(names, 0)
     positions = 0
     for start in range(0, len(windows), batch_size):
         inputs = encoder.preprocess(list(windows[start : start + batch_size]))
         targets = inputs["input_ids"][:, 1:]
+        with captured(mlp_outputs(encoder, starts)) as m:
+            hs, ctx = encoder.hidden_states(inputs)
         reference = None
-        for name, net in models.items():
-            logits = encoder.logits(net.last_hidden(**inputs))[:, :-1].float()  # (B, T-1, V)
+        for name in names:
+            hidden = hs[-1] if name == "original" else nets[name].resume(hs, m, ctx)
+            logits = encoder.logits(hidden)[:, :-1].float()  # (B, T-1, V)
             loss[name] += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
             top = logits.argmax(-1)
             reference = top if reference is None else reference
             agree[name] += int((top == reference).sum())
+            if finals is not None:
+                finals.setdefault(name, []).append(encoder.final(hidden, encoder.token_mask(inputs)).float().cpu())
         positions += targets.numel()
         if progress:
             progress(min(start + batch_size, len(windows)), len(windows))
-    return {"perplexity": {name: math.exp(loss[name] / positions) for name in models},
-            "top1_agreement": {name: agree[name] / positions for name in models}}
+    return {"perplexity": {name: math.exp(loss[name] / positions) for name in names},
+            "top1_agreement": {name: agree[name] / positions for name in names}}
 
 
 @torch.inference_mode()

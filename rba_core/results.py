@@ -121,8 +121,10 @@ class ApproximationResult(Result):
     accuracy_converged: dict | None = None  # scikit-learn LogisticRegression trained to convergence
     perplexity: dict | None = None  # causal LMs: original / approximated / skip on the evaluation windows
     top1_agreement: dict | None = None  # causal LMs: next-token argmax equal to the original's
+    # per fitted map: range, condition number, rank used, dimension, statistics precision (none for identity)
+    conditioning: list[dict] | None = None
 
-    _omit_if_none = ("accuracy", "accuracy_converged", "perplexity", "top1_agreement")
+    _omit_if_none = ("accuracy", "accuracy_converged", "perplexity", "top1_agreement", "conditioning")
 
     def to_frame(self):
         """One row per model (original, approximated, and skip when probed): blocks, parameters, accuracy."""

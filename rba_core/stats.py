@@ -23,6 +23,9 @@ from rba_core.errors import RBAError
 
 Pair = tuple[int, int]
 
+#: Significant bits of a product's dtype, as a statistics entry stores it.
+PRODUCT_BITS = {"float32": 24, "float64": 53}
+
 
 @dataclass
 class TokenStats:
@@ -32,6 +35,7 @@ class TokenStats:
     sums: np.ndarray  # (L+1, D) float64: sum of each block output over tokens
     count: int  # number of tokens accumulated
     pairs: dict[Pair, np.ndarray] | None = None  # (a, b) -> hs[a]ᵀhs[b] when only some pairs were kept
+    precision: str = "float32"  # the products' dtype (sums are float64 either way): what a solve can resolve
 
     @property
     def kind(self) -> str:
@@ -62,15 +66,18 @@ class TokenStats:
     def to_arrays(self) -> dict[str, np.ndarray]:
         arrays = {f"upper_{a}": u for a, u in enumerate(self.upper)}
         arrays.update({f"pair_{a}_{b}": g for (a, b), g in (self.pairs or {}).items()})
-        return {**arrays, "sums": self.sums, "count": np.array([self.count], np.int64)}
+        return {**arrays, "sums": self.sums, "count": np.array([self.count], np.int64),
+                "product_bits": np.array([PRODUCT_BITS[self.precision]], np.int64)}
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "TokenStats":
         pairs = {tuple(int(v) for v in key.split("_")[1:]): g for key, g in arrays.items() if key.startswith("pair_")}
+        bits = int(arrays["product_bits"][0]) if "product_bits" in arrays else PRODUCT_BITS["float32"]
+        precision = next(name for name, b in PRODUCT_BITS.items() if b == bits)
         if pairs:
-            return cls([], arrays["sums"], int(arrays["count"][0]), pairs)
+            return cls([], arrays["sums"], int(arrays["count"][0]), pairs, precision)
         upper = [arrays[f"upper_{a}"] for a in range(len(arrays["sums"]))]
-        return cls(upper, arrays["sums"], int(arrays["count"][0]))
+        return cls(upper, arrays["sums"], int(arrays["count"][0]), precision=precision)
 
 
 def planned_pairs(num_states: int, window: int | None = None, ranges: Sequence[Pair] = ()) -> list[Pair] | None:
@@ -86,6 +93,12 @@ def planned_pairs(num_states: int, window: int | None = None, ranges: Sequence[P
     for i, j in ranges:
         pairs |= {(i, i), (i, j), (j, j)}
     return sorted(pairs)
+
+
+def planned_precision(window: int | None = None, ranges: Sequence[Pair] = ()) -> str:
+    """The products' dtype of a plan: float64 for the given ranges of a fit (few Gram blocks, each feeding a
+    solve), float32 for all pairs or windows (the analysis: every block pair at the full GEMM rate)."""
+    return "float64" if ranges and window is None else "float32"
 
 
 def stats_bytes(num_states: int, hidden_size: int, pairs: Sequence[Pair] | None = None) -> int:
@@ -132,11 +145,17 @@ SAMPLE_GROUP = 8
 
 
 class StatsAccumulator:
-    """Adds one batch of hidden states at a time; memory is O(((L+1)·D)²), not O(tokens)."""
+    """Adds one batch of hidden states at a time; memory is O(((L+1)·D)²), not O(tokens).
+
+    ``precision``: the dtype of the products. ``"float64"`` (what a fit of given ranges uses) gives Gram
+    blocks as exact as the hidden states; ``"float32"`` (all pairs and windows, the analysis) runs at the
+    full float32 GEMM rate, and solves from it drop the directions below its resolution
+    (:func:`rba_core.maps.solve_spd_conditioned`)."""
 
     def __init__(self, num_states: int, hidden_size: int, device: str | torch.device,
-                 pairs: Sequence[Pair] | None = None):
+                 pairs: Sequence[Pair] | None = None, precision: str = "float32"):
         d, s = hidden_size, num_states
+        self.precision = precision
         zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
         self.upper = [zeros(d, (s - a) * d) for a in range(s)] if pairs is None else []
         self.pairs = None if pairs is None else {(a, b): zeros(d, d) for a, b in pairs}
@@ -151,14 +170,14 @@ class StatsAccumulator:
     def add(self, states: list[torch.Tensor], token_rows: torch.Tensor | None = None) -> None:
         """``states``: L+1 tensors (B, T, D); ``token_rows`` optionally keeps a subset of B·T rows.
 
-        Products run in float32 (the fast path), one per group of
+        Products run in the accumulator's ``precision``, one per group of
         :data:`SAMPLE_GROUP` consecutive samples, and are summed into float64 accumulators. A group's
         product sees the same rows whatever the batch size or the number of workers (batches and
         worker shares start at multiples of the group; left-out tokens are zero rows, which add
         exactly nothing), so the sums agree to float64 rounding however the samples were split.
         """
         # bfloat16 states (decoders on CUDA) or blocks spread over devices: float32 on the accumulator's device
-        states = [h.to(device=self.sums.device, dtype=torch.float32) for h in states]
+        states = [h.to(device=self.sums.device, dtype=getattr(torch, self.precision)) for h in states]
         b, t, d = states[0].shape
         pad = -b % SAMPLE_GROUP  # zero samples complete the last group
         keep = None
@@ -172,7 +191,7 @@ class StatsAccumulator:
             h = torch.cat([h, h.new_zeros(pad, t, d)]) if pad else h
             xs.append(h.reshape(-1, SAMPLE_GROUP * t, d))  # (groups, G·T, D)
 
-        def product(a: int, c: int) -> torch.Tensor:  # hs[a]ᵀhs[c]: float32 per group, summed in float64
+        def product(a: int, c: int) -> torch.Tensor:  # hs[a]ᵀhs[c]: one product per group, summed in float64
             return torch.bmm(xs[a].transpose(1, 2), xs[c]).sum(0, dtype=torch.float64)
 
         for a, acc in enumerate(self.upper):
@@ -186,4 +205,5 @@ class StatsAccumulator:
 
     def result(self) -> TokenStats:
         pairs = None if self.pairs is None else {p: g.cpu().numpy() for p, g in self.pairs.items()}
-        return TokenStats([u.cpu().numpy() for u in self.upper], self.sums.cpu().numpy(), self.count, pairs)
+        return TokenStats([u.cpu().numpy() for u in self.upper], self.sums.cpu().numpy(), self.count, pairs,
+                          self.precision)

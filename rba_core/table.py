@@ -111,7 +111,7 @@ def table(model, datasets: Sequence[str], fit_n: int, eval_n: int, seed: int = 0
                               max_length=max_length, seq_len=seq_len, cache=cache, progress=progress, encoder=lazy,
                               latency=False)
             if len(out) == 0 and rows > 1:
-                stage(_estimate(cache, res.cache["fit"], rows - 1, per_row, (len(datasets) - 1) * (fit_n + eval_n)))
+                stage(_estimate(cache, res.cache["eval"], rows - 1, per_row, (len(datasets) - 1) * (fit_n + eval_n)))
             if n == 0:
                 out.append({"dataset": dataset, "range": "original", "paper": "original", "ranges": [],
                             "blocks_left": res["blocks"]["original"], "params": res["params"]["original"],
@@ -126,18 +126,18 @@ def table(model, datasets: Sequence[str], fit_n: int, eval_n: int, seed: int = 0
                        map=kind, map_params=declared.key(params), rows=out)
 
 
-def _estimate(cache: Cache, fit_key: str, rows: int, per_row: int, passes: int) -> str:
+def _estimate(cache: Cache, pass_key: str, rows: int, per_row: int, passes: int) -> str:
     """How long the other ``rows`` will take at most: their forwards (and ``passes`` samples of the original
-    model for the other datasets) at the fit pass's speed per sample (which includes the statistics, so it
-    is an upper bound)."""
-    entry = cache.get(fit_key)
+    model for the other datasets) at the original model's speed per sample in the stored pass ``pass_key``
+    (the approximated models are faster, so it is an upper bound)."""
+    entry = cache.get(pass_key)
     meta = entry.meta if entry is not None else {}
     other = "The other row" if rows == 1 else f"The other {rows} rows"
     if not meta.get("seconds") or not meta.get("n"):
         return f"{other}: about {rows * per_row + passes:,} sample forwards"
     per_sample = meta["seconds"] / meta["n"]
     return (f"{other}: at most about {duration_text(per_sample * (rows * per_row + passes))} "
-            f"({1000 * per_sample:.3g} ms per sample, the fit pass's speed; stored rows take no time)")
+            f"({1000 * per_sample:.3g} ms per sample, the original model's speed; stored rows take no time)")
 
 
 def flat_row(row: dict) -> dict:

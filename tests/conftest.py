@@ -70,3 +70,116 @@ def cache(tmp_path):
     from rba_core.cache import Cache
 
     return Cache(tmp_path / "cache")
+
+
+# --- GGUF: a tiny random Llama written as llama.cpp's converter writes it ----------------------------
+
+GGUF_SIZES = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1,
+                  intermediate_size=128, max_position_embeddings=512, rms_norm_eps=1e-5)
+
+
+MERGES = [("Ġ", "t"), ("h", "e")]  # GGUF's byte-level tokenizers need merges (none makes transformers look for scores)
+
+
+def byte_vocab() -> list[str]:
+    """The tokens of a byte-level BPE: the 256 byte symbols, the two :data:`MERGES`, then end-of-text (id 258)."""
+    from tokenizers import pre_tokenizers
+
+    return sorted(pre_tokenizers.ByteLevel.alphabet()) + ["".join(m) for m in MERGES] + ["<|endoftext|>"]
+
+
+def tiny_llama(seed: int = 0):
+    """A random 4-block Llama (GQA: 2 query heads, 1 key-value head) over the byte vocabulary, with random
+    norm scales, and its tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tokens = byte_vocab()
+    torch.manual_seed(seed)
+    eos = len(tokens) - 1
+    model = LlamaForCausalLM(LlamaConfig(**GGUF_SIZES, vocab_size=len(tokens), bos_token_id=eos, eos_token_id=eos,
+                                         tie_word_embeddings=False))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(0.2 * torch.randn_like(param))
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=MERGES))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return model.eval(), PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+
+
+def _llama_cpp_permute(weights, heads: int):
+    """The row order llama.cpp's convert_hf_to_gguf.py gives q_proj and k_proj (transformers undoes it)."""
+    return weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:]).swapaxes(1, 2) \
+        .reshape(weights.shape)
+
+
+def write_gguf(path: Path, model, qtype: str = "F32", tensor_qtype: dict | None = None) -> Path:
+    """``model`` (a LlamaForCausalLM over :func:`byte_vocab`) as a GGUF file with the gguf package's writer:
+    the metadata and tensor names llama.cpp writes, 2-D weights quantised as ``qtype`` with the package's
+    own quantiser (norms stay F32); ``tensor_qtype`` maps a GGUF tensor name to a raw type written as zero
+    bytes (a type nothing can read)."""
+    import gguf
+
+    config = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny-llama")
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+    writer.add_rope_freq_base(float(config.rope_parameters["rope_theta"]))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    tokens = byte_vocab()
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.NORMAL] * (len(tokens) - 1) + [gguf.TokenType.CONTROL])
+    writer.add_token_merges([" ".join(m) for m in MERGES])
+    writer.add_bos_token_id(len(tokens) - 1)
+    writer.add_eos_token_id(len(tokens) - 1)
+    writer.add_add_bos_token(False)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    for name, tensor in model.state_dict().items():
+        base, suffix = name.rsplit(".", 1)
+        target = f"{names.get_name(base)}.{suffix}"
+        data = tensor.detach().float().numpy()
+        if name.endswith("q_proj.weight"):
+            data = _llama_cpp_permute(data, config.num_attention_heads)
+        elif name.endswith("k_proj.weight"):
+            data = _llama_cpp_permute(data, config.num_key_value_heads)
+        raw = (tensor_qtype or {}).get(target)
+        if raw is not None:
+            kind = gguf.GGMLQuantizationType[raw]
+            block, size = gguf.GGML_QUANT_SIZES[kind]
+            zeros = np.zeros((*data.shape[:-1], data.shape[-1] // block * size), np.uint8)
+            writer.add_tensor(target, zeros, raw_dtype=kind)
+        elif data.ndim == 2 and qtype != "F32":
+            kind = gguf.GGMLQuantizationType[qtype]
+            writer.add_tensor(target, gguf.quants.quantize(data, kind), raw_dtype=kind)
+        else:
+            writer.add_tensor(target, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory) -> dict[str, Path]:
+    """A tiny random Llama as ``file`` (F32 GGUF), as a ``folder`` holding only that file, and as its
+    ``twin``: the same weights and tokenizer saved by save_pretrained (safetensors)."""
+    root = tmp_path_factory.mktemp("gguf")
+    model, tokenizer = tiny_llama()
+    (root / "folder").mkdir()
+    write_gguf(root / "folder" / "tiny-llama.F32.gguf", model)
+    file = write_gguf(root / "tiny-llama.F32.gguf", model)
+    model.save_pretrained(root / "twin")
+    tokenizer.save_pretrained(root / "twin")
+    return {"file": file, "folder": root / "folder", "twin": root / "twin", "root": root}

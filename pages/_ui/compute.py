@@ -43,9 +43,8 @@ from rba_core.models import preload  # noqa: E402
 
 preload()
 
-from rba_core.analysis import (LazyEncoder, analysis_results, approximate, export, fit_extraction, lm_dataset,
-                               map_statistics)
-from rba_core.approx import approximate_encoder
+from rba_core.analysis import LazyEncoder, analysis_results, approximate, export, fit_range_maps, lm_dataset
+from rba_core.approx import ApproximatedEncoder, approximate_encoder
 from rba_core.cache import Cache, cache_root
 from rba_core.export import ONNX, RECORD, save_compressed
 from rba_core.extract import extract
@@ -382,8 +381,8 @@ def run_continuation(sel: Selection, ranges: list[tuple[int, int]], kind: str, p
 
     with _working("Continuing the prompt…", unit(sel.dataset)) as work:
         model = encoder(sel.model)
-        stats = _map_statistics(sel, ranges, kind, work)
-        nets = {"approximated": approximate_encoder(model, stats, ranges, kind, params),
+        maps = _range_maps(sel, ranges, kind, params, work)
+        nets = {"approximated": ApproximatedEncoder(model, ranges, maps).eval(),
                 "skip": approximate_encoder(model, None, ranges, "identity")}
         work.stage(f"Generating {tokens} tokens greedily with each model")
         out = continue_text(model, nets, prompt, tokens)
@@ -391,13 +390,15 @@ def run_continuation(sel: Selection, ranges: list[tuple[int, int]], kind: str, p
     return out
 
 
-def _map_statistics(sel: Selection, ranges: list[tuple[int, int]], kind: str, work: "_Work"):
-    """What the maps of ``kind`` are fitted from, for the sidebar's samples (stored passes reused)."""
+def _range_maps(sel: Selection, ranges: list[tuple[int, int]], kind: str, params: MapParams, work: "_Work") -> list:
+    """The maps of ``kind`` for the sidebar's samples, fitted as ``approximate`` and ``export`` fit them (the
+    ranges' float64 statistics, shared with the Approximate page's run through the cache)."""
     data = lm_dataset(sel.model, sel.dataset)
     lazy = LazyEncoder(sel.model, lambda: encoder(sel.model))
-    fit = fit_extraction(sel.model, data, sel.n, sel.seed, ranges, 128, work.cache, work.progress, lazy)
+    _fit, maps = fit_range_maps(sel.model, data, sel.n, sel.seed, ranges, kind, params, work.cache, work.progress,
+                                lazy)
     _opened(sel)
-    return map_statistics(kind, fit, data, [ranges], lazy, work.cache, work.progress)
+    return maps
 
 
 def run_export(sel: Selection, ranges: list[tuple[int, int]], kind: str, params: MapParams, name: str,
@@ -411,7 +412,7 @@ def run_export(sel: Selection, ranges: list[tuple[int, int]], kind: str, params:
     with _working(f"Building {what}…", unit(sel.dataset)) as work:
         began = time.perf_counter()
         work.stage("Fitting the maps from the stored statistics")
-        stats = _map_statistics(sel, ranges, kind, work)
+        maps = _range_maps(sel, ranges, kind, params, work)
         model = encoder(sel.model)
         work.stage("Exporting to ONNX (tracing the model)" if onnx else
                    "Writing the safetensors weights, config and record")
@@ -421,7 +422,7 @@ def run_export(sel: Selection, ranges: list[tuple[int, int]], kind: str, params:
                        encoder=lambda: encoder(sel.model))
                 folder = Path(tmp) / name
             else:
-                folder = save_compressed(approximate_encoder(model, stats, ranges, kind, params), Path(tmp) / name,
+                folder = save_compressed(ApproximatedEncoder(model, ranges, maps).eval(), Path(tmp) / name,
                                          onnx=onnx)
             sizes = {path.name: path.stat().st_size for path in sorted(folder.iterdir())}
             content = (folder / ONNX).read_bytes() if onnx else _zip(folder)

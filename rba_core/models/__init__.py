@@ -3,6 +3,10 @@
 The registry maps a config's ``model_type`` to the adapter class of its family (one file each in
 this package). Adding a family is one new file and one line in :data:`ADAPTERS`. Nothing outside
 this package names a family.
+
+A model is a hub id, a folder written by ``save_pretrained``, or a GGUF file (or a folder holding one):
+a file format, not a family (:mod:`rba_core.models.gguf_file`). The first use of a GGUF dequantises it
+into the cache as a plain checkpoint, keyed by the file's sha256; everything then reads that folder.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from rba_core.errors import RBAError, above_maximum
+from rba_core.models import gguf_file
 from rba_core.hub import hub_cache_dir, is_available_offline, require_available
 from rba_core.models.base import Encoder
 from rba_core.registry import resolve_model
@@ -46,8 +51,8 @@ ADAPTERS: dict[str, str] = {
 }
 
 __all__ = ["ADAPTERS", "Encoder", "ModelInfo", "ModelRef", "adapter_class", "model_ref", "default_device", "is_available_offline",
-           "check_text_length", "check_weights", "load_config", "load_encoder", "model_fingerprint", "model_info",
-           "supported_families"]
+           "check_text_length", "check_weights", "gguf_checkpoint", "gguf_ready", "load_config", "load_encoder",
+           "model_fingerprint", "model_info", "readable_source", "supported_families"]
 
 
 def supported_families() -> str:
@@ -83,14 +88,22 @@ def _file_digest(path: str, size: int, mtime_ns: int) -> str:
 _FINGERPRINTED = {".json", ".safetensors", ".bin", ".txt", ".model"}
 
 
+def _digest(path: Path) -> str:
+    stat = path.stat()
+    return _file_digest(str(path), stat.st_size, stat.st_mtime_ns)
+
+
 def model_fingerprint(name: str, revision: str = "main") -> dict:
     """What identifies a model's weights, tokenizer or processor and pooling, without loading it.
 
     A local folder is identified by the content of its files (sub-folders such as
-    ``1_Pooling/`` included); a hub id by its id and the commit its ``revision`` points to in
-    the local cache (``revision`` itself when not cached).
+    ``1_Pooling/`` included), a GGUF file by its content; a hub id by its id and the commit its
+    ``revision`` points to in the local cache (``revision`` itself when not cached).
     """
     source = resolve_model(name)
+    gguf = gguf_file.find(source)
+    if gguf is not None:
+        return {"model": str(gguf.resolve()), "files": {gguf.name: _digest(gguf)}}
     folder = Path(source)
     if folder.is_dir():
         digests = {}
@@ -165,6 +178,68 @@ def check_weights(source: str) -> None:
         _check_safetensors(folder / "model.safetensors")
 
 
+def _gguf_key(path: Path) -> str:
+    """The cache key of a GGUF file's plain checkpoint: its content, and the readers' versions."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from rba_core.cache import make_key
+
+    readers = {}
+    for package in ("transformers", "gguf"):
+        try:
+            readers[package] = version(package)
+        except PackageNotFoundError:  # reading the file then says what to install
+            readers[package] = None
+    return make_key({"kind": gguf_file.KIND, "sha256": _digest(path), **readers})
+
+
+def gguf_ready(name: str) -> bool:
+    """False while ``name`` is a GGUF file whose plain checkpoint is not in the cache yet (its first load
+    dequantises it, which takes a while); True for every other model. Reads no weights."""
+    from rba_core.cache import cache_root
+
+    path = gguf_file.find(resolve_model(name))
+    return path is None or (cache_root() / _gguf_key(path) / "meta.json").is_file()
+
+
+@lru_cache(maxsize=16)
+def _intact_folder(root: str, key: str, stamp: int) -> Path | None:
+    from rba_core.cache import Cache
+
+    return Cache(root).folder(key)
+
+
+def gguf_checkpoint(path: Path) -> Path:
+    """The plain float32 checkpoint of the GGUF file ``path`` in the cache, written the first time (one
+    writer at a time across threads and processes; a damaged copy is written again)."""
+    from rba_core.cache import Cache
+    from rba_core.quiet import silence_library_noise
+
+    cache = Cache()
+    key = _gguf_key(path)
+    stored = cache.root / key / "meta.json"
+    if stored.is_file():  # verified once per process and version of the entry (the weights are hundreds of MB)
+        found = _intact_folder(str(cache.root), key, stored.stat().st_mtime_ns)
+        if found is not None:
+            return found
+
+    def compute(progress) -> Path:
+        silence_library_noise()
+        meta = {"kind": gguf_file.KIND, "model": path.name, "dataset": "", "split": "", "source": str(path.resolve()),
+                "sha256": _digest(path)}
+        return cache.put_folder(key, lambda folder: gguf_file.write_plain(path, folder, adapter_class), meta).folder
+
+    return cache.single_flight(key, lambda: cache.folder(key), compute)
+
+
+def readable_source(name: str) -> str:
+    """The hub id or folder transformers reads ``name`` from: for a GGUF file, its plain checkpoint in the
+    cache (dequantised the first time); for anything else, what the alias resolves to."""
+    source = resolve_model(name)
+    path = gguf_file.find(source)
+    return source if path is None else str(gguf_checkpoint(path))
+
+
 def _load_error(source: str, exc: Exception) -> RBAError:
     if Path(source).exists() or source.startswith((".", "/", "~")):
         return RBAError(
@@ -203,8 +278,8 @@ def _read_json(source: str, filename: str) -> dict | None:
 
 def load_config(name: str):
     """The model's config (Hugging Face, or timm's config.json), checked to be a supported family."""
-    source = resolve_model(name)
     require_available(model=name)  # offline and not cached: one sentence at once, no retries
+    source = readable_source(name)
     raw = _read_json(source, "config.json")
     if raw is not None and "model_type" not in raw and "architecture" in raw:
         from rba_core.models.timm_vit import TimmConfig
@@ -258,7 +333,7 @@ def model_info(name: str) -> ModelInfo:
     """Family, modality, number of blocks and pooling of a model, read from its config files."""
     config = load_config(name)
     cls = adapter_class(config.model_type)
-    pooling = _pooling(resolve_model(name), cls) if cls.modality == "text" else "first"
+    pooling = _pooling(readable_source(name), cls) if cls.modality == "text" else "first"
     return ModelInfo(config.model_type, cls.modality, cls.num_blocks_of(config), pooling, cls.hidden_size_of(config),
                      cls.max_tokens_of(config))
 
@@ -275,8 +350,8 @@ def load_encoder(name, device: str | None = None, max_length: int | None = 128) 
     silence_library_noise()  # an unused head or pooler in the checkpoint is expected here, not a warning
     if not isinstance(name, str):
         return _wrap_loaded(name, device, max_length)
-    source = resolve_model(name)
     config = load_config(name)
+    source = readable_source(name)
     cls = adapter_class(config.model_type)
     pooling = _pooling(source, cls) if cls.modality == "text" else "first"
     device = device or default_device()
@@ -315,13 +390,12 @@ def _wrap_loaded(model, device: str | None, max_length: int | None) -> Encoder:
                max_length if cls.modality == "text" else None)
 
 
-def check_text_length(max_length: int, max_tokens: int | None) -> None:
-    """Before any pass: ``max_length`` (texts are truncated to it) must lie in 2 .. the model's ``max_tokens``
-    (:attr:`ModelInfo.max_tokens`; None: no limit)."""
+def check_text_length(info: ModelInfo, max_length: int) -> None:
+    """Before any pass: ``max_length`` (texts are truncated to it) must lie in 2 .. the model's maximum."""
     if max_length < 2:
         raise RBAError(f"The maximum text length must be at least 2 tokens, got {max_length}.")
-    if max_tokens and max_length > max_tokens:
-        raise above_maximum("--max-length", max_length, max_tokens)
+    if info.max_tokens and max_length > info.max_tokens:
+        raise above_maximum("--max-length", max_length, info.max_tokens)
 
 
 @dataclass

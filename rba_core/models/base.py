@@ -149,6 +149,11 @@ class Encoder:
     linear_stem: tuple[str, ...] = ()
     no_stem_fold_reason = "its embedding output hs[0] is not linear in the embedding weights"
 
+    def folds_at(self, start: int) -> bool:
+        """Whether a range starting at ``start`` can fold: into the linear embeddings for 0, else into block
+        ``start``'s MLP output layer (:mod:`rba_core.fold`)."""
+        return bool(self.linear_stem) if start == 0 else self.mlp_out is not None
+
     def mlp_output_module(self, block: int) -> nn.Module:
         """The module of block ``block`` (1..L) whose output is m, exactly what the block adds to the
         residual stream (the layer scale after the MLP where there is one)."""

@@ -171,14 +171,19 @@ def test_count_params(fit):
 def test_approximate_reports_what_the_hand_run_model_computes(fit, image_folder):
     result = approximate(fit.model, image_folder, N, 6, 0, [(1, 3)], "linear", cache=fit.cache,
                          encoder=fit.enc)
-    assert result["cache"]["fit"] == fit.ex.key  # the fit extraction is reused from the cache
+    # the maps come from the ranges' own float64 statistics, which every map kind of the same ranges shares
+    assert result["cache"]["fit"] != fit.ex.key
+    again = approximate(fit.model, image_folder, N, 6, 0, [(1, 3)], "affine", cache=fit.cache, encoder=fit.enc)
+    assert again["cache"]["fit"] == result["cache"]["fit"]
+    assert result["conditioning"][0]["statistics_precision"] == "float64"
     test = open_dataset(image_folder, "test")
     ev = extract(fit.model, image_folder, 6, 0, "test", with_stats=False, cache=fit.cache)
     assert ev.hit and result["cache"]["eval"] == ev.key
     with torch.no_grad():
         pixels = fit.enc.preprocess(test.items(ev.indices))
         original = fit.enc.model(**pixels).last_hidden_state[:, 0].numpy()
-        approximated = _by_hand(fit.enc, pixels, [("blocks", 1, 1), ("map", fit_map(fit.stats, (1, 3))),
+        exact = np.linalg.lstsq(fit.tokens[1], fit.tokens[3], rcond=None)[0]  # float64, on the stacked tokens
+        approximated = _by_hand(fit.enc, pixels, [("blocks", 1, 1), ("map", LinearMap(exact)),
                                                   ("blocks", 4, 4)]).numpy()
     np.testing.assert_allclose(result["final"]["original"], original, atol=1e-5)
     np.testing.assert_allclose(result["final"]["approximated"], approximated, atol=1e-5)

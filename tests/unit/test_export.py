@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import rba_core
-from rba_core.analysis import approximate
+from rba_core.analysis import approximate, export
 from rba_core.approx import ApproximatedEncoder, approximate_encoder, count_params
 from rba_core.maps import fit_map
 from rba_core.data import open_dataset
@@ -59,6 +59,8 @@ def test_round_trip_reproduces_the_approximated_encoder(family, fitted, pixels, 
     folder = save_compressed((encoder, ranges[::-1], maps[::-1]), tmp_path / family)  # any order
     loaded = rba_core.load_compressed(folder)
     assert isinstance(loaded, torch.nn.Module) and not loaded.training
+    conditioning = loaded.record["ranges"][0].pop("conditioning")  # the fit's, as the map recorded it
+    assert conditioning == maps[0].conditioning.to_json() and conditioning["rank"] <= conditioning["dimension"]
     assert loaded.record["ranges"] == [{"start": 0, "end": 1, "paper": "emb 0", "map": "affine"},
                                        {"start": 2, "end": 4, "paper": "1 3", "map": "identity"}]
     assert loaded.record["kept_blocks"] == [2] and count_params(loaded) == count_params(net)
@@ -72,9 +74,11 @@ def test_round_trip_reproduces_the_approximated_encoder(family, fitted, pixels, 
 def test_loaded_model_reproduces_the_dashboard_outputs(fitted, tiny_models, image_folder, tmp_path):
     encoders, stats, cache = fitted
     result = approximate(tiny_models["vit"], image_folder, FIT_N, EVAL_N, 0, [(1, 3)], cache=cache)
-    folder = save_compressed(approximate_encoder(encoders["vit"], stats["vit"], [(1, 3)]), tmp_path / "c",
-                             encoder=encoders["vit"])
-    loaded = rba_core.load_compressed(folder)
+    # export fits the maps as approximate does (the same float64 statistics of the range, from the cache)
+    record = export(tiny_models["vit"], image_folder, FIT_N, 0, [(1, 3)], "linear", tmp_path / "c", cache=cache)
+    expected = {k: v for k, v in result["conditioning"][0].items() if k != "range"}
+    assert record["ranges"][0]["conditioning"] == expected
+    loaded = rba_core.load_compressed(tmp_path / "c")
     source = open_dataset(image_folder, "test")
     indices = extract(tiny_models["vit"], image_folder, EVAL_N, 0, "test", with_stats=False, cache=cache).indices
     images = source.items(indices)

@@ -465,7 +465,7 @@ def test_a_table_says_its_work_first_and_does_not_time_its_rows(tmp_path):
     assert stages[0] == ("Table: 2 rows on 1 dataset, about 128 sample forwards of approximated models (64 per row) "
                          "after one pass of the original model over each split; stored passes and rows are read "
                          "instead, and the time follows the first row")
-    assert stages[2].startswith("The other row: at most about ") and "ms per sample, the fit pass's speed" in stages[2]
+    assert stages[2].startswith("The other row: at most about ") and "ms per sample, the original model's speed" in stages[2]
     runs = [json.loads(p.read_text()) for p in tmp_path.glob("*/meta.json")]
     approximated = [m for m in runs if "latency_ms_per_image" in m]
     assert len(approximated) == 2 * 4 and all(m["latency_ms_per_image"] is None for m in approximated)

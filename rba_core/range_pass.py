@@ -1,0 +1,188 @@
+"""One pass over the fit samples that collects, in float64, what the maps of given ranges are fitted from.
+
+An ``approximate`` or ``export`` of ranges i→j needs neither all block pairs nor the blocks after the last
+j: per range, the Gram blocks hs[i]ᵀhs[i], hs[i]ᵀhs[j], hs[j]ᵀhs[j] and the token sums (linear, affine,
+ridge maps) and, where the model can fold the range, the fold statistics MᵀM and Mᵀ(H_j − H_i)
+(:mod:`rba_core.fold`). This pass collects both at once, runs blocks 1..max j only, and forms every
+product in float64, so a solve from them resolves what the hidden states hold (a float32 product resolves
+about 2⁻²⁴ of the largest eigenvalue, too little for many MLP outputs). The result is cached like every
+stage; under a launcher each rank sums its share and the float64 sums are added over the ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from rba_core.approx import captured
+from rba_core.cache import Cache, make_key
+from rba_core.data import open_sample
+from rba_core.distributed import single_flight, world
+from rba_core.errors import RBAError
+from rba_core.extract import check_modality, compute_dtype, extraction_key, model_inputs
+from rba_core.maps import Conditioning, Range, solve_spd_conditioned
+from rba_core.models import Encoder, check_text_length, default_device, load_encoder, model_ref
+from rba_core.progress import Progress
+from rba_core.stats import SAMPLE_GROUP, TokenStats
+
+
+@dataclass
+class FoldStats:
+    """Fold statistics of one range i→j over real tokens (:mod:`rba_core.fold`), float64 (D, D) each."""
+
+    mm: np.ndarray  # MᵀM
+    md: np.ndarray  # Mᵀ(H_j - H_i)
+    count: int
+
+    def solve(self, ridge: float = 0.0) -> tuple[np.ndarray, Conditioning]:
+        """T (D, D) minimising ||M T - (H_j - H_i + M)||² + ridge·count·||T||² (λ per token, as the ridge
+        map's), and how well MᵀM determined it. The sums come from float64 products (:func:`collect`)."""
+        gram = self.mm + ridge * self.count * np.eye(self.mm.shape[0])
+        return solve_spd_conditioned(gram, self.md + self.mm, "float64")
+
+    def fit(self, ridge: float = 0.0) -> np.ndarray:
+        """T alone (see :meth:`solve`)."""
+        return self.solve(ridge)[0]
+
+
+@dataclass
+class RangeStatistics:
+    """What the maps of ``ranges`` are fitted from, over the real tokens of the fit samples."""
+
+    key: str
+    hit: bool
+    meta: dict  # model, dataset, split, n, seed, num_blocks, hidden_size, num_params, label_names, max_length
+    tokens: TokenStats | None  # float64 Gram blocks of each range (None when not asked for)
+    fold: dict[Range, FoldStats] | None  # the ranges the model can fold (None when not asked for)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.meta["num_blocks"]
+
+    @property
+    def label_names(self) -> list[str]:
+        return self.meta.get("label_names") or []
+
+
+def _token_pairs(ranges: Sequence[Range]) -> list[tuple[int, int]]:
+    return sorted({p for i, j in ranges for p in ((i, i), (i, j), (j, j))})
+
+
+@torch.inference_mode()
+def collect(encoder: Encoder, batches, ranges: Sequence[Range], tokens: bool,
+            fold: Sequence[Range]) -> dict[str, np.ndarray]:
+    """The float64 sums of one process's batches: ``pair_a_b`` (hs[a]ᵀhs[b]), ``sums``, ``count`` and, for
+    the ranges in ``fold``, ``mm_i`` (MᵀM per start) and ``md_i_j`` (Mᵀ(H_j − H_i)). Runs blocks 1..max j."""
+    d, last = encoder.hidden_size, max(j for _, j in ranges)
+    f64 = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
+    pairs = {p: f64(d, d) for p in _token_pairs(ranges)} if tokens else {}
+    needed = sorted({k for p in pairs for k in p} | {k for rng in fold for k in rng})
+    sums = f64(encoder.num_blocks + 1, d)
+    mm = {i: f64(d, d) for i in sorted({i for i, _ in fold})}
+    md = {rng: f64(d, d) for rng in fold}
+    count = 0
+    starts = {i: encoder.mlp_output_module(i) for i in mm if i > 0}
+    for inputs in batches:
+        mask = encoder.token_mask(inputs)
+        rows = (lambda x: x.reshape(-1, d) if mask is None else x[mask])  # noqa: E731  real tokens only
+        states: dict[int, torch.Tensor] = {}
+        with captured(starts) as outputs:
+            hidden = encoder.embed(inputs)
+            ctx = encoder.context(inputs, hidden)
+            for k in range(last + 1):
+                if k:
+                    hidden = encoder.run_block(encoder.blocks[k - 1], hidden, ctx)
+                if k in needed:
+                    states[k] = rows(hidden).to(torch.float64)
+        for (a, b), total in pairs.items():
+            total += (states[a].T @ states[b]).cpu()
+        for k, x in states.items():
+            sums[k] += x.sum(0).cpu()
+        for i, total in mm.items():
+            m = rows(outputs[i]).to(torch.float64) if i > 0 else states[0]
+            total += (m.T @ m).cpu()
+            for (start, j), cross in md.items():
+                if start == i:  # the difference per token before the product: m is often far smaller than hs
+                    cross += (m.T @ (states[j] - states[i])).cpu()
+        count += int(states[needed[0]].shape[0])
+    arrays = {f"pair_{a}_{b}": t for (a, b), t in pairs.items()}
+    arrays.update({f"mm_{i}": t for i, t in mm.items()})
+    arrays.update({f"md_{i}_{j}": t for (i, j), t in md.items()})
+    arrays.update(sums=sums, count=torch.tensor([float(count)], dtype=torch.float64))
+    here = world()
+    if here.size > 1:  # float64 sums: exact to combine
+        here.sum(list(arrays.values()))
+    return {name: t.numpy() for name, t in arrays.items()}
+
+
+def _result(key: str, hit: bool, meta: dict, arrays: dict[str, np.ndarray], ranges: Sequence[Range], tokens: bool,
+            fold: bool) -> RangeStatistics:
+    count = int(round(float(arrays["count"][0])))
+    token_stats = None
+    if tokens:
+        pairs = {(a, b): arrays[f"pair_{a}_{b}"] for a, b in _token_pairs(ranges)}
+        token_stats = TokenStats([], arrays["sums"], count, pairs, "float64")
+    folds = None if not fold else {(i, j): FoldStats(arrays[f"mm_{i}"], arrays[f"md_{i}_{j}"], count)
+                                   for i, j in ranges if f"md_{i}_{j}" in arrays}
+    return RangeStatistics(key, hit, meta, token_stats, folds)
+
+
+def range_statistics(model, dataset, n: int, seed: int, ranges: Sequence[Range], *, tokens: bool = True,
+                     fold: bool = True, max_length: int | None = 128, cache: Cache | None = None,
+                     progress: Progress | None = None, encoder=None) -> RangeStatistics:
+    """The statistics of ``ranges`` over the ``n`` fit samples (the train split, sampled as
+    :func:`rba_core.extract.extract` samples them): the Gram blocks when ``tokens``, the fold statistics of
+    the ranges the model can fold (:func:`rba_core.fold.foldable`) when ``fold``. From the cache when stored, otherwise one pass.
+    ``encoder``: a loaded encoder or a function that loads one (called only on a miss)."""
+    cache = cache or Cache()
+    ref = model_ref(model, max_length)
+    if ref.info.modality == "text" and not hasattr(dataset, "open_split"):  # windows of a LM text are not truncated
+        check_text_length(ref.info, max_length)  # before the dataset is opened
+    source, indices = open_sample(dataset, "train", n, seed)  # a stream is read only as far as its sample
+    check_modality(ref.info.modality, source, ref.name)
+    length = max_length if source.modality == "text" else None
+    ranges = sorted({(int(i), int(j)) for i, j in ranges})
+    if not ranges:
+        raise RBAError("Give at least one range i→j of blocks to approximate.")
+    dtype = compute_dtype(ref, world().device or default_device())
+    samples = extraction_key(ref.fingerprint, source, indices, False, 1.0, ref.info.pooling, length, dtype=dtype)
+    key = make_key({"kind": "range-statistics", "samples": samples, "ranges": [list(r) for r in ranges],
+                    "tokens": tokens, "fold": fold})
+
+    def lookup() -> RangeStatistics | None:
+        entry = cache.get(key)
+        arrays = None if entry is None else cache.load(key, "stats")
+        return None if arrays is None else _result(key, True, entry.meta, arrays, ranges, tokens, fold)
+
+    def compute(progress: Progress | None) -> RangeStatistics:
+        here = world()
+        loaded = ((encoder() if callable(encoder) else encoder) or ref.loaded
+                  or load_encoder(model, here.device, length)).with_max_length(length)
+        mine = here.share(len(indices), SAMPLE_GROUP)
+        local = indices[mine]
+        batches = [local[start : start + SAMPLE_GROUP] for start in range(0, len(local), SAMPLE_GROUP)]
+
+        def reading():
+            done = 0
+            for batch, inputs in zip(batches, model_inputs(loaded, source, batches)):
+                yield inputs
+                done += len(batch)
+                if progress:
+                    progress(round(done * len(indices) / max(len(local), 1)), len(indices))
+
+        if progress:
+            progress(0, len(indices))
+        with here.all_or_none("the fit pass"):
+            arrays = collect(loaded, reading(), ranges, tokens, [r for r in ranges if fold and loaded.folds_at(r[0])])
+        meta = {"kind": "range-statistics", "model": ref.name, "dataset": source.name, "split": "train", "n": n,
+                "seed": seed, "ranges": ranges, "num_blocks": loaded.num_blocks, "hidden_size": loaded.hidden_size,
+                "num_params": loaded.num_params(), "label_names": source.label_names, "max_length": length,
+                "workers": here.size}
+        if here.is_main:  # one writer per group of workers
+            cache.put(key, {"stats": arrays}, meta)
+        return _result(key, False, meta, arrays, ranges, tokens, fold)
+
+    return single_flight(cache, key, lookup, compute, progress)
