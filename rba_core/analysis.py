@@ -11,9 +11,9 @@ import torch
 
 from rba_core.approx import ApproximatedEncoder, Range, approximate_encoder, count_params, paper_notation, validate_ranges
 from rba_core.cache import Cache, make_key
-from rba_core.errors import RBAError
 from rba_core.data import UNITS, open_dataset, open_sample
 from rba_core.distributed import single_flight, world
+from rba_core.errors import RBAError
 from rba_core.extract import Extraction, Progress, extract, model_inputs
 from rba_core.latency import BATCH as LATENCY_BATCH, METHOD as LATENCY_METHOD, measure as measure_latency
 from rba_core.maps import PRODUCT_EPS, MapParams, fit_map, fit_residual_matrix, map_kind
@@ -60,6 +60,7 @@ def analysis_results(ex: Extraction, windows: Sequence[int] = ()) -> AnalysisRes
         angular_distance={str(n): angular_distance(ex.pooled, n).tolist() for n in windows} or None,
         stats=meta.get("stats") if stats is not None else None,
         workers=int(meta.get("workers", 1)),
+        threads=meta.get("threads"),
     )
 
 
@@ -153,12 +154,18 @@ def approximated_outputs(lazy: LazyEncoder, dataset, fit, maps: Sequence, ex: Ex
     """Cached approximated final representations on ``ex``'s samples, and the run's measurements
     (latency only when ``timed``: the probe's extra runs are not timed). ``fit``: the statistics (with
     ``key`` and ``meta``) that ``maps``, one per range (None: skipped), were fitted from."""
-    key = make_key({"kind": "approximated", "fit": fit.key, "samples": ex.key, "timed": timed and LATENCY_METHOD,
-                    "ranges": ranges, "map": kind, "map_params": map_kind(kind).key(params)})
+    spec = {"kind": "approximated", "fit": fit.key, "samples": ex.key, "ranges": ranges, "map": kind,
+            "map_params": map_kind(kind).key(params)}
+    key = make_key({**spec, "timed": timed and LATENCY_METHOD})
+    # An untimed request is served by a timed entry too (the same outputs); a timed one needs its latency.
+    keys = [key] if timed else [make_key({**spec, "timed": LATENCY_METHOD}), key]
 
     def lookup() -> tuple[np.ndarray, dict] | None:
-        stored = cache.load(key, "final")
-        return None if stored is None else (stored["final"], cache.get(key).meta)
+        for stored_key in keys:
+            stored = cache.load(stored_key, "final")
+            if stored is not None:
+                return stored["final"], cache.get(stored_key).meta
+        return None
 
     def compute(progress: Progress | None) -> tuple[np.ndarray, dict]:
         encoder = lazy()

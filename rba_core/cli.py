@@ -211,6 +211,9 @@ def _run(args: argparse.Namespace, tracker: Tracker) -> int:
     except RBAError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from rba_core.threads import configure_threads
+
+    configure_threads()  # the cores free now, or this worker's share of them; the user's OMP_NUM_THREADS wins
     from rba_core.cache import using_root
 
     with using_root(args.cache_dir):  # also where a GGUF file's plain checkpoint is kept

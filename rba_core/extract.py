@@ -310,7 +310,7 @@ def extract(model, dataset, n: int, seed: int = 0, split: str = "train", *,
             "stats": None if not with_stats else {
                 "kind": "all-pairs" if pairs is None else "windows" if stats_window else "ranges",
                 "window": stats_window, "bytes": stats_bytes(loaded.num_blocks + 1, loaded.hidden_size, pairs)},
-            "seconds": time.perf_counter() - began, "workers": here.size,
+            "seconds": time.perf_counter() - began, "workers": here.size, "threads": torch.get_num_threads(),
         }
         groups["reps"].update(labels=source.labels[indices], indices=indices.astype(np.int64))
         if here.is_main:  # one writer per group; the other ranks hold the same result in memory

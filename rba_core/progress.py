@@ -42,6 +42,17 @@ def stopped_sentence(done: int, total: int, unit: str = "images", cause: str = "
     return f"Stopped after {done} of {total} {unit}{cause}; nothing partial was stored."
 
 
+def duration_text(seconds: float) -> str:
+    """A rough duration for an estimate: "under a second", "40 s", "3 min", "1.5 h"."""
+    if seconds < 1:
+        return "under a second"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 class Tracker:
     """A progress callback that remembers how far the current stage got (``done``, ``total``, ``unit``)
     and forwards each report to ``report``; ``stage(text)`` starts a stage (and picks its unit)."""

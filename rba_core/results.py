@@ -78,8 +78,9 @@ class AnalysisResult(Result):
     angular_distance: dict[str, list[float]] | None = None  # PruneMe: {"n": [l = 0..L-n]} on the pooled vectors
     stats: dict | None = None  # the token statistics kept: kind and bytes
     workers: int = 1  # processes that computed the stored result (torch.distributed ranks)
+    threads: int | None = None  # torch threads per process of the run that computed it (None: stored before they were recorded)
 
-    _omit_if_none = ("block_redundancy_all_tokens", "block_influence", "angular_distance", "stats")
+    _omit_if_none = ("block_redundancy_all_tokens", "block_influence", "angular_distance", "stats", "threads")
 
     def to_frame(self):
         """One row per block k = 1..L: its Block Redundancy and the fit residual of range k-1→k."""

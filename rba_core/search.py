@@ -39,6 +39,7 @@ from rba_core.lm_data import DEFAULT_SEQ_LEN
 from rba_core.maps import MapParams, Range, fit_map, fit_residual_matrix, map_kind
 from rba_core.metrics import angular_distance, block_redundancy, block_redundancy_all_tokens
 from rba_core.models import Encoder
+from rba_core.progress import duration_text
 from rba_core.results import SearchResult
 from rba_core.table import row_label
 
@@ -115,6 +116,13 @@ def latency_estimate(candidate: Candidate, timing: dict, kind: str) -> float:
     kept = sum(t for k, t in enumerate(timing["blocks"], start=1) if k not in removed)
     maps = len(candidate) if map_kind(kind).added_params(1) else 0  # identity and folded maps add no step
     return timing["embed"] + kept + maps * timing["map"] + timing["norm"]
+
+
+def candidate_run_ms(candidate: Candidate, timing: dict, kind: str) -> float:
+    """ms per sample that measuring a candidate costs: the original block outputs are kept, so it runs from its
+    first range's start (its maps, the kept blocks after it and the final norm)."""
+    before = sum(timing["blocks"][: candidate[0][0]])
+    return latency_estimate(candidate, timing, kind) - timing["embed"] - before
 
 
 def _on(linear_map: LinearMap | None, device: str) -> LinearMap | None:
@@ -424,7 +432,10 @@ def search(model, dataset, fit_n: int, eval_n: int, seed: int = 0, *, blocks: in
             raise RBAError("No range fits this budget: allow more parameters or latency, or remove fewer blocks.")
         if declared.statistics == "fold":
             chosen = _foldable(encoder, chosen, notes)
-        stage(f"Measured search: {len(chosen)} of {len(everything)} candidates fit the budget")
+        n = len(ev.indices)
+        most = n * (latency_estimate((), timing, kind) + sum(candidate_run_ms(c, timing, kind) for c in chosen)) / 1000
+        stage(f"Measured search: {len(chosen)} of {len(everything)} candidates fit the budget; measuring every one on "
+              f"all {n} samples would take about {duration_text(most)} here (the race stops most of them earlier)")
         if declared.statistics != "tokens":
             stage(f"Fit samples (train split): what the {kind} maps of these candidates are fitted from")
         fitted = map_statistics(kind, fit, dataset, chosen, lazy, cache, progress)
@@ -475,7 +486,8 @@ def search(model, dataset, fit_n: int, eval_n: int, seed: int = 0, *, blocks: in
         stage(f"Linear probe for the best {min(probe_top, len(rows))} candidates")
         for row in rows[:probe_top]:
             res = approximate(model, dataset, fit_n, eval_n, seed, row["ranges"], kind, map_params=params, probe=True,
-                              max_length=max_length, seq_len=seq_len, cache=cache, progress=progress, encoder=lazy)
+                              max_length=max_length, seq_len=seq_len, cache=cache, progress=progress, encoder=lazy,
+                              latency=False)
             row["accuracy"] = {"approximated": res.accuracy["approximated"], "skip": res.accuracy["skip"]}
             results.original["accuracy"] = res.accuracy["original"]
     seconds["total"] = time.perf_counter() - began

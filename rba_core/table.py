@@ -30,6 +30,7 @@ from rba_core.extract import Progress
 from rba_core.lm_data import DEFAULT_SEQ_LEN
 from rba_core.maps import MapParams, map_kind
 from rba_core.models import Encoder, model_ref
+from rba_core.progress import duration_text
 from rba_core.results import TableResult
 
 Row = list[Range]
@@ -95,13 +96,22 @@ def table(model, datasets: Sequence[str], fit_n: int, eval_n: int, seed: int = 0
         raise RBAError("The table has no rows: this model is too shallow for the preset; give ranges like 1:2.")
     cache = cache or Cache()
     stage = on_stage or (lambda _: None)
+    rows = len(datasets) * len(checked)
+    per_row = 2 * (fit_n + eval_n)  # the approximated and the skipped model, on the fit and evaluation samples
+    stage(f"Table: {len(checked)} rows on {len(datasets)} dataset{'s' if len(datasets) > 1 else ''}, about "
+          f"{rows * per_row:,} sample forwards of approximated models ({per_row:,} per row) after one pass of the "
+          "original model over each split; stored passes and rows are read instead, and the time follows the first row")
     out = []
     for dataset in datasets:
         for n, row in enumerate(checked):
             label, paper = row_label(row)
             stage(f"{dataset}: row {n + 1}/{len(checked)}, range {label}")
+            # Latency is not in the table, so the rows are not timed (a stored timed run serves them too).
             res = approximate(model, dataset, fit_n, eval_n, seed, row, kind, map_params=params, probe=True,
-                              max_length=max_length, seq_len=seq_len, cache=cache, progress=progress, encoder=lazy)
+                              max_length=max_length, seq_len=seq_len, cache=cache, progress=progress, encoder=lazy,
+                              latency=False)
+            if len(out) == 0 and rows > 1:
+                stage(_estimate(cache, res.cache["eval"], rows - 1, per_row, (len(datasets) - 1) * (fit_n + eval_n)))
             if n == 0:
                 out.append({"dataset": dataset, "range": "original", "paper": "original", "ranges": [],
                             "blocks_left": res["blocks"]["original"], "params": res["params"]["original"],
@@ -114,6 +124,20 @@ def table(model, datasets: Sequence[str], fit_n: int, eval_n: int, seed: int = 0
                            for key in ACCURACIES}})
     return TableResult(model=res.model, datasets=[str(d) for d in datasets], fit_n=fit_n, eval_n=eval_n, seed=seed,
                        map=kind, map_params=declared.key(params), rows=out)
+
+
+def _estimate(cache: Cache, pass_key: str, rows: int, per_row: int, passes: int) -> str:
+    """How long the other ``rows`` will take at most: their forwards (and ``passes`` samples of the original
+    model for the other datasets) at the original model's speed per sample in the stored pass ``pass_key``
+    (the approximated models are faster, so it is an upper bound)."""
+    entry = cache.get(pass_key)
+    meta = entry.meta if entry is not None else {}
+    other = "The other row" if rows == 1 else f"The other {rows} rows"
+    if not meta.get("seconds") or not meta.get("n"):
+        return f"{other}: about {rows * per_row + passes:,} sample forwards"
+    per_sample = meta["seconds"] / meta["n"]
+    return (f"{other}: at most about {duration_text(per_sample * (rows * per_row + passes))} "
+            f"({1000 * per_sample:.3g} ms per sample, the original model's speed; stored rows take no time)")
 
 
 def flat_row(row: dict) -> dict:

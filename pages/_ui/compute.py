@@ -57,6 +57,7 @@ from rba_core.models import Encoder, load_encoder, model_info
 from rba_core.progress import stage_unit, stopped_sentence
 from rba_core.search import search
 from rba_core.table import table
+from rba_core.threads import configure_threads
 
 from pages._ui.selection import Selection
 from pages._ui.show import NotComputed, not_computed, sentence
@@ -220,6 +221,7 @@ def _working(label: str, samples: str = "images") -> Iterator[_Work]:
     state, labelled with the error's sentence, when the computation fails (the page shows the error too)."""
     by = st.session_state.get(STARTED_BY, "")
     st.session_state[PROGRESS] = {}
+    configure_threads()  # the cores free now (the server is long-lived: planned for each computation)
     with st.status(label, expanded=True) as status:
         stop = st.empty()
         stop.button("Stop", key=f"stop-{by}", on_click=_stop, args=(by,), icon=":material/stop_circle:",

@@ -51,8 +51,8 @@ ADAPTERS: dict[str, str] = {
 }
 
 __all__ = ["ADAPTERS", "Encoder", "ModelInfo", "ModelRef", "adapter_class", "model_ref", "default_device", "is_available_offline",
-           "gguf_checkpoint", "gguf_ready", "is_gguf", "load_config", "load_encoder", "model_fingerprint", "model_info",
-           "readable_source", "supported_families"]
+           "check_text_length", "check_weights", "gguf_checkpoint", "gguf_ready", "is_gguf", "load_config",
+           "load_encoder", "model_fingerprint", "model_info", "readable_source", "supported_families"]
 
 
 def supported_families() -> str:

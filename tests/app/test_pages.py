@@ -96,8 +96,10 @@ def test_an_unreachable_hub_is_said_once_not_nested(monkeypatch):
     """Issue 18 item 12: the probe's reason reads as the reason, not wrapped in a second "cannot be reached"."""
     import socket
 
+    import rba_core.hub
     from rba_core.hub import UNREACHABLE, hub_status
 
+    monkeypatch.setattr(rba_core.hub, "_status", {})  # probed afresh, and forgotten after this test
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]  # closed once the socket is

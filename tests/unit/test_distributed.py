@@ -55,6 +55,7 @@ def test_two_gloo_workers_equal_one_process_and_share_its_entry(tiny_models, ima
     assert run.returncode == 0, run.stderr
     launched = json.loads(out.read_text())
     assert launched["workers"] == 2 and launched["cache"]["hit"] is False
+    assert launched["threads"] == 1  # the OMP_NUM_THREADS=1 that start() sets, kept as the user's choice
 
     alone = analyze(model, image_folder, N, cache=Cache(tmp_path / "single"))
     assert alone.workers == 1 and alone.cache["key"] == launched["cache"]["key"]  # workers not in the key

@@ -103,8 +103,9 @@ def test_export_without_json_prints_a_summary_not_the_record(tmp_path, capsys):
 # Item 11: a damaged entry is told once, in words that fit the CLI and the pages; a stopped wait says so.
 
 
-def test_a_damaged_entry_is_reported_once_on_the_cli(tmp_path):
+def test_a_damaged_entry_is_reported_once_on_the_cli(tmp_path, capsys, caplog):
     import json
+    import logging
 
     cache = tmp_path / "cache"
     args = ["analyze", "--model", "digits-ViT", "--dataset", "digits", "--n", "8", "--cache-dir", str(cache),
@@ -112,9 +113,11 @@ def test_a_damaged_entry_is_reported_once_on_the_cli(tmp_path):
     assert main(args) == 0
     key = json.loads((tmp_path / "a.json").read_text())["cache"]["key"]
     (cache / key / "reps.safetensors").write_bytes(b"damaged")
-    run = run_cli(*args)
-    assert run.returncode == 0, run.stderr
-    told = [line for line in run.stderr.splitlines() if key[:12] in line]
+    capsys.readouterr()
+    with caplog.at_level(logging.WARNING):
+        assert main(args) == 0
+    assert not caplog.records  # no log warning beside the note (the CLI prints warnings nobody handles)
+    told = [line for line in capsys.readouterr().err.splitlines() if key[:12] in line]
     assert told == [f"note: cache entry {key[:12]} was damaged ({cache / key / 'reps.safetensors'} is missing or "
                     "does not match its checksum) and was removed."]
 
@@ -383,3 +386,100 @@ def test_a_folded_export_loads_and_saves_without_transformers_bars(tmp_path, cap
     from transformers.utils import logging as hf_logging
 
     assert hf_logging.is_progress_bar_enabled()  # switched off only while the tool loaded and saved
+
+
+# Items 4 and 5: torch threads fit the cores that are free, or a launched worker's share of them.
+
+
+def test_the_thread_plan_shares_the_cores_and_leaves_busy_ones_alone():
+    from rba_core.threads import plan_threads
+
+    assert plan_threads(16, local_workers=4) == 4
+    assert plan_threads(2, local_workers=2) == 1 and plan_threads(2, local_workers=4) == 1
+    assert plan_threads(2, busy=0.1) == 2 and plan_threads(2, busy=1.0) == 1 and plan_threads(2, busy=5.0) == 1
+    assert plan_threads(8, busy=2.6) == 5
+
+
+def _initial_environment(pid: str = "self") -> dict:
+    entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(e.decode(errors="replace").partition("=")[::2] for e in entries if b"=" in e)
+
+
+THREADS = """
+import json, sys
+from rba_core.threads import configure_threads, user_chose_threads
+print(json.dumps({"user": user_chose_threads(), "threads": configure_threads()}))
+"""
+
+
+@pytest.mark.parametrize("case", ["launched", "launched by a user who chose", "plain, user chose"])
+def test_threads_under_a_launcher_are_the_workers_share_unless_the_user_chose(case):
+    """The test process plays the launcher: it starts the worker with OMP_NUM_THREADS=1 set, as torchrun does;
+    only a value in the launcher's own environment (or a plain process's) is the user's."""
+    import json
+
+    from rba_core.threads import physical_share, usable_cores
+
+    launcher_env = _initial_environment()
+    if any(launcher_env.get(v) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")) and case == "launched":
+        pytest.skip("this test process was itself started with OMP_NUM_THREADS set")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    if case.startswith("launched"):
+        env.update(LOCAL_WORLD_SIZE="2")
+    if case == "launched by a user who chose":
+        launcher = subprocess.run([sys.executable, "-c", "import os, subprocess, sys; sys.exit(subprocess.run("
+                                   "[sys.executable, '-c', sys.argv[1]]).returncode)", THREADS],
+                                  env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
+        out = launcher
+    else:
+        out = subprocess.run([sys.executable, "-c", THREADS], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout)
+    if case == "launched":
+        assert seen == {"user": False, "threads": max(1, physical_share(len(usable_cores())) // 2)}
+    else:
+        assert seen == {"user": True, "threads": 1}
+
+
+def test_analyze_records_the_threads_it_ran_with(tmp_path, capsys, monkeypatch):
+    import json
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's choice: kept (this test process runs 1 thread)
+    assert main(["analyze", "--model", "digits-ViT", "--dataset", "digits", "--n", "8", "--cache-dir",
+                 str(tmp_path / "cache"), "--json", "-"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["threads"] == 1 and result["workers"] == 1
+
+
+def test_a_table_says_its_work_first_and_does_not_time_its_rows(tmp_path):
+    import json
+
+    from rba_core.analysis import approximate
+    from rba_core.cache import Cache
+    from rba_core.table import table
+
+    stages = []
+    result = table("digits-ViT", ["digits"], 16, 16, 0, "1:2,2:3", cache=Cache(tmp_path), on_stage=stages.append)
+    assert len(result.rows) == 3
+    assert stages[0] == ("Table: 2 rows on 1 dataset, about 128 sample forwards of approximated models (64 per row) "
+                         "after one pass of the original model over each split; stored passes and rows are read "
+                         "instead, and the time follows the first row")
+    assert stages[2].startswith("The other row: at most about ") and "ms per sample, the original model's speed" in stages[2]
+    runs = [json.loads(p.read_text()) for p in tmp_path.glob("*/meta.json")]
+    approximated = [m for m in runs if "latency_ms_per_image" in m]
+    assert len(approximated) == 2 * 4 and all(m["latency_ms_per_image"] is None for m in approximated)
+    # approximate --probe afterwards times its run; the table then reads that timed run as its own row
+    timed = approximate("digits-ViT", "digits", 16, 16, 0, [(1, 2)], probe=True, cache=Cache(tmp_path))
+    assert timed.latency_ms_per_image["original"]["repeats"] >= 5
+
+
+def test_a_search_says_how_long_measuring_every_candidate_would_take(tmp_path):
+    from rba_core.cache import Cache
+    from rba_core.search import search
+
+    stages = []
+    search("digits-ViT", "digits", 16, 16, 0, blocks=2, cache=Cache(tmp_path), on_stage=stages.append)
+    (said,) = [s for s in stages if s.startswith("Measured search: 11 of 78 candidates")]
+    assert said.startswith("Measured search: 11 of 78 candidates fit the budget; measuring every one on all 16 "
+                           "samples would take about ") and said.endswith(" here (the race stops most of them earlier)")
