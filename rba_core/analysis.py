@@ -260,7 +260,7 @@ def conditioning_report(ranges: Sequence[Range], maps: Sequence) -> tuple[list[d
             notes.append(f"The map of range {i}→{j} used {conditioning.rank} of {conditioning.dimension} directions: "
                          f"the fit samples' block {i} outputs span the other {conditioning.dropped} too weakly for "
                          f"{conditioning.precision} statistics to resolve (condition number above "
-                         f"{1 / (conditioning.dimension * PRODUCT_EPS[conditioning.precision]):.0e}); more or more "
+                         f"{1 / PRODUCT_EPS[conditioning.precision]:.0e}); more or more "
                          "varied fit samples, or --map ridge, determine them.")
     return rows or None, notes
 

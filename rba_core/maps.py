@@ -61,9 +61,11 @@ def solve_spd_conditioned(gram: np.ndarray, rhs: np.ndarray, precision: str = "f
     """The minimum-norm least-squares solution of gram @ T = rhs for a symmetric PSD ``gram`` (float64
     eigendecomposition), and its :class:`Conditioning`.
 
-    Eigenvalues below ``dimension · eps · λmax`` count as zero, ``eps`` being the precision the statistics
-    carry (:data:`PRODUCT_EPS` of ``precision``): a direction the products cannot resolve is dropped rather
-    than inverted as noise (as ``lstsq`` drops singular values below its ``rcond``)."""
+    Eigenvalues below ``eps · λmax`` count as zero, ``eps`` being the precision the statistics carry
+    (:data:`PRODUCT_EPS` of ``precision``): below it an eigenvalue is smaller than the rounding of the
+    largest, a direction the products cannot resolve, dropped rather than inverted as noise (as ``lstsq``
+    drops singular values below its ``rcond``). A larger cutoff (``dimension · eps``) would drop directions
+    float32 products do resolve: on BERT-family tokens it cost 1e-3 of ||Y||² against ``lstsq``."""
     import torch
 
     g = torch.from_numpy(np.asarray(gram, np.float64))
@@ -71,7 +73,7 @@ def solve_spd_conditioned(gram: np.ndarray, rhs: np.ndarray, precision: str = "f
     g = (g + g.T) / 2
     values, vectors = torch.linalg.eigh(g)
     top = float(values.max().clamp_min(0))
-    cutoff = top * g.shape[0] * PRODUCT_EPS[precision]
+    cutoff = top * PRODUCT_EPS[precision]
     keep = values > cutoff
     inverse = torch.where(keep, 1 / values, torch.zeros_like(values))
     solution = (vectors @ (inverse[:, None] * (vectors.T @ r))).numpy()

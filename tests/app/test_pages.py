@@ -483,10 +483,11 @@ def test_cache_page_lists_and_deletes_with_a_confirmation(home, tmp_path, monkey
     _clean(at)
     metrics = {m.label: m.value for m in at.metric}
     size = sum(p.stat().st_size for p in tmp_path.glob("[!.]*/*"))  # every file of every entry
-    assert 1e6 <= size < 1e9 and metrics["Total size"] == f"{size / 1e6:.1f} MB"
+    assert 1e5 <= size < 1e6 and metrics["Total size"] == f"{size / 1e3:.1f} kB"
     assert metrics["Stored results"] == "3" and str(tmp_path) in at.markdown[0].value
     listed = at.dataframe[0].value
-    assert sorted(listed["kind"]) == ["approximated run"] + ["pass (representations, statistics)"] * 2
+    assert sorted(listed["kind"]) == ["approximated run", "pass (representations, statistics)",
+                                     "range statistics (float64 Gram blocks and fold statistics of given ranges)"]
     assert set(listed["key"]) == {k[:12] for k in (result["cache"]["fit"], result["cache"]["eval"])} | {
         p.name[:12] for p in tmp_path.iterdir() if not p.name.startswith(".")}
     fit = next(r for _, r in listed.iterrows() if r["key"] == result["cache"]["fit"][:12])

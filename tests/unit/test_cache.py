@@ -416,7 +416,7 @@ def test_entries_are_listed_and_deleted(tiny_models, image_folder, tmp_path, vit
     entries = {e.key: e for e in cache.entries()}
     assert set(entries) == {result["cache"]["fit"], result["cache"]["eval"],
                             *(p.name for p in tmp_path.iterdir() if not p.name.startswith("."))}
-    assert sorted(e.kind for e in entries.values()) == ["approximated run", "pass", "pass"]
+    assert sorted(e.kind for e in entries.values()) == ["approximated run", "pass", "range-statistics"]
     fit = entries[result["cache"]["fit"]]
     assert (fit.model, fit.dataset, fit.split, fit.n) == (tiny_models["vit"], image_folder, "train", 8)
     run = next(e for e in entries.values() if e.kind == "approximated run")

@@ -57,11 +57,13 @@ def test_second_run_computes_only_the_new_rows(tiny_models, image_folder, tmp_pa
 
     cache = Cache(tmp_path / "cache")
     first = table(tiny_models["vit"], [image_folder], FIT_N, EVAL_N, 0, "1:2", cache=cache, progress=progress)
-    # fit extraction, eval extraction, then approximated and skipped models on fit and eval samples
-    assert sorted(passes) == sorted([FIT_N, EVAL_N] * 3)
+    # the row's float64 fit statistics (blocks 1..j only), the fit and eval extractions, then the
+    # approximated and skipped models on fit and eval samples
+    assert sorted(passes) == sorted([FIT_N] * 4 + [EVAL_N] * 3)
     passes.clear()
     second = table(tiny_models["vit"], [image_folder], FIT_N, EVAL_N, 0, "1:2,2:4", cache=cache, progress=progress)
-    assert sorted(passes) == sorted([FIT_N, EVAL_N] * 2)  # only the new row ran the model
+    # only the new row ran the model: its fit statistics, then its approximated and skipped models
+    assert sorted(passes) == sorted([FIT_N] * 3 + [EVAL_N] * 2)
     assert second["rows"][:2] == first["rows"]
     passes.clear()
     assert table(tiny_models["vit"], [image_folder], FIT_N, EVAL_N, 0, "2:4", cache=cache,
