@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterable
 
 from rba_core.errors import RBAError
-from rba_core.registry import DATA_DIR_ENV, DEMO_PAIR, dataset_info, local_dataset_dir, missing_model, resolve_model
+from rba_core.registry import DATA_DIR_ENV, DEMO_PAIR, dataset_info, lm_text_info, local_dataset_dir, missing_model, resolve_model
 
 PROBE_TIMEOUT_S = 2.0
 USER_OFFLINE = "HF_HUB_OFFLINE is set"
@@ -105,15 +105,12 @@ def on_disk(dataset: str) -> bool:
     """True when opening ``dataset`` reads local files only (a folder, digits, a copy under
     $RBA_DATA_DIR); otherwise it goes to the hub and may download the whole dataset."""
     from rba_core.data import stream_spec
-    from rba_core.lm_data import HUB_TEXTS
     from rba_core.streaming import stream_target
 
     stream = stream_spec(dataset)
     if stream:  # streamed from the hub unless it names a local folder
         return Path(stream_target(stream)).expanduser().is_dir()
-    if dataset.strip().lower() in HUB_TEXTS:  # WikiText-2, C4: language-model texts from the hub
-        return False
-    info = dataset_info(dataset)
+    info = dataset_info(dataset) or lm_text_info(dataset)
     # A local-only alias (no hub copy) never goes to the hub: opening it says where to put it.
     return info is None or info.hub_id in (None, "sklearn:digits") or local_dataset_dir(info) is not None
 
@@ -139,7 +136,7 @@ def offline_problem(model: str | None = None, datasets: Iterable[str] = ()) -> s
     from rba_core.streaming import stream_target
 
     # A stream is read from the hub on every draw; another dataset may already be in the local cache.
-    hub_data = [d for d in datasets if not on_disk(d) and (stream_spec(d) or not _dataset_cached(dataset_info(d).hub_id))]
+    hub_data = [d for d in datasets if not on_disk(d) and (stream_spec(d) or not _dataset_cached((dataset_info(d) or lm_text_info(d)).hub_id))]
     if not hub_models and not hub_data:
         return None
     reachable, reason = hub_status()
@@ -152,6 +149,11 @@ def offline_problem(model: str | None = None, datasets: Iterable[str] = ()) -> s
         return (f"Dataset '{stream_target(stream_spec(hub_data[0]))}' cannot be streamed: {reason}; connect to the internet, or "
                 "give a local folder of parquet shards or WebDataset shards.")
     info = dataset_info(hub_data[0])
+    if info is None:  # a language-model text
+        from rba_core.lm_data import local_text_advice
+
+        info = lm_text_info(hub_data[0])
+        return f"Dataset '{info.alias}' ({info.hub_id}) is not available offline: {reason}; {local_text_advice(info)}"
     return (f"Dataset '{info.alias}' ({info.hub_id}) is not available offline: {reason}; set {DATA_DIR_ENV} to a "
             f"folder with local copies ({info.local_name}/train.parquet, {info.local_name}/test.parquet) "
             "or give a local dataset folder.")

@@ -20,24 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from rba_core.errors import RBAError, above_maximum
-from rba_core.registry import DATA_DIR_ENV, DEMO_TEXT_DIR
+from rba_core.registry import DATA_DIR_ENV, LM_TEXTS, LMTextInfo, lm_text_info, local_dataset_dir
 
 DEFAULT_SEQ_LEN = 256
-#: hub alias -> (hub id, config, the hub split used as our test split, local folder name)
-HUB_TEXTS = {"wikitext-2": ("Salesforce/wikitext", "wikitext-2-raw-v1", "test", "wikitext2"),
-             "c4": ("allenai/c4", "en", "validation", "c4")}
-C4_DOCUMENTS = 2000  # documents streamed per C4 split
-TRAIN_SHARE = 0.9  # a single text file: this share of its lines is the train split
-
-
-#: alias -> folder shipped with the package (``demo-text``: what the demo GPT was trained on)
-LOCAL_TEXTS = {"demo-text": DEMO_TEXT_DIR}
-
-
-def _alias(name: str) -> str | None:
-    folded = name.strip().lower().replace("_", "-")
-    return folded if folded in HUB_TEXTS or folded in LOCAL_TEXTS else None
-
 
 def is_lm_text(name) -> bool:
     """Whether ``name`` is a language-model text source: a hub text alias, a ``.txt`` file or a
@@ -45,7 +30,7 @@ def is_lm_text(name) -> bool:
     if not isinstance(name, str):
         return False
     path = Path(name).expanduser()
-    return bool(_alias(name)) or (path.is_file() and path.suffix == ".txt") or \
+    return bool(lm_text_info(name)) or (path.is_file() and path.suffix == ".txt") or \
         (path.is_dir() and any((path / f"{split}.txt").is_file() for split in ("train", "test")))
 
 
@@ -78,32 +63,32 @@ def _folder_text(folder: Path, split: str) -> str:
                    "with a 'text' column).")
 
 
-def _hub_text(alias: str, split: str) -> str:
-    hub_id, config, test_split, local = HUB_TEXTS[alias]
-    root = os.environ.get(DATA_DIR_ENV)
-    if root and (Path(root) / local).is_dir():
-        return _folder_text(Path(root) / local, split)
-    hub_split = test_split if split == "test" else split
+def _hub_text(info: LMTextInfo, split: str) -> str:
     try:
         import datasets
 
-        if alias == "c4":  # far too large to download: a streamed sample of its first documents
-            stream = datasets.load_dataset(hub_id, config, split=hub_split, streaming=True)
-            return "\n\n".join(row["text"] for _, row in zip(range(C4_DOCUMENTS), stream))
-        return "".join(datasets.load_dataset(hub_id, config, split=hub_split)["text"])
+        hub_split = info.hub_split(split)
+        if info.documents:  # far too large to download: a streamed sample of its first documents
+            stream = datasets.load_dataset(info.hub_id, info.hub_config, split=hub_split, streaming=True)
+            return "\n\n".join(row["text"] for _, row in zip(range(info.documents), stream))
+        return "".join(datasets.load_dataset(info.hub_id, info.hub_config, split=hub_split)["text"])
     except Exception as exc:  # offline, missing repo: the same advice
-        raise RBAError(f"'{alias}' ({hub_id}) cannot be loaded from the hub ({exc.__class__.__name__}); connect to "
-                       f"the internet, or set {DATA_DIR_ENV} to a folder holding {local}/train.txt and "
-                       f"{local}/test.txt.") from None
+        raise RBAError(f"'{info.alias}' ({info.hub_id}) cannot be loaded from the hub ({exc.__class__.__name__}); "
+                       f"{local_text_advice(info)}") from None
+
+
+def local_text_advice(info: LMTextInfo) -> str:
+    """How to give a hub text offline."""
+    return (f"connect to the internet, or set {DATA_DIR_ENV} to a folder holding {info.local_name}/train.txt and "
+            f"{info.local_name}/test.txt, or give a .txt file or a folder with train.txt and test.txt.")
 
 
 def split_text(name: str, split: str) -> str:
     """The whole text of one split of a language-model source."""
-    alias = _alias(name)
-    if alias in LOCAL_TEXTS:
-        return _folder_text(LOCAL_TEXTS[alias], split)
-    if alias:
-        return _hub_text(alias, split)
+    info = lm_text_info(name)
+    if info:
+        local = local_dataset_dir(info)
+        return _folder_text(local, split) if local else _hub_text(info, split)
     path = Path(name).expanduser()
     if path.is_file():
         lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
@@ -112,7 +97,7 @@ def split_text(name: str, split: str) -> str:
     if path.is_dir():
         return _folder_text(path, split)
     raise RBAError(f"'{name}' is neither a text file, a folder with train/test texts nor one of "
-                   "WikiText-2, C4 and demo-text.")
+                   f"{', '.join(LM_TEXTS)}.")
 
 
 def token_windows(tokenizer, text: str, seq_len: int, what: str = "the text") -> np.ndarray:

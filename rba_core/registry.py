@@ -140,8 +140,33 @@ DATASETS: dict[str, DatasetInfo] = {
     )
 }
 
-#: Language-model texts, read as windows of tokens by causal language models (rba_core.lm_data).
-LM_TEXTS = ("demo-text", "WikiText-2", "C4")
+@dataclass(frozen=True)
+class LMTextInfo:
+    """A language-model text known by name, read as windows of tokens by causal language models
+    (:mod:`rba_core.lm_data`): shipped in a folder, or on the hub (then copied to ``$RBA_DATA_DIR/<local_name>``)."""
+
+    alias: str
+    hub_id: str | None
+    local_name: str
+    hub_config: str | None = None
+    test_split: str = "test"  # the hub split used as our test split
+    folder: Path | None = None  # shipped with the package
+    documents: int | None = None  # read as a stream of its first documents (too large to download)
+
+    def hub_split(self, split: str) -> str:
+        return self.test_split if split == "test" else split
+
+
+LM_TEXT_INFO: dict[str, LMTextInfo] = {
+    info.alias: info
+    for info in (
+        LMTextInfo("demo-text", None, "demo-text", folder=DEMO_TEXT_DIR),
+        LMTextInfo("WikiText-2", "Salesforce/wikitext", "wikitext2", "wikitext-2-raw-v1"),
+        LMTextInfo("C4", "allenai/c4", "c4", "en", "validation", documents=2000),
+    )
+}
+#: Language-model text aliases.
+LM_TEXTS = tuple(LM_TEXT_INFO)
 #: Every dataset alias, for messages that list them.
 DATASET_ALIASES = (*DATASETS, *LM_TEXTS)
 
@@ -217,9 +242,17 @@ def dataset_info(name: str) -> DatasetInfo | None:
     return DATASETS[alias] if alias else None
 
 
-def local_dataset_dir(info: DatasetInfo) -> Path | None:
+def lm_text_info(name: str) -> LMTextInfo | None:
+    """The registry entry for a language-model text alias (case-insensitive), or None."""
+    alias = _lookup(name, LM_TEXT_INFO)
+    return LM_TEXT_INFO[alias] if alias else None
+
+
+def local_dataset_dir(info: DatasetInfo | LMTextInfo) -> Path | None:
     """The local copy of a registered dataset under ``$RBA_DATA_DIR``, if there is one; a dataset
     with no hub copy (debian-descriptions) is also looked for in ``../shared/datasets`` beside this checkout."""
+    if getattr(info, "folder", None):
+        return info.folder
     root = os.environ.get(DATA_DIR_ENV)
     for base in ([Path(root)] if root else []) + ([SIBLING_DATA_DIR] if info.hub_id is None else []):
         if (base / info.local_name).is_dir():

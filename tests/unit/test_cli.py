@@ -185,3 +185,13 @@ def test_a_stop_mid_run_exits_130_with_one_sentence_and_stores_nothing(tmp_path,
     assert "Traceback" not in "".join(seen) and process.stdout.read() == ""
     assert not any(p for p in (tmp_path / "cache").iterdir() if not p.name.startswith("."))
     assert not any((tmp_path / "cache" / ".locks").iterdir())
+
+
+@pytest.mark.parametrize("alias, hub_id", [("WikiText-2", "Salesforce/wikitext"), ("C4", "allenai/c4")])
+def test_a_hub_language_model_text_offline_is_one_sentence(alias, hub_id, tmp_path):
+    """The hub texts are registry entries like every dataset: offline, one sentence naming the text, where it
+    comes from and how to give it locally (it crashed in the hub check before)."""
+    run = finish(start("analyze", "--model", "demo-GPT", "--dataset", alias, "--n", "4",
+                       "--cache-dir", str(tmp_path)))
+    error = user_error(run)
+    assert f"'{alias}' ({hub_id}) is not available offline" in error and "RBA_DATA_DIR" in error
