@@ -11,7 +11,8 @@ from pages._ui.compute import (approximation, may_read, num_blocks, run_approxim
                                run_export, start_button, unit)
 from pages._ui.selection import BOUND, Selection, eval_samples, map_choice, sidebar
 from pages._ui.show import NotComputed, dataframe, downloads, errors, file_download, file_name, not_computed
-from rba_core.approx import paper_notation, validate_ranges
+from rba_core.approx import paper_notation
+from rba_core.maps import validate_ranges
 from rba_core.latency import change, describe, measurable
 from rba_core.maps import MAPS, MapParams
 from rba_core.plots import pca_scatter
@@ -81,7 +82,7 @@ def _export(sel: Selection, ranges: list[tuple[int, int]], kind: str, params: Ma
     built = st.session_state.setdefault("_exports", {})
     buttons = st.container(horizontal=True)
     choices = [("zip", "Build the compressed model")]
-    if unit(sel.dataset) == "images" and MAPS[kind].statistics == "tokens":  # ONNX export: image models, map modules
+    if unit(sel.dataset) == "images" and not MAPS[kind].folds:  # ONNX export: image models, map modules
         choices.append(("onnx", "Build the ONNX file"))
     for what, label in choices:
         if start_button(label, key=f"export-{what}", at=buttons, help="Fits the maps from the stored statistics "

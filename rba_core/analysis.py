@@ -9,14 +9,15 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from rba_core.approx import ApproximatedEncoder, Range, approximate_encoder, count_params, paper_notation, validate_ranges
+from rba_core.approx import ApproximatedEncoder, Range, approximate_encoder, count_params, paper_notation
 from rba_core.cache import Cache, make_key
 from rba_core.data import UNITS, open_dataset, open_sample
 from rba_core.distributed import single_flight, world
 from rba_core.errors import RBAError
 from rba_core.extract import Extraction, Progress, extract, model_inputs
 from rba_core.latency import BATCH as LATENCY_BATCH, METHOD as LATENCY_METHOD, measure as measure_latency
-from rba_core.maps import PRODUCT_EPS, MapParams, fit_map, fit_residual_matrix, map_kind
+from rba_core.maps import (PRODUCT_EPS, FitData, MapParams, MissingStatistics, fit_map, fit_residual_matrix, map_kind,
+                           validate_ranges)
 from rba_core.lm_data import DEFAULT_SEQ_LEN, LMText, is_lm_text
 from rba_core.metrics import (angular_distance, block_redundancy, block_redundancy_all_tokens, cosine_matrix,
                               linear_cka_matrix)
@@ -136,16 +137,19 @@ def _approximated_finals(net: ApproximatedEncoder, encoder: Encoder, dataset, ex
 
 
 def map_statistics(kind: str, fit: Extraction, dataset, sets: Sequence[Sequence[Range]], lazy: LazyEncoder,
-                   cache: Cache, progress: Progress | None = None):
-    """What maps of ``kind`` are fitted from (its ``statistics``): the token statistics of the fit pass
-    ``fit``, or the fold statistics of every range of ``sets`` over the same samples
+                   cache: Cache, progress: Progress | None = None, stage: Stage | None = None) -> FitData:
+    """What maps of ``kind`` for the ranges of ``sets`` are fitted from (the statistics it declares): the token
+    statistics of the fit pass ``fit``, and the fold statistics of every range over the same samples
     (:func:`rba_core.fold.fold_pass`: one more pass unless stored; one sentence for ranges that cannot fold)."""
-    if map_kind(kind).statistics == "tokens":
-        return fit.stats()
-    from rba_core.fold import fold_pass
+    def fold():
+        from rba_core.fold import fold_pass
 
-    return fold_pass(lazy.model, dataset, fit.meta["n"], fit.meta["seed"], sets, max_length=lazy.max_length,
-                     cache=cache, progress=progress, encoder=lazy)
+        if stage:
+            stage(f"Fit samples (train split): what the {kind} maps of these candidates are fitted from")
+        return fold_pass(lazy.model, dataset, fit.meta["n"], fit.meta["seed"], sets, max_length=lazy.max_length,
+                         cache=cache, progress=progress, encoder=lazy)
+
+    return map_kind(kind).gather(tokens=fit.stats, fold=fold)
 
 
 def approximated_outputs(lazy: LazyEncoder, dataset, fit, maps: Sequence, ex: Extraction, ranges: list[Range],
@@ -226,24 +230,24 @@ def fit_range_maps(model, dataset, n: int, seed: int, ranges: list[Range], kind:
     fold statistics of the ranges, so every map kind of the same ranges shares it
     (:func:`rba_core.range_pass.range_statistics`). A fold that the model cannot take is one sentence
     before the pass."""
-    from rba_core.fold import check_fold_set, check_foldable
-
-    folds = map_kind(kind).statistics == "fold"
-    if folds:
-        check_fold_set(ranges, model_ref(lazy.encoder if isinstance(lazy.encoder, Encoder) else model,
-                                         lazy.max_length).info.num_blocks)
+    declared = map_kind(kind)
+    if declared.check_ranges:
+        declared.check_ranges(ranges, model_ref(lazy.encoder if isinstance(lazy.encoder, Encoder) else model,
+                                                lazy.max_length).info.num_blocks)
 
     def load() -> Encoder:
         loaded = lazy()
-        if folds:
-            check_foldable(loaded, ranges)
+        if declared.check_encoder:
+            declared.check_encoder(loaded, ranges)
         return loaded
 
     fit = range_statistics(model, dataset, n, seed, ranges, max_length=lazy.max_length, cache=cache,
                            progress=progress, encoder=load)
-    if folds and any(rng not in fit.fold for rng in ranges):  # a stored entry of a model that cannot fold
-        check_foldable(load(), ranges)
-    maps = [fit_map(fit.fold if folds else fit.tokens, rng, kind, params) for rng in ranges]
+    try:
+        maps = [fit_map(fit, rng, kind, params) for rng in ranges]
+    except MissingStatistics:  # a stored entry of a model that cannot take this kind: say why
+        load()
+        raise
     return fit, maps
 
 
@@ -371,13 +375,13 @@ def export(model, dataset, fit_n: int, seed: int, ranges: Sequence[Sequence[int]
     stage("Fit samples (train split): statistics of the ranges (float64, blocks up to the last range's end)")
     fit, fitted = fit_range_maps(model, data, fit_n, seed, checked, kind, params, cache or Cache(), progress, lazy)
     conditioning, notes = conditioning_report(checked, fitted)  # the compressed record holds it per range
-    if map_kind(kind).statistics == "tokens":  # the maps stay modules: the rba-compressed folder
+    declared = map_kind(kind)
+    if not declared.folds:  # the maps stay modules: the rba-compressed folder
         save_compressed(ApproximatedEncoder(lazy(), checked, fitted).eval(), out, onnx=onnx)
         return {**json.loads((Path(out) / "rba.json").read_text()), "notes": notes}
     encoder = lazy()
-    maps = {rng: m.weight.double().cpu().numpy() for rng, m in zip(checked, fitted)}
-    folded = folded_encoder(encoder, maps)
-    record = {"source": encoder.source, "family": encoder.family, "map": "folded",
+    folded = folded_encoder(encoder, {rng: declared.folds(m) for rng, m in zip(checked, fitted)})
+    record = {"source": encoder.source, "family": encoder.family, "map": kind,
               "ranges": [list(rng) for rng in checked],
               "paper": [paper_notation(rng) for rng in checked],
               "layers": {"original": encoder.num_blocks, "folded": folded.num_blocks},

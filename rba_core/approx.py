@@ -10,52 +10,23 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
-from rba_core.errors import RBAError
 from rba_core.maps import Conditioning, MapParams, Range, fit_map
+from rba_core.maps.module import FittedMap
 from rba_core.models import Encoder
 
 
-class LinearMap(nn.Module):
-    """h ↦ h @ weight + bias, applied to every token. ``weight``: (D, D)."""
-
-    def __init__(self, weight: np.ndarray | torch.Tensor, bias: np.ndarray | torch.Tensor | None = None, *,
-                 conditioning: "Conditioning | None" = None):
-        super().__init__()
-        self.conditioning = conditioning  # how well the fit's system was determined (None: not fitted here)
-        self.weight = nn.Parameter(torch.as_tensor(weight, dtype=torch.float32), requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(torch.as_tensor(bias, dtype=torch.float32), requires_grad=False)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """In float32 on the map's device whatever the model computes in; returned in the hidden states' dtype."""
-        out = hidden.to(self.weight) @ self.weight
-        return (out if self.bias is None else out + self.bias).to(hidden.dtype)
+def LinearMap(weight, bias=None, *, conditioning: Conditioning | None = None) -> FittedMap:  # noqa: N802
+    """A ``linear`` (or, with a bias, ``affine``) map h ↦ h @ weight + bias from given tensors."""
+    tensors = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
+    return FittedMap("linear" if bias is None else "affine", tensors, conditioning=conditioning)
 
 
-class FoldedMap(nn.Module):
-    """Range i→j's folded map: ``hs[i] ↦ hs[i] − m + m·T``, m being what block i's MLP output layer
-    added to the residual (for i = 0, m = hs[0]: ``hs[0]·T``). This is exactly what block i computes
-    once T is folded into that layer (``W ← W·T``, ``b ← b·T``), so T is a buffer, not a parameter:
-    the folded model has no added parameters."""
-
-    def __init__(self, weight: np.ndarray | torch.Tensor, start: int, *, conditioning: "Conditioning | None" = None):
-        super().__init__()
-        self.start = start
-        self.conditioning = conditioning
-        self.register_buffer("weight", torch.as_tensor(weight, dtype=torch.float32))
-
-    def forward(self, hidden: torch.Tensor, m: torch.Tensor | None = None) -> torch.Tensor:
-        """``m``: block i's MLP output captured while it ran (:func:`captured`); None for i = 0. In float32
-        on the map's device whatever the model computes in; returned as the hidden states are."""
-        if m is None:
-            if self.start > 0:
-                raise RuntimeError(f"the folded map of block {self.start} needs that block's MLP output m")
-            return (hidden.to(self.weight) @ self.weight).to(hidden)
-        m = m.to(self.weight)
-        return (hidden.to(self.weight) - m + m @ self.weight).to(hidden)
+def FoldedMap(weight, start: int, *, conditioning: Conditioning | None = None) -> FittedMap:  # noqa: N802
+    """Range i→j's ``folded`` map (start = i) from a given T: ``hs[i] ↦ hs[i] − m + m·T``."""
+    return FittedMap("folded", {"weight": weight}, start, conditioning=conditioning)
 
 
 @contextmanager
@@ -91,27 +62,6 @@ def paper_notation(rng: Range) -> str:
     return f"{start} {rng[1] - 1}"
 
 
-def validate_ranges(ranges: Sequence[Sequence[int]], num_blocks: int) -> list[Range]:
-    """Sorted, checked ranges: integers with 0 <= i < j <= L, pairwise disjoint."""
-    if not ranges:
-        raise RBAError("Give at least one range i→j of blocks to approximate.")
-    checked = []
-    for rng in ranges:
-        if len(rng) != 2:
-            raise RBAError(f"A range has two ends i and j; got {list(rng)}.")
-        i, j = (int(v) for v in rng)
-        if i >= j:
-            raise RBAError(f"Range {i}→{j} is empty or reversed: the start i must be smaller than the end j.")
-        if i < 0 or j > num_blocks:
-            raise RBAError(f"Range {i}→{j} is outside 0..{num_blocks}: this model has {num_blocks} blocks.")
-        checked.append((i, j))
-    checked.sort()
-    for (_, j1), (i2, j2) in zip(checked, checked[1:]):
-        if i2 < j1:
-            raise RBAError(f"Ranges overlap at {i2}→{j2}: each block can be removed only once.")
-    return checked
-
-
 class ApproximatedEncoder(nn.Module):
     """Blocks 1..i, T, blocks j+1..L, final norm and pooling: only what the compressed model computes.
 
@@ -122,26 +72,29 @@ class ApproximatedEncoder(nn.Module):
     (attention masks them) or the pooling.
     """
 
-    def __init__(self, encoder: Encoder, ranges: Sequence[Range], maps: Sequence[LinearMap | FoldedMap | None]):
+    def __init__(self, encoder: Encoder, ranges: Sequence[Range], maps: Sequence[FittedMap | None]):
         super().__init__()
         self.encoder = encoder  # not a submodule: its model holds the removed blocks too
         self.ranges = list(ranges)
+        self.maps = [None if m is None else m.to(encoder.device) for m in maps]  # one per range (None: skipped)
         self.stem = nn.ModuleDict(encoder.stem())
-        starts = {i: (j, m) for (i, j), m in zip(ranges, maps)}
-        steps, k = [], 0
+        starts = {i: (j, m) for (i, j), m in zip(ranges, self.maps)}
+        steps, at, k = [], set(), 0
         while k < encoder.num_blocks:
             if k in starts:
-                k, linear_map = starts[k]
-                if linear_map is not None:
-                    steps.append(linear_map.to(encoder.device))
+                k, fitted = starts[k]
+                if fitted is not None:
+                    at.add(len(steps))
+                    steps.append(fitted)
             else:
                 steps.append(encoder.blocks[k])
                 k += 1
         self.steps = nn.ModuleList(steps)
+        self.map_steps = frozenset(at)  # the positions in ``steps`` that are maps
         self.norm = encoder.final_norm
 
     def __setattr__(self, name, value):
-        if name == "encoder":  # keep the adapter out of the module tree (and the state dict)
+        if name in ("encoder", "maps"):  # outside the module tree: the adapter, and the maps already in steps
             object.__setattr__(self, name, value)
         else:
             super().__setattr__(name, value)
@@ -151,16 +104,17 @@ class ApproximatedEncoder(nn.Module):
         enc = self.encoder
         hidden = enc.embed(inputs)
         ctx = enc.context(inputs, hidden)
-        folded = mlp_outputs(enc, [step.start for step in self.steps if isinstance(step, FoldedMap)])
-        with captured(folded) as m:  # block i's MLP output, for the folded map that follows it
-            for step in self.steps:
-                if isinstance(step, FoldedMap):
+        with captured(mlp_outputs(enc, self.mlp_starts())) as m:  # block i's MLP output, for a map that reads it
+            for position, step in enumerate(self.steps):
+                if position in self.map_steps:
                     hidden = step(hidden, m.get(step.start))
-                elif isinstance(step, LinearMap):
-                    hidden = step(hidden)
                 else:
                     hidden = enc.run_block(step, hidden, ctx)
         return hidden
+
+    def mlp_starts(self) -> list[int]:
+        """The blocks whose MLP output a map of this model reads (:attr:`FittedMap.needs_mlp_output`)."""
+        return [m.start for m in self.maps if m is not None and m.needs_mlp_output]
 
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
         return self.encoder.final(self.last_hidden(**inputs), self.encoder.token_mask(inputs))
@@ -177,13 +131,12 @@ class ApproximatedEncoder(nn.Module):
         start = self.first_map
         hidden = hs[start]
         # a folded map at a later range needs its block's MLP output in this model, not in the original
-        later = mlp_outputs(self.encoder, [s.start for s in self.steps if isinstance(s, FoldedMap) and s.start > start])
+        later = mlp_outputs(self.encoder, [i for i in self.mlp_starts() if i > start])
         with captured(later) as own:
-            for step in self.steps[start:]:
-                if isinstance(step, FoldedMap):
+            for position in range(start, len(self.steps)):
+                step = self.steps[position]
+                if position in self.map_steps:
                     hidden = step(hidden, m.get(step.start) if step.start == start else own.get(step.start))
-                elif isinstance(step, LinearMap):
-                    hidden = step(hidden)
                 else:
                     hidden = self.encoder.run_block(step, hidden, ctx)
         return hidden
@@ -191,9 +144,8 @@ class ApproximatedEncoder(nn.Module):
 
 def approximate_encoder(encoder: Encoder, stats, ranges: Sequence[Range],
                         kind: str = "linear", params: MapParams | None = None) -> ApproximatedEncoder:
-    """Fit one map per range and build the approximated encoder. ``stats``: what the map kind is
-    fitted from (its ``statistics``): the :class:`TokenStats` of the fit samples, or the fold statistics
-    of the ranges (:func:`rba_core.fold.fold_pass`)."""
+    """Fit one map per range and build the approximated encoder. ``stats``: what the map kind reads
+    (:func:`rba_core.maps.fit_map`)."""
     maps = [fit_map(stats, rng, kind, params) for rng in ranges]
     return ApproximatedEncoder(encoder, ranges, maps).eval()
 

@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 
 from rba_core.errors import RBAError
-from rba_core.maps import MAPS, MapParams
+from rba_core.maps import HYPERS, MAPS, MapParams
 from rba_core.progress import Cancelled, Tracker
 from rba_core.registry import DATASET_ALIASES, MODELS
 
@@ -71,8 +71,7 @@ def _parser(prog: str = MODULE_PROG) -> argparse.ArgumentParser:
     approx.add_argument("--eval-n", type=int, required=True, help="test samples used to evaluate")
     approx.add_argument("--range", nargs=2, type=int, action="append", required=True, metavar=("I", "J"),
                         help="remove blocks I+1..J, mapping block output I to J (repeatable)")
-    approx.add_argument("--map", default="linear", choices=list(MAPS), help=_map_help())
-    approx.add_argument("--ridge", type=float, default=1e-2, help="λ for --map ridge")
+    _add_map_options(approx)
     approx.add_argument("--probe", action="store_true", help="also train the linear probe (3 seeds)")
     approx.add_argument("--no-latency", dest="latency", action="store_false",
                         help="do not time the original and approximated models (latency_ms_per_image is null)")
@@ -85,20 +84,27 @@ def _parser(prog: str = MODULE_PROG) -> argparse.ArgumentParser:
                         "the original and folded models; otherwise the folded model's final MSE)")
     export.add_argument("--range", nargs=2, type=int, action="append", required=True, metavar=("I", "J"),
                         help="remove blocks I+1..J, mapping block output I to J (repeatable)")
-    export.add_argument("--map", default="linear", choices=list(MAPS),
-                        help=_map_help() + " (export --map folded writes a plain Hugging Face checkpoint)")
-    export.add_argument("--ridge", type=float, default=1e-2, help="λ for --map ridge")
+    _add_map_options(export, " (a kind that folds into the weights, such as folded, writes a plain Hugging Face "
+                     "checkpoint)")
     export.add_argument("--out", required=True, type=Path, help="the export folder")
     export.add_argument("--onnx", action="store_true", help="image models: also write model.onnx")
     return parser
 
 
-def _map_help() -> str:
-    return "; ".join(kind.label for kind in MAPS.values())
+def _add_map_options(parser: argparse.ArgumentParser, more: str = "") -> None:
+    """``--map`` and every map kind's hyperparameters, from their declarations (:data:`rba_core.maps.MAPS`)."""
+    parser.add_argument("--map", default="linear", choices=list(MAPS),
+                        help="; ".join(kind.label for kind in MAPS.values()) + more)
+    for hyper in HYPERS:
+        parser.add_argument(f"--{hyper.name.replace('_', '-')}", type=float, default=hyper.default, help=hyper.help)
+
+
+def _map_params(args: argparse.Namespace) -> MapParams:
+    return MapParams(**{hyper.name: getattr(args, hyper.name) for hyper in HYPERS})
 
 
 def _add_table_and_search(sub, common: argparse.ArgumentParser) -> None:
-    """The ``table`` and ``search`` subcommands (issue 4)."""
+    """The ``table`` and ``search`` subcommands."""
     table = sub.add_parser("table", help="rows like the paper's Tables 1 and 2 (approximated and skipped ranges)")
     table.add_argument("--model", required=True, help="alias, hub id, folder or GGUF file")
     table.add_argument("--dataset", required=True, action="append", help=DATASET_HELP + " (repeatable)")
@@ -107,11 +113,10 @@ def _add_table_and_search(sub, common: argparse.ArgumentParser) -> None:
     table.add_argument("--seed", type=int, default=0)
     table.add_argument("--ranges", default="paper",
                        help="comma-separated rows: paper, all-consecutive or I:J ('+' joins ranges of one row)")
-    table.add_argument("--map", default="linear", choices=list(MAPS), help=_map_help())
+    _add_map_options(table)
     table.add_argument("--max-length", type=int, default=128, help="text models: truncate texts to this many tokens")
     table.add_argument("--seq-len", type=int, default=256,
                        help="causal LMs on a text (WikiText-2, C4, .txt file or folder): tokens per window")
-    table.add_argument("--ridge", type=float, default=1e-2, help="λ for --map ridge")
     table.add_argument("--out", required=True, type=Path, help="FILE.csv, FILE.md or FILE.json")
     table.add_argument("--cache-dir", type=Path, help="cache folder (default $RBA_CACHE_DIR or cache/)")
     table.add_argument("--decode-workers", type=_count, help=DECODE_HELP)
@@ -128,8 +133,7 @@ def _add_table_and_search(sub, common: argparse.ArgumentParser) -> None:
     search.add_argument("--exhaustive", action="store_true", help="measure every candidate on every sample "
                         "instead of the race (slower; the same top-k)")
     search.add_argument("--probe-top", type=int, default=0, help="train the probe for the best K candidates")
-    search.add_argument("--map", default="linear", choices=list(MAPS), help=_map_help())
-    search.add_argument("--ridge", type=float, default=1e-2, help="λ for --map ridge")
+    _add_map_options(search)
 
 
 class _Bar:
@@ -250,7 +254,7 @@ def _run_in_cache(args: argparse.Namespace, tracker: Tracker) -> int:
 
             table_format(args.out)  # a bad suffix fails before any work
             results = table(args.model, args.dataset, args.fit_n, args.eval_n, args.seed, args.ranges, args.map,
-                            map_params=MapParams(ridge=args.ridge), max_length=args.max_length,
+                            map_params=_map_params(args), max_length=args.max_length,
                             seq_len=args.seq_len, cache=cache,
                             progress=progress, on_stage=tracker.stage)
             if _main_rank():  # one writer under a launcher
@@ -260,7 +264,7 @@ def _run_in_cache(args: argparse.Namespace, tracker: Tracker) -> int:
 
             results = search(args.model, args.dataset, args.fit_n, args.eval_n, args.seed, blocks=args.blocks,
                              max_params=args.max_params, max_latency_ms=args.max_latency_ms, pairs=args.pairs,
-                             probe_top=args.probe_top, kind=args.map, map_params=MapParams(ridge=args.ridge),
+                             probe_top=args.probe_top, kind=args.map, map_params=_map_params(args),
                              top_k=args.top_k, exhaustive=args.exhaustive,
                              max_length=args.max_length, seq_len=args.seq_len, cache=cache,
                              progress=progress, on_stage=tracker.stage)
@@ -268,13 +272,13 @@ def _run_in_cache(args: argparse.Namespace, tracker: Tracker) -> int:
             from rba_core.analysis import export
 
             results = export(args.model, args.dataset, args.fit_n, args.seed, args.range, args.map, args.out,
-                             eval_n=args.eval_n, map_params=MapParams(ridge=args.ridge), max_length=args.max_length,
+                             eval_n=args.eval_n, map_params=_map_params(args), max_length=args.max_length,
                              seq_len=args.seq_len, onnx=args.onnx, cache=cache, progress=progress,
                              on_stage=tracker.stage)
             print(f"wrote {args.out}", file=sys.stderr)
         else:
             results = approximate(args.model, args.dataset, args.fit_n, args.eval_n, args.seed, args.range,
-                                  args.map, map_params=MapParams(ridge=args.ridge), probe=args.probe,
+                                  args.map, map_params=_map_params(args), probe=args.probe,
                                   max_length=args.max_length, seq_len=args.seq_len, cache=cache,
                                   latency=args.latency, progress=progress, on_stage=tracker.stage)
     except (KeyboardInterrupt, Cancelled):

@@ -24,10 +24,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from rba_core.approx import ApproximatedEncoder, count_params, paper_notation, validate_ranges
+from rba_core.approx import ApproximatedEncoder, count_params, paper_notation
 from rba_core.errors import RBAError
-from rba_core.approx import FoldedMap, LinearMap
-from rba_core.maps import Range
+from rba_core.maps import MAPS, Range, empty_map, map_kind, validate_ranges
+from rba_core.maps.module import FittedMap
 from rba_core.models import Encoder, adapter_class, load_config
 from rba_core.quiet import no_library_bars, quiet_onnx_export
 
@@ -36,50 +36,38 @@ VERSION = 2
 RECORD, WEIGHTS, CONFIG, ONNX = ("rba.json", "model.safetensors", "config.json", "model.onnx")
 _DIGEST_KEY = "rba_record_sha256"
 
-Compressed = ApproximatedEncoder | tuple[Encoder, Sequence[Range], Sequence[LinearMap | None]]
+Compressed = ApproximatedEncoder | tuple[Encoder, Sequence[Range], Sequence[FittedMap | None]]
 
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _map_kind(linear_map: LinearMap | None) -> str:
-    return "identity" if linear_map is None else ("linear" if linear_map.bias is None else "affine")
+def _map_record(fitted: FittedMap | None) -> dict:
+    """A range's map in ``rba.json``: its kind, the hyperparameters it was fitted with, its conditioning."""
+    if fitted is None:
+        return {"map": "identity"}
+    return {"map": fitted.kind, **({"map_params": fitted.params} if fitted.params else {}),
+            **({"conditioning": fitted.conditioning.to_json()} if fitted.conditioning else {})}
 
 
-def _maps_of(net: ApproximatedEncoder) -> list[LinearMap | None]:
-    """The map of each range, read back by walking the steps as ApproximatedEncoder built them
-    (a skipped range has no step; an identity range followed by an adjacent mapped range reads
-    the other way round, which computes the same function)."""
-    steps = list(net.steps)
-    starts = dict(net.ranges)
-    num_blocks = sum(not isinstance(s, LinearMap) for s in steps) + sum(j - i for i, j in net.ranges)
-    maps, k, position = [], 0, 0
-    while k < num_blocks:
-        if k in starts:
-            step = steps[position] if position < len(steps) else None
-            maps.append(step if isinstance(step, LinearMap) else None)
-            position += isinstance(step, LinearMap)
-            k = starts[k]
-        else:
-            position, k = position + 1, k + 1
-    return maps
-
-
-def _parts(compressed: Compressed, encoder: Encoder | None) -> tuple[Encoder, list[Range], list[LinearMap | None]]:
+def _parts(compressed: Compressed, encoder: Encoder | None) -> tuple[Encoder, list[Range], list[FittedMap | None]]:
     if isinstance(compressed, ApproximatedEncoder):
-        if any(isinstance(step, FoldedMap) for step in compressed.steps):
-            raise RBAError("Folded maps belong in the model's own weights: export them as a plain checkpoint "
-                           "with export --map folded (rba_core.analysis.export(..., kind='folded')).")
         if encoder is not None and compressed.encoder.model is not encoder.model:
             raise RBAError("The approximated model was built from another encoder than encoder=...; pass the "
                            "one it was built from, or leave encoder out.")
-        return compressed.encoder, list(compressed.ranges), _maps_of(compressed)
-    encoder, ranges, maps = compressed
-    if len(maps) != len(ranges):
-        raise RBAError(f"Give one map per range: {len(ranges)} ranges but {len(maps)} maps.")
-    order = sorted(range(len(ranges)), key=lambda n: tuple(ranges[n]))  # keep each map with its range
-    return encoder, validate_ranges(ranges, encoder.num_blocks), [maps[n] for n in order]
+        encoder, ranges, maps = compressed.encoder, list(compressed.ranges), list(compressed.maps)
+    else:
+        encoder, ranges, maps = compressed
+        if len(maps) != len(ranges):
+            raise RBAError(f"Give one map per range: {len(ranges)} ranges but {len(maps)} maps.")
+        order = sorted(range(len(ranges)), key=lambda n: tuple(ranges[n]))  # keep each map with its range
+        ranges, maps = validate_ranges(ranges, encoder.num_blocks), [maps[n] for n in order]
+    folding = next((m.kind for m in maps if m is not None and map_kind(m.kind).folds), None)
+    if folding:
+        raise RBAError(f"{folding.capitalize()} maps belong in the model's own weights: export them as a plain "
+                       f"checkpoint with export --map {folding} (rba_core.analysis.export(..., kind='{folding}')).")
+    return encoder, ranges, maps
 
 
 def save_compressed(compressed: Compressed, folder: Path | str, *, encoder: Encoder | None = None,
@@ -104,8 +92,7 @@ def save_compressed(compressed: Compressed, folder: Path | str, *, encoder: Enco
     record = {
         "format": FORMAT, "version": VERSION, "source": encoder.source, **encoder.describe(),
         "num_blocks": encoder.num_blocks, "hidden_size": encoder.hidden_size,
-        "ranges": [{"start": i, "end": j, "paper": paper_notation((i, j)), "map": _map_kind(m),
-                    **({"conditioning": m.conditioning.to_json()} if getattr(m, "conditioning", None) else {})}
+        "ranges": [{"start": i, "end": j, "paper": paper_notation((i, j)), **_map_record(m)}
                    for (i, j), m in zip(ranges, maps)],
         "kept_blocks": [k for k in range(1, encoder.num_blocks + 1) if k not in removed],
         "params": {"original": encoder.num_params(), "compressed": count_params(net)},
@@ -175,11 +162,10 @@ def _skeleton(folder: Path, record: dict) -> ApproximatedEncoder:
     model = cls.build_empty(config).eval().requires_grad_(False)
     encoder = cls(str(folder), str(folder), family, model, cls.load_processor(str(folder)), "cpu",
                   record.get("pooling", "first"), record.get("max_length"), config=config)
-    d = encoder.hidden_size
-    maps = []
-    for rng in record["ranges"]:
-        bias = torch.empty(d) if rng["map"] == "affine" else None
-        maps.append(None if rng["map"] == "identity" else LinearMap(torch.empty(d, d), bias))
+    unknown = next((r["map"] for r in record["ranges"] if r["map"] not in MAPS or MAPS[r["map"]].folds), None)
+    if unknown:
+        raise _refuse(folder, f"names a map kind this version cannot rebuild ('{unknown}')")
+    maps = [empty_map(r["map"], encoder.hidden_size, r["start"], r.get("map_params")) for r in record["ranges"]]
     ranges = validate_ranges([(r["start"], r["end"]) for r in record["ranges"]], encoder.num_blocks)
     return ApproximatedEncoder(encoder, ranges, maps)
 

@@ -26,44 +26,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from rba_core.approx import validate_ranges
 from rba_core.distributed import world
 from rba_core.errors import RBAError
 from rba_core.maps import Range
+from rba_core.maps.folded import FoldStats, check_fold_set, check_foldable
 from rba_core.models import Encoder, load_encoder
-from rba_core.range_pass import FoldStats, collect, range_statistics
-
-
-def check_foldable(encoder: Encoder, ranges: Sequence[Sequence[int]]) -> list[Range]:
-    """Checked ranges whose start (block i, or the embeddings for i = 0) can take the map and is kept;
-    one sentence for a model or range that cannot fold."""
-    instead = "use --map linear, affine or ridge instead (a map module, not folded)"
-    if encoder.mlp_out is None and not encoder.linear_stem:
-        raise RBAError(f"A map cannot be folded into this '{encoder.family}' model: {encoder.no_fold_reason}; "
-                       f"{instead}.")
-    checked = validate_ranges(ranges, encoder.num_blocks)
-    for i, j in checked:
-        if i == 0 and not encoder.folds_at(0):
-            raise RBAError(f"Range 0→{j} cannot be folded into this '{encoder.family}' model's embeddings: "
-                           f"{encoder.no_stem_fold_reason}; start the range at block 1 or later, or {instead}.")
-        if i > 0 and not encoder.folds_at(i):
-            raise RBAError(f"Range {i}→{j} cannot be folded into block {i} of this '{encoder.family}' model: "
-                           f"{encoder.no_fold_reason}; start the range at 0 (the embeddings), or {instead}.")
-    check_fold_set(checked, encoder.num_blocks)
-    return checked
-
-
-def check_fold_set(ranges: Sequence[Sequence[int]], num_blocks: int) -> list[Range]:
-    """The checks of one set of ranges that need no model: valid, disjoint, none folding into a block that
-    another removes, at least one layer kept."""
-    checked = validate_ranges(ranges, num_blocks)
-    for (_, j1), (i2, j2) in zip(checked, checked[1:]):
-        if i2 == j1:
-            raise RBAError(f"Range {i2}→{j2} would fold into block {i2}, which range ending at {j1} removes; "
-                           "merge the two ranges into one.")
-    if sum(j - i for i, j in checked) >= num_blocks:
-        raise RBAError("These ranges would remove every layer; keep at least one.")
-    return checked
+from rba_core.range_pass import collect, range_statistics
 
 
 def fold_statistics(encoder: Encoder, batches: Iterable[dict[str, torch.Tensor]],

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -23,6 +22,7 @@ from rba_core.errors import RBAError, above_maximum
 from rba_core.registry import DATA_DIR_ENV, LM_TEXTS, LMTextInfo, lm_text_info, local_dataset_dir
 
 DEFAULT_SEQ_LEN = 256
+TRAIN_SHARE = 0.9  # a single text file: this share of its lines is the train split
 
 def is_lm_text(name) -> bool:
     """Whether ``name`` is a language-model text source: a hub text alias, a ``.txt`` file or a

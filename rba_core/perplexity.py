@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rba_core.approx import ApproximatedEncoder, FoldedMap, captured, mlp_outputs
+from rba_core.approx import ApproximatedEncoder, captured, mlp_outputs
 from rba_core.errors import RBAError
 from rba_core.models.decoder import DecoderLM
 from rba_core.progress import Progress
@@ -30,7 +30,7 @@ def lm_scores(encoder: DecoderLM, nets: dict[str, ApproximatedEncoder], windows:
     The original runs once per batch keeping every block output; each net then runs only from its first
     range's start on (:meth:`ApproximatedEncoder.resume`), since up to there it computes what the original
     does. ``finals``, when given, receives each model's final representations (B, D) per batch by name."""
-    starts = {step.start for net in nets.values() for step in net.steps if isinstance(step, FoldedMap)}
+    starts = {i for net in nets.values() for i in net.mlp_starts()}
     names = ["original", *nets]
     loss = dict.fromkeys(names, 0.0)
     agree = dict.fromkeys(names, 0)

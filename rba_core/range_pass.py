@@ -23,29 +23,11 @@ from rba_core.data import open_sample
 from rba_core.distributed import single_flight, world
 from rba_core.errors import RBAError
 from rba_core.extract import check_modality, compute_dtype, extraction_key, model_inputs
-from rba_core.maps import Conditioning, Range, solve_spd_conditioned
+from rba_core.maps import Range
+from rba_core.maps.folded import FoldStats
 from rba_core.models import Encoder, check_text_length, default_device, load_encoder, model_ref
 from rba_core.progress import Progress
 from rba_core.stats import SAMPLE_GROUP, TokenStats
-
-
-@dataclass
-class FoldStats:
-    """Fold statistics of one range i→j over real tokens (:mod:`rba_core.fold`), float64 (D, D) each."""
-
-    mm: np.ndarray  # MᵀM
-    md: np.ndarray  # Mᵀ(H_j - H_i)
-    count: int
-
-    def solve(self, ridge: float = 0.0) -> tuple[np.ndarray, Conditioning]:
-        """T (D, D) minimising ||M T - (H_j - H_i + M)||² + ridge·count·||T||² (λ per token, as the ridge
-        map's), and how well MᵀM determined it. The sums come from float64 products (:func:`collect`)."""
-        gram = self.mm + ridge * self.count * np.eye(self.mm.shape[0])
-        return solve_spd_conditioned(gram, self.md + self.mm, "float64")
-
-    def fit(self, ridge: float = 0.0) -> np.ndarray:
-        """T alone (see :meth:`solve`)."""
-        return self.solve(ridge)[0]
 
 
 @dataclass

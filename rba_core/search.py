@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from rba_core.analysis import Stage, LazyEncoder, approximate, lm_dataset, map_statistics
-from rba_core.approx import FoldedMap, LinearMap, captured, mlp_outputs
+from rba_core.approx import LinearMap, captured, mlp_outputs
 from rba_core.cache import Cache
 from rba_core.data import open_dataset
 from rba_core.distributed import World, world
@@ -37,6 +37,7 @@ from rba_core.errors import RBAError
 from rba_core.extract import Extraction, Progress, extract, model_inputs
 from rba_core.lm_data import DEFAULT_SEQ_LEN
 from rba_core.maps import MapParams, Range, fit_map, fit_residual_matrix, map_kind
+from rba_core.maps.module import FittedMap
 from rba_core.metrics import angular_distance, block_redundancy, block_redundancy_all_tokens
 from rba_core.models import Encoder
 from rba_core.progress import duration_text
@@ -125,27 +126,25 @@ def candidate_run_ms(candidate: Candidate, timing: dict, kind: str) -> float:
     return latency_estimate(candidate, timing, kind) - timing["embed"] - before
 
 
-def _on(linear_map: LinearMap | None, device: str) -> LinearMap | None:
-    return None if linear_map is None else linear_map.to(device)
+def _on(fitted: FittedMap | None, device: str) -> FittedMap | None:
+    return None if fitted is None else fitted.to(device)
 
 
-def _apply(linear_map: LinearMap | FoldedMap | None, hidden: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
-    """The map on the state at its range's start; ``m``: that block's MLP output (folded maps only)."""
-    if linear_map is None:
-        return hidden
-    return linear_map(hidden, m) if isinstance(linear_map, FoldedMap) else linear_map(hidden)
+def _apply(fitted: FittedMap | None, hidden: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
+    """The map on the state at its range's start; ``m``: that block's MLP output (for maps that read it)."""
+    return hidden if fitted is None else fitted(hidden, m)
 
 
 @torch.inference_mode()
 def _chunk_sse(encoder: Encoder, hs: list[torch.Tensor], batch: tuple, reference: torch.Tensor,
-               groups: dict[Range, list[Candidate]], maps: dict[Range, LinearMap | None],
+               groups: dict[Range, list[Candidate]], maps: dict[Range, FittedMap | None],
                errors: dict[Candidate, list[np.ndarray]], tick) -> None:
     """Append each candidate's per-sample squared error (mean over dimensions) on this chunk;
     candidates are grouped by first range so that pairs reuse the state after the first map and
     the blocks up to their second range. ``batch`` is the chunk's (block context, token mask)."""
     last = encoder.num_blocks
     ctx, mask = batch
-    folded = any(isinstance(m, FoldedMap) for m in maps.values())
+    folded = any(m is not None and m.needs_mlp_output for m in maps.values())
 
     def run(hidden: torch.Tensor, first: int, stop: int) -> torch.Tensor:
         return encoder.run_blocks(hidden, first, stop, ctx)
@@ -333,15 +332,13 @@ def _measure(encoder: Encoder, source, ev: Extraction, size: int, choose, progre
     return {c: np.concatenate(e) for c, e in errors.items()}, timing, seconds
 
 
-def _foldable(encoder: Encoder, candidates: list[Candidate], notes: list[str]) -> list[Candidate]:
-    """The candidates whose ranges fold into this model; a note says how many were left out and why
-    (the reason of the first), and a model that can fold none of them is one sentence."""
-    from rba_core.fold import check_foldable
-
+def _admissible(encoder: Encoder, candidates: list[Candidate], kind: str, notes: list[str]) -> list[Candidate]:
+    """The candidates whose ranges this model can take with maps of ``kind`` (its ``check_encoder``); a note
+    says how many were left out and why (the reason of the first), and a model that takes none is one sentence."""
     kept, reasons = [], {}
     for c in candidates:
         try:
-            check_foldable(encoder, c)
+            map_kind(kind).check_encoder(encoder, c)
             kept.append(c)
         except RBAError as exc:
             reasons[c] = str(exc)
@@ -349,8 +346,8 @@ def _foldable(encoder: Encoder, candidates: list[Candidate], notes: list[str]) -
         raise RBAError(next(iter(reasons.values())))
     if reasons:
         first, reason = next(iter(reasons.items()))
-        notes.append(f"{len(reasons)} of {len(candidates)} candidates cannot fold and were left out of the folded "
-                     f"search, e.g. {row_label(first)[0]}: {reason}")
+        notes.append(f"{len(reasons)} of {len(candidates)} candidates cannot take {kind} maps and were left out of "
+                     f"the {kind} search, e.g. {row_label(first)[0]}: {reason}")
     return kept
 
 
@@ -426,19 +423,17 @@ def search(model, dataset, fit_n: int, eval_n: int, seed: int = 0, *, blocks: in
 
     notes: list[str] = []
 
-    def choose(timing: dict) -> tuple[list[Candidate], dict[Range, LinearMap | FoldedMap | None]]:
+    def choose(timing: dict) -> tuple[list[Candidate], dict[Range, FittedMap | None]]:
         chosen = _select(everything, fit, kind, timing, blocks, max_params, max_latency_ms)
         if not chosen:
             raise RBAError("No range fits this budget: allow more parameters or latency, or remove fewer blocks.")
-        if declared.statistics == "fold":
-            chosen = _foldable(encoder, chosen, notes)
+        if declared.check_encoder:
+            chosen = _admissible(encoder, chosen, kind, notes)
         n = len(ev.indices)
         most = n * (latency_estimate((), timing, kind) + sum(candidate_run_ms(c, timing, kind) for c in chosen)) / 1000
         stage(f"Measured search: {len(chosen)} of {len(everything)} candidates fit the budget; measuring every one on "
               f"all {n} samples would take about {duration_text(most)} here (the race stops most of them earlier)")
-        if declared.statistics != "tokens":
-            stage(f"Fit samples (train split): what the {kind} maps of these candidates are fitted from")
-        fitted = map_statistics(kind, fit, dataset, chosen, lazy, cache, progress)
+        fitted = map_statistics(kind, fit, dataset, chosen, lazy, cache, progress, stage)
         needed = sorted({r for c in chosen for r in c})  # pairs share ranges: fit each map once
         return chosen, {r: _on(fit_map(fitted, r, kind, params), encoder.device) for r in needed}
 

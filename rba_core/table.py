@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from rba_core.analysis import Stage, LazyEncoder, approximate
-from rba_core.approx import Range, paper_notation, validate_ranges
+from rba_core.approx import Range, paper_notation
+from rba_core.maps import validate_ranges
 from rba_core.cache import Cache
 from rba_core.errors import RBAError
 from rba_core.extract import Progress

@@ -46,13 +46,13 @@ preload()
 from rba_core.analysis import LazyEncoder, analysis_results, approximate, export, fit_range_maps, lm_dataset
 from rba_core.approx import ApproximatedEncoder, approximate_encoder
 from rba_core.cache import Cache, cache_root
-from rba_core.export import ONNX, RECORD, save_compressed
+from rba_core.export import ONNX, RECORD
 from rba_core.extract import extract
 from rba_core.hub import hub_status, on_disk
 from rba_core.lm_data import DEFAULT_SEQ_LEN
 from rba_core.data import dataset_unit
 from rba_core.distributed import run_group
-from rba_core.maps import MapParams, map_kind
+from rba_core.maps import MapParams
 from rba_core.models import Encoder, load_encoder, model_info
 from rba_core.progress import stage_unit, stopped_sentence
 from rba_core.search import search
@@ -403,27 +403,18 @@ def _range_maps(sel: Selection, ranges: list[tuple[int, int]], kind: str, params
 
 def run_export(sel: Selection, ranges: list[tuple[int, int]], kind: str, params: MapParams, name: str,
                onnx: bool) -> dict:
-    """The approximated model of the dashboard (maps fitted from the stored statistics) written in a
-    temporary folder, in :func:`_working`: by :func:`rba_core.export.save_compressed`, or for maps that
-    fold into the weights as a plain Hugging Face checkpoint (:func:`rba_core.analysis.export`). Returns
-    ``content`` (the folder as a zip, or with ``onnx`` the ONNX file), ``sizes`` (bytes on disk per
-    file) and ``record`` (rba.json)."""
+    """The approximated model of the dashboard written in a temporary folder by the CLI's and the library's
+    :func:`rba_core.analysis.export` (maps fitted from the ranges' stored statistics; a kind that folds into
+    the weights gives a plain Hugging Face checkpoint), in :func:`_working`. Returns ``content`` (the folder
+    as a zip, or with ``onnx`` the ONNX file), ``sizes`` (bytes on disk per file) and ``record`` (rba.json)."""
     what = "the ONNX file" if onnx else "the compressed model"
     with _working(f"Building {what}…", unit(sel.dataset)) as work:
         began = time.perf_counter()
-        work.stage("Fitting the maps from the stored statistics")
-        maps = _range_maps(sel, ranges, kind, params, work)
-        model = encoder(sel.model)
-        work.stage("Exporting to ONNX (tracing the model)" if onnx else
-                   "Writing the safetensors weights, config and record")
         with tempfile.TemporaryDirectory() as tmp:
-            if map_kind(kind).statistics == "fold":  # stored statistics: no pass
-                export(sel.model, sel.dataset, sel.n, sel.seed, ranges, kind, Path(tmp) / name, cache=work.cache,
-                       encoder=lambda: encoder(sel.model))
-                folder = Path(tmp) / name
-            else:
-                folder = save_compressed(ApproximatedEncoder(model, ranges, maps).eval(), Path(tmp) / name,
-                                         onnx=onnx)
+            folder = Path(tmp) / name
+            export(sel.model, sel.dataset, sel.n, sel.seed, ranges, kind, folder, map_params=params, onnx=onnx,
+                   cache=work.cache, progress=work.progress, on_stage=work.stage, encoder=lambda: encoder(sel.model))
+            _opened(sel)
             sizes = {path.name: path.stat().st_size for path in sorted(folder.iterdir())}
             content = (folder / ONNX).read_bytes() if onnx else _zip(folder)
             record = json.loads((folder / RECORD).read_text())

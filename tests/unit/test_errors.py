@@ -9,7 +9,7 @@ import torch
 
 from rba_core import RBAError
 from rba_core.analysis import approximate
-from rba_core.approx import validate_ranges
+from rba_core.maps import validate_ranges
 from rba_core.maps import fit_map
 from rba_core.cache import Cache
 from rba_core.data import open_dataset

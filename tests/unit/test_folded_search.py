@@ -15,7 +15,7 @@ from test_decoders import SEQ, TEXTS, _prose, decoders  # noqa: F401  (fixture)
 from test_fold import _own_m_and_states
 
 from rba_core.analysis import analyze, approximate, lm_dataset
-from rba_core.approx import FoldedMap, approximate_encoder, count_params
+from rba_core.approx import approximate_encoder, count_params
 from rba_core.cache import Cache
 from rba_core.cli import main
 from rba_core.data import open_dataset, sample_indices
@@ -53,7 +53,7 @@ def test_the_folded_map_kind_is_the_folded_model(family, side, decoders):  # noq
     assert count_params(net) == folded.num_params() == enc.num_params() - enc.block_params(2) - enc.block_params(4)
     assert MAPS["folded"].added_params(enc.hidden_size) == 0
     # bfloat16 states (decoders on CUDA): the map computes in float32 and returns the states' dtype
-    step = next(s for s in net.steps if isinstance(s, FoldedMap))
+    step = next(m for m in net.maps if m.kind == "folded")
     h, m = torch.randn(2, 3, enc.hidden_size), torch.randn(2, 3, enc.hidden_size)
     out = step(h.bfloat16(), m.bfloat16())
     assert out.dtype == torch.bfloat16
@@ -180,7 +180,7 @@ def test_cli_search_and_table_take_map_folded(decoders, lm_text, tmp_path, capsy
                  "--map", "folded", "--json", str(tmp_path / "g.json")]) == 0
     result = json.loads((tmp_path / "g.json").read_text())
     assert [row["range"] for row in result["candidates"]] == ["0→1"]
-    assert any("cannot fold and were left out" in note for note in result["notes"])
+    assert any("cannot take folded maps and were left out" in note for note in result["notes"])
     capsys.readouterr()
     assert main(["approximate", "--model", gemma, *common, "--fit-n", "8", "--eval-n", "4", "--range", "1", "3",
                  "--map", "folded"]) == 2

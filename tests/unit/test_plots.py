@@ -137,7 +137,7 @@ def test_side_by_side_ticks_stay_short_and_rows_are_labelled_once():
 
 @pytest.mark.parametrize("blocks", [1, 2, 3, 4, 6, 12, 24])
 def test_default_ranges_fit_the_model(blocks):
-    from rba_core.approx import validate_ranges
+    from rba_core.maps import validate_ranges
 
     ranges = default_ranges(blocks, 4)
     assert validate_ranges(ranges, blocks)  # inside 0..L and disjoint
