@@ -4,160 +4,30 @@ digits), and sample it."""
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import re
-from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
 from rba_core.errors import RBAError
 from rba_core.hub import require_available
-from rba_core.registry import DATA_DIR_ENV, DATASET_ALIASES, DatasetInfo, dataset_info, local_dataset_dir
-
-SPLITS = ("train", "test")
-IMAGE_COLUMNS = ("image", "img", "pixel_values", "picture")
-LABEL_COLUMNS = ("label", "labels", "fine_label", "coarse_label", "class")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-#: Text columns, in order of preference: one text, or a pair read as (text_a, text_b).
-TEXT_COLUMNS: tuple[tuple[str, ...], ...] = (("text",), ("sentence",), ("text_a", "text_b"),
-                                             ("premise", "hypothesis"), ("sentence1", "sentence2"))
-TABLE_SUFFIXES = (".parquet", ".csv", ".jsonl", ".json")
-#: WebDataset shards (rba_core.tar_shards): ``train-000000.tar`` ..., or a pattern ``shards-{000000..000009}.tar``.
-SHARD_SUFFIX = ".tar"
-UNITS = {"image": "images", "text": "texts"}
-#: Row groups of a parquet file's image column held in memory at once: the pass reads sorted
-#: samples, so memory holds a few row groups, never the whole column.
-ROW_GROUPS_HELD = 4
-
-
-@dataclass
-class Source:
-    """One split of a dataset: labels in memory, samples (PIL images or texts) read on demand.
-
-    A text sample is a string, or a (text_a, text_b) pair for pair datasets such as MNLI.
-    """
-
-    name: str
-    split: str
-    labels: np.ndarray  # (N,) int64; -1 where the dataset has no labels
-    label_names: list[str]
-    fingerprint: dict  # identifies the content, for cache keys
-    _load: Callable[[Sequence[int]], list] = field(repr=False)
-    modality: str = "image"  # "image" or "text"
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    @property
-    def unit(self) -> str:
-        """What one sample is called in messages: "images" or "texts"."""
-        return UNITS[self.modality]
-
-    def items(self, indices: Sequence[int]) -> list:
-        """The samples at ``indices``: RGB images (grayscale is converted), texts, or windows of
-        token ids (int64 arrays, :mod:`rba_core.lm_data`)."""
-        loaded = self._load([int(i) for i in indices])
-        if self.modality == "image":
-            return [im.convert("RGB") for im in loaded]
-        if loaded and isinstance(loaded[0], np.ndarray):
-            return loaded
-        for index, text in zip(indices, loaded):
-            parts = text if isinstance(text, tuple) else (text,)
-            if any(not isinstance(p, str) or not p.strip() for p in parts):
-                raise RBAError(f"Sample {int(index)} of the {self.split} split of '{self.name}' has an empty "
-                               "text; remove empty rows from the dataset.")
-        return loaded
-
-
-#: What the samples of each split are for, and the setting that chooses how many: errors name them.
-SAMPLE_ROLES = {"train": ("samples n (train split)", "samples n"),
-                "test": ("evaluation samples (test split)", "the evaluation samples")}
-
-
-def sample_indices(total: int, n: int, seed: int, split: str | None = None, unit: str = "samples") -> np.ndarray:
-    """A seeded random subset of ``n`` distinct indices in ``range(total)``, sorted; ``split`` names the
-    samples' role and ``unit`` what they are ("images", "texts") in the error when there are too few."""
-    role, setting = SAMPLE_ROLES.get(split, ("samples", "n"))
-    if n <= 0:
-        raise RBAError(f"The number of {role} must be positive, got {n}.")
-    if n > total:
-        raise RBAError(f"Asked for {n} {role} but the {split or 'chosen'} split has only {total} {unit}; "
-                       f"lower {setting} to at most {total}.")
-    rng = np.random.default_rng(seed)
-    return np.sort(rng.choice(total, size=n, replace=False))
-
-
-def _check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise RBAError(f"Unknown split '{split}': use one of {', '.join(SPLITS)}.")
-
-
-def _pick(columns: Sequence[str], preferred: str | None, candidates: Sequence[str]) -> str | None:
-    if preferred in columns:
-        return preferred
-    return next((c for c in candidates if c in columns), None)
-
-
-def _decode(value: dict | bytes, file: Path, index: int) -> Image.Image:
-    """The image in ``value``: sample ``index`` of the split, stored in ``file`` (named if it cannot be decoded)."""
-    data = value["bytes"] if isinstance(value, dict) else value
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except Exception as exc:  # PIL raises many types for bad bytes
-        reason = re.sub(r"\s*<[^>]* at 0x[0-9a-fA-F]+>", "", str(exc)).strip() or type(exc).__name__
-        raise RBAError(f"Sample {index} ('{file}') cannot be decoded as an image ({reason}); "
-                       "replace or remove that image.") from None
-    return image
-
-
-def _stat_fingerprint(paths: Sequence[Path]) -> str:
-    sha = hashlib.sha256()
-    for path in paths:
-        stat = path.stat()
-        sha.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns};".encode())
-    return sha.hexdigest()
-
-
-def _text_columns(columns: Sequence[str], preferred: tuple[str, ...] | None) -> tuple[str, ...] | None:
-    for candidate in ((preferred,) if preferred else ()) + TEXT_COLUMNS:
-        if all(c in columns for c in candidate):
-            return candidate
-    return None
-
-
-def _labels(name: str, split: str, rows: int, values, names: list[str] | None) -> tuple[np.ndarray, list[str]]:
-    """Labels as int64 (-1 where unlabelled) and their names (class indices when unnamed)."""
-    if rows == 0:
-        raise RBAError(f"The {split} split of '{name}' is empty; add samples or pick another dataset.")
-    if values is None:
-        return np.full(rows, -1, dtype=np.int64), []
-    labels = np.asarray(values).astype(np.int64)
-    return labels, list(names or []) or [str(v) for v in range(int(labels.max()) + 1)]
-
+from rba_core.registry import (DATA_DIR_ENV, DATASET_ALIASES, DatasetInfo, dataset_info, is_stream, local_dataset_dir,
+                               stream_spec, stream_target)
+from rba_core.source import (no_columns, IMAGE_COLUMNS, IMAGE_SUFFIXES, LABEL_COLUMNS, ROW_GROUPS_HELD, SHARD_SUFFIX, SPLITS, Source, TABLE_SUFFIXES, UNITS, check_split, decode_image, label_array, pick_column, sample_indices, split_files, stat_fingerprint, text_columns)
 
 def _text_source(name: str, split: str, table, text_cols: tuple[str, ...], label_col: str | None,
                  names: list[str] | None, fingerprint: dict) -> Source:
     """A text split held in memory (texts are small): one column, or a pair of columns."""
     columns = [table.column(c).to_pylist() for c in text_cols]
     texts = columns[0] if len(columns) == 1 else list(zip(*columns))
-    labels, label_names = _labels(name, split, len(texts), None if label_col is None else
+    labels, label_names = label_array(name, split, len(texts), None if label_col is None else
                                   table.column(label_col).to_numpy(zero_copy_only=False), names)
     load = lambda idx: [texts[i] for i in idx]  # noqa: E731
     fingerprint = {**fingerprint, "text": list(text_cols), "label": label_col}
     return Source(name, split, labels, label_names, fingerprint, load, "text")
-
-
-def _no_columns(name: str, columns: Sequence[str]) -> RBAError:
-    return RBAError(
-        f"Dataset '{name}' has no image or text column (looked for {', '.join(IMAGE_COLUMNS)} and "
-        f"{', '.join('/'.join(c) for c in TEXT_COLUMNS)}; it has {', '.join(columns)}); rename the column "
-        "to 'image' or 'text'.")
 
 
 def _table_source(name: str, paths: Sequence[Path], split: str, info: DatasetInfo | None) -> Source:
@@ -173,11 +43,11 @@ def _table_source(name: str, paths: Sequence[Path], split: str, info: DatasetInf
             raise RBAError(f"Cannot read '{path}' ({exc.__class__.__name__}); is it valid "
                            f"{'CSV' if path.suffix == '.csv' else 'JSON Lines'}?") from None
     table = _concat(tables, paths)
-    text_cols = _text_columns(table.column_names, info and info.text_columns)
+    text_cols = text_columns(table.column_names, info and info.text_columns)
     if text_cols is None:
-        raise _no_columns(name, table.column_names)
-    label_col = _pick(table.column_names, info and info.label_column, LABEL_COLUMNS)
-    return _text_source(name, split, table, text_cols, label_col, None, {"table": _stat_fingerprint(paths)})
+        raise no_columns(name, table.column_names)
+    label_col = pick_column(table.column_names, info and info.label_column, LABEL_COLUMNS)
+    return _text_source(name, split, table, text_cols, label_col, None, {"table": stat_fingerprint(paths)})
 
 
 def _concat(tables: list, paths: Sequence[Path]):
@@ -212,20 +82,20 @@ def _parquet_source(name: str, paths: Sequence[Path], split: str, info: DatasetI
             raise unreadable(path, exc) from None
     schema = metas[0].schema.to_arrow_schema()
     columns = schema.names
-    label_col = _pick(columns, info and info.label_column, LABEL_COLUMNS)
+    label_col = pick_column(columns, info and info.label_column, LABEL_COLUMNS)
     hf = json.loads((schema.metadata or {}).get(b"huggingface", b"{}"))
     names = hf.get("info", {}).get("features", {}).get(label_col, {}).get("names") if label_col else None
-    image_col = _pick(columns, info and info.image_column, IMAGE_COLUMNS)
-    text_cols = _text_columns(columns, info and info.text_columns)
+    image_col = pick_column(columns, info and info.image_column, IMAGE_COLUMNS)
+    text_cols = text_columns(columns, info and info.text_columns)
     if image_col is None and text_cols is None:
-        raise _no_columns(name, columns)
+        raise no_columns(name, columns)
     wanted = list(text_cols or (image_col,)) + ([label_col] if label_col else [])
     for path, meta in zip(paths, metas):
         missing = set(wanted) - set(meta.schema.to_arrow_schema().names)
         if missing:
             raise RBAError(f"The parquet shard '{path}' lacks column(s) {', '.join(sorted(missing))} that "
                            f"'{paths[0].name}' has; give every shard of a split the same columns.")
-    fingerprint = {"parquet": _stat_fingerprint(paths)}
+    fingerprint = {"parquet": stat_fingerprint(paths)}
     if image_col is None:
         tables = []
         for path in paths:
@@ -241,7 +111,7 @@ def _parquet_source(name: str, paths: Sequence[Path], split: str, info: DatasetI
                 values.append(pq.ParquetFile(path, metadata=meta).read(columns=[label_col]).column(0).to_numpy())
             except Exception as exc:
                 raise unreadable(path, exc) from None
-    labels, label_names = _labels(name, split, sum(m.num_rows for m in metas),
+    labels, label_names = label_array(name, split, sum(m.num_rows for m in metas),
                                   np.concatenate(values) if label_col else None, names)
     # Every row group of every shard, in order, and the index of its first row.
     groups = [(f, g) for f, meta in enumerate(metas) for g in range(meta.num_row_groups)]
@@ -257,21 +127,10 @@ def _parquet_source(name: str, paths: Sequence[Path], split: str, info: DatasetI
 
     def load(idx: Sequence[int]) -> list[Image.Image]:
         numbers = np.searchsorted(starts, idx, side="right") - 1
-        return [_decode(row_group(int(g))[int(i - starts[g])].as_py(), paths[groups[g][0]], i)
+        return [decode_image(row_group(int(g))[int(i - starts[g])].as_py(), paths[groups[g][0]], i)
                 for i, g in zip(idx, numbers)]
 
     return Source(name, split, labels, label_names, {**fingerprint, "image": image_col, "label": label_col}, load)
-
-
-def _split_files(folder: Path, split: str) -> list[Path]:
-    """The files of one split: ``train.parquet``, or its shards (``train-00000-of-00042.parquet`` ...,
-    ``data/train-*.parquet``, ``train/*.parquet``), or the same in CSV or JSON Lines; empty when none."""
-    for suffix in (*TABLE_SUFFIXES, SHARD_SUFFIX):
-        for pattern in (f"{split}{suffix}", f"{split}-*{suffix}", f"data/{split}-*{suffix}", f"{split}/*{suffix}"):
-            found = sorted(folder.glob(pattern))
-            if found:
-                return found
-    return []
 
 
 def _image_folder_source(name: str, folder: Path, split: str) -> Source:
@@ -297,14 +156,14 @@ def _image_folder_source(name: str, folder: Path, split: str) -> Source:
         )
 
     def load(idx: Sequence[int]) -> list[Image.Image]:
-        return [_decode(files[i].read_bytes(), files[i], i) for i in idx]
+        return [decode_image(files[i].read_bytes(), files[i], i) for i in idx]
 
-    fingerprint = {"folder": _stat_fingerprint(files)}
+    fingerprint = {"folder": stat_fingerprint(files)}
     return Source(name, split, np.asarray(labels, np.int64), classes, fingerprint, load)
 
 
 def _folder_source(name: str, folder: Path, split: str, info: DatasetInfo | None) -> Source:
-    tables = _split_files(folder, split)
+    tables = split_files(folder, split)
     if tables:
         read = {".parquet": _parquet_source, SHARD_SUFFIX: _shards_source}.get(tables[0].suffix, _table_source)
         return read(name, tables, split, info)
@@ -324,17 +183,17 @@ def _shards_source(name: str, paths: Sequence[Path], split: str, info: DatasetIn
 
     chosen, modality = shard_samples(paths, split if by_key else None)
     values = [sample["label"] for _, sample in chosen]
-    labels, names = _labels(name, split, len(chosen), values if any(v >= 0 for v in values) else None, None)
+    labels, names = label_array(name, split, len(chosen), values if any(v >= 0 for v in values) else None, None)
 
     def load(idx: Sequence[int]) -> list:
         out = []
         for i in idx:
             number, sample = chosen[i]
             data = read_member(paths[number], sample, modality)
-            out.append(_decode(data, paths[number], i) if modality == "image" else data.decode("utf-8"))
+            out.append(decode_image(data, paths[number], i) if modality == "image" else data.decode("utf-8"))
         return out
 
-    fingerprint = {"shards": _stat_fingerprint(paths), "by_key": by_key}
+    fingerprint = {"shards": stat_fingerprint(paths), "by_key": by_key}
     return Source(name, split, labels, names, fingerprint, load, modality)
 
 
@@ -405,8 +264,6 @@ def dataset_unit(dataset) -> str:
     from the registry for an alias,
     else from the data itself (a folder's labels and columns are read, no image is decoded)."""
     from rba_core.lm_data import is_lm_text
-    from rba_core.streaming import is_stream, stream_target
-
     if is_lm_text(dataset):
         return "windows"  # a language-model text: token windows of the model's tokenizer
     if is_stream(dataset):  # not opened here: that would read the stream
@@ -423,24 +280,12 @@ def dataset_name(dataset) -> str:
     return dataset if isinstance(dataset, str) else _in_memory_source(dataset, "train").name
 
 
-def stream_spec(name) -> str | None:
-    """``stream:...`` for a dataset read as a stream: one named so, or a streamed alias without a local copy."""
-    from rba_core.streaming import PREFIX, is_stream
-
-    if not isinstance(name, str):
-        return None
-    if is_stream(name):
-        return name
-    info = dataset_info(name)
-    return PREFIX + info.alias if info and info.streamed and local_dataset_dir(info) is None else None
-
-
 def open_sample(name, split: str, n: int, seed: int) -> tuple[Source, np.ndarray]:
     """The split and the seeded sample of ``n`` indices in it; a ``stream:`` dataset is read only as far as
     its sample (:mod:`rba_core.streaming`)."""
     from rba_core.streaming import stream_sample
 
-    _check_split(split)
+    check_split(split)
     stream = stream_spec(name)
     if stream:
         return stream_sample(stream, split, n, seed)
@@ -451,7 +296,7 @@ def open_sample(name, split: str, n: int, seed: int) -> tuple[Source, np.ndarray
 def open_dataset(name, split: str = "train") -> Source:
     """Open a dataset alias (local copy under ``$RBA_DATA_DIR`` first, then the hub) or folder;
     a list of samples (or of (sample, label) pairs) serves as both splits."""
-    _check_split(split)
+    check_split(split)
     if hasattr(name, "open_split"):  # language-model windows (rba_core.lm_data.LMText)
         return name.open_split(split)
     if not isinstance(name, str):

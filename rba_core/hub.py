@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Iterable
 
 from rba_core.errors import RBAError
-from rba_core.registry import DATA_DIR_ENV, DEMO_PAIR, dataset_info, lm_text_info, local_dataset_dir, missing_model, resolve_model
+from rba_core.registry import (DATA_DIR_ENV, DEMO_PAIR, dataset_info, lm_text_info, local_dataset_dir, local_text_advice,
+                               missing_model, resolve_model, stream_spec, stream_target)
 
 PROBE_TIMEOUT_S = 2.0
 USER_OFFLINE = "HF_HUB_OFFLINE is set"
@@ -104,9 +105,6 @@ def is_available_offline(name: str) -> bool:
 def on_disk(dataset: str) -> bool:
     """True when opening ``dataset`` reads local files only (a folder, digits, a copy under
     $RBA_DATA_DIR); otherwise it goes to the hub and may download the whole dataset."""
-    from rba_core.data import stream_spec
-    from rba_core.streaming import stream_target
-
     stream = stream_spec(dataset)
     if stream:  # streamed from the hub unless it names a local folder
         return Path(stream_target(stream)).expanduser().is_dir()
@@ -132,9 +130,6 @@ def offline_problem(model: str | None = None, datasets: Iterable[str] = ()) -> s
     if model and missing_model(model):
         return missing_model(model)
     hub_models = [model] if model and is_hub_model(model) and not is_available_offline(model) else []
-    from rba_core.data import stream_spec
-    from rba_core.streaming import stream_target
-
     # A stream is read from the hub on every draw; another dataset may already be in the local cache.
     hub_data = [d for d in datasets if not on_disk(d) and (stream_spec(d) or not _dataset_cached((dataset_info(d) or lm_text_info(d)).hub_id))]
     if not hub_models and not hub_data:
@@ -150,8 +145,6 @@ def offline_problem(model: str | None = None, datasets: Iterable[str] = ()) -> s
                 "give a local folder of parquet shards or WebDataset shards.")
     info = dataset_info(hub_data[0])
     if info is None:  # a language-model text
-        from rba_core.lm_data import local_text_advice
-
         info = lm_text_info(hub_data[0])
         return f"Dataset '{info.alias}' ({info.hub_id}) is not available offline: {reason}; {local_text_advice(info)}"
     return (f"Dataset '{info.alias}' ({info.hub_id}) is not available offline: {reason}; set {DATA_DIR_ENV} to a "

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from rba_core.errors import RBAError, above_maximum
-from rba_core.registry import DATA_DIR_ENV, LM_TEXTS, LMTextInfo, lm_text_info, local_dataset_dir
+from rba_core.source import Source
+from rba_core.registry import LM_TEXTS, LMTextInfo, lm_text_info, local_dataset_dir, local_text_advice
 
 DEFAULT_SEQ_LEN = 256
 TRAIN_SHARE = 0.9  # a single text file: this share of its lines is the train split
@@ -77,12 +78,6 @@ def _hub_text(info: LMTextInfo, split: str) -> str:
                        f"{local_text_advice(info)}") from None
 
 
-def local_text_advice(info: LMTextInfo) -> str:
-    """How to give a hub text offline."""
-    return (f"connect to the internet, or set {DATA_DIR_ENV} to a folder holding {info.local_name}/train.txt and "
-            f"{info.local_name}/test.txt, or give a .txt file or a folder with train.txt and test.txt.")
-
-
 def split_text(name: str, split: str) -> str:
     """The whole text of one split of a language-model source."""
     info = lm_text_info(name)
@@ -127,8 +122,6 @@ class LMText:
         return self.dataset
 
     def open_split(self, split: str):
-        from rba_core.data import Source
-
         if self.max_positions and self.seq_len > self.max_positions:
             raise above_maximum("--seq-len", self.seq_len, self.max_positions)
         windows = _windows(self.dataset, self.tokenizer_source, self.seq_len, split, _stamp(self.dataset))

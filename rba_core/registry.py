@@ -258,3 +258,32 @@ def local_dataset_dir(info: DatasetInfo | LMTextInfo) -> Path | None:
         if (base / info.local_name).is_dir():
             return base / info.local_name
     return None
+
+
+def local_text_advice(info: LMTextInfo) -> str:
+    """How to give a hub text offline."""
+    return (f"connect to the internet, or set {DATA_DIR_ENV} to a folder holding {info.local_name}/train.txt and "
+            f"{info.local_name}/test.txt, or give a .txt file or a folder with train.txt and test.txt.")
+
+
+#: A dataset read as a stream, a sample at a time (:mod:`rba_core.streaming`): ``stream:<alias, hub id or folder>``.
+STREAM_PREFIX = "stream:"
+
+
+def is_stream(name) -> bool:
+    return isinstance(name, str) and name.strip().lower().startswith(STREAM_PREFIX)
+
+
+def stream_target(name: str) -> str:
+    """What follows ``stream:``: an alias, a hub id or a local folder."""
+    return name.strip()[len(STREAM_PREFIX):].strip()
+
+
+def stream_spec(name) -> str | None:
+    """``stream:...`` for a dataset read as a stream: one named so, or a streamed alias without a local copy."""
+    if not isinstance(name, str):
+        return None
+    if is_stream(name):
+        return name
+    info = dataset_info(name)
+    return STREAM_PREFIX + info.alias if info and info.streamed and local_dataset_dir(info) is None else None

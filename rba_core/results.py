@@ -193,9 +193,19 @@ class TableResult(Result):
     rows: list[dict]
 
     def to_frame(self):
-        """The rows as CSV/Markdown columns (see :func:`rba_core.table.flat_row`)."""
+        """The rows as CSV/Markdown columns (see :func:`flat_row`)."""
         import pandas as pd
 
-        from rba_core.table import flat_row
-
         return pd.DataFrame([flat_row(r) for r in self.rows])
+
+
+def flat_row(row: dict) -> dict:
+    """A row as CSV/Markdown columns (accuracies as fractions, empty where not applicable)."""
+    acc, converged = row["accuracy"], row["accuracy_converged"]
+    skip, converged_skip = acc["skip"] or {}, converged["skip"] or {}
+    return {"dataset": row["dataset"], "range": row["range"], "paper": row["paper"],
+            "blocks_left": row["blocks_left"], "params": row["params"], "mse_final": row["mse_final"],
+            "acc_mean": acc["approximated"]["mean"], "acc_std": acc["approximated"]["std"],
+            "skip_acc_mean": skip.get("mean", ""), "skip_acc_std": skip.get("std", ""),
+            "converged_acc": converged["approximated"]["mean"],
+            "converged_skip_acc": converged_skip.get("mean", "")}

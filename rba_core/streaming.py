@@ -16,8 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from rba_core.errors import RBAError
+from rba_core.registry import STREAM_PREFIX as PREFIX, stream_target
+from rba_core.source import (IMAGE_COLUMNS, LABEL_COLUMNS, Source, decode_image, label_array, no_columns, pick_column,
+                               text_columns, sample_indices, split_files, stat_fingerprint)
 
-PREFIX = "stream:"
 #: Samples held by the shuffle buffer: a sample is drawn among the next this many of the stream.
 BUFFER_SIZE = 10_000
 #: Shards read at once into the buffer (the library's default). Mixing shards costs a fixed 5 s at the end
@@ -25,31 +27,21 @@ BUFFER_SIZE = 10_000
 INPUT_SHARDS = 10
 
 
-def is_stream(name) -> bool:
-    return isinstance(name, str) and name.strip().lower().startswith(PREFIX)
-
-
-def stream_target(name: str) -> str:
-    """What follows ``stream:``: an alias, a hub id or a local folder."""
-    return name.strip()[len(PREFIX):].strip()
-
-
 def _open(target: str, split: str):
     """(IterableDataset, registry entry or None, fingerprint of what is streamed)."""
     import datasets
 
-    from rba_core.data import _split_files, _stat_fingerprint
     from rba_core.registry import dataset_info
 
     folder = Path(target).expanduser()
     if folder.is_dir():
-        files = [p for p in _split_files(folder, split) if p.suffix == ".parquet"]
+        files = [p for p in split_files(folder, split) if p.suffix == ".parquet"]
         if not files:
             raise RBAError(f"'{folder}' has no {split} parquet files to stream; provide {split}.parquet or "
                            f"{split}-00000-of-000NN.parquet shards.")
         dataset = datasets.load_dataset("parquet", data_files={split: [str(p) for p in files]}, split=split,
                                         streaming=True)
-        return dataset, None, {"files": _stat_fingerprint(files)}
+        return dataset, None, {"files": stat_fingerprint(files)}
     info = dataset_info(target)
     hub_id = info.hub_id if info else target
     if info is not None and (hub_id is None or hub_id.startswith("sklearn:")):
@@ -80,19 +72,17 @@ def stream_source(name: str, split: str, n: int, seed: int):
     of ``n`` samples (encoded images or texts in memory), and fingerprinted by what was asked."""
     import datasets
 
-    from rba_core.data import (IMAGE_COLUMNS, LABEL_COLUMNS, Source, _decode, _labels, _no_columns, _pick,
-                               _text_columns, sample_indices)
 
     sample_indices(n, n, seed, split)  # a non-positive n: the usual sentence
     target = stream_target(name)
     dataset, info, fingerprint = _open(target, split)
     features = dataset.features
     columns = list(features) if features else list(next(iter(dataset)))
-    image_col = _pick(columns, info and info.image_column, IMAGE_COLUMNS)
-    text_cols = None if image_col else _text_columns(columns, info and info.text_columns)
+    image_col = pick_column(columns, info and info.image_column, IMAGE_COLUMNS)
+    text_cols = None if image_col else text_columns(columns, info and info.text_columns)
     if image_col is None and text_cols is None:
-        raise _no_columns(name, columns)
-    label_col = _pick(columns, info and info.label_column, LABEL_COLUMNS)
+        raise no_columns(name, columns)
+    label_col = pick_column(columns, info and info.label_column, LABEL_COLUMNS)
     dataset = dataset.select_columns([c for c in (image_col, *(text_cols or ()), label_col) if c])
     if image_col and features and isinstance(features[image_col], datasets.Image):
         dataset = dataset.cast_column(image_col, datasets.Image(decode=False))  # keep the bytes; decode in the pass
@@ -105,12 +95,12 @@ def stream_source(name: str, split: str, n: int, seed: int):
         raise RBAError(f"Asked for {n} samples but the {split} stream of '{target}' ended after {len(rows)}; "
                        f"lower n to at most {len(rows)}.")
     names = list(getattr(features[label_col], "names", None) or []) if features and label_col else None
-    labels, label_names = _labels(name, split, n, [r[label_col] for r in rows] if label_col else None, names)
+    labels, label_names = label_array(name, split, n, [r[label_col] for r in rows] if label_col else None, names)
     fingerprint = {"stream": fingerprint, "seed": seed, "n": n, "buffer": [BUFFER_SIZE, INPUT_SHARDS],
                    "columns": [image_col] if image_col else list(text_cols), "label": label_col}
     if image_col:
         images = [r[image_col] for r in rows]
-        load = lambda idx: [_decode(images[i], Path(target), i) for i in idx]  # noqa: E731
+        load = lambda idx: [decode_image(images[i], Path(target), i) for i in idx]  # noqa: E731
         return Source(name, split, labels, label_names, fingerprint, load)
     texts = [r[text_cols[0]] if len(text_cols) == 1 else tuple(r[c] for c in text_cols) for r in rows]
     return Source(name, split, labels, label_names, fingerprint, lambda idx: [texts[i] for i in idx], "text")

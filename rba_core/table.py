@@ -24,15 +24,14 @@ from typing import Callable, Sequence
 
 from rba_core.analysis import Stage, LazyEncoder, approximate
 from rba_core.approx import Range, paper_notation
-from rba_core.maps import validate_ranges
+
 from rba_core.cache import Cache
 from rba_core.errors import RBAError
-from rba_core.extract import Progress
 from rba_core.lm_data import DEFAULT_SEQ_LEN
-from rba_core.maps import MapParams, map_kind
+from rba_core.maps import MapParams, map_kind, validate_ranges
 from rba_core.models import Encoder, model_ref
-from rba_core.progress import duration_text
-from rba_core.results import TableResult
+from rba_core.progress import Progress, duration_text
+from rba_core.results import TableResult, flat_row
 
 Row = list[Range]
 PRESETS = ("paper", "all-consecutive")
@@ -139,18 +138,6 @@ def _estimate(cache: Cache, pass_key: str, rows: int, per_row: int, passes: int)
     per_sample = meta["seconds"] / meta["n"]
     return (f"{other}: at most about {duration_text(per_sample * (rows * per_row + passes))} "
             f"({1000 * per_sample:.3g} ms per sample, the original model's speed; stored rows take no time)")
-
-
-def flat_row(row: dict) -> dict:
-    """A row as CSV/Markdown columns (accuracies as fractions, empty where not applicable)."""
-    acc, converged = row["accuracy"], row["accuracy_converged"]
-    skip, converged_skip = acc["skip"] or {}, converged["skip"] or {}
-    return {"dataset": row["dataset"], "range": row["range"], "paper": row["paper"],
-            "blocks_left": row["blocks_left"], "params": row["params"], "mse_final": row["mse_final"],
-            "acc_mean": acc["approximated"]["mean"], "acc_std": acc["approximated"]["std"],
-            "skip_acc_mean": skip.get("mean", ""), "skip_acc_std": skip.get("std", ""),
-            "converged_acc": converged["approximated"]["mean"],
-            "converged_skip_acc": converged_skip.get("mean", "")}
 
 
 def _percent(mean, std=None) -> str:

@@ -25,7 +25,7 @@ from rba_core.hub import hub_status, is_available_offline, is_hub_model, offline
 from rba_core.registry import (DATA_DIR_ENV, DATASETS, DEMO_PAIR, LM_DEMO_PAIR, LM_TEXTS, MINILM_ID, MODEL_ALIASES,
                                MODELS, SMOLLM2_WHEEL, TEXT_DEMO_PAIR, dataset_info, local_dataset_dir, missing_model,
                                modality_mismatch, model_alias)
-from rba_core.streaming import is_stream
+from rba_core.registry import is_stream
 
 from pages._ui.show import Waiting
 

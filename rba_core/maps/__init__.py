@@ -6,41 +6,20 @@ Each kind is one module of this package declaring a :class:`~rba_core.maps.base.
 reads, its fit, the tensors and computation of its module (:class:`~rba_core.maps.module.FittedMap`), whether
 it folds into the weights, what ranges and models it takes, and its hyperparameters. Everything else (the
 CLI's flags, the pages' pickers, approximate, search, table, export and ``load_compressed``) reads
-:data:`MAPS`; a new kind is a new file plus a line in :data:`KINDS`. Importing this package loads no torch.
+:data:`MAPS`; a new kind is a new file plus its name in :data:`~rba_core.maps.registry.KINDS`. Importing this package loads no torch.
 """
 
 from __future__ import annotations
 
-from dataclasses import field, make_dataclass
 from typing import TYPE_CHECKING
 
-from rba_core.errors import RBAError
-from rba_core.maps import affine, diagonal, folded, identity, linear, ridge
 from rba_core.maps.base import (PRODUCT_EPS, Conditioning, FitData, Fitted, Hyper, MapKind, MissingStatistics, Range,
                                 solve_spd, solve_spd_conditioned, validate_ranges)
 from rba_core.maps.linear import all_pair_maps, fit_residual_matrix
+from rba_core.maps.registry import HYPERS, KINDS, MAPS, MapParams, map_kind
 
 if TYPE_CHECKING:
     from rba_core.maps.module import FittedMap
-
-#: Every kind, in the order the CLI and the pages list them.
-KINDS = (linear, affine, ridge, identity, folded, diagonal)
-MAPS: dict[str, MapKind] = {module.KIND.name: module.KIND for module in KINDS}
-#: Every kind's hyperparameters, once each.
-HYPERS: tuple[Hyper, ...] = tuple({h.name: h for kind in MAPS.values() for h in kind.hypers}.values())
-
-#: The hyperparameters of every kind in one value; each kind reads those it declares.
-MapParams = make_dataclass("MapParams", [(h.name, float, field(default=h.default)) for h in HYPERS], frozen=True,
-                           namespace={"__module__": __name__,
-                                      "__doc__": "Hyperparameters of the map kinds; each kind reads those it declares."})
-
-
-def map_kind(name: str) -> MapKind:
-    """The declaration of a map kind; an :class:`RBAError` naming the choices otherwise."""
-    if name not in MAPS:
-        raise RBAError(f"Unknown map '{name}': use one of {', '.join(MAPS)}.")
-    return MAPS[name]
-
 
 def fit_map(stats, rng: Range, kind: str = "linear", params=None) -> "FittedMap | None":
     """The map of ``kind`` for range i→j (None for a kind that skips the blocks) from the statistics its kind

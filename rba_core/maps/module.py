@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from rba_core.maps.base import Conditioning
+from rba_core.maps.registry import map_kind
 
 
 class FittedMap(nn.Module):
@@ -17,8 +18,6 @@ class FittedMap(nn.Module):
 
     def __init__(self, kind: str, tensors: dict[str, np.ndarray | torch.Tensor], start: int = 0, *,
                  conditioning: Conditioning | None = None, params: dict | None = None):
-        from rba_core.maps import map_kind
-
         super().__init__()
         declared = map_kind(kind)
         self.kind, self.start, self.conditioning, self.params = kind, start, conditioning, dict(params or {})
@@ -32,8 +31,6 @@ class FittedMap(nn.Module):
                 self.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
 
     def forward(self, hidden: torch.Tensor, m: torch.Tensor | None = None) -> torch.Tensor:
-        from rba_core.maps import map_kind
-
         if self.needs_mlp_output and m is None and self.start > 0:
             raise RuntimeError(f"the {self.kind} map of block {self.start} needs that block's MLP output m")
         reference = getattr(self, self.names[0])

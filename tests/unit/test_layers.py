@@ -1,0 +1,97 @@
+"""The package shows its layers: every module of rba_core and pages belongs to one layer, imports (at any
+depth of the file, ``TYPE_CHECKING`` blocks aside) point only to its own layer or lower ones, and no group of
+modules imports itself round. Read with ``ast``: nothing is imported."""
+
+import ast
+from fnmatch import fnmatch
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+#: Lowest first; README's architecture section draws the same.
+LAYERS = {
+    "foundations": ["rba_core.errors", "rba_core.quiet", "rba_core.progress", "rba_core.threads", "rba_core.latency",
+                    "rba_core.projection", "rba_core.ranking", "rba_core.registry", "rba_core.distributed",
+                    "rba_core.cache"],
+    "hub": ["rba_core.hub"],
+    "models": ["rba_core.models", "rba_core.models.*"],
+    "data": ["rba_core.source", "rba_core.data", "rba_core.streaming", "rba_core.lm_data", "rba_core.tar_shards",
+             "rba_core.demo", "rba_core.demo.*"],
+    "statistics and maps": ["rba_core.stats", "rba_core.metrics", "rba_core.probe", "rba_core.maps",
+                            "rba_core.maps.*"],
+    "passes": ["rba_core.approx", "rba_core.extract", "rba_core.range_pass", "rba_core.fold", "rba_core.perplexity"],
+    "results and exports": ["rba_core.results", "rba_core.export", "rba_core.report", "rba_core.plots"],
+    "operations": ["rba_core.analysis", "rba_core.search", "rba_core.table"],
+    "interfaces": ["rba_core", "rba_core.__main__", "rba_core.cli", "pages", "pages.*", "app"],
+}
+
+
+def module_graph() -> dict[str, set[str]]:
+    """module -> the project modules it imports."""
+    files = {}
+    for path in [*ROOT.joinpath("rba_core").rglob("*.py"), *ROOT.joinpath("pages").rglob("*.py"), ROOT / "app.py"]:
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+
+    def resolve(name: str) -> str | None:
+        while name and name not in files:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {}
+    for module, path in files.items():
+        tree = ast.parse(path.read_text())
+        hidden = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+                  for statement in node.body for n in ast.walk(statement)}
+        found = set()
+        for node in ast.walk(tree):
+            if id(node) in hidden:
+                continue
+            if isinstance(node, ast.Import):
+                found |= {resolve(alias.name) for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in files else resolve(node.module)
+                          for a in node.names}
+        graph[module] = {m for m in found if m and m != module}
+    return graph
+
+
+def layer_of(module: str) -> int | None:
+    return next((n for n, patterns in enumerate(LAYERS.values()) if any(fnmatch(module, p) for p in patterns)), None)
+
+
+def test_every_module_has_a_layer_and_imports_only_downward():
+    graph = module_graph()
+    assert [m for m in graph if layer_of(m) is None] == []
+    names = list(LAYERS)
+    upward = [f"{m} ({names[layer_of(m)]}) imports {t} ({names[layer_of(t)]})"
+              for m, targets in graph.items() for t in targets if layer_of(t) > layer_of(m)]
+    assert upward == []
+
+
+def test_no_import_cycle():
+    graph = module_graph()
+    index, low, stack, on, cycles = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while not component or component[-1] != v:
+                component.append(stack.pop())
+                on.discard(component[-1])
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    assert cycles == []
