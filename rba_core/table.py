@@ -24,7 +24,6 @@ from typing import Callable, Sequence
 
 from rba_core.analysis import Stage, LazyEncoder, approximate
 from rba_core.approx import Range, paper_notation
-
 from rba_core.cache import Cache
 from rba_core.errors import RBAError
 from rba_core.lm_data import DEFAULT_SEQ_LEN
