@@ -13,6 +13,7 @@ from pages._ui.selection import BOUND, eval_samples, map_choice, sidebar
 from rba_core.approx import paper_notation
 from rba_core.plots import POOLED, br_formula, redundancy_bars, residual_heatmap
 from rba_core.ranking import rank_ranges, suggested_removed, top_blocks
+from rba_core.scores import SCORES, score_title
 
 BUDGETS = {"blocks": "blocks to remove", "params": "parameters at most", "latency": "latency at most"}
 KEPT_SEARCHES = 4  # results per session (each holds every candidate)
@@ -50,26 +51,13 @@ def _spearman(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}"
 
 
-SCORE_NAMES = {"block_redundancy": "Block Redundancy (pooled vector)",
-               "block_redundancy_all_tokens": "Block Redundancy (every real token)",
-               "block_influence": "Block Influence (ShortGPT; one-block ranges)",
-               "fit_residual": "fit residual of the least-squares map"}
-
-
-def _score_name(name: str) -> str:
-    if name.startswith("angular_distance_n"):
-        n = name.removeprefix("angular_distance_n")
-        return f"angular distance (PruneMe; ranges l→l+{n})"
-    return SCORE_NAMES.get(name, name)
-
-
 def _show_agreement(agreement: dict) -> None:
     """Which cheap score predicts the measured ranking: Spearman ρ of each over the candidates it covers."""
     st.markdown("**Which cheap score predicts the measured ranking**: Spearman ρ between each score and the "
                 "measured MSE, over the candidates the score covers (Block Influence scores one block, angular "
                 "distance a window of n blocks). Every score grows with the change the removed blocks make, so ρ "
                 "near 1 means it orders the candidates as measured; — : fewer than 3 candidates.")
-    dataframe(pd.DataFrame([{"cheap score": _score_name(name), "Spearman ρ": value["spearman"],
+    dataframe(pd.DataFrame([{"cheap score": score_title(name), "Spearman ρ": value["spearman"],
                              "candidates": value["candidates"]}
                             for name, value in sorted(agreement.items(), key=lambda kv: -(-2 if kv[1]["spearman"] is None else kv[1]["spearman"]))]),
               column_config={"Spearman ρ": st.column_config.NumberColumn(format="%.2f")})
@@ -138,10 +126,9 @@ with errors():
                         "(PruneMe: arccos(cos)/π between block outputs l and l+n of the pooled vector; low = the "
                         "n blocks after l change little).")
             every_token = results["block_redundancy_all_tokens"]
-            scores = {"block": list(range(1, blocks + 1)), "Block Redundancy (pooled)": redundancy,
-                      **({"Block Redundancy (every token)": every_token} if every_token else {}),
-                      "Block Influence": results["block_influence"]}
-            table = pd.DataFrame({k: v for k, v in scores.items() if len(v) == blocks})
+            per_block = {score.title(): results.get(name) for name, score in SCORES.items() if not score.windowed}
+            table = pd.DataFrame({"block": list(range(1, blocks + 1)),
+                                  **{k: v for k, v in per_block.items() if isinstance(v, list) and len(v) == blocks}})
             dataframe(table)
             if not every_token:
                 st.caption(f"Block Redundancy on every token is not computed for this pass: it needs the statistics "

@@ -16,11 +16,9 @@ from rba_core.distributed import single_flight, world
 from rba_core.errors import RBAError
 from rba_core.extract import Extraction, Progress, extract, model_inputs
 from rba_core.latency import BATCH as LATENCY_BATCH, METHOD as LATENCY_METHOD, measure as measure_latency
-from rba_core.maps import (PRODUCT_EPS, FitData, MapParams, MissingStatistics, fit_map, fit_residual_matrix, map_kind,
-                           validate_ranges)
+from rba_core.maps import PRODUCT_EPS, FitData, MapParams, MissingStatistics, fit_map, map_kind, validate_ranges
 from rba_core.lm_data import DEFAULT_SEQ_LEN, LMText, is_lm_text
-from rba_core.metrics import (angular_distance, block_redundancy, block_redundancy_all_tokens, cosine_matrix,
-                              linear_cka_matrix)
+from rba_core.metrics import cosine_matrix, linear_cka_matrix
 from rba_core.models import (Encoder, ModelRef, adapter_class, load_config, load_encoder,
                              model_ref, readable_source)
 from rba_core.models.decoder import DecoderLM
@@ -29,6 +27,7 @@ from rba_core.range_pass import RangeStatistics, range_statistics
 from rba_core.probe import converged_probe_accuracy, probe_accuracy, small_classes_note
 from rba_core.registry import lm_text_mismatch
 from rba_core.results import AnalysisResult, ApproximationResult
+from rba_core.scores import SCORES
 
 Stage = Callable[[str], None]
 
@@ -44,21 +43,22 @@ def analysis_results(ex: Extraction, windows: Sequence[int] = ()) -> AnalysisRes
     meta = ex.meta
     stats = ex.token_stats
     windows = sorted({n for n in windows if 1 <= n <= ex.num_blocks})
+    score = {name: SCORES[name].values(ex) for name in SCORES if not SCORES[name].windowed}
+    listed = lambda values: None if values is None else values.tolist()  # noqa: E731
     return AnalysisResult(
         model=meta["model"], dataset=meta["dataset"], split=meta["split"],
         modality=meta.get("modality", "image"), family=meta["family"], pooling=meta.get("pooling", "first"),
         max_length=meta.get("max_length"), num_blocks=ex.num_blocks, hidden_size=ex.hidden_size,
         n=int(len(ex.indices)), seed=meta["seed"],
-        block_redundancy=block_redundancy(ex.pooled).tolist(),
+        block_redundancy=listed(score["block_redundancy"]),
         cosine=cosine_matrix(ex.pooled).tolist(),
         cka=linear_cka_matrix(ex.pooled).tolist(),
-        fit_residual=_matrix(ex.fit_residual if ex.fit_residual is not None else fit_residual_matrix(ex.stats())),
+        fit_residual=_matrix(score["fit_residual"]),
         cache={"key": ex.key, "hit": ex.hit},
         notes=ex.notes,
-        block_redundancy_all_tokens=block_redundancy_all_tokens(stats).tolist() if stats is not None and all(
-            stats.has(k - 1, k) for k in range(1, ex.num_blocks + 1)) else None,
-        block_influence=None if ex.block_influence is None else ex.block_influence.tolist(),
-        angular_distance={str(n): angular_distance(ex.pooled, n).tolist() for n in windows} or None,
+        block_redundancy_all_tokens=listed(score["block_redundancy_all_tokens"]),
+        block_influence=listed(score["block_influence"]),
+        angular_distance={str(n): SCORES["angular_distance"].values(ex, n).tolist() for n in windows} or None,
         stats=meta.get("stats") if stats is not None else None,
         workers=int(meta.get("workers", 1)),
         threads=meta.get("threads"),

@@ -36,12 +36,12 @@ from rba_core.distributed import World, world
 from rba_core.errors import RBAError
 from rba_core.extract import Extraction, Progress, extract, model_inputs
 from rba_core.lm_data import DEFAULT_SEQ_LEN
-from rba_core.maps import MapParams, Range, fit_map, fit_residual_matrix, map_kind
+from rba_core.maps import MapParams, Range, fit_map, map_kind
 from rba_core.maps.module import FittedMap
-from rba_core.metrics import angular_distance, block_redundancy, block_redundancy_all_tokens
 from rba_core.models import Encoder
 from rba_core.progress import duration_text
 from rba_core.results import SearchResult
+from rba_core.scores import SCORES, candidate_scores
 from rba_core.table import row_label
 
 Candidate = tuple[Range, ...]
@@ -200,32 +200,14 @@ def score_agreement(rows: list[dict], fit: Extraction) -> dict[str, dict]:
     ``block_redundancy_all_tokens`` (every real token) sum -BR(k) over the removed blocks, ``fit_residual``
     the ranges' relative residuals; ``block_influence`` covers the one-block ranges l-1→l and
     ``angular_distance_n{n}`` the ranges l→l+n."""
-    stats = fit.token_stats
-    all_tokens = None
-    if stats is not None and all(stats.has(k - 1, k) for k in range(1, fit.num_blocks + 1)):
-        all_tokens = -block_redundancy_all_tokens(stats)
-    angular: dict[int, np.ndarray] = {}
-    covered: dict[str, tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
-
-    def add(name: str, score: float, row: dict) -> None:
-        covered[name][0].append(float(score))
-        covered[name][1].append(row["mse_final"])
-
-    for row in rows:
-        add("block_redundancy", row["block_redundancy_score"], row)
-        add("fit_residual", row["fit_residual_score"], row)
-        if all_tokens is not None:
-            add("block_redundancy_all_tokens", sum(all_tokens[k - 1] for i, j in row["ranges"]
-                                                   for k in range(i + 1, j + 1)), row)
-        if len(row["ranges"]) == 1:
-            (i, j), = row["ranges"]
-            if j == i + 1 and fit.block_influence is not None:
-                add("block_influence", fit.block_influence[i], row)
-            if j - i not in angular:
-                angular[j - i] = angular_distance(fit.pooled, j - i)
-            add(f"angular_distance_n{j - i}", angular[j - i][i], row)
-    return {name: {"spearman": _spearman(*covered[name]), "candidates": len(covered[name][0])}
-            for name in sorted(covered)}
+    candidates = [[tuple(r) for r in row["ranges"]] for row in rows]
+    measured = [row["mse_final"] for row in rows]
+    out = {}
+    for name, scores in sorted(candidate_scores(fit, candidates).items()):
+        pairs = [(score, mse) for score, mse in zip(scores, measured) if score is not None]
+        if pairs:
+            out[name] = {"spearman": _spearman(*map(list, zip(*pairs))), "candidates": len(pairs)}
+    return out
 
 
 def _spearman(score: list[float], measured: list[float]) -> float | None:
@@ -361,7 +343,7 @@ def _my_groups(candidates: list[Candidate], here: World) -> dict[Range, list[Can
 
 def _ranking(errors: dict[Candidate, np.ndarray], fit: Extraction, kind: str, timing: dict) -> list[dict]:
     """One row per candidate, lowest MSE (mean of its per-sample errors so far) first."""
-    residual, redundancy = fit_residual_matrix(fit.stats()), block_redundancy(fit.pooled)
+    residual, redundancy = (SCORES[name].values(fit) for name in ("fit_residual", "block_redundancy"))
     num_params, block_params = fit.meta["num_params"], fit.meta["block_params"]
     rows = []
     for c, error in errors.items():
@@ -372,8 +354,8 @@ def _ranking(errors: dict[Candidate, np.ndarray], fit: Extraction, kind: str, ti
             "params": candidate_params(c, num_params, block_params, fit.hidden_size, kind),
             "latency_ms_per_image_estimate": latency_estimate(c, timing, kind),
             "mse_final": float(np.mean(error)), "mse_ci": list(confidence_interval(error)), "samples": len(error),
-            "block_redundancy_score": float(-sum(redundancy[k - 1] for k in removed)),
-            "fit_residual_score": float(sum(residual[i, j] for i, j in c)),
+            "block_redundancy_score": SCORES["block_redundancy"].candidate(redundancy, c),
+            "fit_residual_score": SCORES["fit_residual"].candidate(residual, c),
         })
     return sorted(rows, key=lambda row: row["mse_final"])
 

@@ -624,8 +624,8 @@ def test_a_windowed_language_model_pass_says_why_every_token_redundancy_is_missi
     _clean(at)
     page = _app("pages/2_Redundancy.py", **lm)
     _clean(page)
-    scores = next(df.value for df in page.dataframe if "Block Influence" in df.value.columns)
-    assert "Block Redundancy (every token)" not in scores.columns
+    scores = next(df.value for df in page.dataframe if "Block Influence (ShortGPT; one-block ranges)" in df.value.columns)
+    assert "Block Redundancy (every real token)" not in scores.columns
     assert ("Block Redundancy on every token is not computed for this pass: it needs the statistics of consecutive "
             "block outputs, and the pass kept windows of 2 blocks (choose all pairs or windows of 1 block under "
             "Token statistics in the sidebar).") in _texts(page.caption)

@@ -17,7 +17,7 @@ LAYERS = {
     "models": ["rba_core.models", "rba_core.models.*"],
     "data": ["rba_core.source", "rba_core.data", "rba_core.streaming", "rba_core.lm_data", "rba_core.tar_shards",
              "rba_core.demo", "rba_core.demo.*"],
-    "statistics and maps": ["rba_core.stats", "rba_core.metrics", "rba_core.probe", "rba_core.maps",
+    "statistics and maps": ["rba_core.stats", "rba_core.metrics", "rba_core.probe", "rba_core.scores", "rba_core.maps",
                             "rba_core.maps.*"],
     "passes": ["rba_core.approx", "rba_core.extract", "rba_core.range_pass", "rba_core.fold", "rba_core.perplexity"],
     "results and exports": ["rba_core.results", "rba_core.export", "rba_core.report", "rba_core.plots"],
