@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import common
-from rba_core.analysis import lm_dataset
+from rba_core.run import lm_dataset
 from rba_core.data import open_dataset, sample_indices
 from rba_core.extract import run_pass
 from rba_core.models import load_encoder

@@ -1,35 +1,30 @@
-"""The two end-to-end operations the CLI and the app run: analyse a model, approximate ranges."""
+"""The operations on a run (:class:`rba_core.run.Run`): analyse a model, approximate ranges, export them."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from rba_core.approx import ApproximatedEncoder, Range, approximate_encoder, count_params, paper_notation
-from rba_core.cache import Cache, make_key
+from rba_core.cache import make_key
 from rba_core.data import UNITS, open_dataset, open_sample
 from rba_core.distributed import single_flight, world
-from rba_core.errors import RBAError
-from rba_core.extract import Extraction, Progress, extract, model_inputs
+from rba_core.extract import Extraction, Progress, model_inputs
 from rba_core.latency import BATCH as LATENCY_BATCH, METHOD as LATENCY_METHOD, measure as measure_latency
 from rba_core.maps import PRODUCT_EPS, FitData, MapParams, MissingStatistics, fit_map, map_kind, validate_ranges
-from rba_core.lm_data import DEFAULT_SEQ_LEN, LMText, is_lm_text
+from rba_core.lm_data import LMText
 from rba_core.metrics import cosine_matrix, linear_cka_matrix
-from rba_core.models import (Encoder, ModelRef, adapter_class, load_config, load_encoder,
-                             model_ref, readable_source)
-from rba_core.models.decoder import DecoderLM
+from rba_core.models import Encoder
 from rba_core.perplexity import lm_scores
 from rba_core.range_pass import RangeStatistics, range_statistics
 from rba_core.probe import converged_probe_accuracy, probe_accuracy, small_classes_note
-from rba_core.registry import lm_text_mismatch
 from rba_core.results import AnalysisResult, ApproximationResult
+from rba_core.run import Run
 from rba_core.scores import SCORES
-
-Stage = Callable[[str], None]
 
 
 def _matrix(values: np.ndarray) -> list[list[float | None]]:
@@ -65,52 +60,26 @@ def analysis_results(ex: Extraction, windows: Sequence[int] = ()) -> AnalysisRes
     )
 
 
-def lm_dataset(model, dataset, seq_len: int = DEFAULT_SEQ_LEN, ref: ModelRef | None = None):
-    """For a causal LM and a language-model text source (hub alias, ``.txt`` file, folder of texts),
-    the source as windows of ``seq_len`` of the model's tokens; any other pair is returned unchanged."""
-    if not is_lm_text(dataset):
-        return dataset
-    ref = ref or model_ref(model)
-    if not issubclass(adapter_class(ref.info.family), DecoderLM):
-        raise RBAError(lm_text_mismatch(ref.name, ref.info.modality, dataset))
-    if ref.loaded is not None:
-        source, config = ref.loaded.source, ref.loaded.config
-    else:
-        config = load_config(model)
-        source = readable_source(model)  # a GGUF file: its plain checkpoint, which holds the tokenizer
-    return LMText(dataset, source, seq_len, getattr(config, "max_position_embeddings", None))
-
-
-def analyze(model, dataset, n: int, seed: int = 0, split: str = "train", *, max_length: int = 128,
-            seq_len: int = DEFAULT_SEQ_LEN, windows: Sequence[int] = (1,), stats_window: int | None = None,
-            stats_budget: int | None = None, cache: Cache | None = None,
-            progress: Progress | None = None) -> AnalysisResult:
-    """Extract (or reopen) and compute every redundancy metric.
+def analyze(model, dataset, n: int, seed: int = 0, split: str = "train", **options) -> AnalysisResult:
+    """Extract (or reopen) and compute every redundancy metric: :func:`analyze_run` of the :class:`Run`
+    of ``model`` on ``n`` samples of ``dataset``'s ``split``.
 
     ``model``: alias, hub id, folder or a loaded model; ``dataset``: alias, folder or a list of samples
-    (for a causal LM also a language-model text, read as ``n`` windows of ``seq_len`` tokens).
-    ``stats_window`` keeps token statistics for windows of that many blocks instead of all pairs."""
-    dataset = lm_dataset(model, dataset, seq_len)
-    return analysis_results(extract(model, dataset, n, seed, split, max_length=max_length, cache=cache,
-                                    progress=progress, stats_window=stats_window, stats_budget=stats_budget),
-                            windows)
+    (for a causal LM also a language-model text, read as ``n`` windows of ``seq_len`` tokens). ``options``:
+    the run's (``max_length``, ``seq_len``, ``cache``, ``progress``) and the analysis's (``windows``,
+    ``stats_window``, ``stats_budget``)."""
+    run, asked = Run.of(model, dataset, {**options, "fit_n": n, "eval_n": n, "seed": seed}, ANALYZE_OPTIONS)
+    return analyze_run(run, split, **asked)
 
 
-class LazyEncoder:
-    """Loads the model only when a forward pass is really needed (never on a full cache hit)."""
+ANALYZE_OPTIONS = ("windows", "stats_window", "stats_budget")
 
-    def __init__(self, model, encoder: Encoder | Callable[[], Encoder] | None = None, max_length: int = 128):
-        # A zero-arg loader lets the app share its model cache; a loaded model is used as it is.
-        self.model, self.encoder, self.max_length = model, encoder, max_length
-        if encoder is None and not isinstance(model, str):
-            self.encoder = model_ref(model, max_length).loaded
 
-    def __call__(self) -> Encoder:
-        if self.encoder is None:
-            self.encoder = load_encoder(self.model, max_length=self.max_length)
-        elif not isinstance(self.encoder, Encoder):
-            self.encoder = self.encoder()
-        return self.encoder.with_max_length(self.max_length)
+def analyze_run(run: Run, split: str = "train", windows: Sequence[int] = (1,), stats_window: int | None = None,
+                stats_budget: int | None = None) -> AnalysisResult:
+    """The redundancy metrics of the run's samples of ``split``; ``stats_window`` keeps token statistics for
+    windows of that many blocks instead of all pairs, within ``stats_budget`` bytes."""
+    return analysis_results(run.extract(split, stats_window=stats_window, stats_budget=stats_budget), windows)
 
 
 @torch.inference_mode()
@@ -136,25 +105,22 @@ def _approximated_finals(net: ApproximatedEncoder, encoder: Encoder, dataset, ex
     return here.gather_rows(out, mine, n), latency
 
 
-def map_statistics(kind: str, fit: Extraction, dataset, sets: Sequence[Sequence[Range]], lazy: LazyEncoder,
-                   cache: Cache, progress: Progress | None = None, stage: Stage | None = None) -> FitData:
+def map_statistics(run: Run, kind: str, fit: Extraction, sets: Sequence[Sequence[Range]]) -> FitData:
     """What maps of ``kind`` for the ranges of ``sets`` are fitted from (the statistics it declares): the token
     statistics of the fit pass ``fit``, and the fold statistics of every range over the same samples
     (:func:`rba_core.fold.fold_pass`: one more pass unless stored; one sentence for ranges that cannot fold)."""
     def fold():
         from rba_core.fold import fold_pass
 
-        if stage:
-            stage(f"Fit samples (train split): what the {kind} maps of these candidates are fitted from")
-        return fold_pass(lazy.model, dataset, fit.meta["n"], fit.meta["seed"], sets, max_length=lazy.max_length,
-                         cache=cache, progress=progress, encoder=lazy)
+        run.stage(f"Fit samples (train split): what the {kind} maps of these candidates are fitted from")
+        return fold_pass(run.ref, run.data, fit.meta["n"], fit.meta["seed"], sets, max_length=run.max_length,
+                         cache=run.cache, progress=run.progress, encoder=run.lazy)
 
     return map_kind(kind).gather(tokens=fit.stats, fold=fold)
 
 
-def approximated_outputs(lazy: LazyEncoder, dataset, fit, maps: Sequence, ex: Extraction, ranges: list[Range],
-                         kind: str, params: MapParams, cache: Cache, progress: Progress | None,
-                         timed: bool = False) -> tuple[np.ndarray, dict]:
+def approximated_outputs(run: Run, fit, maps: Sequence, ex: Extraction, ranges: list[Range], kind: str,
+                         params: MapParams, timed: bool = False) -> tuple[np.ndarray, dict]:
     """Cached approximated final representations on ``ex``'s samples, and the run's measurements
     (latency only when ``timed``: the probe's extra runs are not timed). ``fit``: the statistics (with
     ``key`` and ``meta``) that ``maps``, one per range (None: skipped), were fitted from."""
@@ -164,6 +130,8 @@ def approximated_outputs(lazy: LazyEncoder, dataset, fit, maps: Sequence, ex: Ex
     # An untimed request is served by a timed entry too (the same outputs); a timed one needs its latency.
     keys = [key] if timed else [make_key({**spec, "timed": LATENCY_METHOD}), key]
 
+    cache = run.cache
+
     def lookup() -> tuple[np.ndarray, dict] | None:
         for stored_key in keys:
             stored = cache.load(stored_key, "final")
@@ -172,9 +140,9 @@ def approximated_outputs(lazy: LazyEncoder, dataset, fit, maps: Sequence, ex: Ex
         return None
 
     def compute(progress: Progress | None) -> tuple[np.ndarray, dict]:
-        encoder = lazy()
+        encoder = run.lazy()
         net = ApproximatedEncoder(encoder, ranges, maps).eval()
-        final, measured = _approximated_finals(net, encoder, dataset, ex, progress, timed)
+        final, measured = _approximated_finals(net, encoder, run.data, ex, progress, timed)
         meta = {"params": count_params(net), "latency_ms_per_image": measured, "model": fit.meta["model"],
                 "dataset": fit.meta["dataset"], "split": ex.meta["split"], "n": len(ex.indices), "ranges": ranges,
                 "map": kind, "workers": world().size}
@@ -182,11 +150,10 @@ def approximated_outputs(lazy: LazyEncoder, dataset, fit, maps: Sequence, ex: Ex
             cache.put(key, {"final": {"final": final}}, meta)
         return final, meta
 
-    return single_flight(cache, key, lookup, compute, progress)  # one run per key across processes and ranks
+    return single_flight(cache, key, lookup, compute, run.progress)  # one run per key across processes and ranks
 
 
-def _lm_scores(lazy: LazyEncoder, dataset: LMText, fit, maps: Sequence, ev: Extraction, ranges: list[Range],
-               kind: str, params: MapParams, cache: Cache, progress: Progress | None,
+def _lm_scores(run: Run, fit, maps: Sequence, ev: Extraction, ranges: list[Range], kind: str, params: MapParams,
                timed: bool = False) -> tuple[dict, np.ndarray, dict]:
     """Perplexity and top-1 agreement of the original, approximated and skipped models on ``ev``'s windows,
     the approximated model's final representations and its measurements (parameters; latency when
@@ -196,14 +163,16 @@ def _lm_scores(lazy: LazyEncoder, dataset: LMText, fit, maps: Sequence, ev: Extr
     key = make_key({"kind": "lm-scores", "fit": fit.key, "samples": ev.key, "ranges": ranges, "map": kind,
                     "map_params": map_kind(kind).key(params), "timed": timed and LATENCY_METHOD})
 
+    cache = run.cache
+
     def lookup() -> tuple[dict, np.ndarray, dict] | None:
         entry = cache.get(key)
         stored = None if entry is None else cache.load(key, "final")
         return None if stored is None else (entry.meta["scores"], stored["final"], entry.meta)
 
     def compute(progress: Progress | None) -> tuple[dict, np.ndarray, dict]:
-        loaded = lazy()
-        windows = (ev.source or open_dataset(dataset, "test")).items(ev.indices)
+        loaded = run.lazy()
+        windows = (ev.source or open_dataset(run.data, "test")).items(ev.indices)
         nets = {"approximated": ApproximatedEncoder(loaded, ranges, maps).eval(),
                 "skip": approximate_encoder(loaded, None, ranges, "identity")}
         finals: dict[str, list] = {}
@@ -220,29 +189,27 @@ def _lm_scores(lazy: LazyEncoder, dataset: LMText, fit, maps: Sequence, ev: Extr
         meta = cache.put(key, {"final": {"final": final}}, meta).meta
         return scores, final, meta
 
-    return cache.single_flight(key, lookup, compute, progress)
+    return cache.single_flight(key, lookup, compute, run.progress)
 
 
-def fit_range_maps(model, dataset, n: int, seed: int, ranges: list[Range], kind: str, params: MapParams,
-                   cache: Cache, progress: Progress | None, lazy: LazyEncoder) -> tuple[RangeStatistics, list]:
+def fit_range_maps(run: Run, ranges: list[Range], kind: str, params: MapParams) -> tuple[RangeStatistics, list]:
     """The maps of ``kind`` for ``ranges`` and the fit statistics they come from: one float64 pass over the
-    ``n`` fit samples up to the last range's end, holding the Gram blocks and (where the model folds) the
+    run's fit samples up to the last range's end, holding the Gram blocks and (where the model folds) the
     fold statistics of the ranges, so every map kind of the same ranges shares it
     (:func:`rba_core.range_pass.range_statistics`). A fold that the model cannot take is one sentence
     before the pass."""
     declared = map_kind(kind)
     if declared.check_ranges:
-        declared.check_ranges(ranges, model_ref(lazy.encoder if isinstance(lazy.encoder, Encoder) else model,
-                                                lazy.max_length).info.num_blocks)
+        declared.check_ranges(ranges, run.info.num_blocks)
 
     def load() -> Encoder:
-        loaded = lazy()
+        loaded = run.lazy()
         if declared.check_encoder:
             declared.check_encoder(loaded, ranges)
         return loaded
 
-    fit = range_statistics(model, dataset, n, seed, ranges, max_length=lazy.max_length, cache=cache,
-                           progress=progress, encoder=load)
+    fit = range_statistics(run.ref, run.data, run.fit_n, run.seed, ranges, max_length=run.max_length, cache=run.cache,
+                           progress=run.progress, encoder=load)
     try:
         maps = [fit_map(fit, rng, kind, params) for rng in ranges]
     except MissingStatistics:  # a stored entry of a model that cannot take this kind: say why
@@ -269,13 +236,25 @@ def conditioning_report(ranges: Sequence[Range], maps: Sequence) -> tuple[list[d
     return rows or None, notes
 
 
-def approximate(model, dataset, fit_n: int, eval_n: int, seed: int,
-                ranges: Sequence[Sequence[int]], kind: str = "linear", *, map_params: MapParams | None = None,
-                probe: bool = False, max_length: int = 128, seq_len: int = DEFAULT_SEQ_LEN,
-                latency: bool = True,
-                cache: Cache | None = None, progress: Progress | None = None, on_stage: Stage | None = None,
-                encoder: Encoder | LazyEncoder | Callable[[], Encoder] | None = None) -> ApproximationResult:
-    """Fit maps on ``fit_n`` train samples, evaluate the approximated model on ``eval_n`` test samples.
+def approximate(model, dataset, fit_n: int, eval_n: int, seed: int, ranges: Sequence[Sequence[int]],
+                kind: str = "linear", **options) -> ApproximationResult:
+    """Fit maps of ``kind`` for ``ranges`` on ``fit_n`` train samples and evaluate the approximated model on
+    ``eval_n`` test samples: :func:`approximate_run` of the :class:`Run` of these arguments. ``options``: the
+    run's (``max_length``, ``seq_len``, ``cache``, ``progress``, ``on_stage``, ``encoder``) and the
+    approximation's (``map_params``, ``probe``, ``latency``)."""
+    run, asked = Run.of(model, dataset, {**options, "fit_n": fit_n, "eval_n": eval_n, "seed": seed},
+                        APPROXIMATE_OPTIONS)
+    return approximate_run(run, ranges, kind, **asked)
+
+
+APPROXIMATE_OPTIONS = ("map_params", "probe", "latency")
+
+
+def approximate_run(run: Run, ranges: Sequence[Sequence[int]], kind: str = "linear",
+                    map_params: MapParams | None = None, probe: bool = False, latency: bool = True
+                    ) -> ApproximationResult:
+    """Fit maps on the run's fit samples (train split), evaluate the approximated model on its evaluation
+    samples (test split).
 
     The result's ``final`` holds the original and approximated final representations of the
     evaluation samples with their labels (numpy; not in the JSON). For a causal LM on a
@@ -283,38 +262,31 @@ def approximate(model, dataset, fit_n: int, eval_n: int, seed: int,
     perplexity and top-1 next-token agreement of the original, approximated and skipped models.
     The maps come from one float64 pass over the fit samples that keeps only the ranges' own statistics
     (:func:`fit_range_maps`). ``latency``: time both models per image (a few seconds); off, the result's
-    ``latency_ms_per_image`` is None.
+    ``latency_ms_per_image`` is None. ``probe``: the linear probe's accuracy of the original, approximated
+    and skipped models (the paper's protocol, and a converged probe).
     """
     declared = map_kind(kind)  # an unknown map fails before any work
     params = map_params or MapParams()
-    cache = cache or Cache()
-    stage = on_stage or (lambda _: None)
-    # A shared LazyEncoder lets many calls (table rows, search probes) load the model at most once.
-    lazy = encoder if isinstance(encoder, LazyEncoder) else LazyEncoder(model, encoder, max_length)
-    ref = model_ref(lazy.encoder if isinstance(lazy.encoder, Encoder) else model, max_length)
-    info = ref.info
+    info = run.info
     ranges = validate_ranges(ranges, info.num_blocks)  # before any pass
-    dataset = lm_dataset(model, dataset, seq_len, ref)
-    stage("Fit samples (train split): statistics of the ranges (float64, blocks up to the last range's end)")
-    fit, maps = fit_range_maps(model, dataset, fit_n, seed, ranges, kind, params, cache, progress, lazy)
+    run.stage("Fit samples (train split): statistics of the ranges (float64, blocks up to the last range's end)")
+    fit, maps = fit_range_maps(run, ranges, kind, params)
     conditioning, notes = conditioning_report(ranges, maps)
-    stage("Evaluation samples (test split): original model")
-    ev = extract(model, dataset, eval_n, seed, "test", with_stats=False, max_length=max_length, cache=cache,
-                 progress=progress, encoder=lazy)
+    run.stage("Evaluation samples (test split): original model")
+    ev = run.extract("test", with_stats=False)
     scores = None
-    if isinstance(dataset, LMText):
-        stage("Evaluation windows: the approximated and skipped models from their first range on; perplexity "
-              "and next-token agreement")
-        scores, final, measured = _lm_scores(lazy, dataset, fit, maps, ev, ranges, kind, params, cache, progress,
-                                             timed=latency)
+    if isinstance(run.data, LMText):
+        run.stage("Evaluation windows: the approximated and skipped models from their first range on; perplexity "
+                  "and next-token agreement")
+        scores, final, measured = _lm_scores(run, fit, maps, ev, ranges, kind, params, timed=latency)
     else:
-        stage("Evaluation samples: approximated model")
-        final, measured = approximated_outputs(lazy, dataset, fit, maps, ev, ranges, kind, params, cache, progress,
-                                               timed=latency)
+        run.stage("Evaluation samples: approximated model")
+        final, measured = approximated_outputs(run, fit, maps, ev, ranges, kind, params, timed=latency)
     removed = sum(j - i for i, j in ranges)
     result = ApproximationResult(
         model=fit.meta["model"], dataset=fit.meta["dataset"], modality=info.modality, pooling=info.pooling,
-        max_length=fit.meta.get("max_length"), fit_n=fit_n, eval_n=eval_n, seed=seed, num_blocks=fit.num_blocks,
+        max_length=fit.meta.get("max_length"), fit_n=run.fit_n, eval_n=run.eval_n, seed=run.seed,
+        num_blocks=fit.num_blocks,
         ranges=[{"start": i, "end": j, "removed_blocks": list(range(i + 1, j + 1)),
                  "paper": paper_notation((i, j))} for i, j in ranges],
         map=kind, map_params=declared.key(params),
@@ -330,17 +302,15 @@ def approximate(model, dataset, fit_n: int, eval_n: int, seed: int,
     if scores is not None:
         result.perplexity, result.top1_agreement = scores["perplexity"], scores["top1_agreement"]
     if probe:
-        stage("Linear probe: original, approximated and skipped models on the fit samples")
-        reps = extract(model, dataset, fit_n, seed, "train", with_stats=False, max_length=max_length, cache=cache,
-                       progress=progress, encoder=lazy)
+        run.stage("Linear probe: original, approximated and skipped models on the fit samples")
+        reps = run.extract("train", with_stats=False)
         train = {"original": reps.final}
         test = {"original": ev.final}
         skipped = [None] * len(ranges)
         for name, map_name, fitted in (("approximated", kind, maps), ("skip", "identity", skipped)):
-            train[name] = approximated_outputs(lazy, dataset, fit, fitted, reps, ranges, map_name, params, cache,
-                                               progress)[0]
+            train[name] = approximated_outputs(run, fit, fitted, reps, ranges, map_name, params)[0]
             test[name] = final if map_name == kind else approximated_outputs(
-                lazy, dataset, fit, fitted, ev, ranges, map_name, params, cache, progress)[0]
+                run, fit, fitted, ev, ranges, map_name, params)[0]
         result.accuracy = {name: probe_accuracy(train[name], reps.labels, test[name], ev.labels)
                            for name in ("original", "approximated", "skip")}
         result.accuracy_converged = {name: converged_probe_accuracy(train[name], reps.labels, test[name], ev.labels)
@@ -351,12 +321,20 @@ def approximate(model, dataset, fit_n: int, eval_n: int, seed: int,
 
 
 def export(model, dataset, fit_n: int, seed: int, ranges: Sequence[Sequence[int]], kind: str, out,
-           *, eval_n: int = 0, map_params: MapParams | None = None, max_length: int = 128,
-           seq_len: int = DEFAULT_SEQ_LEN, onnx: bool = False, cache: Cache | None = None,
-           progress: Progress | None = None, on_stage: Stage | None = None,
-           encoder: Encoder | Callable[[], Encoder] | None = None) -> dict:
-    """Fit the maps of ``ranges`` on ``fit_n`` train samples and write the export folder ``out``
-    (``encoder``: a loaded encoder of ``model`` or a loader, as for :func:`approximate`).
+           **options) -> dict:
+    """Fit the maps of ``ranges`` on ``fit_n`` train samples and write the export folder ``out``:
+    :func:`export_run` of the :class:`Run` of these arguments. ``options``: the run's (``eval_n``, ``max_length``,
+    ``seq_len``, ``cache``, ``progress``, ``on_stage``, ``encoder``) and the export's (``map_params``, ``onnx``)."""
+    run, asked = Run.of(model, dataset, {**options, "fit_n": fit_n, "seed": seed}, EXPORT_OPTIONS)
+    return export_run(run, ranges, kind, out, **asked)
+
+
+EXPORT_OPTIONS = ("map_params", "onnx")
+
+
+def export_run(run: Run, ranges: Sequence[Sequence[int]], kind: str, out, map_params: MapParams | None = None,
+               onnx: bool = False) -> dict:
+    """Fit the maps of ``ranges`` on the run's fit samples and write the export folder ``out``.
 
     ``kind`` ``folded`` gives a plain Hugging Face checkpoint with fewer layers (pre-LN models; its
     ``rba.json`` records the data and, with ``eval_n`` test samples, the perplexity of the original
@@ -367,38 +345,35 @@ def export(model, dataset, fit_n: int, seed: int, ranges: Sequence[Sequence[int]
     from rba_core.fold import folded_encoder
 
     params = map_params or MapParams()
-    stage = on_stage or (lambda _: None)
-    lazy = LazyEncoder(model, encoder, max_length)
-    ref = model_ref(model, max_length)
-    checked = validate_ranges(ranges, ref.info.num_blocks)
-    data = lm_dataset(model, dataset, seq_len, ref)
-    stage("Fit samples (train split): statistics of the ranges (float64, blocks up to the last range's end)")
-    fit, fitted = fit_range_maps(model, data, fit_n, seed, checked, kind, params, cache or Cache(), progress, lazy)
+    checked = validate_ranges(ranges, run.info.num_blocks)
+    run.stage("Fit samples (train split): statistics of the ranges (float64, blocks up to the last range's end)")
+    fit, fitted = fit_range_maps(run, checked, kind, params)
     conditioning, notes = conditioning_report(checked, fitted)  # the compressed record holds it per range
     declared = map_kind(kind)
     if not declared.folds:  # the maps stay modules: the rba-compressed folder
-        save_compressed(ApproximatedEncoder(lazy(), checked, fitted).eval(), out, onnx=onnx)
+        save_compressed(ApproximatedEncoder(run.lazy(), checked, fitted).eval(), out, onnx=onnx)
         return {**json.loads((Path(out) / "rba.json").read_text()), "notes": notes}
-    encoder = lazy()
+    encoder = run.lazy()
     folded = folded_encoder(encoder, {rng: declared.folds(m) for rng, m in zip(checked, fitted)})
     record = {"source": encoder.source, "family": encoder.family, "map": kind,
               "ranges": [list(rng) for rng in checked],
               "paper": [paper_notation(rng) for rng in checked],
               "layers": {"original": encoder.num_blocks, "folded": folded.num_blocks},
               "params": {"original": count_params(encoder.model), "folded": count_params(folded.model)},
-              "data": {"dataset": str(dataset), "fit_n": fit_n, "seed": seed,
-                       **({"seq_len": seq_len} if isinstance(data, LMText) else {"max_length": encoder.max_length})},
+              "data": {"dataset": str(run.dataset), "fit_n": run.fit_n, "seed": run.seed,
+                       **({"seq_len": run.seq_len} if isinstance(run.data, LMText)
+                          else {"max_length": encoder.max_length})},
               "conditioning": conditioning}
-    if eval_n:
-        test, indices = open_sample(data, "test", eval_n, seed)
+    if run.eval_n:
+        test, indices = open_sample(run.data, "test", run.eval_n, run.seed)
         samples = test.items(indices)
-        record["data"]["eval_n"] = eval_n
-        if isinstance(data, LMText):
-            stage("Evaluation windows: perplexity of the original and folded models")
+        record["data"]["eval_n"] = run.eval_n
+        if isinstance(run.data, LMText):
+            run.stage("Evaluation windows: perplexity of the original and folded models")
             record["perplexity"] = {"original": lm_scores(encoder, {}, samples)["perplexity"]["original"],
                                     "folded": lm_scores(folded, {}, samples)["perplexity"]["original"]}
         else:
-            stage("Evaluation samples (test split): final representations of the original and folded models")
+            run.stage("Evaluation samples (test split): final representations of the original and folded models")
             record["mse_final"] = _final_mse(encoder, folded, samples)
     save_folded(folded, out, record)
     return {**record, "notes": notes}

@@ -224,8 +224,20 @@ def _run(args: argparse.Namespace, tracker: Tracker) -> int:
         return _run_in_cache(args, tracker)
 
 
+def _request(args: argparse.Namespace, dataset, cache, tracker: Tracker):
+    """The :class:`rba_core.run.Run` of the command's arguments: ``analyze`` draws ``--n`` samples of its split,
+    the others ``--fit-n`` train and ``--eval-n`` test samples."""
+    from rba_core.run import Run
+
+    n = getattr(args, "n", None)
+    return Run(args.model, dataset, fit_n=args.fit_n if n is None else n,
+               eval_n=getattr(args, "eval_n", 0) if n is None else n, seed=args.seed, max_length=args.max_length,
+               seq_len=args.seq_len, cache=cache, progress=tracker,  # the tracker remembers how far each stage got
+               on_stage=tracker.stage)
+
+
 def _run_in_cache(args: argparse.Namespace, tracker: Tracker) -> int:
-    from rba_core.analysis import analyze, approximate
+    from rba_core.analysis import analyze_run, approximate_run
     from rba_core.cache import Cache
     from rba_core.extract import DECODE_WORKERS_ENV
     from rba_core.models import gguf_ready
@@ -234,7 +246,6 @@ def _run_in_cache(args: argparse.Namespace, tracker: Tracker) -> int:
         os.environ[DECODE_WORKERS_ENV] = str(args.decode_workers)
 
     cache = Cache(args.cache_dir, on_wait=lambda s: print(s, file=sys.stderr))
-    progress = tracker  # also remembers how far each stage got, for the stop sentence
     try:
         from rba_core.data import dataset_unit
 
@@ -244,43 +255,34 @@ def _run_in_cache(args: argparse.Namespace, tracker: Tracker) -> int:
         tracker.samples = tracker.unit = "windows" if is_lm_text(first) else dataset_unit(first)
         if not gguf_ready(args.model):
             tracker.stage(f"Dequantising {args.model} into the cache as a float32 checkpoint (once per GGUF file)")
-        if args.command == "analyze":
-            results = analyze(args.model, args.dataset, args.n, args.seed, args.split, max_length=args.max_length,
-                              seq_len=args.seq_len, windows=args.window or (1,), stats_window=args.stats_window,
-                              stats_budget=_budget(args),
-                              cache=cache, progress=progress)
-        elif args.command == "table":
-            from rba_core.table import table, table_format, write_table
+        if args.command == "table":
+            from rba_core.table import table_format
 
             table_format(args.out)  # a bad suffix fails before any work
-            results = table(args.model, args.dataset, args.fit_n, args.eval_n, args.seed, args.ranges, args.map,
-                            map_params=_map_params(args), max_length=args.max_length,
-                            seq_len=args.seq_len, cache=cache,
-                            progress=progress, on_stage=tracker.stage)
+        run = _request(args, first, cache, tracker)
+        if args.command == "analyze":
+            results = analyze_run(run, args.split, windows=args.window or (1,), stats_window=args.stats_window,
+                                  stats_budget=_budget(args))
+        elif args.command == "table":
+            from rba_core.table import table_run, write_table
+
+            results = table_run(run, args.dataset, args.ranges, args.map, _map_params(args))
             if _main_rank():  # one writer under a launcher
                 args.json = write_table(results, args.out)
         elif args.command == "search":
-            from rba_core.search import search
+            from rba_core.search import SearchPlan, search_run
 
-            results = search(args.model, args.dataset, args.fit_n, args.eval_n, args.seed, blocks=args.blocks,
-                             max_params=args.max_params, max_latency_ms=args.max_latency_ms, pairs=args.pairs,
-                             probe_top=args.probe_top, kind=args.map, map_params=_map_params(args),
-                             top_k=args.top_k, exhaustive=args.exhaustive,
-                             max_length=args.max_length, seq_len=args.seq_len, cache=cache,
-                             progress=progress, on_stage=tracker.stage)
+            results = search_run(run, SearchPlan(
+                blocks=args.blocks, max_params=args.max_params, max_latency_ms=args.max_latency_ms, pairs=args.pairs,
+                probe_top=args.probe_top, kind=args.map, map_params=_map_params(args), top_k=args.top_k,
+                exhaustive=args.exhaustive))
         elif args.command == "export":
-            from rba_core.analysis import export
+            from rba_core.analysis import export_run
 
-            results = export(args.model, args.dataset, args.fit_n, args.seed, args.range, args.map, args.out,
-                             eval_n=args.eval_n, map_params=_map_params(args), max_length=args.max_length,
-                             seq_len=args.seq_len, onnx=args.onnx, cache=cache, progress=progress,
-                             on_stage=tracker.stage)
+            results = export_run(run, args.range, args.map, args.out, _map_params(args), args.onnx)
             print(f"wrote {args.out}", file=sys.stderr)
         else:
-            results = approximate(args.model, args.dataset, args.fit_n, args.eval_n, args.seed, args.range,
-                                  args.map, map_params=_map_params(args), probe=args.probe,
-                                  max_length=args.max_length, seq_len=args.seq_len, cache=cache,
-                                  latency=args.latency, progress=progress, on_stage=tracker.stage)
+            results = approximate_run(run, args.range, args.map, _map_params(args), args.probe, args.latency)
     except (KeyboardInterrupt, Cancelled):
         tracker.waiting = cache.waiting  # only waiting for another run's computation: that one goes on
         raise

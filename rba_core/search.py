@@ -23,24 +23,24 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from dataclasses import dataclass, fields
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from rba_core.analysis import Stage, LazyEncoder, approximate, lm_dataset, map_statistics
+from rba_core.analysis import approximate_run, map_statistics
 from rba_core.approx import LinearMap, captured, mlp_outputs
-from rba_core.cache import Cache
 from rba_core.data import open_dataset
 from rba_core.distributed import World, world
 from rba_core.errors import RBAError
-from rba_core.extract import Extraction, Progress, extract, model_inputs
-from rba_core.lm_data import DEFAULT_SEQ_LEN
+from rba_core.extract import Extraction, model_inputs
 from rba_core.maps import MapParams, Range, fit_map, map_kind
 from rba_core.maps.module import FittedMap
 from rba_core.models import Encoder
 from rba_core.progress import duration_text
 from rba_core.results import SearchResult
+from rba_core.run import Run
 from rba_core.scores import SCORES, candidate_scores
 from rba_core.table import row_label
 
@@ -177,9 +177,10 @@ def _chunk_sse(encoder: Encoder, hs: list[torch.Tensor], batch: tuple, reference
             add(((i1, j1),), run(state, at + 1, last))
 
 
-def _select(candidates: list[Candidate], fit: Extraction, kind: str, timing: dict | None,
-            blocks: int | None, max_params: int | None, max_latency_ms: float | None) -> list[Candidate]:
+def _select(candidates: list[Candidate], fit: Extraction, timing: dict | None, plan: SearchPlan) -> list[Candidate]:
+    """The candidates within the plan's budget."""
     num_params, block_params = fit.meta["num_params"], fit.meta["block_params"]
+    kind, blocks, max_params, max_latency_ms = plan.kind, plan.blocks, plan.max_params, plan.max_latency_ms
     chosen = []
     for c in candidates:
         if blocks is not None and removed_blocks(c) != blocks:
@@ -251,8 +252,8 @@ def still_in_race(errors: dict[Candidate, np.ndarray], top_k: int) -> list[Candi
     return [c for c in errors if bounds[c][0] <= kth_upper]
 
 
-def _measure(encoder: Encoder, source, ev: Extraction, size: int, choose, progress: Progress | None,
-             stage: Stage, seed: int, exhaustive: bool, top_k: int, on_round: Callable[[dict, dict], None]):
+def _measure(run: Run, encoder: Encoder, source, ev: Extraction, size: int, choose, plan: SearchPlan,
+             on_round: Callable[[dict, dict], None]):
     """Rounds of the measured search. Each round runs the original model over new evaluation samples
     (a seeded random order, in chunks of ``size``) keeping hs[0..L] of the chunk, and appends the
     per-sample error of every candidate still in the race; then :func:`still_in_race` keeps those
@@ -261,12 +262,12 @@ def _measure(encoder: Encoder, source, ev: Extraction, size: int, choose, progre
     measures its own share of the candidates; the errors are gathered after each round. ``choose(timing)`` picks the candidates and their maps once the first
     chunk has measured the stage times; ``on_round(summary, errors)`` follows the race with the
     per-sample errors of the candidates that ran in the round."""
-    n, here = len(ev.indices), world()
-    order = np.random.default_rng(seed).permutation(n)  # any prefix is a random sample
+    n, here, progress, top_k = len(ev.indices), world(), run.progress, plan.top_k
+    order = np.random.default_rng(run.seed).permutation(n)  # any prefix is a random sample
     seconds = {"original_forward": 0.0, "candidates": 0.0}
     errors: dict[Candidate, list[np.ndarray]] = {}  # per candidate, its per-sample errors of each round
     racing: list[Candidate] = []
-    seen, counts = 0, sample_rounds(n, exhaustive)
+    seen, counts = 0, sample_rounds(n, plan.exhaustive)
     for number, until in enumerate(counts, start=1):
         done, total, mine = 0, 0, {}
 
@@ -295,7 +296,7 @@ def _measure(encoder: Encoder, source, ev: Extraction, size: int, choose, progre
                     groups = _my_groups(racing, here)  # whole groups, so pairs keep sharing their prefix
                     mine = {c: [] for members in groups.values() for c in members}
                     total = len(mine) * -(-(until - seen) // size)
-                    stage(f"Measured search, round {number} of at most {len(counts)}: {len(racing)} candidates "
+                    run.stage(f"Measured search, round {number} of at most {len(counts)}: {len(racing)} candidates "
                           f"on samples {seen + 1}-{until} of {n}")
                 reference = torch.as_tensor(ev.final[positions], dtype=torch.float64, device=encoder.device)
                 began = time.perf_counter()
@@ -360,16 +361,41 @@ def _ranking(errors: dict[Candidate, np.ndarray], fit: Extraction, kind: str, ti
     return sorted(rows, key=lambda row: row["mse_final"])
 
 
-def search(model, dataset, fit_n: int, eval_n: int, seed: int = 0, *, blocks: int | None = None,
-           max_params: int | None = None, max_latency_ms: float | None = None, pairs: bool = False,
-           probe_top: int = 0, kind: str = "linear", map_params: MapParams | None = None, max_length: int = 128,
-           seq_len: int = DEFAULT_SEQ_LEN, cache: Cache | None = None, progress: Progress | None = None, on_stage: Stage | None = None,
-           memory_bytes: int | None = None, exhaustive: bool = False, top_k: int = TOP_K,
-           on_round: Callable[[list[dict], dict], None] | None = None,
-           encoder: Encoder | Callable[[], Encoder] | None = None) -> SearchResult:
+@dataclass(frozen=True)
+class SearchPlan:
+    """What a measured search is asked: the budget (``blocks`` removed exactly, at most ``max_params``
+    parameters, at most ``max_latency_ms`` estimated per image; none means every candidate), whether pairs of
+    ranges are candidates, the map kind and its hyperparameters, the probe for the best ``probe_top``, and the
+    race (``top_k``, ``exhaustive``, ``memory_bytes`` for the cached block outputs)."""
+
+    blocks: int | None = None
+    max_params: int | None = None
+    max_latency_ms: float | None = None
+    pairs: bool = False
+    probe_top: int = 0
+    kind: str = "linear"
+    map_params: MapParams | None = None
+    memory_bytes: int | None = None
+    exhaustive: bool = False
+    top_k: int = TOP_K
+
+
+def search(model, dataset, fit_n: int, eval_n: int, seed: int = 0, **options) -> SearchResult:
+    """:func:`search_run` of the :class:`Run` of these arguments. ``options``: the run's (``max_length``,
+    ``seq_len``, ``cache``, ``progress``, ``on_stage``, ``encoder``), the :class:`SearchPlan`'s fields and
+    ``on_round``."""
+    plan_fields = [f.name for f in fields(SearchPlan)]
+    run, asked = Run.of(model, dataset, {**options, "fit_n": fit_n, "eval_n": eval_n, "seed": seed},
+                        (*plan_fields, "on_round"))
+    on_round = asked.pop("on_round", None)
+    return search_run(run, SearchPlan(**asked), on_round)
+
+
+def search_run(run: Run, plan: SearchPlan, on_round: Callable[[list[dict], dict], None] | None = None
+               ) -> SearchResult:
     """Rank the candidates that fit the budget by measured final-representation MSE (lowest first).
 
-    Budgets (any combination; none means every candidate): ``blocks`` removes exactly that many
+    Budgets (any combination of the plan's; none means every candidate): ``blocks`` removes exactly that many
     blocks, ``max_params`` caps the parameters (T included), ``max_latency_ms`` caps the latency
     per image estimated from the measured time of each stage. The best ``probe_top`` candidates
     also get probe accuracies from :func:`rba_core.analysis.approximate` (cached like it).
@@ -385,28 +411,24 @@ def search(model, dataset, fit_n: int, eval_n: int, seed: int = 0, *, blocks: in
     language-model text reads it as windows of ``seq_len`` tokens. ``score_agreement`` says how well
     each cheap score predicts the measured ranking (:func:`score_agreement`).
     """
+    kind = plan.kind
     declared = map_kind(kind)
-    params = map_params or MapParams()
+    params = plan.map_params or MapParams()
     began = time.perf_counter()
-    cache = cache or Cache()
-    stage = on_stage or (lambda _: None)
-    lazy = LazyEncoder(model, encoder, max_length)
-    dataset = lm_dataset(model, dataset, seq_len)
-    stage("Fit samples (train split): representations and token statistics")
-    fit = extract(model, dataset, fit_n, seed, "train", max_length=max_length, cache=cache, progress=progress,
-                  encoder=lazy)
-    stage("Evaluation samples (test split): original model")
-    ev = extract(model, dataset, eval_n, seed, "test", with_stats=False, max_length=max_length, cache=cache,
-                 progress=progress, encoder=lazy)
+    stage = run.stage
+    run.stage("Fit samples (train split): representations and token statistics")
+    fit = run.extract("train")
+    run.stage("Evaluation samples (test split): original model")
+    ev = run.extract("test", with_stats=False)
     num_blocks = fit.num_blocks
-    if blocks is not None and not 1 <= blocks <= num_blocks:
-        raise RBAError(f"Cannot remove {blocks} blocks: this model has {num_blocks}; choose 1..{num_blocks}.")
-    everything = candidate_ranges(num_blocks, pairs)
+    if plan.blocks is not None and not 1 <= plan.blocks <= num_blocks:
+        raise RBAError(f"Cannot remove {plan.blocks} blocks: this model has {num_blocks}; choose 1..{num_blocks}.")
+    everything = candidate_ranges(num_blocks, plan.pairs)
 
     notes: list[str] = []
 
     def choose(timing: dict) -> tuple[list[Candidate], dict[Range, FittedMap | None]]:
-        chosen = _select(everything, fit, kind, timing, blocks, max_params, max_latency_ms)
+        chosen = _select(everything, fit, timing, plan)
         if not chosen:
             raise RBAError("No range fits this budget: allow more parameters or latency, or remove fewer blocks.")
         if declared.check_encoder:
@@ -415,18 +437,18 @@ def search(model, dataset, fit_n: int, eval_n: int, seed: int = 0, *, blocks: in
         most = n * (latency_estimate((), timing, kind) + sum(candidate_run_ms(c, timing, kind) for c in chosen)) / 1000
         stage(f"Measured search: {len(chosen)} of {len(everything)} candidates fit the budget; measuring every one on "
               f"all {n} samples would take about {duration_text(most)} here (the race stops most of them earlier)")
-        fitted = map_statistics(kind, fit, dataset, chosen, lazy, cache, progress, stage)
+        fitted = map_statistics(run, kind, fit, chosen)
         needed = sorted({r for c in chosen for r in c})  # pairs share ranges: fit each map once
         return chosen, {r: _on(fit_map(fitted, r, kind, params), encoder.device) for r in needed}
 
-    encoder = lazy()
-    source = ev.source or open_dataset(dataset, "test")
+    encoder = run.lazy()
+    source = ev.source or open_dataset(run.data, "test")
     with torch.inference_mode():
         tokens = encoder.embed(encoder.preprocess(source.items(ev.indices[:1]))).shape[1]
     tokens = max(tokens, encoder.max_length or 0)  # texts of a chunk pad to the longest one
     heads = getattr(encoder.config, "num_attention_heads", None) or encoder.hidden_size // 64 or 1
     size = chunk_size(len(ev.indices), tokens, encoder.hidden_size, num_blocks + 1,
-                      heads, pairs, memory_bytes or _available_memory())
+                      heads, plan.pairs, plan.memory_bytes or _available_memory())
     stage(f"Measured search: original block outputs in chunks of {size} of {len(ev.indices)} samples")
     rounds: list[dict] = []
     seen: dict[Candidate, np.ndarray] = {}  # each candidate's errors so far, for the interim rankings
@@ -443,28 +465,25 @@ def search(model, dataset, fit_n: int, eval_n: int, seed: int = 0, *, blocks: in
         timing_of.append(timing)
         return choose(timing)
 
-    errors, timing, seconds = _measure(encoder, source, ev, size, choose_timed, progress, stage, seed, exhaustive,
-                                       top_k, round_done)
+    errors, timing, seconds = _measure(run, encoder, source, ev, size, choose_timed, plan, round_done)
     rows = _ranking(errors, fit, kind, timing)
     agreement = score_agreement(rows, fit)
     results = SearchResult(
-        model=fit.meta["model"], dataset=fit.meta["dataset"], fit_n=fit_n, eval_n=eval_n, seed=seed,
+        model=fit.meta["model"], dataset=fit.meta["dataset"], fit_n=run.fit_n, eval_n=run.eval_n, seed=run.seed,
         num_blocks=num_blocks, map=kind, map_params=declared.key(params),
-        budget={"blocks": blocks, "max_params": max_params, "max_latency_ms": max_latency_ms},
-        pairs=pairs, considered=len(everything), evaluated=len(rows), chunk_size=size,
+        budget={"blocks": plan.blocks, "max_params": plan.max_params, "max_latency_ms": plan.max_latency_ms},
+        pairs=plan.pairs, considered=len(everything), evaluated=len(rows), chunk_size=size,
         original={"params": fit.meta["num_params"], "latency_ms_per_image_estimate": latency_estimate((), timing, kind)},
         timing_ms_per_image=timing,
         spearman={name: agreement[name]["spearman"] for name in ("block_redundancy", "fit_residual")},
         score_agreement=agreement,
         candidates=rows, cache={"fit": fit.key, "eval": ev.key}, notes=sorted(set(fit.notes + ev.notes)) + notes,
-        seconds=seconds, exhaustive=exhaustive, top_k=top_k, rounds=rounds,
+        seconds=seconds, exhaustive=plan.exhaustive, top_k=plan.top_k, rounds=rounds,
     )
-    if probe_top > 0:
-        stage(f"Linear probe for the best {min(probe_top, len(rows))} candidates")
-        for row in rows[:probe_top]:
-            res = approximate(model, dataset, fit_n, eval_n, seed, row["ranges"], kind, map_params=params, probe=True,
-                              max_length=max_length, seq_len=seq_len, cache=cache, progress=progress, encoder=lazy,
-                              latency=False)
+    if plan.probe_top > 0:
+        stage(f"Linear probe for the best {min(plan.probe_top, len(rows))} candidates")
+        for row in rows[:plan.probe_top]:
+            res = approximate_run(run.quiet(), row["ranges"], kind, params, probe=True, latency=False)
             row["accuracy"] = {"approximated": res.accuracy["approximated"], "skip": res.accuracy["skip"]}
             results.original["accuracy"] = res.accuracy["original"]
     seconds["total"] = time.perf_counter() - began

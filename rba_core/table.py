@@ -20,17 +20,16 @@ import io
 import json
 import re
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
-from rba_core.analysis import Stage, LazyEncoder, approximate
+from rba_core.analysis import approximate_run
 from rba_core.approx import Range, paper_notation
 from rba_core.cache import Cache
 from rba_core.errors import RBAError
-from rba_core.lm_data import DEFAULT_SEQ_LEN
 from rba_core.maps import MapParams, map_kind, validate_ranges
-from rba_core.models import Encoder, model_ref
-from rba_core.progress import Progress, duration_text
+from rba_core.progress import duration_text
 from rba_core.results import TableResult, flat_row
+from rba_core.run import Run
 
 Row = list[Range]
 PRESETS = ("paper", "all-consecutive")
@@ -72,43 +71,48 @@ def row_label(row: Sequence[Range]) -> tuple[str, str]:
 
 
 def table(model, datasets: Sequence[str], fit_n: int, eval_n: int, seed: int = 0,
-          rows: str | Sequence[Sequence[Range]] = "paper", kind: str = "linear", *,
-          map_params: MapParams | None = None, max_length: int = 128, seq_len: int = DEFAULT_SEQ_LEN,
-          cache: Cache | None = None, progress: Progress | None = None,
-          on_stage: Stage | None = None, encoder: Encoder | Callable[[], Encoder] | None = None) -> TableResult:
-    """The original model's row then one row per range set, for each dataset.
+          rows: str | Sequence[Sequence[Range]] = "paper", kind: str = "linear", **options) -> TableResult:
+    """:func:`table_run` of the :class:`Run` of these arguments (on the first dataset). ``options``: the run's
+    (``max_length``, ``seq_len``, ``cache``, ``progress``, ``on_stage``, ``encoder``) and ``map_params``."""
+    if not datasets:
+        raise RBAError("Give at least one dataset for the table.")
+    run, asked = Run.of(model, datasets[0], {**options, "fit_n": fit_n, "eval_n": eval_n, "seed": seed},
+                        ("map_params",))
+    return table_run(run, datasets, rows, kind, asked.get("map_params"))
+
+
+def table_run(run: Run, datasets: Sequence[str], rows: str | Sequence[Sequence[Range]] = "paper",
+              kind: str = "linear", map_params: MapParams | None = None) -> TableResult:
+    """The original model's row then one row per range set, for each dataset (the run on each in turn).
 
     Rows: ``dataset``, ``range`` and ``paper`` (labels), ``ranges`` ([[i, j], ...]),
     ``blocks_left``, ``params`` (T included), ``mse_final``, ``accuracy`` {``approximated``,
     ``skip``} each {mean, std} over probe seeds 0, 1, 2 (``original`` on the original row), and
     ``accuracy_converged`` the same for the converged probe (one deterministic run, std 0).
-    ``encoder``: a loaded encoder or a zero-argument loader, called only when a row is not cached. A
-    causal LM on a language-model text reads it as windows of ``seq_len`` tokens.
+    The model is loaded once, and only when some row is not cached. A causal LM on a language-model text reads
+    it as windows of the run's ``seq_len`` tokens.
     """
     if not datasets:
         raise RBAError("Give at least one dataset for the table.")
     declared = map_kind(kind)
     params = map_params or MapParams()
-    lazy = LazyEncoder(model, encoder, max_length)  # loaded once, and only when some row is not cached
-    checked = parse_rows(rows, model_ref(lazy.encoder if isinstance(lazy.encoder, Encoder) else model).info.num_blocks)
+    checked = parse_rows(rows, run.info.num_blocks)
     if not checked:
         raise RBAError("The table has no rows: this model is too shallow for the preset; give ranges like 1:2.")
-    cache = cache or Cache()
-    stage = on_stage or (lambda _: None)
+    cache, stage, fit_n, eval_n = run.cache, run.stage, run.fit_n, run.eval_n
     rows = len(datasets) * len(checked)
     per_row = 2 * (fit_n + eval_n)  # the approximated and the skipped model, on the fit and evaluation samples
     stage(f"Table: {len(checked)} rows on {len(datasets)} dataset{'s' if len(datasets) > 1 else ''}, about "
           f"{rows * per_row:,} sample forwards of approximated models ({per_row:,} per row) after one pass of the "
           "original model over each split; stored passes and rows are read instead, and the time follows the first row")
     out = []
-    for dataset in datasets:
+    for position, dataset in enumerate(datasets):
+        on = (run if position == 0 else run.on(dataset)).quiet()  # the table says its own stages
         for n, row in enumerate(checked):
             label, paper = row_label(row)
             stage(f"{dataset}: row {n + 1}/{len(checked)}, range {label}")
             # Latency is not in the table, so the rows are not timed (a stored timed run serves them too).
-            res = approximate(model, dataset, fit_n, eval_n, seed, row, kind, map_params=params, probe=True,
-                              max_length=max_length, seq_len=seq_len, cache=cache, progress=progress, encoder=lazy,
-                              latency=False)
+            res = approximate_run(on, row, kind, params, probe=True, latency=False)
             if len(out) == 0 and rows > 1:
                 stage(_estimate(cache, res.cache["eval"], rows - 1, per_row, (len(datasets) - 1) * (fit_n + eval_n)))
             if n == 0:
@@ -121,7 +125,7 @@ def table(model, datasets: Sequence[str], fit_n: int, eval_n: int, seed: int = 0
                         "mse_final": res["mse_final"],
                         **{key: {"approximated": res[key]["approximated"], "skip": res[key]["skip"]}
                            for key in ACCURACIES}})
-    return TableResult(model=res.model, datasets=[str(d) for d in datasets], fit_n=fit_n, eval_n=eval_n, seed=seed,
+    return TableResult(model=res.model, datasets=[str(d) for d in datasets], fit_n=fit_n, eval_n=eval_n, seed=run.seed,
                        map=kind, map_params=declared.key(params), rows=out)
 
 

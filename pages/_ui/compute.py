@@ -43,11 +43,10 @@ from rba_core.models import preload  # noqa: E402
 
 preload()
 
-from rba_core.analysis import LazyEncoder, analysis_results, approximate, export, fit_range_maps, lm_dataset
+from rba_core.analysis import analyze_run, approximate_run, export_run, fit_range_maps
 from rba_core.approx import ApproximatedEncoder, approximate_encoder
 from rba_core.cache import Cache, cache_root
 from rba_core.export import ONNX, RECORD
-from rba_core.extract import extract
 from rba_core.hub import hub_status, on_disk
 from rba_core.lm_data import DEFAULT_SEQ_LEN
 from rba_core.data import dataset_unit
@@ -55,8 +54,9 @@ from rba_core.distributed import run_group
 from rba_core.maps import MapParams
 from rba_core.models import Encoder, load_encoder, model_info
 from rba_core.progress import stage_unit, stopped_sentence
-from rba_core.search import search
-from rba_core.table import table
+from rba_core.search import SearchPlan, search_run
+from rba_core.run import Run
+from rba_core.table import table_run
 from rba_core.threads import configure_threads
 
 from pages._ui.selection import Selection
@@ -119,27 +119,24 @@ def _reading(read: Callable[[Cache], dict], cache_dir: str) -> dict:
 @st.cache_data(max_entries=16, show_spinner="Reading stored results…")
 def stored_analysis(model: str, dataset: str, n: int, seed: int, cache_dir: str, stats_window: int = 0) -> dict:
     """The ``analyze`` results from the disk cache; raises :class:`NotComputed` (not memoised) on a miss."""
-    return _reading(lambda cache: analysis_results(extract(model, lm_dataset(model, dataset), n, seed, "train",
-                                                           cache=cache, encoder=_refuse,
-                                                           stats_window=stats_window or None)), cache_dir)
+    return _reading(lambda cache: analyze_run(Run(model, dataset, n, n, seed, cache=cache, encoder=_refuse),
+                                              windows=(), stats_window=stats_window or None), cache_dir)
 
 
 @st.cache_data(max_entries=16, show_spinner="Reading stored results…")
 def stored_approximation(model: str, dataset: str, fit_n: int, eval_n: int, seed: int, ranges: str,
                          kind: str, params: str, probe: bool, cache_dir: str) -> dict:
     """The ``approximate`` results from the disk cache (``ranges`` and the map's ``params`` as JSON)."""
-    return _reading(lambda cache: approximate(model, dataset, fit_n, eval_n, seed, json.loads(ranges), kind,
-                                              map_params=_params(params), probe=probe, cache=cache,
-                                              encoder=_refuse),
-                    cache_dir)
+    return _reading(lambda cache: approximate_run(Run(model, dataset, fit_n, eval_n, seed, cache=cache, encoder=_refuse),
+                                                  json.loads(ranges), kind, _params(params), probe), cache_dir)
 
 
 @st.cache_data(max_entries=8, show_spinner="Reading stored results…")
 def stored_table(model: str, datasets: tuple[str, ...], fit_n: int, eval_n: int, seed: int, rows: str, kind: str,
                  params: str, cache_dir: str) -> dict:
     """The ``table`` results from the disk cache (``params`` as JSON); :class:`NotComputed` on a missing row."""
-    return _reading(lambda cache: table(model, list(datasets), fit_n, eval_n, seed, rows, kind,
-                                        map_params=_params(params), cache=cache, encoder=_refuse), cache_dir)
+    return _reading(lambda cache: table_run(Run(model, datasets[0], fit_n, eval_n, seed, cache=cache, encoder=_refuse),
+                                            list(datasets), rows, kind, _params(params)), cache_dir)
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
@@ -239,6 +236,13 @@ def _working(label: str, samples: str = "images") -> Iterator[_Work]:
         stop.empty()
 
 
+def _request(sel: Selection, work: "_Work", eval_n: int = 0, dataset: str | None = None) -> Run:
+    """The :class:`Run` of the sidebar's selection (``eval_n`` evaluation samples; another ``dataset``), working
+    in ``work`` with the app's shared model."""
+    return Run(sel.model, dataset or sel.dataset, sel.n, eval_n, sel.seed, cache=work.cache, progress=work.progress,
+               on_stage=work.stage, encoder=lambda: encoder(sel.model))
+
+
 def run_analysis(sel: Selection, processes: int = 1) -> None:
     """The streaming pass for ``sel`` (or a cache hit), inside :func:`_working`; with ``processes`` > 1 it
     runs as that many torchrun workers on this machine (rank 0's progress shown), then is read back."""
@@ -249,8 +253,7 @@ def run_analysis(sel: Selection, processes: int = 1) -> None:
             window = ["--stats-window", str(sel.stats_window)] if sel.stats_window else []
             run_group(["analyze", "--model", sel.model, "--dataset", sel.dataset, "--n", str(sel.n),
                        "--seed", str(sel.seed), *window], processes, work.cache.root, work.progress)
-        ex = extract(sel.model, lm_dataset(sel.model, sel.dataset), sel.n, sel.seed, "train", cache=work.cache,
-                     progress=work.progress, encoder=lambda: encoder(sel.model), stats_window=sel.stats_window or None)
+        ex = _request(sel, work).extract("train", stats_window=sel.stats_window or None)
         _opened(sel)
         for note in ex.notes:
             st.warning(note)
@@ -303,9 +306,7 @@ def run_approximation(sel: Selection, eval_n: int, ranges: list[tuple[int, int]]
     """Fit the maps and evaluate the approximated model (cached stages are skipped), in :func:`_working`."""
     with _working("Approximating…", unit(sel.dataset)) as work:
         began = time.perf_counter()
-        approximate(sel.model, sel.dataset, sel.n, eval_n, sel.seed, ranges, kind, map_params=params, probe=probe,
-                    cache=work.cache, progress=work.progress, encoder=lambda: encoder(sel.model),
-                    on_stage=work.stage)
+        approximate_run(_request(sel, work, eval_n), ranges, kind, params, probe)
         _opened(sel)
         work.status.update(state="complete", expanded=False,
                            label=f"Done in {time.perf_counter() - began:.1f} s (stored for next time).")
@@ -333,8 +334,7 @@ def run_table(sel: Selection, datasets: Sequence[str], eval_n: int, rows: str, k
     """Every row of the table (cached rows are read, not recomputed), in :func:`_working`."""
     with _working("Computing the table…", unit(sel.dataset)) as work:
         began = time.perf_counter()
-        result = table(sel.model, list(datasets), sel.n, eval_n, sel.seed, rows, kind, map_params=params, cache=work.cache,
-                       progress=work.progress, encoder=lambda: encoder(sel.model), on_stage=work.stage)
+        result = table_run(_request(sel, work, eval_n, datasets[0]), list(datasets), rows, kind, params)
         for dataset in datasets:
             _opened(replace(sel, dataset=dataset))
         work.status.update(state="complete", expanded=False, label=f"Computed {len(result['rows'])} rows in "
@@ -354,9 +354,8 @@ def run_search(sel: Selection, eval_n: int, budget: dict, pairs: bool, probe_top
                 "interval": f"{r['mse_ci'][0]:.3g} – {r['mse_ci'][1]:.3g}", "samples": r["samples"],
             } for r in rows[:10]]), hide_index=True)
 
-        result = search(sel.model, sel.dataset, sel.n, eval_n, sel.seed, **budget, pairs=pairs, probe_top=probe_top,
-                        kind=kind, map_params=params, cache=work.cache, progress=work.progress, on_stage=work.stage,
-                        on_round=show, encoder=lambda: encoder(sel.model))
+        plan = SearchPlan(**budget, pairs=pairs, probe_top=probe_top, kind=kind, map_params=params)
+        result = search_run(_request(sel, work, eval_n), plan, on_round=show)
         board.empty()
         _opened(sel)
         work.status.update(state="complete", expanded=False, label=f"Measured {result['evaluated']} candidates on "
@@ -393,10 +392,7 @@ def run_continuation(sel: Selection, ranges: list[tuple[int, int]], kind: str, p
 def _range_maps(sel: Selection, ranges: list[tuple[int, int]], kind: str, params: MapParams, work: "_Work") -> list:
     """The maps of ``kind`` for the sidebar's samples, fitted as ``approximate`` and ``export`` fit them (the
     ranges' float64 statistics, shared with the Approximate page's run through the cache)."""
-    data = lm_dataset(sel.model, sel.dataset)
-    lazy = LazyEncoder(sel.model, lambda: encoder(sel.model))
-    _fit, maps = fit_range_maps(sel.model, data, sel.n, sel.seed, ranges, kind, params, work.cache, work.progress,
-                                lazy)
+    _fit, maps = fit_range_maps(_request(sel, work), ranges, kind, params)
     _opened(sel)
     return maps
 
@@ -412,8 +408,7 @@ def run_export(sel: Selection, ranges: list[tuple[int, int]], kind: str, params:
         began = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / name
-            export(sel.model, sel.dataset, sel.n, sel.seed, ranges, kind, folder, map_params=params, onnx=onnx,
-                   cache=work.cache, progress=work.progress, on_stage=work.stage, encoder=lambda: encoder(sel.model))
+            export_run(_request(sel, work), ranges, kind, folder, params, onnx)
             _opened(sel)
             sizes = {path.name: path.stat().st_size for path in sorted(folder.iterdir())}
             content = (folder / ONNX).read_bytes() if onnx else _zip(folder)

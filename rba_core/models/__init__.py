@@ -25,6 +25,9 @@ from rba_core.hub import hub_cache_dir, is_available_offline, require_available
 from rba_core.models.base import Encoder
 from rba_core.registry import resolve_model
 
+#: Texts are truncated to this many tokens unless a request says otherwise (text encoders).
+DEFAULT_MAX_LENGTH = 128
+
 #: config ``model_type`` -> "module:Adapter" in this package (imported on first use).
 ADAPTERS: dict[str, str] = {
     "vit": "vit:ViTEncoder",
@@ -346,7 +349,7 @@ def model_info(name: str) -> ModelInfo:
                      cls.max_tokens_of(config))
 
 
-def load_encoder(name, device: str | None = None, max_length: int | None = 128) -> Encoder:
+def load_encoder(name, device: str | None = None, max_length: int | None = DEFAULT_MAX_LENGTH) -> Encoder:
     """Load an alias, hub id or local folder as an :class:`Encoder` in eval mode, in float32 (decoder LMs on
     CUDA: bfloat16, spread over the GPUs and memory when larger than one device).
 
@@ -356,6 +359,8 @@ def load_encoder(name, device: str | None = None, max_length: int | None = 128) 
     from rba_core.quiet import no_library_bars, silence_library_noise
 
     silence_library_noise()  # an unused head or pooler in the checkpoint is expected here, not a warning
+    if isinstance(name, ModelRef):  # resolved already: its loaded encoder, or a load by its name
+        return name.loaded.with_max_length(max_length) if name.loaded else load_encoder(name.name, device, max_length)
     if not isinstance(name, str):
         return _wrap_loaded(name, device, max_length)
     config = load_config(name)
@@ -428,9 +433,12 @@ def _weights_digest(encoder: Encoder) -> str:
     return digest.hexdigest()
 
 
-def model_ref(model, max_length: int | None = 128) -> ModelRef:
+def model_ref(model, max_length: int | None = DEFAULT_MAX_LENGTH) -> ModelRef:
     """Resolve what a caller passed as the model: an alias, hub id or folder (nothing is loaded),
-    a loaded :class:`Encoder`, or a loaded Hugging Face model object (identified by its weights)."""
+    a loaded :class:`Encoder`, or a loaded Hugging Face model object (identified by its weights); a
+    :class:`ModelRef` (a model resolved once, :class:`rba_core.run.Run`) is returned as it is."""
+    if isinstance(model, ModelRef):
+        return model
     if isinstance(model, str):
         return ModelRef(model, model_fingerprint(model), model_info(model))
     encoder = model if isinstance(model, Encoder) else load_encoder(model, max_length=max_length)

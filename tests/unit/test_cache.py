@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-import rba_core.analysis
+import rba_core.run
 import rba_core.extract
 from rba_core.analysis import approximate
 from rba_core.cache import CACHE_DIR_ENV, WAITING, Cache, make_key
@@ -216,7 +216,7 @@ def test_approximate_on_a_full_cache_hit_never_loads_the_model(tiny_models, imag
                                                                monkeypatch):
     args = (tiny_models["vit"], image_folder, 8, 4, 0, [(1, 3)], "linear")
     first = approximate(*args, probe=True, cache=cache, encoder=vit)
-    monkeypatch.setattr(rba_core.analysis, "load_encoder", _no_model)
+    monkeypatch.setattr(rba_core.run, "load_encoder", _no_model)
     monkeypatch.setattr(rba_core.extract, "load_encoder", _no_model)
     again = approximate(*args, probe=True, cache=Cache(cache.root))
     assert again["mse_final"] == first["mse_final"]

@@ -14,7 +14,8 @@ from scipy.stats import spearmanr
 from test_decoders import SEQ, TEXTS, _prose, decoders  # noqa: F401  (fixture)
 from test_fold import _own_m_and_states
 
-from rba_core.analysis import analyze, approximate, lm_dataset
+from rba_core.analysis import analyze, approximate
+from rba_core.run import lm_dataset
 from rba_core.approx import approximate_encoder, count_params
 from rba_core.cache import Cache
 from rba_core.cli import main

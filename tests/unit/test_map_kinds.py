@@ -84,10 +84,11 @@ def test_diagonal_runs_in_approximate_search_table_and_export(vit, tiny_models, 
 
 def approximate_net(vit, model, dataset, cache, kind, params):
     """The approximated encoder of range 1→3 fitted as approximate and export fit it."""
-    from rba_core.analysis import LazyEncoder, fit_range_maps
+    from rba_core.analysis import fit_range_maps
     from rba_core.approx import ApproximatedEncoder
+    from rba_core.run import Run
 
-    _, maps = fit_range_maps(model, dataset, FIT_N, 0, [(1, 3)], kind, params, cache, None, LazyEncoder(model, vit))
+    _, maps = fit_range_maps(Run(model, dataset, FIT_N, cache=cache, encoder=vit), [(1, 3)], kind, params)
     return ApproximatedEncoder(vit, [(1, 3)], maps).eval()
 
 

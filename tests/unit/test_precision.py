@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from rba_core.analysis import lm_dataset
+from rba_core.run import lm_dataset
 from rba_core.approx import ApproximatedEncoder
 from rba_core.cache import Cache
 from rba_core.cli import main

@@ -14,7 +14,7 @@ from rba_core.cli import main
 from rba_core.errors import RBAError
 from rba_core.extract import extract
 from rba_core.models import load_encoder
-from rba_core.search import (_select, candidate_ranges, chunk_size, confidence_interval, sample_rounds, search,
+from rba_core.search import (SearchPlan, _select, candidate_ranges, chunk_size, confidence_interval, sample_rounds, search,
                              still_in_race)
 
 FIT_N, EVAL_N = 40, 12
@@ -103,7 +103,7 @@ def test_budgets(searched, tiny_models, image_folder):
     # The latency budget on fixed stage times (measured ones vary from run to run on a shared CPU).
     timing = {"embed": 1.0, "blocks": [10.0, 20.0, 30.0, 40.0], "norm": 0.5, "map": 2.0}
     fit = extract(model, image_folder, FIT_N, 0, cache=cache)
-    chosen = _select(candidate_ranges(4), fit, "linear", timing, None, None, 63.5)
+    chosen = _select(candidate_ranges(4), fit, timing, SearchPlan(max_latency_ms=63.5))
     kept = {((i, j),): 100 - sum(timing["blocks"][i:j]) for i in range(4) for j in range(i + 1, 5)}
     assert set(chosen) == {c for c, ms in kept.items() if 1.0 + ms + 2.0 + 0.5 <= 63.5}
     assert ((2, 4),) in chosen and ((0, 2),) not in chosen
