@@ -203,10 +203,10 @@ def pick(key: str, label: str, options: list[str], custom_label: str, placeholde
     only its operator's list (:mod:`pages._ui.shared`), and says so when a link asked for something else."""
     offered = shared.listed(key, options, set(MODALITY))
     if offered is not None:
-        what = "models" if key == "model" else "datasets"
+        what, asked = "models" if key == "model" else "datasets", shared.asked(key)  # before the widget drops it
         choice = st.selectbox(label, offered, index=offered.index(default) if default in offered else 0, key=key,
                               help=shared.LISTED_HELP.format(what=what), **BOUND)
-        shared.refuse_unlisted(key, choice, what)
+        shared.refuse_unlisted(asked, choice, what)
         return choice
     index = options.index(default) if default in options else 0
     choice = st.selectbox(label, [*options, CUSTOM], index=index, key=key, help=help, **BOUND)

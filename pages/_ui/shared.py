@@ -124,13 +124,17 @@ def listed(key: str, options: list[str], names: set[str]) -> list[str] | None:
     return [o for o in options if o not in names] + pool
 
 
-def refuse_unlisted(key: str, choice: str, what: str) -> None:
+def asked(key: str) -> str | None:
+    """What the URL asks the picker ``key`` for (a typed path for ``custom``), read before the picker, which drops
+    a value it does not offer from the URL."""
+    value = st.query_params.get(key)
+    return st.query_params.get(f"{key}_path") or value if value == "custom" else value
+
+
+def refuse_unlisted(asked: str | None, choice: str, what: str) -> None:
     """Say in one sentence that the URL asked for a ``what`` this shared demo does not offer (it shows ``choice``)."""
-    asked = st.query_params.get(key)
-    path = st.query_params.get(f"{key}_path")
     if asked is not None and asked != choice:
-        shown = path if asked == "custom" and path else asked
-        st.info(f"This shared demo offers only the {what} its operator listed, so the link's {shown!r} was "
+        st.info(f"This shared demo offers only the {what} its operator listed, so the link's {asked!r} was "
                 f"replaced by {choice}.")
 
 
