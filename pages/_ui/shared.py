@@ -16,8 +16,9 @@ off. A misconfiguration fails closed: every page shows its one sentence and the 
 The queue (:class:`Queue`) lives in the cache folder, so the limit holds across the sessions of one server and
 across servers sharing ``RBA_CACHE_DIR``: ``.shared-demo-queue/<number>.ticket`` files, numbered in arrival
 order under an flock on a counter file. The first ``max_running`` live tickets may run. A running ticket is
-held by an flock (it dies with its process); a waiting one is live while its session renews it (the queued
-notice reruns every second), so a closed tab loses its place after :data:`EXPIRY_S`.
+held by an flock (it dies with its process) and dated 1970, so that it is stale as soon as the flock is gone; a
+waiting one is live while its session renews its date (the queued notice reruns every second), so a closed tab
+loses its place after :data:`EXPIRY_S`.
 """
 
 from __future__ import annotations
@@ -227,6 +228,7 @@ class Queue:
         if not current:  # removed as expired just before
             os.close(fd)
             raise LookupError(name)
+        os.utime(fd, (0, 0))  # running: once its flock goes (a killed process too), it is stale at once
         return fd
 
     def release(self, fd: int, name: str) -> None:
