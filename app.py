@@ -9,6 +9,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import streamlit as st  # noqa: E402
 
+from pages._ui import shared  # noqa: E402
 from pages._ui.compute import analysis
 from pages._ui.show import downloads, errors  # noqa: E402
 from pages._ui.selection import sidebar  # noqa: E402
@@ -27,7 +28,7 @@ st.markdown(
 
 with errors():
     sel = sidebar(announce=True)
-    processes = st.number_input(
+    processes = 1 if shared.active() else st.number_input(  # a shared demo runs no worker processes
         "Worker processes", min_value=1, max_value=max(os.cpu_count() or 1, 8), value=1, step=1,
         key="processes", help="More than 1 runs the pass data-parallel as that many torchrun processes on this "
         "machine (one GPU each when there are GPUs), with the same result; Stop ends them all. A job run on a "

