@@ -16,7 +16,7 @@ from pathlib import Path
 from rba_core.errors import RBAError
 from rba_core.maps import HYPERS, MAPS, MapParams
 from rba_core.progress import Cancelled, Tracker
-from rba_core.registry import DATASET_ALIASES, MODELS
+from rba_core.registry import DATASET_ALIASES, DEFAULT_MAX_LENGTH, DEFAULT_SEQ_LEN, MODELS
 
 
 DATASET_HELP = (f"alias ({', '.join(DATASET_ALIASES)}), folder (images, parquet/CSV/JSONL files or shards, WebDataset "
@@ -49,9 +49,9 @@ def _parser(prog: str = MODULE_PROG) -> argparse.ArgumentParser:
     common.add_argument("--model", required=True,
                         help=f"alias ({', '.join(MODELS)}), hub id, folder, or GGUF file (or a folder holding one)")
     common.add_argument("--dataset", required=True, help=DATASET_HELP)
-    common.add_argument("--max-length", type=int, default=128, help="text models: truncate texts to this many tokens")
+    common.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH, help="text models: truncate texts to this many tokens")
     common.add_argument("--seed", type=int, default=0)
-    common.add_argument("--seq-len", type=int, default=256,
+    common.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN,
                         help="causal LMs on a text (WikiText-2, C4, .txt file or folder): tokens per window")
     common.add_argument("--json", type=Path, help="where to write the results as JSON ('-': stdout); "
                         "without it a short summary is printed")
@@ -114,8 +114,8 @@ def _add_table_and_search(sub, common: argparse.ArgumentParser) -> None:
     table.add_argument("--ranges", default="paper",
                        help="comma-separated rows: paper, all-consecutive or I:J ('+' joins ranges of one row)")
     _add_map_options(table)
-    table.add_argument("--max-length", type=int, default=128, help="text models: truncate texts to this many tokens")
-    table.add_argument("--seq-len", type=int, default=256,
+    table.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH, help="text models: truncate texts to this many tokens")
+    table.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN,
                        help="causal LMs on a text (WikiText-2, C4, .txt file or folder): tokens per window")
     table.add_argument("--out", required=True, type=Path, help="FILE.csv, FILE.md or FILE.json")
     table.add_argument("--cache-dir", type=Path, help="cache folder (default $RBA_CACHE_DIR or cache/)")

@@ -273,13 +273,6 @@ def dataset_unit(dataset) -> str:
     return UNITS[info.modality] if info else open_dataset(dataset, "train").unit
 
 
-def dataset_name(dataset) -> str:
-    """How results name a dataset: the alias or folder, or "in-memory (N images)"."""
-    if hasattr(dataset, "open_split"):  # language-model windows (rba_core.lm_data.LMText)
-        return dataset.name
-    return dataset if isinstance(dataset, str) else _in_memory_source(dataset, "train").name
-
-
 def open_sample(name, split: str, n: int, seed: int) -> tuple[Source, np.ndarray]:
     """The split and the seeded sample of ``n`` indices in it; a ``stream:`` dataset is read only as far as
     its sample (:mod:`rba_core.streaming`)."""

@@ -20,7 +20,7 @@ from rba_core.maps import fit_residual_matrix
 from rba_core.metrics import influence_sums
 from rba_core.models import Encoder, adapter_class, check_text_length, default_device, load_encoder, model_ref
 from rba_core.progress import Progress
-from rba_core.registry import modality_mismatch
+from rba_core.registry import DEFAULT_MAX_LENGTH, modality_mismatch
 from rba_core.stats import (SAMPLE_GROUP, Pair, StatsAccumulator, TokenStats, check_fits, memory_budget,
                             planned_pairs, planned_precision, stats_bytes)
 
@@ -244,7 +244,7 @@ def _local_pass(encoder: Encoder, source: Source, indices: np.ndarray, acc: Stat
 
 def extract(model, dataset, n: int, seed: int = 0, split: str = "train", *,
             with_stats: bool = True, token_fraction: float = 1.0, batch_size: int = 32,
-            max_length: int = 128, cache: Cache | None = None, progress: Progress | None = None,
+            max_length: int | None = DEFAULT_MAX_LENGTH, cache: Cache | None = None, progress: Progress | None = None,
             device: str | None = None,
             encoder: Encoder | Callable[[], Encoder] | None = None,
             stats_window: int | None = None, stats_ranges: Sequence[Pair] = (),

@@ -31,6 +31,7 @@ from rba_core.errors import RBAError
 from rba_core.maps import Range
 from rba_core.maps.folded import FoldStats, check_fold_set, check_foldable
 from rba_core.models import Encoder, load_encoder
+from rba_core.registry import DEFAULT_MAX_LENGTH
 from rba_core.range_pass import collect, range_statistics
 
 
@@ -132,7 +133,7 @@ def folded_encoder(encoder: Encoder, maps: dict[Range, np.ndarray]) -> Encoder:
                          encoder.pooling, encoder.max_length)
 
 
-def fold_pass(model, dataset, n: int, seed: int, sets: Sequence[Sequence[Range]], *, max_length: int = 128,
+def fold_pass(model, dataset, n: int, seed: int, sets: Sequence[Sequence[Range]], *, max_length: int | None = DEFAULT_MAX_LENGTH,
               cache=None, progress=None, encoder=None) -> dict[Range, FoldStats]:
     """Fold statistics of every range of ``sets`` over the ``n`` fit samples (the train split, sampled as
     :func:`rba_core.extract.extract` samples them): from the cache when stored, otherwise one pass

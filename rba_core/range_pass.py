@@ -26,6 +26,7 @@ from rba_core.extract import check_modality, compute_dtype, extraction_key, mode
 from rba_core.maps import Range
 from rba_core.maps.folded import FoldStats
 from rba_core.models import Encoder, check_text_length, default_device, load_encoder, model_ref
+from rba_core.registry import DEFAULT_MAX_LENGTH
 from rba_core.progress import Progress
 from rba_core.stats import SAMPLE_GROUP, TokenStats
 
@@ -113,7 +114,7 @@ def _result(key: str, hit: bool, meta: dict, arrays: dict[str, np.ndarray], rang
 
 
 def range_statistics(model, dataset, n: int, seed: int, ranges: Sequence[Range], *, tokens: bool = True,
-                     fold: bool = True, max_length: int | None = 128, cache: Cache | None = None,
+                     fold: bool = True, max_length: int | None = DEFAULT_MAX_LENGTH, cache: Cache | None = None,
                      progress: Progress | None = None, encoder=None) -> RangeStatistics:
     """The statistics of ``ranges`` over the ``n`` fit samples (the train split, sampled as
     :func:`rba_core.extract.extract` samples them): the Gram blocks when ``tokens``, the fold statistics of

@@ -1,7 +1,7 @@
 """Which blocks and ranges are the best candidates: top Block Redundancy, lowest fit residual.
 
 Pure numpy over Block Redundancy (blocks 1..L) and the (L+1, L+1) fit-residual matrix of
-:func:`rba_core.approx.fit_residual_matrix` (NaN where i >= j); no forward pass.
+:func:`rba_core.maps.fit_residual_matrix` (NaN where i >= j); no forward pass.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ def removes_text(rng: tuple[int, int]) -> str:
 
 
 @dataclass(frozen=True)
-class Candidate:
+class RankedRange:
     """Range i→j (blocks i+1..j removed) and the relative residual of its least-squares map."""
 
     start: int
@@ -30,7 +30,7 @@ class Candidate:
         return list(range(self.start + 1, self.end + 1))
 
 
-def rank_ranges(residual: np.ndarray, removed: int) -> list[Candidate]:
+def rank_ranges(residual: np.ndarray, removed: int) -> list[RankedRange]:
     """Every range removing exactly ``removed`` consecutive blocks, lowest residual first.
 
     Ties keep the earlier range first; ranges whose residual is NaN are left out.
@@ -39,7 +39,7 @@ def rank_ranges(residual: np.ndarray, removed: int) -> list[Candidate]:
     num_blocks = residual.shape[0] - 1
     if not 1 <= removed <= num_blocks:
         return []
-    candidates = [Candidate(i, i + removed, float(residual[i, i + removed]))
+    candidates = [RankedRange(i, i + removed, float(residual[i, i + removed]))
                   for i in range(num_blocks - removed + 1) if not np.isnan(residual[i, i + removed])]
     return sorted(candidates, key=lambda c: c.residual)  # sorted() is stable: ties stay in order
 

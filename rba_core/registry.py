@@ -6,6 +6,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+#: Texts are truncated to this many tokens unless a request says otherwise (text encoders).
+DEFAULT_MAX_LENGTH = 128
+#: A language-model text is cut into windows of this many tokens unless a request says otherwise.
+DEFAULT_SEQ_LEN = 256
+
 #: Environment variable naming a folder with local copies of the datasets, one sub-folder per
 #: alias (``mnist/train.parquet``, ``cifar10/test.parquet``, ...), as in ``../shared/datasets``.
 DATA_DIR_ENV = "RBA_DATA_DIR"
@@ -211,11 +216,6 @@ def _lookup(name: str, table: dict) -> str | None:
 def model_alias(name: str) -> str | None:
     """The registered alias matching ``name`` case-insensitively (DINOv2-S counts as DiNO-S)."""
     return _lookup(name.replace("DINOv2", "DiNO").replace("dinov2", "dino"), MODELS)
-
-
-def alias_modality(alias: str) -> str:
-    """"image" or "text" for a registered model alias."""
-    return next(m.modality for m in MODEL_ALIASES if m.alias == alias)
 
 
 def missing_model(name: str) -> str | None:

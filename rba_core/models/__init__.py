@@ -23,10 +23,7 @@ from rba_core.errors import RBAError, above_maximum
 from rba_core.models import gguf_file
 from rba_core.hub import hub_cache_dir, is_available_offline, require_available
 from rba_core.models.base import Encoder
-from rba_core.registry import resolve_model
-
-#: Texts are truncated to this many tokens unless a request says otherwise (text encoders).
-DEFAULT_MAX_LENGTH = 128
+from rba_core.registry import DEFAULT_MAX_LENGTH, resolve_model
 
 #: config ``model_type`` -> "module:Adapter" in this package (imported on first use).
 ADAPTERS: dict[str, str] = {
@@ -264,7 +261,7 @@ def _load_error(source: str, exc: Exception) -> RBAError:
             "reached; connect to the internet once to download it, or pass a local folder."
         )
     return RBAError(
-        f"Model '{source}' was not found: use an alias (python -m rba_core models lists them), "
+        f"Model '{source}' was not found: use an alias (python -m rba_core analyze --help lists them), "
         "a Hugging Face hub id or a local folder."
     )
 
