@@ -22,6 +22,7 @@ import common
 from rba_core.maps import fit_map
 from rba_core.data import open_dataset, sample_indices
 from rba_core.extract import run_pass
+from rba_core.stats import StatsPlan
 from rba_core.models import load_encoder
 from rba_core.stats import TokenStats
 
@@ -43,13 +44,13 @@ def main() -> None:
         encoder = load_encoder(common.vit_s_folder(Path(tmp) / "vit-s"), "cpu")
     source = open_dataset(common.dataset(), "train")
     indices = sample_indices(len(source), args.n, 0)
-    run_pass(encoder, source, indices[: args.batch], False, args.batch)  # warm-up
+    run_pass(encoder, source, indices[: args.batch], None, args.batch)  # warm-up
     rate, shaped = common.matmul_gflops(), common.vit_gemm_gflops()
     flops = common.vit_flops_per_image(384, 12, 1536, 224, 16)
     seconds, stats = {}, {}
     for name, with_stats, fraction in (("plain", False, 1.0), ("stats", True, 1.0), ("stats_half", True, 0.5)):
         began = time.perf_counter()
-        groups = run_pass(encoder, source, indices, with_stats, args.batch, fraction)
+        groups = run_pass(encoder, source, indices, StatsPlan() if with_stats else None, args.batch, fraction)
         seconds[name] = time.perf_counter() - began
         if with_stats:
             stats[name] = TokenStats.from_arrays(groups["stats"])

@@ -32,7 +32,7 @@ from rba_core.extract import run_pass
 from rba_core.models import load_encoder
 from rba_core.registry import MODELS
 from rba_core.maps import fit_residual_matrix
-from rba_core.stats import TokenStats, planned_pairs, stats_bytes
+from rba_core.stats import StatsPlan, TokenStats, planned_pairs, stats_bytes
 
 
 def llama_folder(folder: Path) -> str:
@@ -98,13 +98,13 @@ def main() -> None:
             for batch in windows:
                 encoder.model.model(**encoder.preprocess(batch))
 
-    run_pass(encoder, source, indices[: args.batch], True, args.batch, pairs=pairs)  # warm-up
+    run_pass(encoder, source, indices[: args.batch], StatsPlan(pairs), args.batch)  # warm-up
     seconds = {"plain_forward": float("inf"), "pass_window_stats": float("inf")}
     for _ in range(args.repeats):  # in turn, so that a busy spell of the machine hits both
         seconds["plain_forward"] = min(seconds["plain_forward"], common.best_seconds(plain, 1))
         seconds["pass_window_stats"] = min(seconds["pass_window_stats"], common.best_seconds(
-            lambda: run_pass(encoder, source, indices, True, args.batch, pairs=pairs), 1))
-    stats = TokenStats.from_arrays(run_pass(encoder, source, indices[: args.batch], True, args.batch, pairs=pairs)["stats"])
+            lambda: run_pass(encoder, source, indices, StatsPlan(pairs), args.batch), 1))
+    stats = TokenStats.from_arrays(run_pass(encoder, source, indices[: args.batch], StatsPlan(pairs), args.batch)["stats"])
     seconds["one_off_solves"] = common.best_seconds(lambda: fit_residual_matrix(stats), 1)
     tokens = args.n * args.seq_len
     result = {"n_windows": args.n, "seq_len": args.seq_len, "batch": args.batch, "window": args.window,

@@ -20,6 +20,7 @@ import torch
 import common
 from rba_core.data import open_dataset, sample_indices
 from rba_core.extract import run_pass
+from rba_core.stats import StatsPlan
 from rba_core.models import load_encoder
 from rba_core.registry import MINILM_ID, MODELS
 
@@ -45,11 +46,11 @@ def main() -> None:
     encoder = load_encoder("MiniLM-L6", "cpu", max_length=128)
     source = open_dataset(str(SHARED_TEXT), "train")
     indices = sample_indices(len(source), args.n, 0)
-    run_pass(encoder, source, indices[: args.batch], True, args.batch)  # warm-up
+    run_pass(encoder, source, indices[: args.batch], StatsPlan(), args.batch)  # warm-up
     seconds = {
         "plain_forward": common.best_seconds(lambda: _plain(encoder, source, indices, args.batch), args.repeats),
-        "pass": common.best_seconds(lambda: run_pass(encoder, source, indices, False, args.batch), args.repeats),
-        "pass_with_stats": common.best_seconds(lambda: run_pass(encoder, source, indices, True, args.batch), args.repeats),
+        "pass": common.best_seconds(lambda: run_pass(encoder, source, indices, None, args.batch), args.repeats),
+        "pass_with_stats": common.best_seconds(lambda: run_pass(encoder, source, indices, StatsPlan(), args.batch), args.repeats),
     }
     texts_per_s = {k: args.n / v for k, v in seconds.items()}
     result = {

@@ -6,8 +6,8 @@ import os
 import copy
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -21,8 +21,8 @@ from rba_core.metrics import influence_sums
 from rba_core.models import Encoder, adapter_class, check_text_length, default_device, load_encoder, model_ref
 from rba_core.progress import Progress
 from rba_core.registry import DEFAULT_MAX_LENGTH, modality_mismatch
-from rba_core.stats import (SAMPLE_GROUP, Pair, StatsAccumulator, TokenStats, check_fits, memory_budget,
-                            planned_pairs, planned_precision, stats_bytes)
+from rba_core.stats import (SAMPLE_GROUP, StatsAccumulator, StatsPlan, TokenStats, check_fits, memory_budget,
+                            stats_bytes)
 
 
 @dataclass
@@ -62,14 +62,15 @@ class Extraction:
         return self.token_stats
 
 
-def extraction_key(model: dict, source: Source, indices: np.ndarray, with_stats: bool,
-                   token_fraction: float, pooling: str, max_length: int | None,
-                   pairs: list[Pair] | None = None, dtype: str = "float32", precision: str = "float32") -> str:
+def extraction_key(model: dict, source: Source, indices: np.ndarray, stats: StatsPlan | None,
+                   token_fraction: float, pooling: str, max_length: int | None, dtype: str = "float32") -> str:
     """Cache key: every input that changes the stored arrays (not the batch size, device or workers).
-    ``model`` is the model's fingerprint (:func:`rba_core.models.model_fingerprint`); ``pairs`` the
-    Gram blocks kept when not all pairs (:func:`rba_core.stats.planned_pairs`); ``dtype`` the model's
-    compute dtype (:meth:`rba_core.models.Encoder.compute_dtype`)."""
-    plan = {} if pairs is None or not with_stats else {"pairs": [list(p) for p in pairs], "precision": precision}
+    ``model`` is the model's fingerprint (:func:`rba_core.models.model_fingerprint`); ``stats`` what token
+    statistics are kept (None: none; its ``pairs`` None: all pairs); ``dtype`` the model's compute dtype
+    (:meth:`rba_core.models.Encoder.compute_dtype`)."""
+    with_stats = stats is not None
+    plan = {} if not with_stats or stats.pairs is None else {"pairs": [list(p) for p in stats.pairs],
+                                                              "precision": stats.precision}
     return make_key({**plan,
         "kind": "extraction",
         "model": model,
@@ -173,13 +174,13 @@ def _prefetched(load: Callable, batches: list[np.ndarray], workers: int) -> Iter
 
 
 @torch.inference_mode()
-def run_pass(encoder: Encoder, source: Source, indices: np.ndarray, with_stats: bool,
-             batch_size: int = 32, token_fraction: float = 1.0,
-             progress: Progress | None = None, pairs: list[Pair] | None = None,
-             workers: int | None = None, precision: str = "float32") -> dict[str, dict[str, np.ndarray]]:
-    """One forward pass over ``indices``; returns array groups ``reps`` and (optionally) ``stats``
-    (all Gram pairs, or only ``pairs``). ``workers``: decoding processes (default :func:`decode_workers`);
-    they change the speed, never the result.
+def run_pass(encoder: Encoder, source: Source, indices: np.ndarray, stats: StatsPlan | None,
+             batch_size: int = 32, token_fraction: float = 1.0, progress: Progress | None = None,
+             workers: int | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """One forward pass over ``indices``; returns array groups ``reps`` (pooled (L+1, n, D) and final (n, D)
+    vectors) and, with a ``stats`` plan, ``stats`` (its Gram blocks, token sums, Block Influence and the fit
+    residuals). ``workers``: decoding processes (default :func:`decode_workers`); they change the speed, never
+    the result.
 
     Under a launcher each rank runs its share of the samples; the statistics are summed and the
     per-sample vectors gathered across ranks (:mod:`rba_core.distributed`), so every rank returns
@@ -187,80 +188,97 @@ def run_pass(encoder: Encoder, source: Source, indices: np.ndarray, with_stats: 
     here = world()
     # Shares and batches start at multiples of the statistics' sample group, so each group's product
     # sees the same samples however the pass is split (rba_core.stats.SAMPLE_GROUP).
-    n, mine = len(indices), here.share(len(indices), SAMPLE_GROUP)
+    total, mine = len(indices), here.share(len(indices), SAMPLE_GROUP)
     batch_size = max(SAMPLE_GROUP, batch_size // SAMPLE_GROUP * SAMPLE_GROUP)
-    acc = (StatsAccumulator(encoder.num_blocks + 1, encoder.hidden_size, encoder.device, pairs, precision)
-           if with_stats else None)
+    states, d = encoder.num_blocks + 1, encoder.hidden_size
+    acc = None if stats is None else StatsAccumulator(states, d, encoder.device, stats.pairs, stats.precision)
     influence = np.zeros(encoder.num_blocks)  # Σ over the statistics' tokens of 1 - cos(hs[k-1], hs[k])
+    local = indices[mine]
+    n = len(local)
+    pooled, final = np.empty((states, n, d), np.float32), np.empty((n, d), np.float32)
+    batches = [local[start : start + batch_size] for start in range(0, n, batch_size)]
     if progress:
-        progress(0, n)  # the clock of the rate and ETA starts with the pass, not after its first batch
+        progress(0, total)  # the clock of the rate and ETA starts with the pass, not after its first batch
     with here.all_or_none("the pass"):
-        pooled, final = _local_pass(encoder, source, indices[mine], acc, influence, batch_size, token_fraction,
-                                    progress, n, workers)
-    groups = {"reps": {"pooled": np.moveaxis(here.gather_rows(np.moveaxis(pooled, 1, 0), mine, n), 0, 1),
-                       "final": here.gather_rows(final, mine, n)}}
+        start = 0
+        for batch, inputs in zip(batches, model_inputs(encoder, source, batches, workers) if batches else ()):
+            hs, _ = encoder.hidden_states(inputs)
+            mask = encoder.token_mask(inputs)
+            stop = start + len(batch)
+            pooled[:, start:stop] = torch.stack([encoder.pool(h, mask).to(hs[0]) for h in hs]).float().cpu().numpy()
+            final[start:stop] = encoder.final(hs[-1], mask).float().cpu().numpy()
+            if acc is not None:
+                rows = token_rows(batch, mask, hs[0].shape[1], token_fraction)
+                acc.add(hs, None if rows is None else rows.to(hs[0].device))
+                flat = [h.reshape(-1, d) for h in hs]
+                influence += influence_sums(flat if rows is None else [x[rows.to(x.device)] for x in flat])
+            start = stop
+            if progress:
+                progress(round(stop * total / n), total)  # in units of the whole group's samples
+    groups = {"reps": {"pooled": np.moveaxis(here.gather_rows(np.moveaxis(pooled, 1, 0), mine, total), 0, 1),
+                       "final": here.gather_rows(final, mine, total)}}
     if acc is not None:
         count = torch.tensor([float(acc.count)], dtype=torch.float64, device=acc.sums.device)
         summed = torch.as_tensor(influence, dtype=torch.float64, device=acc.sums.device)
         here.sum([*acc.upper, *(acc.pairs or {}).values(), acc.sums, count, summed])  # float64: exact to combine
         acc.count = int(count.item())
-        stats = acc.result()
-        groups["stats"] = stats.to_arrays()
-        groups["stats"]["block_influence"] = summed.cpu().numpy() / max(stats.count, 1)
+        result = acc.result()
+        groups["stats"] = result.to_arrays()
+        groups["stats"]["block_influence"] = summed.cpu().numpy() / max(result.count, 1)
         # Stored once here so that reopening an analysis costs no solves.
-        groups["stats"]["fit_residual"] = fit_residual_matrix(stats)
+        groups["stats"]["fit_residual"] = fit_residual_matrix(result)
     return groups
 
 
-def _local_pass(encoder: Encoder, source: Source, indices: np.ndarray, acc: StatsAccumulator | None,
-                influence: np.ndarray, batch_size: int, token_fraction: float, progress: Progress | None,
-                total: int, workers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """This process's samples: pooled (L+1, n, D) and final (n, D) vectors, statistics added to ``acc``
-    and Block Influence sums to ``influence``; progress is reported in units of the ``total`` samples
-    of the whole group."""
-    n, states, d = len(indices), encoder.num_blocks + 1, encoder.hidden_size
-    pooled = np.empty((states, n, d), np.float32)
-    final = np.empty((n, d), np.float32)
-    batches = [indices[start : start + batch_size] for start in range(0, n, batch_size)]
-    if not batches:
-        return pooled, final
-    start = 0
-    for batch, inputs in zip(batches, model_inputs(encoder, source, batches, workers)):
-        hs, _ = encoder.hidden_states(inputs)
-        mask = encoder.token_mask(inputs)
-        stop = start + len(batch)
-        pooled[:, start:stop] = torch.stack([encoder.pool(h, mask).to(hs[0]) for h in hs]).float().cpu().numpy()
-        final[start:stop] = encoder.final(hs[-1], mask).float().cpu().numpy()
-        if acc is not None:
-            rows = token_rows(batch, mask, hs[0].shape[1], token_fraction)
-            acc.add(hs, None if rows is None else rows.to(hs[0].device))
-            flat = [h.reshape(-1, d) for h in hs]
-            influence += influence_sums(flat if rows is None else [x[rows.to(x.device)] for x in flat])
-        start = stop
-        if progress:
-            progress(round(stop * total / n), total)
-    return pooled, final
+@dataclass(frozen=True)
+class PassOptions:
+    """Where and how a pass over samples runs, none of which changes its result: ``max_length`` truncates
+    texts (that one does, and is in the key), ``cache``, ``progress``, ``device``, ``batch_size``,
+    ``decode_workers`` (processes that decode samples, default :func:`decode_workers`) and ``encoder`` (a loaded
+    encoder of the model, or a function that loads one, called only on a cache miss)."""
+
+    max_length: int | None = DEFAULT_MAX_LENGTH
+    cache: Cache | None = None
+    progress: Progress | None = None
+    device: str | None = None
+    batch_size: int = 32
+    decode_workers: int | None = None
+    encoder: Any = None
+
+    @classmethod
+    def split(cls, options: dict, asked: dict) -> tuple["PassOptions", dict]:
+        """The pass options among keyword ``options``, and the caller's own (``asked``: name -> default);
+        any other keyword is a :class:`TypeError`, as Python would say."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - names - set(asked))
+        if unknown:
+            raise TypeError(f"unexpected keyword argument{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}")
+        own = {**asked, **{k: v for k, v in options.items() if k in asked}}
+        return cls(**{k: v for k, v in options.items() if k in names}), own
 
 
-def extract(model, dataset, n: int, seed: int = 0, split: str = "train", *,
-            with_stats: bool = True, token_fraction: float = 1.0, batch_size: int = 32,
-            max_length: int | None = DEFAULT_MAX_LENGTH, cache: Cache | None = None, progress: Progress | None = None,
-            device: str | None = None,
-            encoder: Encoder | Callable[[], Encoder] | None = None,
-            stats_window: int | None = None, stats_ranges: Sequence[Pair] = (),
-            stats_budget: int | None = None, decode_workers: int | None = None) -> Extraction:
+#: What a pass keeps, besides :class:`PassOptions` (the keywords of :func:`extract` and their defaults).
+EXTRACT_OPTIONS = {"with_stats": True, "token_fraction": 1.0, "stats_window": None, "stats_ranges": (),
+                   "stats_budget": None}
+
+
+def extract(model, dataset, n: int, seed: int = 0, split: str = "train", **options) -> Extraction:
     """Per-block pooled vectors, final representations and (optionally) token statistics, from
     the cache when present; otherwise one streaming pass. A cache hit never loads the model.
 
     ``model`` is an alias, hub id or folder, or a loaded model (:class:`Encoder` or Hugging Face
-    object); ``dataset`` an alias or folder, or a list of samples. ``encoder`` may be a loaded
-    encoder or a function that loads one (called only on a miss). ``max_length`` truncates texts.
-    Token statistics keep all Gram pairs unless ``stats_window`` (windows of n blocks) or
-    ``stats_ranges`` ask for fewer; their size is checked against ``stats_budget`` bytes (default a
-    quarter of the free memory) before the pass. ``decode_workers``: processes that decode the samples
-    (default :func:`decode_workers`); not in the cache key, since they never change the result.
+    object); ``dataset`` an alias or folder, or a list of samples. ``options``: :class:`PassOptions` (``encoder``
+    may be a loaded encoder or a function that loads one, called only on a miss; ``max_length`` truncates texts)
+    and what the pass keeps (:data:`EXTRACT_OPTIONS`): token statistics (``with_stats``, of ``token_fraction``
+    of the tokens) keep all Gram pairs unless ``stats_window`` (windows of n blocks) or ``stats_ranges`` ask for
+    fewer; their size is checked against ``stats_budget`` bytes (default a quarter of the free memory) before
+    the pass.
     """
-    cache = cache or Cache()
+    how, asked = PassOptions.split(options, EXTRACT_OPTIONS)
+    with_stats, token_fraction = asked["with_stats"], asked["token_fraction"]
+    stats_window, stats_ranges, stats_budget = asked["stats_window"], asked["stats_ranges"], asked["stats_budget"]
+    max_length, progress, device, encoder = how.max_length, how.progress, how.device, how.encoder
+    cache = how.cache or Cache()
     seen = len(cache.damaged)
     ref = model_ref(model, max_length)
     if ref.info.modality == "text" and not hasattr(dataset, "open_split"):  # windows of a LM text are not truncated
@@ -268,15 +286,14 @@ def extract(model, dataset, n: int, seed: int = 0, split: str = "train", *,
     source, indices = open_sample(dataset, split, n, seed)
     check_modality(ref.info.modality, source, ref.name)
     length = max_length if source.modality == "text" else None
-    pairs = planned_pairs(ref.info.num_blocks + 1, stats_window, stats_ranges)
-    precision = planned_precision(stats_window, stats_ranges)
+    plan = StatsPlan.of(ref.info.num_blocks + 1, stats_window, stats_ranges)
+    pairs = plan.pairs
     dtype = compute_dtype(ref, device or world().device or default_device())
     # An entry with statistics also serves a request without them; the last key is the one stored.
-    keys = [extraction_key(ref.fingerprint, source, indices, True, token_fraction, ref.info.pooling, length, pairs,
-                           dtype, precision)]
+    keys = [extraction_key(ref.fingerprint, source, indices, plan, token_fraction, ref.info.pooling, length, dtype)]
     if not with_stats:
-        keys.append(extraction_key(ref.fingerprint, source, indices, False, token_fraction, ref.info.pooling, length,
-                                   dtype=dtype))
+        keys.append(extraction_key(ref.fingerprint, source, indices, None, token_fraction, ref.info.pooling, length,
+                                   dtype))
 
     def lookup() -> Extraction | None:
         for key in keys:
@@ -298,8 +315,8 @@ def extract(model, dataset, n: int, seed: int = 0, split: str = "train", *,
             budget = here.from_main(stats_budget or memory_budget(loaded.device))  # every rank decides alike
             check_fits(loaded.num_blocks + 1, loaded.hidden_size, pairs, budget)
         began = time.perf_counter()
-        groups = run_pass(loaded, source, indices, with_stats, batch_size, token_fraction, progress, pairs,
-                          decode_workers, precision)
+        groups = run_pass(loaded, source, indices, plan if with_stats else None, how.batch_size, token_fraction,
+                          progress, how.decode_workers)
         meta = {
             "model": ref.name, "source": loaded.source, **loaded.describe(),
             "dataset": source.name, "split": split, "n": n, "seed": seed,

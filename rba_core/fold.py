@@ -30,8 +30,8 @@ from rba_core.distributed import world
 from rba_core.errors import RBAError
 from rba_core.maps import Range
 from rba_core.maps.folded import FoldStats, check_fold_set, check_foldable
-from rba_core.models import Encoder, load_encoder
-from rba_core.registry import DEFAULT_MAX_LENGTH
+from rba_core.extract import PassOptions
+from rba_core.models import Encoder, load_encoder, model_ref
 from rba_core.range_pass import collect, range_statistics
 
 
@@ -133,28 +133,28 @@ def folded_encoder(encoder: Encoder, maps: dict[Range, np.ndarray]) -> Encoder:
                          encoder.pooling, encoder.max_length)
 
 
-def fold_pass(model, dataset, n: int, seed: int, sets: Sequence[Sequence[Range]], *, max_length: int | None = DEFAULT_MAX_LENGTH,
-              cache=None, progress=None, encoder=None) -> dict[Range, FoldStats]:
+def fold_pass(model, dataset, n: int, seed: int, sets: Sequence[Sequence[Range]], **options) -> dict[Range, FoldStats]:
     """Fold statistics of every range of ``sets`` over the ``n`` fit samples (the train split, sampled as
     :func:`rba_core.extract.extract` samples them): from the cache when stored, otherwise one pass
     (:func:`rba_core.range_pass.range_statistics`), before which each set of ranges is checked to fold
-    (:func:`check_foldable`, one sentence if not). ``encoder``: a loaded encoder or a function that loads one."""
-    from rba_core.models import model_ref
-
-    ref = model_ref(model, max_length)
+    (:func:`check_foldable`, one sentence if not). ``options``: :class:`rba_core.extract.PassOptions` (``encoder``:
+    a loaded encoder or a function that loads one)."""
+    how, _ = PassOptions.split(options, {})
+    ref = model_ref(model, how.max_length)
     for checked in sets:  # before a cache hit too: a stored entry for the same ranges may have grouped them otherwise
         check_fold_set(checked, ref.info.num_blocks)
     ranges = sorted({(int(i), int(j)) for ranges in sets for i, j in ranges})
-    loader = encoder or ref.loaded
+    loader = how.encoder or ref.loaded
 
     def checked_loader() -> Encoder:  # on a miss only: the ranges must fold into this model
-        loaded = loader() if callable(loader) else loader or load_encoder(model, world().device, max_length)
+        loaded = loader() if callable(loader) else loader or load_encoder(model, how.device or world().device,
+                                                                          how.max_length)
         for checked in sets:
             check_foldable(loaded, checked)
         return loaded
 
-    stats = range_statistics(model, dataset, n, seed, ranges, tokens=False, fold=True, max_length=max_length,
-                             cache=cache, progress=progress, encoder=checked_loader).fold
+    stats = range_statistics(model, dataset, n, seed, ranges, tokens=False, fold=True,
+                             **{**options, "encoder": checked_loader}).fold
     missing = [rng for rng in ranges if rng not in stats]
     if missing:
         raise RBAError(f"Range {missing[0][0]}→{missing[0][1]} cannot be folded into this model; use --map linear, "

@@ -22,11 +22,10 @@ from rba_core.cache import Cache, make_key
 from rba_core.data import open_sample
 from rba_core.distributed import single_flight, world
 from rba_core.errors import RBAError
-from rba_core.extract import check_modality, compute_dtype, extraction_key, model_inputs
+from rba_core.extract import PassOptions, check_modality, compute_dtype, extraction_key, model_inputs
 from rba_core.maps import Range
 from rba_core.maps.folded import FoldStats
 from rba_core.models import Encoder, check_text_length, default_device, load_encoder, model_ref
-from rba_core.registry import DEFAULT_MAX_LENGTH
 from rba_core.progress import Progress
 from rba_core.stats import SAMPLE_GROUP, TokenStats
 
@@ -113,14 +112,17 @@ def _result(key: str, hit: bool, meta: dict, arrays: dict[str, np.ndarray], rang
     return RangeStatistics(key, hit, meta, token_stats, folds)
 
 
-def range_statistics(model, dataset, n: int, seed: int, ranges: Sequence[Range], *, tokens: bool = True,
-                     fold: bool = True, max_length: int | None = DEFAULT_MAX_LENGTH, cache: Cache | None = None,
-                     progress: Progress | None = None, encoder=None) -> RangeStatistics:
+def range_statistics(model, dataset, n: int, seed: int, ranges: Sequence[Range], **options) -> RangeStatistics:
     """The statistics of ``ranges`` over the ``n`` fit samples (the train split, sampled as
     :func:`rba_core.extract.extract` samples them): the Gram blocks when ``tokens``, the fold statistics of
-    the ranges the model can fold (:func:`rba_core.fold.foldable`) when ``fold``. From the cache when stored, otherwise one pass.
-    ``encoder``: a loaded encoder or a function that loads one (called only on a miss)."""
-    cache = cache or Cache()
+    the ranges the model can fold (:meth:`rba_core.models.Encoder.folds_at`) when ``fold`` (both by default).
+    From the cache when stored, otherwise one pass. ``options``: ``tokens``, ``fold`` and the
+    :class:`rba_core.extract.PassOptions` (``encoder``: a loaded encoder or a function that loads one, called
+    only on a miss)."""
+    how, asked = PassOptions.split(options, {"tokens": True, "fold": True})
+    tokens, fold = asked["tokens"], asked["fold"]
+    max_length, progress, encoder = how.max_length, how.progress, how.encoder
+    cache = how.cache or Cache()
     ref = model_ref(model, max_length)
     if ref.info.modality == "text" and not hasattr(dataset, "open_split"):  # windows of a LM text are not truncated
         check_text_length(ref.info, max_length)  # before the dataset is opened
@@ -131,7 +133,7 @@ def range_statistics(model, dataset, n: int, seed: int, ranges: Sequence[Range],
     if not ranges:
         raise RBAError("Give at least one range i→j of blocks to approximate.")
     dtype = compute_dtype(ref, world().device or default_device())
-    samples = extraction_key(ref.fingerprint, source, indices, False, 1.0, ref.info.pooling, length, dtype=dtype)
+    samples = extraction_key(ref.fingerprint, source, indices, None, 1.0, ref.info.pooling, length, dtype)
     key = make_key({"kind": "range-statistics", "samples": samples, "ranges": [list(r) for r in ranges],
                     "tokens": tokens, "fold": fold})
 
@@ -143,14 +145,14 @@ def range_statistics(model, dataset, n: int, seed: int, ranges: Sequence[Range],
     def compute(progress: Progress | None) -> RangeStatistics:
         here = world()
         loaded = ((encoder() if callable(encoder) else encoder) or ref.loaded
-                  or load_encoder(model, here.device, length)).with_max_length(length)
+                  or load_encoder(model, how.device or here.device, length)).with_max_length(length)
         mine = here.share(len(indices), SAMPLE_GROUP)
         local = indices[mine]
         batches = [local[start : start + SAMPLE_GROUP] for start in range(0, len(local), SAMPLE_GROUP)]
 
         def reading():
             done = 0
-            for batch, inputs in zip(batches, model_inputs(loaded, source, batches)):
+            for batch, inputs in zip(batches, model_inputs(loaded, source, batches, how.decode_workers)):
                 yield inputs
                 done += len(batch)
                 if progress:

@@ -101,6 +101,20 @@ def planned_precision(window: int | None = None, ranges: Sequence[Pair] = ()) ->
     return "float64" if ranges and window is None else "float32"
 
 
+@dataclass(frozen=True)
+class StatsPlan:
+    """What token statistics a pass keeps: the Gram blocks (``pairs``; None: all pairs) and the dtype of their
+    products (``precision``)."""
+
+    pairs: list[Pair] | None = None
+    precision: str = "float32"
+
+    @classmethod
+    def of(cls, num_states: int, window: int | None = None, ranges: Sequence[Pair] = ()) -> "StatsPlan":
+        """The plan of a window of n blocks, of given ranges, or (neither) of all pairs."""
+        return cls(planned_pairs(num_states, window, ranges), planned_precision(window, ranges))
+
+
 def stats_bytes(num_states: int, hidden_size: int, pairs: Sequence[Pair] | None = None) -> int:
     """Bytes the float64 accumulators of a plan allocate (Gram blocks and token sums)."""
     blocks = num_states * (num_states + 1) // 2 if pairs is None else len(pairs)

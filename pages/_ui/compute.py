@@ -125,19 +125,24 @@ def stored_analysis(model: str, dataset: str, n: int, seed: int, cache_dir: str,
 
 
 @st.cache_data(max_entries=16, show_spinner="Reading stored results…")
-def stored_approximation(model: str, dataset: str, fit_n: int, eval_n: int, seed: int, ranges: str,
-                         kind: str, params: str, probe: bool, cache_dir: str) -> dict:
+def stored_approximation(sel: Selection, eval_n: int, ranges: str, kind: str, params: str, probe: bool,
+                         cache_dir: str) -> dict:
     """The ``approximate`` results from the disk cache (``ranges`` and the map's ``params`` as JSON)."""
-    return _reading(lambda cache: approximate_run(Run(model, dataset, fit_n, eval_n, seed, cache=cache, encoder=_refuse),
-                                                  json.loads(ranges), kind, _params(params), probe), cache_dir)
+    return _reading(lambda cache: approximate_run(_stored(sel, eval_n, cache), json.loads(ranges), kind,
+                                                  _params(params), probe), cache_dir)
+
+
+def _stored(sel: Selection, eval_n: int, cache: Cache, dataset: str | None = None) -> Run:
+    """The run of a selection that reads the cache only (a miss raises :class:`NotComputed`)."""
+    return Run(sel.model, dataset or sel.dataset, sel.n, eval_n, sel.seed, cache=cache, encoder=_refuse)
 
 
 @st.cache_data(max_entries=8, show_spinner="Reading stored results…")
-def stored_table(model: str, datasets: tuple[str, ...], fit_n: int, eval_n: int, seed: int, rows: str, kind: str,
-                 params: str, cache_dir: str) -> dict:
+def stored_table(sel: Selection, datasets: tuple[str, ...], eval_n: int, rows: str, kind: str, params: str,
+                 cache_dir: str) -> dict:
     """The ``table`` results from the disk cache (``params`` as JSON); :class:`NotComputed` on a missing row."""
-    return _reading(lambda cache: table_run(Run(model, datasets[0], fit_n, eval_n, seed, cache=cache, encoder=_refuse),
-                                            list(datasets), rows, kind, _params(params)), cache_dir)
+    return _reading(lambda cache: table_run(_stored(sel, eval_n, cache, datasets[0]), list(datasets), rows, kind,
+                                            _params(params)), cache_dir)
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
@@ -317,7 +322,7 @@ def run_approximation(sel: Selection, eval_n: int, ranges: list[tuple[int, int]]
 def approximation(sel: Selection, eval_n: int, ranges: list[tuple[int, int]], kind: str, params: MapParams,
                   probe: bool) -> dict:
     """Stored approximation results; raises :class:`NotComputed` when they are not stored yet."""
-    return stored_approximation(sel.model, sel.dataset, sel.n, eval_n, sel.seed, json.dumps(ranges), kind,
+    return stored_approximation(sel, eval_n, json.dumps(ranges), kind,
                                 params_key(params), probe, str(cache_root()))
 
 
@@ -328,7 +333,7 @@ def pass_meta(results: dict) -> dict:
 
 def table_results(sel: Selection, datasets: Sequence[str], eval_n: int, rows: str, kind: str, params: MapParams) -> dict:
     """Stored table rows for the sidebar's model, n and seed; raises :class:`NotComputed` until computed."""
-    return stored_table(sel.model, tuple(datasets), sel.n, eval_n, sel.seed, rows, kind, params_key(params),
+    return stored_table(sel, tuple(datasets), eval_n, rows, kind, params_key(params),
                         str(cache_root()))
 
 

@@ -357,7 +357,7 @@ def test_bfloat16_pass_stays_close_to_float32_and_gets_its_own_cache_key(decoder
     from rba_core.lm_data import LMText
     from rba_core.models.decoder import DecoderLM
     from rba_core.perplexity import lm_scores
-    from rba_core.stats import TokenStats
+    from rba_core.stats import StatsPlan, TokenStats
 
     folder = decoders("llama")
     enc = load_encoder(folder, device="cpu")
@@ -366,7 +366,7 @@ def test_bfloat16_pass_stays_close_to_float32_and_gets_its_own_cache_key(decoder
     assert DecoderLM.compute_dtype("cuda:0") == torch.bfloat16 and DecoderLM.compute_dtype("cpu") == torch.float32
     source = open_dataset(LMText(str(text_folder), folder, SEQ), "train")
     indices = np.arange(8)
-    full, bf16 = (run_pass(e, source, indices, True, batch_size=8) for e in (enc, half))
+    full, bf16 = (run_pass(e, source, indices, StatsPlan(), batch_size=8) for e in (enc, half))
     for group in ("reps", "stats"):
         for name, value in full[group].items():
             if name in ("fit_residual",):
@@ -380,6 +380,6 @@ def test_bfloat16_pass_stays_close_to_float32_and_gets_its_own_cache_key(decoder
     scores = {name: lm_scores(e, nets[name], windows, batch_size=4) for name, e in (("full", enc), ("bf16", half))}
     for model in ("original", "approximated"):
         assert scores["bf16"]["perplexity"][model] == pytest.approx(scores["full"]["perplexity"][model], rel=0.05)
-    keys = {dtype: extraction_key({"model": folder}, source, indices, True, 1.0, "last", None, dtype=dtype)
+    keys = {dtype: extraction_key({"model": folder}, source, indices, StatsPlan(), 1.0, "last", None, dtype)
             for dtype in ("float32", "bfloat16")}
     assert keys["float32"] != keys["bfloat16"]
