@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Sequence
@@ -15,7 +16,9 @@ from rba_core.data import UNITS, open_dataset, open_sample
 from rba_core.distributed import single_flight, world
 from rba_core.extract import Extraction, Progress, model_inputs
 from rba_core.latency import BATCH as LATENCY_BATCH, METHOD as LATENCY_METHOD, measure as measure_latency
-from rba_core.maps import PRODUCT_EPS, FitData, MapParams, MissingStatistics, fit_map, map_kind, validate_ranges
+from rba_core.maps import (PRODUCT_EPS, Conditioning, FitData, MapParams, MissingStatistics, fit_map, map_kind,
+                           tokens_per_sample, validate_ranges)
+from rba_core.maps.module import FittedMap
 from rba_core.lm_data import LMText
 from rba_core.metrics import cosine_matrix, linear_cka_matrix
 from rba_core.models import Encoder
@@ -105,7 +108,8 @@ def _approximated_finals(net: ApproximatedEncoder, encoder: Encoder, dataset, ex
     return here.gather_rows(out, mine, n), latency
 
 
-def map_statistics(run: Run, kind: str, fit: Extraction, sets: Sequence[Sequence[Range]]) -> FitData:
+def map_statistics(run: Run, kind: str, fit: Extraction, sets: Sequence[Sequence[Range]],
+                   params: MapParams) -> FitData:
     """What maps of ``kind`` for the ranges of ``sets`` are fitted from (the statistics it declares): the token
     statistics of the fit pass ``fit``, and the fold statistics of every range over the same samples
     (:func:`rba_core.fold.fold_pass`: one more pass unless stored; one sentence for ranges that cannot fold)."""
@@ -116,7 +120,14 @@ def map_statistics(run: Run, kind: str, fit: Extraction, sets: Sequence[Sequence
         return fold_pass(run.ref, run.data, fit.meta["n"], fit.meta["seed"], sets, max_length=run.max_length,
                          cache=run.cache, progress=run.progress, encoder=run.lazy)
 
-    return map_kind(kind).gather(tokens=fit.stats, fold=fold)
+    def samples():
+        run.stage(f"Fit samples (train split): token states the {kind} maps of these candidates are trained on")
+        ranges = sorted({tuple(r) for ranges in sets for r in ranges})
+        return range_statistics(run.ref, run.data, fit.meta["n"], fit.meta["seed"], ranges, tokens=False, fold=False,
+                                samples=tokens_per_sample(params, fit.meta["n"]), max_length=run.max_length,
+                                cache=run.cache, progress=run.progress, encoder=run.lazy).samples
+
+    return map_kind(kind).gather(tokens=fit.stats, fold=fold, samples=samples, seed=run.seed, progress=run.progress)
 
 
 def approximated_outputs(run: Run, fit, maps: Sequence, ex: Extraction, ranges: list[Range], kind: str,
@@ -209,13 +220,50 @@ def fit_range_maps(run: Run, ranges: list[Range], kind: str, params: MapParams) 
         return loaded
 
     fit = range_statistics(run.ref, run.data, run.fit_n, run.seed, ranges, max_length=run.max_length, cache=run.cache,
-                           progress=run.progress, encoder=load)
+                           progress=run.progress, encoder=load,
+                           samples=tokens_per_sample(params, run.fit_n) if declared.trained else 0)
     try:
-        maps = [fit_map(fit, rng, kind, params) for rng in ranges]
+        maps = [_fitted(run, fit, rng, kind, params) for rng in ranges]
     except MissingStatistics:  # a stored entry of a model that cannot take this kind: say why
         load()
         raise
     return fit, maps
+
+
+def _fitted(run: Run, fit: RangeStatistics, rng: Range, kind: str, params: MapParams):
+    """The map of range ``rng``: solved at once in closed form, or, for a kind trained by gradient descent, trained
+    once (progress and Stop like every long step) and cached with everything that changes it in the key."""
+    declared = map_kind(kind)
+    if not declared.trained:
+        return fit_map(fit, rng, kind, params)
+    key = make_key({"kind": "trained-map", "fit": fit.key, "map": kind, "map_params": declared.key(params),
+                    "range": list(rng), "seed": run.seed})
+
+    def lookup():
+        entry = run.cache.get(key)
+        stored = None if entry is None else run.cache.load(key, "map")
+        if stored is None:
+            return None
+        conditioning = entry.meta.get("conditioning")
+        return FittedMap(kind, stored, rng[0], conditioning=conditioning and Conditioning(**conditioning),
+                         params=declared.key(params), report=entry.meta["training"])
+
+    def compute(progress: Progress | None):
+        run.stage(f"Training the {kind} map of range {rng[0]}→{rng[1]} (Adam, at most {params.train_steps} steps)")
+        fitted = fit_map(FitData(fit.tokens, fit.fold, fit.samples, run.seed, progress), rng, kind, params)
+        meta = {"kind": "trained map", "model": fit.meta["model"], "dataset": fit.meta["dataset"], "split": "train",
+                "n": fit.meta["n"], "map": kind, "range": list(rng), "training": fitted.report,
+                "conditioning": fitted.conditioning and dataclasses.asdict(fitted.conditioning)}
+        if world().is_main:  # one writer per group of workers; every rank trained the same map
+            run.cache.put(key, {"map": {n: getattr(fitted, n).detach().cpu().numpy() for n in fitted.names}}, meta)
+        return fitted
+
+    return single_flight(run.cache, key, lookup, compute, run.progress)
+
+
+def training_report(ranges: Sequence[Range], maps: Sequence) -> list[dict]:
+    """Each trained map's losses and steps, by range (empty for maps solved in closed form)."""
+    return [{"range": [i, j], **m.report} for (i, j), m in zip(ranges, maps) if getattr(m, "report", None)]
 
 
 def conditioning_report(ranges: Sequence[Range], maps: Sequence) -> tuple[list[dict] | None, list[str]]:
@@ -289,7 +337,8 @@ def approximate_run(run: Run, ranges: Sequence[Sequence[int]], kind: str = "line
         num_blocks=fit.num_blocks,
         ranges=[{"start": i, "end": j, "removed_blocks": list(range(i + 1, j + 1)),
                  "paper": paper_notation((i, j))} for i, j in ranges],
-        map=kind, map_params=declared.key(params),
+        map=kind, map_params={**declared.key(params), **({"training": trained} if (trained := training_report(
+            ranges, maps)) else {})},
         blocks={"original": fit.num_blocks, "approximated": fit.num_blocks - removed},
         mse_final=float(np.mean((final.astype(np.float64) - ev.final) ** 2)),
         params={"original": fit.meta["num_params"], "approximated": measured["params"]},
@@ -363,7 +412,8 @@ def export_run(run: Run, ranges: Sequence[Sequence[int]], kind: str, out, map_pa
               "data": {"dataset": str(run.dataset), "fit_n": run.fit_n, "seed": run.seed,
                        **({"seq_len": run.seq_len} if isinstance(run.data, LMText)
                           else {"max_length": encoder.max_length})},
-              "conditioning": conditioning}
+              "conditioning": conditioning, **({"training": trained} if (trained := training_report(checked, fitted))
+                                                  else {})}
     if run.eval_n:
         test, indices = open_sample(run.data, "test", run.eval_n, run.seed)
         samples = test.items(indices)

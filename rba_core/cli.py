@@ -96,7 +96,8 @@ def _add_map_options(parser: argparse.ArgumentParser, more: str = "") -> None:
     parser.add_argument("--map", default="linear", choices=list(MAPS),
                         help="; ".join(kind.label for kind in MAPS.values()) + more)
     for hyper in HYPERS:
-        parser.add_argument(f"--{hyper.name.replace('_', '-')}", type=float, default=hyper.default, help=hyper.help)
+        parser.add_argument(f"--{hyper.name.replace('_', '-')}", type=hyper.type, default=hyper.default,
+                            help=hyper.help)
 
 
 def _map_params(args: argparse.Namespace) -> MapParams:

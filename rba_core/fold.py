@@ -39,7 +39,7 @@ def fold_statistics(encoder: Encoder, batches: Iterable[dict[str, torch.Tensor]]
                     ranges: Sequence[Range]) -> dict[Range, FoldStats]:
     """MᵀM and Mᵀ(H_j - H_i) of every range over the real tokens of ``batches`` (the model's inputs), in
     float64; m is the output of :meth:`Encoder.mlp_output_module` of block i, and hs[0] for i = 0."""
-    arrays = collect(encoder, batches, ranges, tokens=False, fold=ranges)
+    arrays = collect(encoder, ((None, inputs) for inputs in batches), ranges, tokens=False, fold=ranges)
     count = int(arrays["count"][0])
     return {(i, j): FoldStats(arrays[f"mm_{i}"], arrays[f"md_{i}_{j}"], count) for i, j in ranges}
 

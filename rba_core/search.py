@@ -437,7 +437,7 @@ def search_run(run: Run, plan: SearchPlan, on_round: Callable[[list[dict], dict]
         most = n * (latency_estimate((), timing, kind) + sum(candidate_run_ms(c, timing, kind) for c in chosen)) / 1000
         stage(f"Measured search: {len(chosen)} of {len(everything)} candidates fit the budget; measuring every one on "
               f"all {n} samples would take about {duration_text(most)} here (the race stops most of them earlier)")
-        fitted = map_statistics(run, kind, fit, chosen)
+        fitted = map_statistics(run, kind, fit, chosen, params)
         needed = sorted({r for c in chosen for r in c})  # pairs share ranges: fit each map once
         return chosen, {r: _on(fit_map(fitted, r, kind, params), encoder.device) for r in needed}
 
