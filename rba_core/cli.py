@@ -35,8 +35,8 @@ def _count(text: str) -> int:
 #: What the ``--help`` page says the tool does: every subcommand is listed.
 DESCRIPTION = ("Find redundant transformer blocks and replace them by linear maps. Subcommands: analyze (Block "
                "Redundancy, similarity, fit residuals), approximate (replace block ranges by maps and evaluate), "
-               "table (rows like the paper's Tables 1 and 2), search (rank ranges by measured error) and export "
-               "(write the approximated model). Results go to --json FILE ('-': stdout) or a short summary; "
+               "table (rows like the paper's Tables 1 and 2), search (rank ranges by measured error), export "
+               "(write the approximated model) and eval (lm-eval tasks on a causal LM and its approximation). Results go to --json FILE ('-': stdout) or a short summary; "
                "progress goes to stderr; Ctrl-C or SIGTERM stops with one sentence and exit status 130.")
 #: How the tool is invoked, for its usage lines: ``rba`` as the console script, else through the module.
 MODULE_PROG, SCRIPT_PROG = "python -m rba_core", "rba"
@@ -77,6 +77,9 @@ def _parser(prog: str = MODULE_PROG) -> argparse.ArgumentParser:
     approx.add_argument("--no-latency", dest="latency", action="store_false",
                         help="do not time the original and approximated models (latency_ms_per_image is null)")
     _add_table_and_search(sub, common)
+    from rba_core.cli_eval import add_eval_parser
+
+    add_eval_parser(sub, _map_help(), DECODE_HELP, _count)  # lm-eval tasks (issue 17)
     export = sub.add_parser("export", parents=[common], help="fit the maps and write an export folder "
                             "(--map folded: a plain Hugging Face checkpoint with fewer layers)")
     export.add_argument("--fit-n", type=int, required=True, help="train samples (windows) used to fit the maps")
@@ -207,7 +210,7 @@ def _run(args: argparse.Namespace, tracker: Tracker) -> int:
     from rba_core.hub import require_available
 
     try:  # before the heavy imports: a hub model or dataset that cannot be had fails at once
-        require_available(args.model, args.dataset if args.command == "table" else [args.dataset])
+        require_available(args.model, args.dataset if args.command == "table" else [args.dataset] if args.dataset else [])
     except RBAError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -236,7 +239,7 @@ def _run_in_cache(args: argparse.Namespace, tracker: Tracker) -> int:
 
         from rba_core.lm_data import is_lm_text
 
-        first = args.dataset[0] if args.command == "table" else args.dataset
+        first = args.dataset[0] if args.command == "table" else args.dataset or "demo-text"  # eval: its default
         tracker.samples = tracker.unit = "windows" if is_lm_text(first) else dataset_unit(first)
         if not gguf_ready(args.model):
             tracker.stage(f"Dequantising {args.model} into the cache as a float32 checkpoint (once per GGUF file)")
@@ -264,6 +267,10 @@ def _run_in_cache(args: argparse.Namespace, tracker: Tracker) -> int:
                              top_k=args.top_k, exhaustive=args.exhaustive,
                              max_length=args.max_length, seq_len=args.seq_len, cache=cache,
                              progress=progress, on_stage=tracker.stage)
+        elif args.command == "eval":
+            from rba_core.cli_eval import run_eval
+
+            results = run_eval(args, cache, progress, tracker.stage)
         elif args.command == "export":
             from rba_core.analysis import export
 

@@ -79,8 +79,6 @@ def _dataset_of(manager, name: str) -> str:
 def check_tasks(manager, names: Sequence[str]) -> None:
     """Every task is known and its data can be read here; else one sentence naming the task (and the dataset
     it needs when its data cannot be had). Loads each task once, before any model is loaded."""
-    from lm_eval.tasks import get_task_dict
-
     known = set(manager.all_tasks) | set(manager.all_groups) | set(manager.all_tags)
     for name in names:
         if name not in known and not Path(name).is_file():
@@ -89,7 +87,7 @@ def check_tasks(manager, names: Sequence[str]) -> None:
                            "with --include-path.")
         try:
             with _quiet():
-                get_task_dict([name], manager)
+                manager.load([name])
         except Exception as exc:  # datasets raises ConnectionError, FileNotFoundError, DatasetNotFoundError ...
             dataset = _dataset_of(manager, name)
             raise RBAError(f"The data of task '{name}' ({dataset}) could not be loaded ({exc.__class__.__name__}: "

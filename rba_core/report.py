@@ -93,8 +93,15 @@ def summarise_export(record: dict) -> list[str]:
     return lines
 
 
+def summarise_eval(record: dict) -> list[str]:
+    """An ``eval`` record: per task and metric the original, approximated and their difference."""
+    from rba_core.downstream import summary
+
+    return summary(record).splitlines()
+
+
 def summarise(command: str, results: dict) -> str:
     """The summary of an ``analyze``, ``approximate``, ``search`` or ``export`` result (its notes go to stderr)."""
     lines = {"analyze": summarise_analysis, "approximate": summarise_approximation,
-             "search": summarise_search, "export": summarise_export}[command](results)
+             "search": summarise_search, "export": summarise_export, "eval": summarise_eval}[command](results)
     return "\n".join(lines) + "\n"

@@ -1,0 +1,49 @@
+"""The ``eval`` subcommand: lm-eval tasks on a causal LM and its approximation (:mod:`rba_core.downstream`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rba_core.maps import MAPS, MapParams
+
+
+def add_eval_parser(sub, map_help: str, decode_help: str, count) -> None:
+    from rba_core.downstream import DEBIAN_TASK, DEFAULT_DATASET, INSTALL
+
+    ev = sub.add_parser("eval", help="lm-eval tasks on a causal LM and on its approximation (needs lm-eval: "
+                        f"{INSTALL})")
+    ev.add_argument("--model", required=True, help="causal LM: alias, hub id, folder (an exported one too) or "
+                    "GGUF file")
+    ev.add_argument("--tasks", required=True, help=f"comma-separated lm-eval tasks, groups or tags (shipped and "
+                    f"offline: {DEBIAN_TASK})")
+    ev.add_argument("--include-path", type=Path, help="a folder of lm-eval task YAML files (lm-eval's own option)")
+    ev.add_argument("--limit", type=float, help="documents per task (a number below 1: that fraction)")
+    ev.add_argument("--num-fewshot", type=int, help="few-shot examples per prompt (default: the task's own)")
+    ev.add_argument("--batch-size", type=int, default=8, help="lm-eval's batch size")
+    ev.add_argument("--range", nargs=2, type=int, action="append", metavar=("I", "J"),
+                    help="remove blocks I+1..J, mapping block output I to J (repeatable; none: the original only)")
+    ev.add_argument("--map", default="linear", choices=list(MAPS), help=map_help)
+    ev.add_argument("--ridge", type=float, default=1e-2, help="λ for --map ridge")
+    ev.add_argument("--dataset", help=f"what the maps are fitted on (default {DEFAULT_DATASET}), as for approximate")
+    ev.add_argument("--fit-n", type=int, default=64, help="windows (or texts) the maps are fitted on (default 64)")
+    ev.add_argument("--seq-len", type=int, default=256, help="tokens per fit window")
+    ev.add_argument("--max-length", type=int, default=128, help="texts of a labelled text dataset: truncation")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--json", type=Path, help="where to write the results as JSON ('-': stdout); "
+                    "without it a short summary is printed")
+    ev.add_argument("--cache-dir", type=Path, help="cache folder (default $RBA_CACHE_DIR or cache/)")
+    ev.add_argument("--decode-workers", type=count, help=decode_help)
+
+
+def run_eval(args: argparse.Namespace, cache, progress, stage) -> dict:
+    from rba_core.downstream import evaluate
+
+    limit = args.limit
+    if limit is not None and limit >= 1:
+        limit = int(limit)
+    return evaluate(args.model, args.tasks, dataset=args.dataset, fit_n=args.fit_n, seed=args.seed,
+                    seq_len=args.seq_len, ranges=args.range or (), kind=args.map,
+                    map_params=MapParams(ridge=args.ridge), limit=limit, num_fewshot=args.num_fewshot,
+                    include_path=args.include_path, batch_size=args.batch_size, max_length=args.max_length,
+                    cache=cache, progress=progress, on_stage=stage)
