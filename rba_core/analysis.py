@@ -268,7 +268,7 @@ def conditioning_report(ranges: Sequence[Range], maps: Sequence) -> tuple[list[d
 def approximate(model, dataset, fit_n: int, eval_n: int, seed: int,
                 ranges: Sequence[Sequence[int]], kind: str = "linear", *, map_params: MapParams | None = None,
                 probe: bool = False, max_length: int = 128, seq_len: int = DEFAULT_SEQ_LEN,
-                latency: bool = True,
+                latency: bool = True, label_map=None,
                 cache: Cache | None = None, progress: Progress | None = None, on_stage: Stage | None = None,
                 encoder: Encoder | LazyEncoder | Callable[[], Encoder] | None = None) -> ApproximationResult:
     """Fit maps on ``fit_n`` train samples, evaluate the approximated model on ``eval_n`` test samples.
@@ -279,7 +279,8 @@ def approximate(model, dataset, fit_n: int, eval_n: int, seed: int,
     perplexity and top-1 next-token agreement of the original, approximated and skipped models.
     The maps come from one float64 pass over the fit samples that keeps only the ranges' own statistics
     (:func:`fit_range_maps`). ``latency``: time both models per image (a few seconds); off, the result's
-    ``latency_ms_per_image`` is None.
+    ``latency_ms_per_image`` is None. A model with a classification head whose classes match the dataset's
+    (or ``label_map``, a JSON file) adds ``head_accuracy`` (:mod:`rba_core.head`); otherwise a note says why not.
     """
     declared = map_kind(kind)  # an unknown map fails before any work
     params = map_params or MapParams()
@@ -325,6 +326,12 @@ def approximate(model, dataset, fit_n: int, eval_n: int, seed: int,
     )
     if scores is not None:
         result.perplexity, result.top1_agreement = scores["perplexity"], scores["top1_agreement"]
+    else:  # the model's own classifier head, where it has one matching the dataset's classes (issue 17)
+        from rba_core.head import measure_head
+
+        result.head_accuracy, why = measure_head(lazy, model, dataset, fit, ev, ranges, maps, kind,
+                                                 declared.key(params), cache, label_map, progress, stage)
+        result.notes += [why] if why and (probe or label_map) else []
     if probe:
         stage("Linear probe: original, approximated and skipped models on the fit samples")
         reps = extract(model, dataset, fit_n, seed, "train", with_stats=False, max_length=max_length, cache=cache,

@@ -32,6 +32,8 @@ def _count(text: str) -> int:
     return int(text)
 
 
+LABEL_MAP_HELP = ("JSON {dataset class: head class} (names or indices) matching the dataset's classes to the "
+                  "model's own classifier head, for head_accuracy when the names do not match")
 #: What the ``--help`` page says the tool does: every subcommand is listed.
 DESCRIPTION = ("Find redundant transformer blocks and replace them by linear maps. Subcommands: analyze (Block "
                "Redundancy, similarity, fit residuals), approximate (replace block ranges by maps and evaluate), "
@@ -74,6 +76,7 @@ def _parser(prog: str = MODULE_PROG) -> argparse.ArgumentParser:
     approx.add_argument("--map", default="linear", choices=list(MAPS), help=_map_help())
     approx.add_argument("--ridge", type=float, default=1e-2, help="λ for --map ridge")
     approx.add_argument("--probe", action="store_true", help="also train the linear probe (3 seeds)")
+    approx.add_argument("--label-map", type=Path, help=LABEL_MAP_HELP)
     approx.add_argument("--no-latency", dest="latency", action="store_false",
                         help="do not time the original and approximated models (latency_ms_per_image is null)")
     _add_table_and_search(sub, common)
@@ -283,7 +286,8 @@ def _run_in_cache(args: argparse.Namespace, tracker: Tracker) -> int:
             results = approximate(args.model, args.dataset, args.fit_n, args.eval_n, args.seed, args.range,
                                   args.map, map_params=MapParams(ridge=args.ridge), probe=args.probe,
                                   max_length=args.max_length, seq_len=args.seq_len, cache=cache,
-                                  latency=args.latency, progress=progress, on_stage=tracker.stage)
+                                  latency=args.latency, label_map=args.label_map, progress=progress,
+                                  on_stage=tracker.stage)
     except (KeyboardInterrupt, Cancelled):
         tracker.waiting = cache.waiting  # only waiting for another run's computation: that one goes on
         raise

@@ -123,8 +123,11 @@ class ApproximationResult(Result):
     top1_agreement: dict | None = None  # causal LMs: next-token argmax equal to the original's
     # per fitted map: range, condition number, rank used, dimension, statistics precision (none for identity)
     conditioning: list[dict] | None = None
+    # the model's own classifier head (issue 17): {original, approximated, skip: {top1[, top5]}, classes, ...}
+    head_accuracy: dict | None = None
 
-    _omit_if_none = ("accuracy", "accuracy_converged", "perplexity", "top1_agreement", "conditioning")
+    _omit_if_none = ("accuracy", "accuracy_converged", "perplexity", "top1_agreement", "conditioning",
+                     "head_accuracy")
 
     def to_frame(self):
         """One row per model (original, approximated, and skip when probed): blocks, parameters, accuracy."""
