@@ -76,13 +76,16 @@ def table(model, datasets: Sequence[str], fit_n: int, eval_n: int, seed: int = 0
           rows: str | Sequence[Sequence[Range]] = "paper", kind: str = "linear", *,
           map_params: MapParams | None = None, max_length: int = 128, seq_len: int = DEFAULT_SEQ_LEN,
           cache: Cache | None = None, progress: Progress | None = None,
-          on_stage: Stage | None = None, encoder: Encoder | Callable[[], Encoder] | None = None) -> TableResult:
+          on_stage: Stage | None = None, encoder: Encoder | Callable[[], Encoder] | None = None,
+          label_map=None) -> TableResult:
     """The original model's row then one row per range set, for each dataset.
 
     Rows: ``dataset``, ``range`` and ``paper`` (labels), ``ranges`` ([[i, j], ...]),
     ``blocks_left``, ``params`` (T included), ``mse_final``, ``accuracy`` {``approximated``,
     ``skip``} each {mean, std} over probe seeds 0, 1, 2 (``original`` on the original row), and
-    ``accuracy_converged`` the same for the converged probe (one deterministic run, std 0).
+    ``accuracy_converged`` the same for the converged probe (one deterministic run, std 0); with a
+    classification head that matches the dataset's classes (or ``label_map``), ``head_accuracy`` the same for
+    the model's own head ({top1[, top5]}; :mod:`rba_core.head`).
     ``encoder``: a loaded encoder or a zero-argument loader, called only when a row is not cached. A
     causal LM on a language-model text reads it as windows of ``seq_len`` tokens.
     """
@@ -109,19 +112,22 @@ def table(model, datasets: Sequence[str], fit_n: int, eval_n: int, seed: int = 0
             # Latency is not in the table, so the rows are not timed (a stored timed run serves them too).
             res = approximate(model, dataset, fit_n, eval_n, seed, row, kind, map_params=params, probe=True,
                               max_length=max_length, seq_len=seq_len, cache=cache, progress=progress, encoder=lazy,
-                              latency=False)
+                              latency=False, label_map=label_map)
+            heads = res.head_accuracy and {"head_accuracy": res.head_accuracy}
             if len(out) == 0 and rows > 1:
                 stage(_estimate(cache, res.cache["eval"], rows - 1, per_row, (len(datasets) - 1) * (fit_n + eval_n)))
             if n == 0:
                 out.append({"dataset": dataset, "range": "original", "paper": "original", "ranges": [],
                             "blocks_left": res["blocks"]["original"], "params": res["params"]["original"],
                             "mse_final": 0.0, **{key: {"approximated": res[key]["original"], "skip": None}
-                                                 for key in ACCURACIES}})
+                                                 for key in ACCURACIES},
+                            **{key: {"approximated": v["original"], "skip": None} for key, v in (heads or {}).items()}})
             out.append({"dataset": dataset, "range": label, "paper": paper, "ranges": [list(r) for r in row],
                         "blocks_left": res["blocks"]["approximated"], "params": res["params"]["approximated"],
                         "mse_final": res["mse_final"],
                         **{key: {"approximated": res[key]["approximated"], "skip": res[key]["skip"]}
-                           for key in ACCURACIES}})
+                           for key in ACCURACIES},
+                        **{key: {"approximated": v["approximated"], "skip": v["skip"]} for key, v in (heads or {}).items()}})
     return TableResult(model=res.model, datasets=[str(d) for d in datasets], fit_n=fit_n, eval_n=eval_n, seed=seed,
                        map=kind, map_params=declared.key(params), rows=out)
 
@@ -149,7 +155,17 @@ def flat_row(row: dict) -> dict:
             "acc_mean": acc["approximated"]["mean"], "acc_std": acc["approximated"]["std"],
             "skip_acc_mean": skip.get("mean", ""), "skip_acc_std": skip.get("std", ""),
             "converged_acc": converged["approximated"]["mean"],
-            "converged_skip_acc": converged_skip.get("mean", "")}
+            "converged_skip_acc": converged_skip.get("mean", ""), **head_columns(row)}
+
+
+def head_columns(row: dict) -> dict:
+    """The model's own head's top-1 (and top-5) accuracy of the row and of its skipped blocks; none without a head."""
+    head = row.get("head_accuracy")
+    if not head:
+        return {}
+    skip = head["skip"] or {}
+    return {f"head_{k}": v for k, v in head["approximated"].items()} | {f"skip_head_{k}": skip.get(k, "")
+                                                                       for k in head["approximated"]}
 
 
 def _percent(mean, std=None) -> str:
@@ -171,12 +187,15 @@ def render(result: dict, fmt: str) -> str:
         writer.writerows(rows)
         return text.getvalue()
     if fmt == "md":
+        heads = [k for k in (rows[0] if rows else {}) if k.startswith(("head_", "skip_head_"))]
         lines = ["| dataset | range (ours) | paper | blocks left | params | final MSE | accuracy % | skip accuracy % "
-                 "| converged probe % | converged skip % |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+                 "| converged probe % | converged skip % |" + "".join(f" {k.replace('_', ' ')} % |" for k in heads),
+                 "|---|---|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(heads)]
         lines += [f"| {r['dataset']} | {r['range']} | {r['paper']} | {r['blocks_left']} | {r['params']:,} | "
                   f"{r['mse_final']:.4g} | {_percent(r['acc_mean'], r['acc_std'])} | "
                   f"{_percent(r['skip_acc_mean'], r['skip_acc_std'])} | {_percent(r['converged_acc'])} | "
-                  f"{_percent(r['converged_skip_acc'])} |" for r in rows]
+                  f"{_percent(r['converged_skip_acc'])} |" + "".join(f" {_percent(r.get(k, ''))} |" for k in heads)
+                  for r in rows]
         return "\n".join(lines) + "\n"
     raise RBAError(f"Unknown table format '{fmt}': use csv, md or json.")
 

@@ -135,3 +135,18 @@ def test_no_head_is_one_sentence(tiny_models):
     head, why = head_setup(load_config(tiny_models["vit"]), tiny_models["vit"], ["a", "b"], np.array([0, 1]))
     assert head is None and why.startswith("No head accuracy: the model has no classification head")
     assert why.count(".") == 1 and why.endswith(".")
+
+
+def test_table_rows_carry_the_head_accuracy(classifier, image_folder, cache):
+    from rba_core.table import render, table
+
+    result = table(classifier, [image_folder], FIT_N, EVAL_N, 0, "1:3", "linear", cache=cache)
+    single = approximate(classifier, image_folder, FIT_N, EVAL_N, 0, [RANGE], "linear", latency=False, cache=cache)
+    original, row = result["rows"]
+    assert original["head_accuracy"] == {"approximated": single.head_accuracy["original"], "skip": None}
+    assert row["head_accuracy"] == {"approximated": single.head_accuracy["approximated"],
+                                    "skip": single.head_accuracy["skip"]}
+    csv = render(result, "csv").splitlines()
+    assert csv[0].endswith("head_top1,skip_head_top1")
+    assert csv[2].endswith(f"{single.head_accuracy['approximated']['top1']},{single.head_accuracy['skip']['top1']}")
+    assert "head top1 % | skip head top1 % |" in render(result, "md").splitlines()[0]
