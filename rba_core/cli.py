@@ -137,6 +137,10 @@ def _add_table_and_search(sub, common: argparse.ArgumentParser) -> None:
     search.add_argument("--probe-top", type=int, default=0, help="train the probe for the best K candidates")
     search.add_argument("--map", default="linear", choices=list(MAPS), help=_map_help())
     search.add_argument("--ridge", type=float, default=1e-2, help="λ for --map ridge")
+    search.add_argument("--metric", default="mse", choices=("mse", "head-accuracy"),
+                        help="rank by measured final MSE (default) or by the top-1 accuracy of the model's own "
+                        "classifier head (each candidate evaluated as approximate evaluates it)")
+    search.add_argument("--label-map", type=Path, help=LABEL_MAP_HELP)
 
 
 class _Bar:
@@ -268,7 +272,8 @@ def _run_in_cache(args: argparse.Namespace, tracker: Tracker) -> int:
             results = search(args.model, args.dataset, args.fit_n, args.eval_n, args.seed, blocks=args.blocks,
                              max_params=args.max_params, max_latency_ms=args.max_latency_ms, pairs=args.pairs,
                              probe_top=args.probe_top, kind=args.map, map_params=MapParams(ridge=args.ridge),
-                             top_k=args.top_k, exhaustive=args.exhaustive,
+                             top_k=args.top_k, exhaustive=args.exhaustive, metric=args.metric,
+                             label_map=args.label_map,
                              max_length=args.max_length, seq_len=args.seq_len, cache=cache,
                              progress=progress, on_stage=tracker.stage)
         elif args.command == "eval":

@@ -190,6 +190,31 @@ def head_accuracy(head: Head, encoder, ranges, maps, source, indices: np.ndarray
     return {**result, "classes": head.classes, "matched_by": head.matched_by, "n": len(indices)}
 
 
+def find_head(lazy, model, ev, label_map: Path | str | None = None) -> tuple[Head | None, str | None]:
+    """:func:`head_setup` for the run's model (``lazy``: its LazyEncoder; no weights are loaded) and the
+    evaluation samples ``ev``."""
+    from rba_core.models import Encoder, load_config, readable_source
+
+    loaded = lazy.encoder if isinstance(lazy.encoder, Encoder) else None
+    config = loaded.config if loaded is not None else load_config(model)
+    source = loaded.source if loaded is not None else readable_source(model)
+    return head_setup(config, source, ev.label_names, ev.labels, label_map)
+
+
+def rank_by_head(rows: list[dict], run, stage) -> tuple[list[dict], dict]:
+    """``search --metric head-accuracy``: each candidate row gets the head accuracy of ``run(ranges)`` (an
+    ``approximate`` result: the maps fitted as it fits them) and the rows are ranked by the approximated
+    model's top-1 accuracy, highest first (ties: lower MSE first). Returns the rows and the original's accuracy."""
+    original = None
+    for n, row in enumerate(rows, start=1):
+        stage(f"Head accuracy of candidate {n} of {len(rows)}: {row['range']}")
+        head = run(row["ranges"]).head_accuracy
+        row["head_accuracy"] = {"approximated": head["approximated"], "skip": head["skip"]}
+        original = head["original"]
+    ranked = sorted(rows, key=lambda r: (-r["head_accuracy"]["approximated"]["top1"], r["mse_final"]))
+    return ranked, original
+
+
 def measure_head(lazy, model, dataset, fit, ev, ranges, maps, kind: str, map_key: dict, cache,
                  label_map: Path | str | None = None, progress=None,
                  stage=None) -> tuple[dict | None, str | None]:
@@ -198,12 +223,8 @@ def measure_head(lazy, model, dataset, fit, ev, ranges, maps, kind: str, map_key
     run's :class:`~rba_core.analysis.LazyEncoder`; ``fit``: the statistics the ``maps`` come from."""
     from rba_core.cache import make_key
     from rba_core.data import open_dataset
-    from rba_core.models import Encoder, load_config, readable_source
 
-    loaded = lazy.encoder if isinstance(lazy.encoder, Encoder) else None
-    config = loaded.config if loaded is not None else load_config(model)
-    source = loaded.source if loaded is not None else readable_source(model)
-    head, why = head_setup(config, source, ev.label_names, ev.labels, label_map)
+    head, why = find_head(lazy, model, ev, label_map)
     if head is None:
         return None, why
     key = make_key({"kind": "head-accuracy", "fit": fit.key, "samples": ev.key, "ranges": [list(r) for r in ranges],

@@ -58,10 +58,13 @@ def summarise_approximation(results: dict) -> list[str]:
 
 def summarise_search(results: dict, top: int = 5) -> list[str]:
     lines = [f"{results['model']} on {results['dataset']}: {results['evaluated']} of {results['considered']} "
-             f"candidates fit the budget; best by measured final MSE on {results['eval_n']} test samples:"]
+             f"candidates fit the budget; best by " + ("the model's own head's top-1 accuracy" if results.get(
+                 "metric") == "head-accuracy" else "measured final MSE") + f" on {results['eval_n']} test samples:"]
     for rank, row in enumerate(results["candidates"][:top], start=1):
         lines.append(f"  {rank}. {row['range']} (paper: {row['paper']}): MSE {row['mse_final']:.4g}, "
-                     f"{row['params']:,} parameters, about {row['latency_ms_per_image_estimate']:.3g} ms per image")
+                     f"{row['params']:,} parameters, about {row['latency_ms_per_image_estimate']:.3g} ms per image"
+                     + (f", head top-1 {row['head_accuracy']['approximated']['top1']:.2%}" if "head_accuracy" in row
+                        else ""))
     agreement = {name: v for name, v in (results.get("score_agreement") or {}).items() if v["spearman"] is not None}
     if agreement:
         lines.append("Spearman ρ of each cheap score with the measured ranking (candidates covered): " + ", ".join(

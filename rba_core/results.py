@@ -173,12 +173,13 @@ class SearchResult(Result):
     top_k: int = 5  # the head of the ranking the race keeps exact
     rounds: list[dict] = field(default_factory=list)  # the race: samples seen, candidates run and kept
     score_agreement: dict = field(default_factory=dict)  # {cheap score: {"spearman": ρ, "candidates": k}}
+    metric: str = "mse"  # what ranks the candidates: measured final MSE, or the model's own head ("head-accuracy")
 
     def to_frame(self):
         """One row per candidate, in ranking order."""
         import pandas as pd
 
-        return pd.DataFrame([{k: v for k, v in row.items() if k not in ("ranges", "accuracy")}
+        return pd.DataFrame([{k: v for k, v in row.items() if k not in ("ranges", "accuracy", "head_accuracy")}
                              for row in self.candidates])
 
 

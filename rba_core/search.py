@@ -49,6 +49,7 @@ FIRST_ROUND_SHARE = 8  # the first round sees 1/8 of the evaluation samples ...
 MIN_ROUND_SAMPLES = 8  # ... but at least this many
 CONFIDENCE = 0.999  # of the interval that decides whether a candidate may leave the race
 TOP_K = 5  # the ranking's head that the race keeps exact
+METRICS = ("mse", "head-accuracy")  # what the candidates are ranked by
 
 
 def candidate_ranges(num_blocks: int, pairs: bool = False) -> list[Candidate]:
@@ -387,7 +388,8 @@ def search(model, dataset, fit_n: int, eval_n: int, seed: int = 0, *, blocks: in
            seq_len: int = DEFAULT_SEQ_LEN, cache: Cache | None = None, progress: Progress | None = None, on_stage: Stage | None = None,
            memory_bytes: int | None = None, exhaustive: bool = False, top_k: int = TOP_K,
            on_round: Callable[[list[dict], dict], None] | None = None,
-           encoder: Encoder | Callable[[], Encoder] | None = None) -> SearchResult:
+           encoder: Encoder | Callable[[], Encoder] | None = None, metric: str = "mse",
+           label_map=None) -> SearchResult:
     """Rank the candidates that fit the budget by measured final-representation MSE (lowest first).
 
     Budgets (any combination; none means every candidate): ``blocks`` removes exactly that many
@@ -404,9 +406,13 @@ def search(model, dataset, fit_n: int, eval_n: int, seed: int = 0, *, blocks: in
     candidates that left early carry the estimate over the samples they saw (``samples``, ``mse_ci``).
     ``on_round(rows, summary)`` gets the ranking after each round, as it sharpens. A causal LM on a
     language-model text reads it as windows of ``seq_len`` tokens. ``score_agreement`` says how well
-    each cheap score predicts the measured ranking (:func:`score_agreement`).
+    each cheap score predicts the measured ranking (:func:`score_agreement`). ``metric`` ``head-accuracy``
+    then ranks the candidates by the top-1 accuracy of the model's own classifier head, each measured as
+    ``approximate`` measures it (:func:`rba_core.head.rank_by_head`; ``label_map`` as there).
     """
     declared = map_kind(kind)
+    if metric not in METRICS:
+        raise RBAError(f"Unknown metric '{metric}': use {' or '.join(METRICS)}.")
     params = map_params or MapParams()
     began = time.perf_counter()
     cache = cache or Cache()
@@ -420,6 +426,12 @@ def search(model, dataset, fit_n: int, eval_n: int, seed: int = 0, *, blocks: in
     ev = extract(model, dataset, eval_n, seed, "test", with_stats=False, max_length=max_length, cache=cache,
                  progress=progress, encoder=lazy)
     num_blocks = fit.num_blocks
+    if metric == "head-accuracy":
+        from rba_core.head import find_head
+
+        why = find_head(lazy, model, ev, label_map)[1]
+        if why:
+            raise RBAError(f"{why.removesuffix('.')}, so search cannot rank by it; use --metric mse.")
     if blocks is not None and not 1 <= blocks <= num_blocks:
         raise RBAError(f"Cannot remove {blocks} blocks: this model has {num_blocks}; choose 1..{num_blocks}.")
     everything = candidate_ranges(num_blocks, pairs)
@@ -482,6 +494,13 @@ def search(model, dataset, fit_n: int, eval_n: int, seed: int = 0, *, blocks: in
         candidates=rows, cache={"fit": fit.key, "eval": ev.key}, notes=sorted(set(fit.notes + ev.notes)) + notes,
         seconds=seconds, exhaustive=exhaustive, top_k=top_k, rounds=rounds,
     )
+    if metric == "head-accuracy":
+        from rba_core.head import rank_by_head
+
+        rows[:], results.original["head_accuracy"] = rank_by_head(rows, lambda ranges: approximate(
+            model, dataset, fit_n, eval_n, seed, ranges, kind, map_params=params, max_length=max_length,
+            seq_len=seq_len, cache=cache, progress=progress, encoder=lazy, latency=False, label_map=label_map), stage)
+        results.metric = metric
     if probe_top > 0:
         stage(f"Linear probe for the best {min(probe_top, len(rows))} candidates")
         for row in rows[:probe_top]:

@@ -150,3 +150,28 @@ def test_table_rows_carry_the_head_accuracy(classifier, image_folder, cache):
     assert csv[0].endswith("head_top1,skip_head_top1")
     assert csv[2].endswith(f"{single.head_accuracy['approximated']['top1']},{single.head_accuracy['skip']['top1']}")
     assert "head top1 % | skip head top1 % |" in render(result, "md").splitlines()[0]
+
+
+def test_search_ranks_by_the_head(classifier, image_folder, cache):
+    from rba_core.search import search
+
+    result = search(classifier, image_folder, FIT_N, EVAL_N, 0, blocks=2, metric="head-accuracy", exhaustive=True,
+                    cache=cache)
+    rows = result["candidates"]
+    assert result["metric"] == "head-accuracy" and [r["ranges"] for r in rows] != []
+    for row in rows:  # each candidate's head accuracy is approximate's for its ranges
+        single = approximate(classifier, image_folder, FIT_N, EVAL_N, 0, row["ranges"], "linear", latency=False,
+                             cache=cache).head_accuracy
+        assert row["head_accuracy"] == {"approximated": single["approximated"], "skip": single["skip"]}
+        assert result["original"]["head_accuracy"] == single["original"]
+    keys = [(-r["head_accuracy"]["approximated"]["top1"], r["mse_final"]) for r in rows]
+    assert keys == sorted(keys) and len(rows) == 3  # 0→2, 1→3, 2→4 of 4 blocks
+
+
+def test_search_by_head_without_a_head_is_one_sentence(tiny_models, image_folder, cache):
+    from rba_core.search import search
+
+    with pytest.raises(RBAError, match=r"^No head accuracy: the model has no classification head .*use --metric mse"):
+        search(tiny_models["vit"], image_folder, 8, 4, 0, blocks=1, metric="head-accuracy", cache=cache)
+    with pytest.raises(RBAError, match="Unknown metric 'accuracy'"):
+        search(tiny_models["vit"], image_folder, 8, 4, 0, blocks=1, metric="accuracy", cache=cache)
