@@ -21,6 +21,8 @@ def add_eval_parser(sub, map_help: str, decode_help: str, count) -> None:
     ev.add_argument("--limit", type=float, help="documents per task (a number below 1: that fraction)")
     ev.add_argument("--num-fewshot", type=int, help="few-shot examples per prompt (default: the task's own)")
     ev.add_argument("--batch-size", type=int, default=8, help="lm-eval's batch size")
+    ev.add_argument("--log-documents", action="store_true", help="also write every document's log-likelihood of "
+                    "each choice, per model (loglikelihood tasks), in the JSON's documents")
     ev.add_argument("--range", nargs=2, type=int, action="append", metavar=("I", "J"),
                     help="remove blocks I+1..J, mapping block output I to J (repeatable; none: the original only)")
     ev.add_argument("--map", default="linear", choices=list(MAPS), help=map_help)
@@ -46,4 +48,5 @@ def run_eval(args: argparse.Namespace, cache, progress, stage) -> dict:
                     seq_len=args.seq_len, ranges=args.range or (), kind=args.map,
                     map_params=MapParams(ridge=args.ridge), limit=limit, num_fewshot=args.num_fewshot,
                     include_path=args.include_path, batch_size=args.batch_size, max_length=args.max_length,
+                    log_documents=args.log_documents,
                     cache=cache, progress=progress, on_stage=stage)

@@ -109,17 +109,19 @@ class _quiet:
 
 
 def run_tasks(model, tokenizer, names: Sequence[str], manager, *, limit: int | float | None = None,
-              num_fewshot: int | None = None, batch_size: int = 8, seed: int = 0) -> tuple[dict, dict]:
+              num_fewshot: int | None = None, batch_size: int = 8, seed: int = 0,
+              documents: dict | None = None) -> tuple[dict, dict]:
     """``lm_eval.simple_evaluate`` on a loaded transformers model object (no re-load): per task its metrics
     ``{metric: value}`` (lm-eval's ``acc,none`` written ``acc``; stderr values kept as ``acc_stderr``) and the
-    number of documents scored."""
+    number of documents scored. ``documents``, when given, receives per task the log-likelihood of every
+    choice of every document, in document order (loglikelihood tasks)."""
     lm_eval = _lm_eval()
     from lm_eval.models.huggingface import HFLM
 
     with _quiet():
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         out = lm_eval.simple_evaluate(model=lm, tasks=list(names), task_manager=manager, limit=limit,
-                                      num_fewshot=num_fewshot, log_samples=False, random_seed=seed,
+                                      num_fewshot=num_fewshot, log_samples=documents is not None, random_seed=seed,
                                       numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
                                       bootstrap_iters=1000)
     metrics = {}
@@ -128,6 +130,10 @@ def run_tasks(model, tokenizer, names: Sequence[str], manager, *, limit: int | f
                          if "," in key and isinstance(value, (int, float))}
     samples = {task: int(n.get("effective", n.get("original", 0))) if isinstance(n, dict) else int(n)
                for task, n in (out.get("n-samples") or {}).items()}
+    if documents is not None:
+        for task, logged in (out.get("samples") or {}).items():
+            documents[task] = [[float(r[0]) if isinstance(r, (tuple, list)) else None for r in doc["filtered_resps"]]
+                               for doc in sorted(logged, key=lambda d: d["doc_id"])]
     return metrics, samples
 
 
@@ -148,12 +154,13 @@ def evaluate(model, tasks: str | Sequence[str], *, dataset=None, fit_n: int = 64
              seq_len: int | None = None, ranges: Sequence[Sequence[int]] = (), kind: str = "linear",
              map_params=None, limit: int | float | None = None, num_fewshot: int | None = None,
              include_path: str | Path | None = None, batch_size: int = 8, max_length: int = 128,
-             cache=None, progress: Progress | None = None, on_stage: Callable[[str], None] | None = None,
+             log_documents: bool = False, cache=None, progress: Progress | None = None, on_stage: Callable[[str], None] | None = None,
              encoder=None) -> dict:
     """lm-eval ``tasks`` on the causal LM ``model`` (alias, hub id, folder: an exported folder too) and, with
     ``ranges``, on the model approximated with maps of ``kind`` fitted on ``fit_n`` windows (or texts) of
     ``dataset`` (default :data:`DEFAULT_DATASET`). Returns the JSON record: per task the metrics of the
-    ``original`` and ``approximated`` models and their ``difference``, plus what was run."""
+    ``original`` and ``approximated`` models and their ``difference``, plus what was run; ``log_documents``
+    adds ``documents``: per task and model the log-likelihood of every choice of every document."""
     from rba_core.analysis import LazyEncoder, conditioning_report, fit_range_maps, lm_dataset
     from rba_core.approx import paper_notation, validate_ranges
     from rba_core.cache import Cache
@@ -195,8 +202,10 @@ def evaluate(model, tasks: str | Sequence[str], *, dataset=None, fit_n: int = 64
                             "cache": fit.key})
     loaded = lazy()
     stage(f"lm-eval on the original model: {', '.join(names)}")
+    logged = {"original": {}, "approximated": {}} if log_documents else None
     original, samples = run_tasks(loaded.model, loaded.processor, names, manager, limit=limit,
-                                  num_fewshot=num_fewshot, batch_size=batch_size, seed=seed)
+                                  num_fewshot=num_fewshot, batch_size=batch_size, seed=seed,
+                                  documents=logged and logged["original"])
     record.update(samples=samples, results={task: {"original": metrics} for task, metrics in original.items()})
     record["blocks"] = {"original": loaded.num_blocks}
     if checked:
@@ -205,11 +214,14 @@ def evaluate(model, tasks: str | Sequence[str], *, dataset=None, fit_n: int = 64
         net = cut_model(loaded.model, blocks_path(loaded), loaded, checked, maps)
         stage(f"lm-eval on the approximated model ({', '.join(f'{i}→{j}' for i, j in checked)}, {kind} maps)")
         approximated, _ = run_tasks(net, loaded.processor, names, manager, limit=limit, num_fewshot=num_fewshot,
-                                    batch_size=batch_size, seed=seed)
+                                    batch_size=batch_size, seed=seed, documents=logged and logged["approximated"])
         change = difference(original, approximated)
         for task in record["results"]:
             record["results"][task].update(approximated=approximated.get(task), difference=change.get(task))
         record["blocks"]["approximated"] = loaded.num_blocks - sum(j - i for i, j in checked)
+    if logged is not None:
+        record["documents"] = {task: {model: docs[task] for model, docs in logged.items() if task in docs}
+                               for task in logged["original"]}
     return record
 
 

@@ -19,15 +19,17 @@ FIT = ["--dataset", "demo-text", "--fit-n", "16", "--seq-len", "128", "--seed", 
 LIMIT = 24
 
 
-def hf_scores(folder) -> dict:
-    """lm-eval's own ``hf`` model type on a saved folder: the task's acc and acc_norm."""
+def hf_scores(folder) -> tuple[dict, list]:
+    """lm-eval's own ``hf`` model type on a saved folder: the task's acc and acc_norm, and every document's
+    log-likelihood of each choice."""
     from lm_eval.tasks import TaskManager
 
     out = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(folder), "dtype": "float32"},
                                   tasks=[DEBIAN_TASK], task_manager=TaskManager(include_path=str(TASKS_DIR)),
-                                  limit=LIMIT, device="cpu", batch_size=8, log_samples=False)
+                                  limit=LIMIT, device="cpu", batch_size=8, log_samples=True)
     values = out["results"][DEBIAN_TASK]
-    return {"acc": values["acc,none"], "acc_norm": values["acc_norm,none"]}
+    docs = [[r[0] for r in d["filtered_resps"]] for d in sorted(out["samples"][DEBIAN_TASK], key=lambda d: d["doc_id"])]
+    return {"acc": values["acc,none"], "acc_norm": values["acc_norm,none"]}, docs
 
 
 def test_eval_folded_matches_lm_eval_on_the_export(tmp_path, capsys):
@@ -36,7 +38,7 @@ def test_eval_folded_matches_lm_eval_on_the_export(tmp_path, capsys):
     cache = ["--cache-dir", str(tmp_path / "cache")]
     out = tmp_path / "eval.json"
     assert main(["eval", "--model", "demo-GPT", "--tasks", DEBIAN_TASK, "--range", "3", "5", "--map", "folded",
-                 "--limit", str(LIMIT), *FIT, *cache, "--json", str(out)]) == 0
+                 "--limit", str(LIMIT), "--log-documents", *FIT, *cache, "--json", str(out)]) == 0
     record = json.loads(out.read_text())
     scores = record["results"][DEBIAN_TASK]
     assert record["samples"][DEBIAN_TASK] == LIMIT and record["blocks"] == {"original": 8, "approximated": 6}
@@ -49,11 +51,17 @@ def test_eval_folded_matches_lm_eval_on_the_export(tmp_path, capsys):
     assert main(["export", "--model", "demo-GPT", "--range", "3", "5", "--map", "folded", *FIT, *cache,
                  "--out", str(folder)]) == 0
     assert json.loads((folder / "config.json").read_text())["n_layer"] == 6
-    exported = hf_scores(folder)
-    original = hf_scores(DEMO_LM_DIR)
+    exported, exported_docs = hf_scores(folder)
+    original, original_docs = hf_scores(DEMO_LM_DIR)
     for metric in ("acc", "acc_norm"):
         assert scores["approximated"][metric] == pytest.approx(exported[metric], abs=1e-12)
         assert scores["original"][metric] == pytest.approx(original[metric], abs=1e-12)
+    # the same per-document log-likelihoods, and the approximated ones are not the original's
+    docs = record["documents"][DEBIAN_TASK]
+    assert len(docs["approximated"]) == LIMIT and all(len(d) == 6 for d in docs["approximated"])
+    assert torch.allclose(torch.tensor(docs["approximated"]), torch.tensor(exported_docs), atol=1e-3, rtol=0)
+    assert torch.allclose(torch.tensor(docs["original"]), torch.tensor(original_docs), atol=1e-4, rtol=0)
+    assert (torch.tensor(docs["approximated"]) - torch.tensor(docs["original"])).abs().max() > 0.01  # 10x the match
     capsys.readouterr()
     assert main(["eval", "--model", str(folder), "--tasks", DEBIAN_TASK, "--limit", "4", *cache]) == 0
     summary = capsys.readouterr().out
