@@ -11,6 +11,7 @@ from pages._ui.compute import (approximation, may_read, num_blocks, run_approxim
                                run_export, start_button, unit)
 from pages._ui.selection import BOUND, Selection, eval_samples, map_choice, sidebar
 from pages._ui.show import NotComputed, dataframe, downloads, errors, file_download, file_name, not_computed
+from pages._ui.tasks import downstream_tasks
 from rba_core.approx import paper_notation, validate_ranges
 from rba_core.latency import change, describe, measurable
 from rba_core.maps import MAPS, MapParams
@@ -216,6 +217,7 @@ with errors():
                 for col, (name, text) in zip(st.columns(3), continued.items()):
                     col.markdown(f"**{name}**")
                     col.code(prompt + text, language=None, wrap_lines=True)
+            downstream_tasks(sel, ranges, kind, params)  # lm-eval tasks (issue 17)
 
         st.subheader("Export")
         st.markdown("Take this approximated model away: a folder with the kept blocks and the maps as safetensors, "
