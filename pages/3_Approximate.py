@@ -11,7 +11,7 @@ from pages._ui.compute import (approximation, may_read, num_blocks, run_approxim
                                run_export, start_button, unit)
 from pages._ui.selection import BOUND, Selection, eval_samples, map_choice, sidebar
 from pages._ui.show import NotComputed, dataframe, downloads, errors, file_download, file_name, not_computed
-from pages._ui.tasks import downstream_tasks
+from pages._ui.measures import downstream_tasks, head_metrics
 from rba_core.approx import paper_notation, validate_ranges
 from rba_core.latency import change, describe, measurable
 from rba_core.maps import MAPS, MapParams
@@ -165,6 +165,7 @@ with errors():
         for note in res["notes"]:
             st.warning(note)
         _metrics(res)
+        head_metrics(res)  # the model's own classifier head (issue 17)
         final = res["final"]
         pca = shared_pca(final["original"], final["approximated"])
         st.plotly_chart(pca_scatter(pca["original"], pca["approximated"], final["labels"],

@@ -31,3 +31,21 @@ def test_the_approximate_page_runs_lm_eval_tasks(cache_dir):
     assert acc["task"] == DEBIAN_TASK
     assert (acc["original"], acc["approximated"]) == pytest.approx(
         (expected["original"]["acc"], expected["approximated"]["acc"]), abs=1e-12)
+
+
+def test_the_approximate_page_shows_the_demos_own_head(cache_dir):
+    """digits-ViT is a ViTForImageClassification whose classes are the digits: its head's accuracy is shown."""
+    from rba_core.analysis import approximate
+    from rba_core.cache import Cache
+    from rba_core.registry import DEMO_PAIR
+
+    page = _app("pages/3_Approximate.py", model=DEMO_PAIR[0], dataset=DEMO_PAIR[1], n_ranges="1", start1="2",
+                end1="6")
+    page.button(key="approximate").click().run()
+    _clean(page)
+    metrics = {m.label: m.value for m in page.metric}
+    head = approximate(DEMO_PAIR[0], DEMO_PAIR[1], 64, 64, 0, [(2, 6)], latency=False,
+                       cache=Cache(cache_dir)).head_accuracy
+    assert head["matched_by"] == "names" and head["classes"] == 10
+    for name in ("original", "approximated", "skip"):
+        assert metrics[f"Head accuracy, {name}"] == f"{100 * head[name]['top1']:.1f}%"

@@ -1,5 +1,6 @@
-"""The Approximate page's downstream tasks for causal language models: lm-eval on the original and the
-approximated model (:func:`rba_core.downstream.evaluate`), run like every long step (status box, Stop)."""
+"""What users of a cut model measure, on the Approximate page: the model's own classifier head (shown with the
+results) and, for causal language models, lm-eval tasks on the original and the approximated model
+(:func:`rba_core.downstream.evaluate`), run like every long step (status box, Stop)."""
 
 from __future__ import annotations
 
@@ -66,3 +67,15 @@ def downstream_tasks(sel: Selection, ranges: list[tuple[int, int]], kind: str, p
             dataframe(table, column_config={name: st.column_config.NumberColumn(format="%.4f")
                                             for name in ("original", "approximated", "difference")})
             downloads("lm-eval", table=table, data=done[spec])
+
+
+def head_metrics(res) -> None:
+    """The model's own classifier head on the evaluation samples (models whose head matches the dataset's classes)."""
+    head = res.get("head_accuracy")
+    if not head:
+        return
+    st.markdown(f"**The model's own classifier head** ({head['classes']} classes, matched by {head['matched_by']}) on "
+                f"the {head['n']} evaluation samples:")
+    for col, name in zip(st.columns(3), ("original", "approximated", "skip")):
+        ks = ", ".join(f"top-{k[3:]} {100 * v:.1f}%" for k, v in head[name].items())
+        col.metric(f"Head accuracy, {name}", f"{100 * head[name]['top1']:.1f}%", help=ks)
