@@ -120,6 +120,9 @@ def _add_table_and_search(sub, common: argparse.ArgumentParser) -> None:
     table.add_argument("--ridge", type=float, default=1e-2, help="λ for --map ridge")
     table.add_argument("--out", required=True, type=Path, help="FILE.csv, FILE.md or FILE.json")
     table.add_argument("--label-map", type=Path, help=LABEL_MAP_HELP)
+    table.add_argument("--tasks", help="causal LMs: comma-separated lm-eval tasks scored on every row (as eval)")
+    table.add_argument("--limit", type=float, help="--tasks: documents per task (below 1: that fraction)")
+    table.add_argument("--include-path", type=Path, help="--tasks: a folder of lm-eval task YAML files")
     table.add_argument("--cache-dir", type=Path, help="cache folder (default $RBA_CACHE_DIR or cache/)")
     table.add_argument("--decode-workers", type=_count, help=DECODE_HELP)
     search = sub.add_parser("search", parents=[common], help="rank ranges by measured final-representation MSE")
@@ -262,7 +265,9 @@ def _run_in_cache(args: argparse.Namespace, tracker: Tracker) -> int:
             table_format(args.out)  # a bad suffix fails before any work
             results = table(args.model, args.dataset, args.fit_n, args.eval_n, args.seed, args.ranges, args.map,
                             map_params=MapParams(ridge=args.ridge), max_length=args.max_length,
-                            seq_len=args.seq_len, cache=cache, label_map=args.label_map,
+                            seq_len=args.seq_len, cache=cache, label_map=args.label_map, tasks=args.tasks,
+                            limit=int(args.limit) if args.limit and args.limit >= 1 else args.limit,
+                            include_path=args.include_path,
                             progress=progress, on_stage=tracker.stage)
             if _main_rank():  # one writer under a launcher
                 args.json = write_table(results, args.out)

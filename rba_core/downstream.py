@@ -154,13 +154,14 @@ def evaluate(model, tasks: str | Sequence[str], *, dataset=None, fit_n: int = 64
              seq_len: int | None = None, ranges: Sequence[Sequence[int]] = (), kind: str = "linear",
              map_params=None, limit: int | float | None = None, num_fewshot: int | None = None,
              include_path: str | Path | None = None, batch_size: int = 8, max_length: int = 128,
-             log_documents: bool = False, cache=None, progress: Progress | None = None, on_stage: Callable[[str], None] | None = None,
+             log_documents: bool = False, with_original: bool = True, cache=None, progress: Progress | None = None, on_stage: Callable[[str], None] | None = None,
              encoder=None) -> dict:
     """lm-eval ``tasks`` on the causal LM ``model`` (alias, hub id, folder: an exported folder too) and, with
     ``ranges``, on the model approximated with maps of ``kind`` fitted on ``fit_n`` windows (or texts) of
     ``dataset`` (default :data:`DEFAULT_DATASET`). Returns the JSON record: per task the metrics of the
     ``original`` and ``approximated`` models and their ``difference``, plus what was run; ``log_documents``
-    adds ``documents``: per task and model the log-likelihood of every choice of every document."""
+    adds ``documents``: per task and model the log-likelihood of every choice of every document;
+    ``with_original`` False (with ranges) runs the approximated model only (``table`` scores the original once)."""
     from rba_core.analysis import LazyEncoder, conditioning_report, fit_range_maps, lm_dataset
     from rba_core.approx import paper_notation, validate_ranges
     from rba_core.cache import Cache
@@ -201,27 +202,31 @@ def evaluate(model, tasks: str | Sequence[str], *, dataset=None, fit_n: int = 64
                       data={"dataset": str(source), "fit_n": fit_n, "seed": seed, "seq_len": seq_len,
                             "cache": fit.key})
     loaded = lazy()
-    stage(f"lm-eval on the original model: {', '.join(names)}")
     logged = {"original": {}, "approximated": {}} if log_documents else None
-    original, samples = run_tasks(loaded.model, loaded.processor, names, manager, limit=limit,
-                                  num_fewshot=num_fewshot, batch_size=batch_size, seed=seed,
-                                  documents=logged and logged["original"])
-    record.update(samples=samples, results={task: {"original": metrics} for task, metrics in original.items()})
+    original: dict = {}
+    if with_original or not checked:
+        stage(f"lm-eval on the original model: {', '.join(names)}")
+        original, record["samples"] = run_tasks(loaded.model, loaded.processor, names, manager, limit=limit,
+                                                num_fewshot=num_fewshot, batch_size=batch_size, seed=seed,
+                                                documents=logged and logged["original"])
+    record["results"] = {task: {"original": metrics} for task, metrics in original.items()}
     record["blocks"] = {"original": loaded.num_blocks}
     if checked:
         from rba_core.cut import blocks_path, cut_model
 
         net = cut_model(loaded.model, blocks_path(loaded), loaded, checked, maps)
         stage(f"lm-eval on the approximated model ({', '.join(f'{i}→{j}' for i, j in checked)}, {kind} maps)")
-        approximated, _ = run_tasks(net, loaded.processor, names, manager, limit=limit, num_fewshot=num_fewshot,
-                                    batch_size=batch_size, seed=seed, documents=logged and logged["approximated"])
+        approximated, samples = run_tasks(net, loaded.processor, names, manager, limit=limit,
+                                          num_fewshot=num_fewshot, batch_size=batch_size, seed=seed,
+                                          documents=logged and logged["approximated"])
+        record.setdefault("samples", samples)
         change = difference(original, approximated)
-        for task in record["results"]:
-            record["results"][task].update(approximated=approximated.get(task), difference=change.get(task))
+        for task, metrics in approximated.items():
+            record["results"].setdefault(task, {}).update(approximated=metrics, difference=change.get(task))
         record["blocks"]["approximated"] = loaded.num_blocks - sum(j - i for i, j in checked)
     if logged is not None:
         record["documents"] = {task: {model: docs[task] for model, docs in logged.items() if task in docs}
-                               for task in logged["original"]}
+                               for task in record["results"]}
     return record
 
 
@@ -234,7 +239,7 @@ def summary(record: dict) -> str:
                      + f" ({record['map']} maps), {record['blocks']['approximated']} of "
                      f"{record['blocks']['original']} blocks")
     for task, models in record["results"].items():
-        for metric, value in models["original"].items():
+        for metric, value in (models.get("original") or {}).items():
             if metric.endswith("_stderr"):
                 continue
             row = f"  {task} {metric}: original {_fmt(value)}"

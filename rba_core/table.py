@@ -77,7 +77,7 @@ def table(model, datasets: Sequence[str], fit_n: int, eval_n: int, seed: int = 0
           map_params: MapParams | None = None, max_length: int = 128, seq_len: int = DEFAULT_SEQ_LEN,
           cache: Cache | None = None, progress: Progress | None = None,
           on_stage: Stage | None = None, encoder: Encoder | Callable[[], Encoder] | None = None,
-          label_map=None) -> TableResult:
+          label_map=None, tasks=None, limit: int | float | None = None, include_path=None) -> TableResult:
     """The original model's row then one row per range set, for each dataset.
 
     Rows: ``dataset``, ``range`` and ``paper`` (labels), ``ranges`` ([[i, j], ...]),
@@ -85,7 +85,9 @@ def table(model, datasets: Sequence[str], fit_n: int, eval_n: int, seed: int = 0
     ``skip``} each {mean, std} over probe seeds 0, 1, 2 (``original`` on the original row), and
     ``accuracy_converged`` the same for the converged probe (one deterministic run, std 0); with a
     classification head that matches the dataset's classes (or ``label_map``), ``head_accuracy`` the same for
-    the model's own head ({top1[, top5]}; :mod:`rba_core.head`).
+    the model's own head ({top1[, top5]}; :mod:`rba_core.head`). ``tasks`` (causal LMs): lm-eval tasks scored
+    on every row's model (``limit`` documents per task, ``include_path`` as for ``eval``), in ``tasks`` as
+    ``{task: {metric: value}}`` (:func:`rba_core.downstream.evaluate`; the original model once).
     ``encoder``: a loaded encoder or a zero-argument loader, called only when a row is not cached. A
     causal LM on a language-model text reads it as windows of ``seq_len`` tokens.
     """
@@ -105,6 +107,8 @@ def table(model, datasets: Sequence[str], fit_n: int, eval_n: int, seed: int = 0
           f"{rows * per_row:,} sample forwards of approximated models ({per_row:,} per row) after one pass of the "
           "original model over each split; stored passes and rows are read instead, and the time follows the first row")
     out = []
+    lm_tasks = _task_runner(model, tasks, fit_n, seed, seq_len, kind, params, limit, include_path, cache, progress,
+                            stage, lazy, max_length) if tasks else None
     for dataset in datasets:
         for n, row in enumerate(checked):
             label, paper = row_label(row)
@@ -114,6 +118,7 @@ def table(model, datasets: Sequence[str], fit_n: int, eval_n: int, seed: int = 0
                               max_length=max_length, seq_len=seq_len, cache=cache, progress=progress, encoder=lazy,
                               latency=False, label_map=label_map)
             heads = res.head_accuracy and {"head_accuracy": res.head_accuracy}
+            scores = lm_tasks and {"tasks": lm_tasks(dataset, row)}
             if len(out) == 0 and rows > 1:
                 stage(_estimate(cache, res.cache["eval"], rows - 1, per_row, (len(datasets) - 1) * (fit_n + eval_n)))
             if n == 0:
@@ -121,15 +126,45 @@ def table(model, datasets: Sequence[str], fit_n: int, eval_n: int, seed: int = 0
                             "blocks_left": res["blocks"]["original"], "params": res["params"]["original"],
                             "mse_final": 0.0, **{key: {"approximated": res[key]["original"], "skip": None}
                                                  for key in ACCURACIES},
-                            **{key: {"approximated": v["original"], "skip": None} for key, v in (heads or {}).items()}})
+                            **{key: {"approximated": v["original"], "skip": None} for key, v in (heads or {}).items()},
+                            **({"tasks": lm_tasks(dataset, [])} if lm_tasks else {})})
             out.append({"dataset": dataset, "range": label, "paper": paper, "ranges": [list(r) for r in row],
                         "blocks_left": res["blocks"]["approximated"], "params": res["params"]["approximated"],
                         "mse_final": res["mse_final"],
                         **{key: {"approximated": res[key]["approximated"], "skip": res[key]["skip"]}
                            for key in ACCURACIES},
-                        **{key: {"approximated": v["approximated"], "skip": v["skip"]} for key, v in (heads or {}).items()}})
+                        **{key: {"approximated": v["approximated"], "skip": v["skip"]} for key, v in (heads or {}).items()},
+                        **(scores or {})})
     return TableResult(model=res.model, datasets=[str(d) for d in datasets], fit_n=fit_n, eval_n=eval_n, seed=seed,
                        map=kind, map_params=declared.key(params), rows=out)
+
+
+def _task_runner(model, tasks, fit_n: int, seed: int, seq_len: int, kind: str, params: MapParams, limit, include_path,
+                 cache: Cache, progress, stage, lazy: LazyEncoder, max_length: int):
+    """``run(dataset, ranges)``: lm-eval ``tasks`` on the model with ``ranges`` approximated (maps fitted on
+    ``dataset`` as ``approximate`` fits them), ``{task: {metric: value}}``; the original model (no ranges) is
+    scored once. Checks the tasks before any row runs."""
+    from rba_core.downstream import check_tasks, evaluate, task_manager, _task_names
+
+    names = _task_names(tasks)
+    check_tasks(task_manager(include_path, names), names)
+    scored: dict = {}
+
+    def run(dataset, ranges) -> dict:
+        if not ranges and "original" in scored:
+            return scored["original"]
+        stage(f"lm-eval {', '.join(names)}: " + (" + ".join(f"{i}→{j}" for i, j in ranges) or "original model"))
+        record = evaluate(model, names, dataset=dataset, fit_n=fit_n, seed=seed, seq_len=seq_len, ranges=ranges,
+                          kind=kind, map_params=params, limit=limit, include_path=include_path,
+                          max_length=max_length, with_original=False, cache=cache, progress=progress, encoder=lazy)
+        which = "approximated" if ranges else "original"
+        result = {task: {m: v for m, v in models[which].items() if not m.endswith("_stderr")}
+                  for task, models in record["results"].items()}
+        if not ranges:
+            scored["original"] = result
+        return result
+
+    return run
 
 
 def _estimate(cache: Cache, pass_key: str, rows: int, per_row: int, passes: int) -> str:
@@ -155,7 +190,9 @@ def flat_row(row: dict) -> dict:
             "acc_mean": acc["approximated"]["mean"], "acc_std": acc["approximated"]["std"],
             "skip_acc_mean": skip.get("mean", ""), "skip_acc_std": skip.get("std", ""),
             "converged_acc": converged["approximated"]["mean"],
-            "converged_skip_acc": converged_skip.get("mean", ""), **head_columns(row)}
+            "converged_skip_acc": converged_skip.get("mean", ""), **head_columns(row),
+            **{f"{task} {metric}": value for task, metrics in (row.get("tasks") or {}).items()
+               for metric, value in metrics.items()}}
 
 
 def head_columns(row: dict) -> dict:
@@ -166,6 +203,11 @@ def head_columns(row: dict) -> dict:
     skip = head["skip"] or {}
     return {f"head_{k}": v for k, v in head["approximated"].items()} | {f"skip_head_{k}": skip.get(k, "")
                                                                        for k in head["approximated"]}
+
+
+def _number(value) -> str:
+    """A task metric as lm-eval gives it (4 decimals); empty where there is none."""
+    return "" if value is None or value == "" else f"{value:.4f}"
 
 
 def _percent(mean, std=None) -> str:
@@ -187,14 +229,16 @@ def render(result: dict, fmt: str) -> str:
         writer.writerows(rows)
         return text.getvalue()
     if fmt == "md":
-        heads = [k for k in (rows[0] if rows else {}) if k.startswith(("head_", "skip_head_"))]
+        heads = [k for k in (rows[0] if rows else {}) if k.startswith(("head_", "skip_head_")) or " " in k]
         lines = ["| dataset | range (ours) | paper | blocks left | params | final MSE | accuracy % | skip accuracy % "
-                 "| converged probe % | converged skip % |" + "".join(f" {k.replace('_', ' ')} % |" for k in heads),
+                 "| converged probe % | converged skip % |" + "".join(
+                     f" {k} |" if " " in k else f" {k.replace('_', ' ')} % |" for k in heads),
                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(heads)]
         lines += [f"| {r['dataset']} | {r['range']} | {r['paper']} | {r['blocks_left']} | {r['params']:,} | "
                   f"{r['mse_final']:.4g} | {_percent(r['acc_mean'], r['acc_std'])} | "
                   f"{_percent(r['skip_acc_mean'], r['skip_acc_std'])} | {_percent(r['converged_acc'])} | "
-                  f"{_percent(r['converged_skip_acc'])} |" + "".join(f" {_percent(r.get(k, ''))} |" for k in heads)
+                  f"{_percent(r['converged_skip_acc'])} |" + "".join(
+                      f" {_number(r.get(k))} |" if " " in k else f" {_percent(r.get(k, ''))} |" for k in heads)
                   for r in rows]
         return "\n".join(lines) + "\n"
     raise RBAError(f"Unknown table format '{fmt}': use csv, md or json.")

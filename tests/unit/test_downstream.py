@@ -126,3 +126,32 @@ def test_shipped_task_data_is_what_build_writes(tmp_path):
         assert rows == build.rows(build.DEFAULT, split)
         assert {r["section"] for r in rows} == set(build.SECTIONS)
         assert all(build.SECTIONS[r["label"]] == r["section"] for r in rows)
+
+
+def test_table_scores_the_tasks_on_every_row(tmp_path):
+    """``table --tasks``: each row's task metrics are ``eval``'s for the same ranges, the original row its original
+    (the table's probes need labels: demo-GPT on the labelled Debian descriptions, last-token pooling)."""
+    from rba_core.registry import dataset_info, local_dataset_dir
+
+    if local_dataset_dir(dataset_info("debian-descriptions")) is None:
+        pytest.skip("debian_descriptions is not in ../shared/datasets or $RBA_DATA_DIR")
+    out = tmp_path / "table.json"
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    assert main(["table", "--model", "demo-GPT", "--dataset", "debian-descriptions", "--fit-n", "16", "--eval-n", "8",
+                 "--ranges", "3:5,6:7", "--map", "folded", "--tasks", DEBIAN_TASK, "--limit", "12",
+                 *cache, "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    from rba_core.cache import Cache
+
+    expected = evaluate("demo-GPT", DEBIAN_TASK, dataset="debian-descriptions", fit_n=16, ranges=[(3, 5)],
+                        kind="folded", limit=12, cache=Cache(tmp_path / "cache"))["results"][DEBIAN_TASK]
+    assert [r["range"] for r in rows] == ["original", "3→5", "6→7"]
+    assert rows[0]["tasks"][DEBIAN_TASK]["acc"] == expected["original"]["acc"]
+    assert rows[1]["tasks"][DEBIAN_TASK] == {k: v for k, v in expected["approximated"].items()
+                                             if not k.endswith("_stderr")}
+    assert set(rows[2]["tasks"][DEBIAN_TASK]) == {"acc", "acc_norm"}
+    md = tmp_path / "table.md"
+    assert main(["table", "--model", "demo-GPT", "--dataset", "debian-descriptions", "--fit-n", "16", "--eval-n", "8",
+                 "--ranges", "3:5", "--map", "folded", "--tasks", DEBIAN_TASK, "--limit", "12",
+                 *cache, "--out", str(md)]) == 0
+    assert f"| {DEBIAN_TASK} acc | {DEBIAN_TASK} acc_norm |" in md.read_text().splitlines()[0]
