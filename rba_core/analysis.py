@@ -289,18 +289,18 @@ def approximate(model, dataset, fit_n: int, eval_n: int, seed: int, ranges: Sequ
     """Fit maps of ``kind`` for ``ranges`` on ``fit_n`` train samples and evaluate the approximated model on
     ``eval_n`` test samples: :func:`approximate_run` of the :class:`Run` of these arguments. ``options``: the
     run's (``max_length``, ``seq_len``, ``cache``, ``progress``, ``on_stage``, ``encoder``) and the
-    approximation's (``map_params``, ``probe``, ``latency``)."""
+    approximation's (``map_params``, ``probe``, ``latency``, ``label_map``)."""
     run, asked = Run.of(model, dataset, {**options, "fit_n": fit_n, "eval_n": eval_n, "seed": seed},
                         APPROXIMATE_OPTIONS)
     return approximate_run(run, ranges, kind, **asked)
 
 
-APPROXIMATE_OPTIONS = ("map_params", "probe", "latency")
+APPROXIMATE_OPTIONS = ("map_params", "probe", "latency", "label_map")
 
 
 def approximate_run(run: Run, ranges: Sequence[Sequence[int]], kind: str = "linear",
-                    map_params: MapParams | None = None, probe: bool = False, latency: bool = True
-                    ) -> ApproximationResult:
+                    map_params: MapParams | None = None, probe: bool = False, latency: bool = True,
+                    label_map=None) -> ApproximationResult:
     """Fit maps on the run's fit samples (train split), evaluate the approximated model on its evaluation
     samples (test split).
 
@@ -311,7 +311,9 @@ def approximate_run(run: Run, ranges: Sequence[Sequence[int]], kind: str = "line
     The maps come from one float64 pass over the fit samples that keeps only the ranges' own statistics
     (:func:`fit_range_maps`). ``latency``: time both models per image (a few seconds); off, the result's
     ``latency_ms_per_image`` is None. ``probe``: the linear probe's accuracy of the original, approximated
-    and skipped models (the paper's protocol, and a converged probe).
+    and skipped models (the paper's protocol, and a converged probe). A model with a classification head whose
+    classes match the dataset's (or ``label_map``, a JSON file) adds ``head_accuracy`` (:mod:`rba_core.head`);
+    otherwise a note says why not.
     """
     declared = map_kind(kind)  # an unknown map fails before any work
     params = map_params or MapParams()
@@ -350,6 +352,11 @@ def approximate_run(run: Run, ranges: Sequence[Sequence[int]], kind: str = "line
     )
     if scores is not None:
         result.perplexity, result.top1_agreement = scores["perplexity"], scores["top1_agreement"]
+    else:  # the model's own classifier head, where it has one matching the dataset's classes (issue 17)
+        from rba_core.head import measure_head
+
+        result.head_accuracy, why = measure_head(run, fit, ev, ranges, maps, kind, declared.key(params), label_map)
+        result.notes += [why] if why and (probe or label_map) else []
     if probe:
         run.stage("Linear probe: original, approximated and skipped models on the fit samples")
         reps = run.extract("train", with_stats=False)

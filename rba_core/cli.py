@@ -32,11 +32,13 @@ def _count(text: str) -> int:
     return int(text)
 
 
+LABEL_MAP_HELP = ("JSON {dataset class: head class} (names or indices) matching the dataset's classes to the "
+                  "model's own classifier head, for head_accuracy when the names do not match")
 #: What the ``--help`` page says the tool does: every subcommand is listed.
 DESCRIPTION = ("Find redundant transformer blocks and replace them by linear maps. Subcommands: analyze (Block "
                "Redundancy, similarity, fit residuals), approximate (replace block ranges by maps and evaluate), "
-               "table (rows like the paper's Tables 1 and 2), search (rank ranges by measured error) and export "
-               "(write the approximated model). Results go to --json FILE ('-': stdout) or a short summary; "
+               "table (rows like the paper's Tables 1 and 2), search (rank ranges by measured error), export "
+               "(write the approximated model) and eval (lm-eval tasks on a causal LM and its approximation). Results go to --json FILE ('-': stdout) or a short summary; "
                "progress goes to stderr; Ctrl-C or SIGTERM stops with one sentence and exit status 130.")
 #: How the tool is invoked, for its usage lines: ``rba`` as the console script, else through the module.
 MODULE_PROG, SCRIPT_PROG = "python -m rba_core", "rba"
@@ -73,9 +75,13 @@ def _parser(prog: str = MODULE_PROG) -> argparse.ArgumentParser:
                         help="remove blocks I+1..J, mapping block output I to J (repeatable)")
     _add_map_options(approx)
     approx.add_argument("--probe", action="store_true", help="also train the linear probe (3 seeds)")
+    approx.add_argument("--label-map", type=Path, help=LABEL_MAP_HELP)
     approx.add_argument("--no-latency", dest="latency", action="store_false",
                         help="do not time the original and approximated models (latency_ms_per_image is null)")
     _add_table_and_search(sub, common)
+    from rba_core.cli_eval import add_eval_parser
+
+    add_eval_parser(sub, _add_map_options, DECODE_HELP, _count)  # lm-eval tasks
     export = sub.add_parser("export", parents=[common], help="fit the maps and write an export folder "
                             "(--map folded: a plain Hugging Face checkpoint with fewer layers)")
     export.add_argument("--fit-n", type=int, required=True, help="train samples (windows) used to fit the maps")
@@ -119,6 +125,10 @@ def _add_table_and_search(sub, common: argparse.ArgumentParser) -> None:
     table.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN,
                        help="causal LMs on a text (WikiText-2, C4, .txt file or folder): tokens per window")
     table.add_argument("--out", required=True, type=Path, help="FILE.csv, FILE.md or FILE.json")
+    table.add_argument("--label-map", type=Path, help=LABEL_MAP_HELP)
+    table.add_argument("--tasks", help="causal LMs: comma-separated lm-eval tasks scored on every row (as eval)")
+    table.add_argument("--limit", type=float, help="--tasks: documents per task (below 1: that fraction)")
+    table.add_argument("--include-path", type=Path, help="--tasks: a folder of lm-eval task YAML files")
     table.add_argument("--cache-dir", type=Path, help="cache folder (default $RBA_CACHE_DIR or cache/)")
     table.add_argument("--decode-workers", type=_count, help=DECODE_HELP)
     search = sub.add_parser("search", parents=[common], help="rank ranges by measured final-representation MSE")
@@ -135,6 +145,10 @@ def _add_table_and_search(sub, common: argparse.ArgumentParser) -> None:
                         "instead of the race (slower; the same top-k)")
     search.add_argument("--probe-top", type=int, default=0, help="train the probe for the best K candidates")
     _add_map_options(search)
+    search.add_argument("--metric", default="mse", choices=("mse", "head-accuracy"),
+                        help="rank by measured final MSE (default) or by the top-1 accuracy of the model's own "
+                        "classifier head (each candidate evaluated as approximate evaluates it)")
+    search.add_argument("--label-map", type=Path, help=LABEL_MAP_HELP)
 
 
 class _Bar:
@@ -212,7 +226,7 @@ def _run(args: argparse.Namespace, tracker: Tracker) -> int:
     from rba_core.hub import require_available
 
     try:  # before the heavy imports: a hub model or dataset that cannot be had fails at once
-        require_available(args.model, args.dataset if args.command == "table" else [args.dataset])
+        require_available(args.model, args.dataset if args.command == "table" else [args.dataset] if args.dataset else [])
     except RBAError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -252,7 +266,7 @@ def _run_in_cache(args: argparse.Namespace, tracker: Tracker) -> int:
 
         from rba_core.lm_data import is_lm_text
 
-        first = args.dataset[0] if args.command == "table" else args.dataset
+        first = args.dataset[0] if args.command == "table" else args.dataset or "demo-text"  # eval: its default
         tracker.samples = tracker.unit = "windows" if is_lm_text(first) else dataset_unit(first)
         if not gguf_ready(args.model):
             tracker.stage(f"Dequantising {args.model} into the cache as a float32 checkpoint (once per GGUF file)")
@@ -260,14 +274,20 @@ def _run_in_cache(args: argparse.Namespace, tracker: Tracker) -> int:
             from rba_core.table import table_format
 
             table_format(args.out)  # a bad suffix fails before any work
-        run = _request(args, first, cache, tracker)
+        run = None if args.command == "eval" else _request(args, first, cache, tracker)
         if args.command == "analyze":
             results = analyze_run(run, args.split, windows=args.window or (1,), stats_window=args.stats_window,
                                   stats_budget=_budget(args))
         elif args.command == "table":
             from rba_core.table import table_run, write_table
 
-            results = table_run(run, args.dataset, args.ranges, args.map, _map_params(args))
+            tasks = None
+            if args.tasks:
+                from rba_core.downstream import TaskRequest
+
+                tasks = TaskRequest(args.tasks, int(args.limit) if args.limit and args.limit >= 1 else args.limit,
+                                    include_path=args.include_path)
+            results = table_run(run, args.dataset, args.ranges, args.map, _map_params(args), args.label_map, tasks)
             if _main_rank():  # one writer under a launcher
                 args.json = write_table(results, args.out)
         elif args.command == "search":
@@ -276,14 +296,19 @@ def _run_in_cache(args: argparse.Namespace, tracker: Tracker) -> int:
             results = search_run(run, SearchPlan(
                 blocks=args.blocks, max_params=args.max_params, max_latency_ms=args.max_latency_ms, pairs=args.pairs,
                 probe_top=args.probe_top, kind=args.map, map_params=_map_params(args), top_k=args.top_k,
-                exhaustive=args.exhaustive))
+                exhaustive=args.exhaustive, metric=args.metric, label_map=args.label_map))
+        elif args.command == "eval":
+            from rba_core.cli_eval import run_eval
+
+            results = run_eval(args, cache, tracker, tracker.stage, _map_params(args))
         elif args.command == "export":
             from rba_core.analysis import export_run
 
             results = export_run(run, args.range, args.map, args.out, _map_params(args), args.onnx)
             print(f"wrote {args.out}", file=sys.stderr)
         else:
-            results = approximate_run(run, args.range, args.map, _map_params(args), args.probe, args.latency)
+            results = approximate_run(run, args.range, args.map, _map_params(args), args.probe, args.latency,
+                                      args.label_map)
     except (KeyboardInterrupt, Cancelled):
         tracker.waiting = cache.waiting  # only waiting for another run's computation: that one goes on
         raise
