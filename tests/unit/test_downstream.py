@@ -71,16 +71,16 @@ def test_eval_folded_matches_lm_eval_on_the_export(tmp_path, capsys):
 @pytest.mark.parametrize("kind", ["linear", "folded", "identity"])
 def test_cut_model_computes_the_approximated_encoder(kind, cache):
     """The transformers model handed to lm-eval gives the logits of ``approximate``'s own approximated model."""
-    from rba_core.analysis import LazyEncoder, fit_range_maps, lm_dataset
+    from rba_core.analysis import fit_range_maps
     from rba_core.approx import ApproximatedEncoder
     from rba_core.cut import blocks_path, cut_model
     from rba_core.maps import MapParams
+    from rba_core.run import Run
 
-    lazy = LazyEncoder("demo-GPT")
+    run = Run("demo-GPT", "demo-text", 16, seq_len=128, cache=cache)
     ranges = [(0, 1), (3, 5)] if kind != "folded" else [(3, 5), (6, 7)]
-    data = lm_dataset("demo-GPT", "demo-text", 128)
-    _, maps = fit_range_maps("demo-GPT", data, 16, 0, ranges, kind, MapParams(), cache, None, lazy)
-    encoder = lazy()
+    _, maps = fit_range_maps(run, ranges, kind, MapParams())
+    encoder = run.lazy()
     before = {name: p.clone() for name, p in encoder.model.named_parameters()}
     net = cut_model(encoder.model, blocks_path(encoder), encoder, ranges, maps)
     ids = torch.as_tensor([list(b"Debian package description: a small game\nSection: games")])
