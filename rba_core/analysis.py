@@ -319,6 +319,7 @@ def approximate_run(run: Run, ranges: Sequence[Sequence[int]], kind: str = "line
     params = map_params or MapParams()
     info = run.info
     ranges = validate_ranges(ranges, info.num_blocks)  # before any pass
+    run.check_samples("train", "test")
     run.stage("Fit samples (train split): statistics of the ranges (float64, blocks up to the last range's end)")
     fit, maps = fit_range_maps(run, ranges, kind, params)
     conditioning, notes = conditioning_report(ranges, maps)
@@ -402,6 +403,7 @@ def export_run(run: Run, ranges: Sequence[Sequence[int]], kind: str, out, map_pa
 
     params = map_params or MapParams()
     checked = validate_ranges(ranges, run.info.num_blocks)
+    run.check_samples("train", "test")
     run.stage("Fit samples (train split): statistics of the ranges (float64, blocks up to the last range's end)")
     fit, fitted = fit_range_maps(run, checked, kind, params)
     conditioning, notes = conditioning_report(checked, fitted)  # the compressed record holds it per range

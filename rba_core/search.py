@@ -424,6 +424,7 @@ def search_run(run: Run, plan: SearchPlan, on_round: Callable[[list[dict], dict]
     params = plan.map_params or MapParams()
     began = time.perf_counter()
     stage = run.stage
+    run.check_samples("train", "test")  # before any pass
     run.stage("Fit samples (train split): representations and token statistics")
     fit = run.extract("train")
     run.stage("Evaluation samples (test split): original model")
