@@ -261,6 +261,29 @@ def _fitted(run: Run, fit: RangeStatistics, rng: Range, kind: str, params: MapPa
     return single_flight(run.cache, key, lookup, compute, run.progress)
 
 
+def _healing(run: Run, fit, ev, ranges, maps, kind: str, params: MapParams, plan) -> dict:
+    """The healing report of ``approximate --heal``, cached like every result (:func:`rba_core.heal.heal`)."""
+    key = make_key({"kind": "healing", "fit": fit.key, "samples": ev.key, "ranges": ranges, "map": kind,
+                    "map_params": map_kind(kind).key(params), "heal": plan.key(), "seed": run.seed})
+
+    def lookup():
+        entry = run.cache.get(key)
+        return None if entry is None else entry.meta["healing"]
+
+    def compute(progress):
+        from rba_core.heal import heal
+
+        run.stage(f"Healing: {plan.steps} steps of distillation on the fit samples"
+                  + (f", LoRA rank {plan.lora_rank} on the kept blocks after the first range" if plan.lora_rank else ""))
+        report = heal(run, ranges, maps, plan)[1]
+        if world().is_main:
+            run.cache.put(key, {}, {"kind": "healing", "healing": report, "model": fit.meta["model"],
+                                    "dataset": fit.meta["dataset"], "split": "test", "n": len(ev.indices)})
+        return report
+
+    return single_flight(run.cache, key, lookup, compute, run.progress)
+
+
 def training_report(ranges: Sequence[Range], maps: Sequence) -> list[dict]:
     """Each trained map's losses and steps, by range (empty for maps solved in closed form)."""
     return [{"range": [i, j], **m.report} for (i, j), m in zip(ranges, maps) if getattr(m, "report", None)]
@@ -295,12 +318,12 @@ def approximate(model, dataset, fit_n: int, eval_n: int, seed: int, ranges: Sequ
     return approximate_run(run, ranges, kind, **asked)
 
 
-APPROXIMATE_OPTIONS = ("map_params", "probe", "latency", "label_map")
+APPROXIMATE_OPTIONS = ("map_params", "probe", "latency", "label_map", "heal")
 
 
 def approximate_run(run: Run, ranges: Sequence[Sequence[int]], kind: str = "linear",
                     map_params: MapParams | None = None, probe: bool = False, latency: bool = True,
-                    label_map=None) -> ApproximationResult:
+                    label_map=None, heal=None) -> ApproximationResult:
     """Fit maps on the run's fit samples (train split), evaluate the approximated model on its evaluation
     samples (test split).
 
@@ -313,7 +336,8 @@ def approximate_run(run: Run, ranges: Sequence[Sequence[int]], kind: str = "line
     ``latency_ms_per_image`` is None. ``probe``: the linear probe's accuracy of the original, approximated
     and skipped models (the paper's protocol, and a converged probe). A model with a classification head whose
     classes match the dataset's (or ``label_map``, a JSON file) adds ``head_accuracy`` (:mod:`rba_core.head`);
-    otherwise a note says why not.
+    otherwise a note says why not. ``heal`` (a :class:`rba_core.heal.HealPlan`) adds ``healing``: the metric of
+    the approximated model healed by distillation on the fit samples, before and after (:mod:`rba_core.heal`).
     """
     declared = map_kind(kind)  # an unknown map fails before any work
     params = map_params or MapParams()
@@ -358,6 +382,8 @@ def approximate_run(run: Run, ranges: Sequence[Sequence[int]], kind: str = "line
 
         result.head_accuracy, why = measure_head(run, fit, ev, ranges, maps, kind, declared.key(params), label_map)
         result.notes += [why] if why and (probe or label_map) else []
+    if heal is not None:
+        result.healing = _healing(run, fit, ev, ranges, maps, kind, params, heal)
     if probe:
         run.stage("Linear probe: original, approximated and skipped models on the fit samples")
         reps = run.extract("train", with_stats=False)
@@ -386,18 +412,20 @@ def export(model, dataset, fit_n: int, seed: int, ranges: Sequence[Sequence[int]
     return export_run(run, ranges, kind, out, **asked)
 
 
-EXPORT_OPTIONS = ("map_params", "onnx")
+EXPORT_OPTIONS = ("map_params", "onnx", "heal")
 
 
 def export_run(run: Run, ranges: Sequence[Sequence[int]], kind: str, out, map_params: MapParams | None = None,
-               onnx: bool = False) -> dict:
+               onnx: bool = False, heal=None) -> dict:
     """Fit the maps of ``ranges`` on the run's fit samples and write the export folder ``out``.
 
     ``kind`` ``folded`` gives a plain Hugging Face checkpoint with fewer layers (pre-LN models; its
     ``rba.json`` records the data and, with ``eval_n`` test samples, the perplexity of the original
     and folded models on the windows of a language-model text, else the final-representation MSE
     of the folded model against the original); other kinds the rba-compressed folder with
-    the maps as modules (:func:`rba_core.export.save_compressed`). Returns the record written."""
+    the maps as modules (:func:`rba_core.export.save_compressed`). ``heal`` (a :class:`rba_core.heal.HealPlan`):
+    the maps and (with LoRA) the kept blocks healed first, the record's ``healing`` saying how (the metric on the
+    run's evaluation samples before and after). Returns the record written."""
     from rba_core.export import save_compressed, save_folded
     from rba_core.fold import folded_encoder
 
@@ -408,10 +436,17 @@ def export_run(run: Run, ranges: Sequence[Sequence[int]], kind: str, out, map_pa
     fit, fitted = fit_range_maps(run, checked, kind, params)
     conditioning, notes = conditioning_report(checked, fitted)  # the compressed record holds it per range
     declared = map_kind(kind)
+    original = encoder = run.lazy()
+    healing = {}
+    if heal is not None:
+        from rba_core.heal import heal as healed
+
+        run.stage(f"Healing: {heal.steps} steps of distillation on the fit samples")
+        net, report = healed(run, checked, fitted, heal)
+        encoder, fitted, healing = net.encoder, net.maps, {"healing": report}
     if not declared.folds:  # the maps stay modules: the rba-compressed folder
-        save_compressed(ApproximatedEncoder(run.lazy(), checked, fitted).eval(), out, onnx=onnx)
-        return {**json.loads((Path(out) / "rba.json").read_text()), "notes": notes}
-    encoder = run.lazy()
+        save_compressed(ApproximatedEncoder(encoder, checked, fitted).eval(), out, onnx=onnx)
+        return {**json.loads((Path(out) / "rba.json").read_text()), **healing, "notes": notes}
     folded = folded_encoder(encoder, {rng: declared.folds(m) for rng, m in zip(checked, fitted)})
     record = {"source": encoder.source, "family": encoder.family, "map": kind,
               "ranges": [list(rng) for rng in checked],
@@ -422,18 +457,18 @@ def export_run(run: Run, ranges: Sequence[Sequence[int]], kind: str, out, map_pa
                        **({"seq_len": run.seq_len} if isinstance(run.data, LMText)
                           else {"max_length": encoder.max_length})},
               "conditioning": conditioning, **({"training": trained} if (trained := training_report(checked, fitted))
-                                                  else {})}
+                                                  else {}), **healing}
     if run.eval_n:
         test, indices = open_sample(run.data, "test", run.eval_n, run.seed)
         samples = test.items(indices)
         record["data"]["eval_n"] = run.eval_n
         if isinstance(run.data, LMText):
             run.stage("Evaluation windows: perplexity of the original and folded models")
-            record["perplexity"] = {"original": lm_scores(encoder, {}, samples)["perplexity"]["original"],
+            record["perplexity"] = {"original": lm_scores(original, {}, samples)["perplexity"]["original"],
                                     "folded": lm_scores(folded, {}, samples)["perplexity"]["original"]}
         else:
             run.stage("Evaluation samples (test split): final representations of the original and folded models")
-            record["mse_final"] = _final_mse(encoder, folded, samples)
+            record["mse_final"] = _final_mse(original, folded, samples)
     save_folded(folded, out, record)
     return {**record, "notes": notes}
 

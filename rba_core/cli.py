@@ -75,6 +75,7 @@ def _parser(prog: str = MODULE_PROG) -> argparse.ArgumentParser:
                         help="remove blocks I+1..J, mapping block output I to J (repeatable)")
     _add_map_options(approx)
     approx.add_argument("--probe", action="store_true", help="also train the linear probe (3 seeds)")
+    _add_heal_options(approx)
     approx.add_argument("--label-map", type=Path, help=LABEL_MAP_HELP)
     approx.add_argument("--no-latency", dest="latency", action="store_false",
                         help="do not time the original and approximated models (latency_ms_per_image is null)")
@@ -94,6 +95,7 @@ def _parser(prog: str = MODULE_PROG) -> argparse.ArgumentParser:
                      "checkpoint)")
     export.add_argument("--out", required=True, type=Path, help="the export folder")
     export.add_argument("--onnx", action="store_true", help="image models: also write model.onnx")
+    _add_heal_options(export)
     return parser
 
 
@@ -104,6 +106,22 @@ def _add_map_options(parser: argparse.ArgumentParser, more: str = "") -> None:
     for hyper in HYPERS:
         parser.add_argument(f"--{hyper.name.replace('_', '-')}", type=hyper.type, default=hyper.default,
                             help=hyper.help)
+
+
+def _add_heal_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--heal", type=int, metavar="STEPS", help="after replacing, fine-tune the maps this many "
+                        "steps on the fit samples to match the original model (distillation; the original is kept)")
+    parser.add_argument("--heal-lora", type=int, default=0, metavar="R", help="--heal: also LoRA adapters of rank "
+                        "R on the kept blocks after the first range, merged into the weights afterwards")
+    parser.add_argument("--heal-lr", type=float, default=1e-4, help="--heal: Adam's learning rate")
+
+
+def _heal_plan(args: argparse.Namespace):
+    if args.heal is None:
+        return None
+    from rba_core.heal import HealPlan
+
+    return HealPlan(args.heal, args.heal_lora, args.heal_lr)
 
 
 def _map_params(args: argparse.Namespace) -> MapParams:
@@ -304,11 +322,11 @@ def _run_in_cache(args: argparse.Namespace, tracker: Tracker) -> int:
         elif args.command == "export":
             from rba_core.analysis import export_run
 
-            results = export_run(run, args.range, args.map, args.out, _map_params(args), args.onnx)
+            results = export_run(run, args.range, args.map, args.out, _map_params(args), args.onnx, _heal_plan(args))
             print(f"wrote {args.out}", file=sys.stderr)
         else:
             results = approximate_run(run, args.range, args.map, _map_params(args), args.probe, args.latency,
-                                      args.label_map)
+                                      args.label_map, _heal_plan(args))
     except (KeyboardInterrupt, Cancelled):
         tracker.waiting = cache.waiting  # only waiting for another run's computation: that one goes on
         raise

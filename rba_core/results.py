@@ -125,9 +125,10 @@ class ApproximationResult(Result):
     conditioning: list[dict] | None = None
     # the model's own classifier head (issue 17): {original, approximated, skip: {top1[, top5]}, classes, ...}
     head_accuracy: dict | None = None
+    healing: dict | None = None  # --heal: the healed model's metric before and after, and its training
 
     _omit_if_none = ("accuracy", "accuracy_converged", "perplexity", "top1_agreement", "conditioning",
-                     "head_accuracy")
+                     "head_accuracy", "healing")
 
     def to_frame(self):
         """One row per model (original, approximated, and skip when probed): blocks, parameters, accuracy."""

@@ -23,7 +23,7 @@ LAYERS = {
                "rba_core.cut"],
     "the run": ["rba_core.run"],
     "results and exports": ["rba_core.results", "rba_core.export", "rba_core.report", "rba_core.plots"],
-    "operations": ["rba_core.head", "rba_core.analysis", "rba_core.search", "rba_core.table", "rba_core.downstream"],
+    "operations": ["rba_core.head", "rba_core.heal", "rba_core.analysis", "rba_core.search", "rba_core.table", "rba_core.downstream"],
     "interfaces": ["rba_core", "rba_core.__main__", "rba_core.cli", "rba_core.cli_eval", "pages", "pages.*", "app"],
 }
 

@@ -105,3 +105,25 @@ def test_cosine_trains_on_the_fold_target_and_exports_a_plain_checkpoint(cache, 
 def test_trained_kinds_declare_their_budget():
     assert tokens_per_sample(MapParams(train_tokens=100), 8) == 13
     assert all(MAPS[k].trained for k in ("cosine", "mlp", "deep-mlp")) and not MAPS["linear"].trained
+
+
+def test_healing_lowers_the_error_and_the_healed_export_loads_with_plain_transformers(cache, tmp_path):
+    """--heal with LoRA on digits-ViT 1→4 (linear map): the final MSE on the evaluation images drops; the original
+    model is untouched; a healed folded demo-GPT export is a plain checkpoint that plain transformers loads."""
+    from rba_core.heal import HealPlan
+
+    plan = HealPlan(steps=30, lora_rank=4, lr=1e-3)
+    result = approximate("digits-ViT", "digits", 32, 16, 0, [(1, 4)], cache=cache, latency=False, heal=plan)
+    healing = result.healing
+    assert healing["metric"] == "mse_final" and healing["after"] < 0.9 * healing["before"]
+    assert healing["before"] == pytest.approx(result.mse_final, rel=1e-4)  # the unhealed model's own MSE
+    again = approximate("digits-ViT", "digits", 32, 16, 0, [(1, 4)], cache=cache, latency=False, heal=plan)
+    assert again.healing == healing  # stored
+    record = export("demo-GPT", "demo-text", 16, 0, [(3, 5)], "folded", tmp_path / "healed", eval_n=8, seq_len=64,
+                    cache=cache, heal=HealPlan(steps=5, lora_rank=2, lr=1e-3))
+    assert record["healing"]["metric"] == "perplexity"
+    assert record["perplexity"]["folded"] == pytest.approx(record["healing"]["after"], rel=1e-3)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "healed")
+    assert model.config.num_hidden_layers == 6 and not any("lora" in n for n, _ in model.named_parameters())
