@@ -243,6 +243,7 @@ class Cache:
         self.damaged: list[str] = []  # reasons for entries dropped by this instance
         self.on_wait, self.wait = on_wait, wait
         self.waiting = False  # True while this asker waits for a computation another asker holds
+        self.seen: tuple[int, int] | None = None  # how far that computation had got, when last read
         remove_stale_temporaries(self.root)
         remove_stale_locks(self.root)
 
@@ -377,13 +378,14 @@ class Cache:
         told, last = False, None
         while (fd := _try_lock(lock)) is None:
             self.waiting = True  # a stop now ends only this wait (it stays True then, for the stop sentence)
+            try:
+                done, total = (int(v) for v in shared.read_text().split())
+                self.seen = (done, total)  # before the wait is told: a stop right after it knows how far the other got
+            except (OSError, ValueError):
+                done = total = None
             if not told and self.on_wait:
                 self.on_wait(WAITING)
             told = True
-            try:
-                done, total = (int(v) for v in shared.read_text().split())
-            except (OSError, ValueError):
-                done = total = None
             if progress and total is not None and (done, total) != last:
                 progress(done, total)
                 last = (done, total)

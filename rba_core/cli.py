@@ -329,6 +329,8 @@ def _run_in_cache(args: argparse.Namespace, tracker: Tracker) -> int:
                                       args.label_map, _heal_plan(args))
     except (KeyboardInterrupt, Cancelled):
         tracker.waiting = cache.waiting  # only waiting for another run's computation: that one goes on
+        if cache.waiting and cache.seen and not tracker.total:  # stopped before its progress was shown
+            tracker.done, tracker.total = cache.seen
         raise
     except RBAError as exc:
         from rba_core.distributed import WorkerFailed
