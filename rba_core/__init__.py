@@ -19,6 +19,7 @@ _EXPORTS = {
     "approximate": "rba_core.analysis",
     "search": "rba_core.search",
     "table": "rba_core.table",
+    "plan": "rba_core.plans",
     "load_compressed": "rba_core.export",
     "save_compressed": "rba_core.export",
     "block_redundancy": "rba_core.metrics",

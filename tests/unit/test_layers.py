@@ -22,7 +22,7 @@ LAYERS = {
     "passes": ["rba_core.approx", "rba_core.extract", "rba_core.range_pass", "rba_core.fold", "rba_core.perplexity"],
     "the run": ["rba_core.run"],
     "results and exports": ["rba_core.results", "rba_core.export", "rba_core.report", "rba_core.plots"],
-    "operations": ["rba_core.analysis", "rba_core.search", "rba_core.table"],
+    "operations": ["rba_core.analysis", "rba_core.search", "rba_core.table", "rba_core.plans"],
     "interfaces": ["rba_core", "rba_core.__main__", "rba_core.cli", "pages", "pages.*", "app"],
 }
 
