@@ -275,11 +275,12 @@ class _Evaluation:
         the current model's block outputs (``original``: the original model's)."""
         states, enc = (self.original_states, self.original) if original else (self.states, self.encoder)
         out: dict[Any, list] = {name: [] for name in nets}
-        done, total = 0, len(nets) * len(states)
+        sizes = [len(hs[0]) for hs, _, _ in states]
+        done, total = 0, len(nets) * sum(sizes)  # samples (windows) run, over all nets
         for b, (hs, ctx, m) in enumerate(states):
             for name, net in nets.items():
                 out[name].append(self.values(hs[-1] if net is None else net.resume(hs, m, ctx), b, enc))
-                done += 1
+                done += sizes[b]
                 if self.progress:
                     self.progress(done, total)
         return {name: np.concatenate(parts) for name, parts in out.items()}
@@ -501,6 +502,7 @@ class _Planner:
     def step(self, rng: Range, fitted: FittedMap | None, values: np.ndarray, measured: list[dict]) -> None:
         """Apply the chosen candidate and record the step."""
         original = self.current.original_range(rng)
+        removes = [self.current.spans[k - 1][0] + 1 for k in range(rng[0] + 1, rng[1] + 1) if not self.current.is_map(k)]
         self.current = self.current.apply(rng, fitted, self.kind)
         self.eval.advance(self.current.encoder, rng)
         # the model as it now is (a folded step's weights compute what its candidate did, up to float32 rounding)
@@ -509,7 +511,7 @@ class _Planner:
         maps = sum(m is not None for m in self.current.maps.values())
         self.steps.append({
             "step": len(self.steps) + 1, "range": list(rng), "original_range": list(original),
-            "range_label": f"{original[0]}→{original[1]}", "paper": paper_notation(original),
+            "range_label": f"{original[0]}→{original[1]}", "paper": paper_notation(original), "removes": removes,
             "blocks_removed": self.removed, "ranges": [list(r) for r in ranges],
             **self._summary(values), "params": self.budget.params(ranges, maps),
             **({"latency_ms_per_sample_estimate": self.budget.latency(ranges)} if self.budget.timing else {}),

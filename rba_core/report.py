@@ -101,8 +101,9 @@ def summarise_plan(results: dict) -> list[str]:
              f"{metric} on {results['eval_n']} test samples (95% bootstrap interval).",
              f"  original: {value(original)}, {original['params']:,} parameters"]
     for step in results["steps"]:
-        lines.append(f"  step {step['step']}: range {step['range_label']} (paper: {step['paper']}), "
-                     f"{step['blocks_removed']} blocks removed: {value(step)}, {step['params']:,} parameters")
+        blocks = ", ".join(str(k) for k in step["removes"])
+        lines.append(f"  step {step['step']}: range {step['range_label']} (paper: {step['paper']}, removes block "
+                     f"{blocks}), {step['blocks_removed']} removed so far: {value(step)}, {step['params']:,} parameters")
     lines.append(f"Final: ranges {', '.join(f'{i}→{j}' for i, j in final['ranges'])}, blocks "
                  f"{final['blocks']['original']} → {final['blocks']['approximated']}: {value(final)}; the same "
                  f"blocks skipped: {value(final['skip'])}.")

@@ -178,3 +178,17 @@ def test_perplexity_of_an_encoder_is_one_sentence(tmp_path, capsys):
                  "--remove-blocks", "2", "--metric", "perplexity", "--cache-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: Perplexity needs a causal LM")
+
+
+def test_plan_curves_draw_one_line_per_strategy(folded_plans):
+    from rba_core.plots import plan_curves
+
+    plans = {name: result.to_json() for name, result in folded_plans.items()}
+    fig = plan_curves(plans)
+    assert [t.name for t in fig.data] == ["greedy", "window"]
+    greedy = fig.data[0]
+    assert list(greedy.x) == [0, 1, 2]
+    assert list(greedy.y) == [plans["greedy"]["original"]["metric"]] + [s["metric"] for s in plans["greedy"]["steps"]]
+    assert list(fig.data[1].x) == [0, 2]
+    assert greedy.error_y.arrayminus[-1] == pytest.approx(plans["greedy"]["final"]["metric"]
+                                                          - plans["greedy"]["final"]["interval"][0])
