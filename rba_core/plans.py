@@ -409,6 +409,11 @@ class _Planner:
         self.eval = _Evaluation(self.original, batches, metric, needs_m, run.progress)
         timing = _timing(self.original, batches[0]) if spec.max_latency_ms is not None else None
         self.budget = _Budget(spec, self.original, timing, spec.kind)
+        blocks = self.original.num_blocks
+        if not any(self.budget.met([(0, k - 1), (k, blocks)] if k < blocks else [(0, k - 1)], blocks - 1, 1)
+                   for k in range(1, blocks + 1)):
+            raise RBAError("No plan meets this budget: even with one block left the model is larger or slower; "
+                           "allow more parameters or latency.")
         self.before = self.eval.measure({"current": None})["current"]
         self.first = self.before
         self.steps: list[dict] = []

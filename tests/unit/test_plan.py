@@ -192,3 +192,8 @@ def test_plan_curves_draw_one_line_per_strategy(folded_plans):
     assert list(fig.data[1].x) == [0, 2]
     assert greedy.error_y.arrayminus[-1] == pytest.approx(plans["greedy"]["final"]["metric"]
                                                           - plans["greedy"]["final"]["interval"][0])
+
+
+def test_a_budget_no_plan_meets_is_one_sentence(cache):
+    with pytest.raises(RBAError, match="No plan meets this budget"):
+        plan(**LM, max_params=1000, cache=cache)
