@@ -244,7 +244,10 @@ def main() -> None:
     args.json.write_text(json.dumps(record_all, indent=1))
     print("\n| method | blocks removed | ranges | test perplexity | seconds |\n|---|---|---|---|---|")
     for row in rows:
-        ranges = ", ".join(f"{a}→{b}" for a, b in row["ranges"]) or "–"
+        merged = []  # adjacent one-block ranges (ShortGPT's) read as one
+        for a, b in sorted(row["ranges"]):
+            merged[-1:] = [(merged[-1][0], b)] if merged and merged[-1][1] == a else [*merged[-1:], (a, b)]
+        ranges = ", ".join(f"{a}→{b}" for a, b in merged) or "–"
         print(f"| {row['method']} | {row['blocks_removed']} | {ranges} | {row['perplexity']:.2f} | {row['seconds']:.0f} |")
 
 
