@@ -11,6 +11,7 @@ from pages._ui.compute import (approximation, may_read, num_blocks, run_approxim
                                run_export, start_button, unit)
 from pages._ui.selection import BOUND, Selection, eval_samples, map_choice, sidebar
 from pages._ui.show import NotComputed, dataframe, downloads, errors, file_download, file_name, not_computed
+from pages._ui.measures import downstream_tasks, head_metrics
 from rba_core.approx import paper_notation
 from rba_core.maps import validate_ranges
 from rba_core.latency import change, describe, measurable
@@ -165,6 +166,7 @@ with errors():
         for note in res["notes"]:
             st.warning(note)
         _metrics(res)
+        head_metrics(res)  # the model's own classifier head (issue 17)
         final = res["final"]
         pca = shared_pca(final["original"], final["approximated"])
         st.plotly_chart(pca_scatter(pca["original"], pca["approximated"], final["labels"],
@@ -217,6 +219,7 @@ with errors():
                 for col, (name, text) in zip(st.columns(3), continued.items()):
                     col.markdown(f"**{name}**")
                     col.code(prompt + text, language=None, wrap_lines=True)
+            downstream_tasks(sel, ranges, kind, params)  # lm-eval tasks (issue 17)
 
         st.subheader("Export")
         st.markdown("Take this approximated model away: a folder with the kept blocks and the maps as safetensors, "

@@ -9,6 +9,7 @@ from pages._ui.compute import may_read, num_blocks, run_plans, run_table, start_
 from pages._ui.selection import BOUND, DATASET_FOLDER, DATASET_OPTIONS, eval_samples, map_choice, pick, sidebar
 from pages._ui.show import NotComputed, dataframe, downloads, errors, not_computed
 from rba_core.plots import plan_curves
+from rba_core.results import head_columns
 from rba_core.table import PRESETS, parse_rows, render, row_label
 
 CUSTOM = "custom"
@@ -26,7 +27,9 @@ st.markdown("Rows like the paper's Tables 1 and 2: the original model, then one 
             "mean ± std over seeds 0, 1, 2: about ten optimizer steps, so close rows often differ within its seed "
             "noise); **converged** is logistic regression on standardized features trained to convergence (one "
             "deterministic run), which separates close rows reliably. Each row is the Approximate page's result "
-            "for the same settings and shares its cache, so adding rows computes only the new ones.")
+            "for the same settings and shares its cache, so adding rows computes only the new ones. A model with its "
+            "own classifier head whose classes match the dataset's adds **head top1** (and top5 above 10 classes): "
+            "that head's accuracy on the approximated and skipped models, beside the probes.")
 
 
 def _frame(result: dict) -> pd.DataFrame:
@@ -41,8 +44,15 @@ def _frame(result: dict) -> pd.DataFrame:
                     "skip accuracy %": 100 * skip["mean"] if skip else None,
                     "skip std %": 100 * skip["std"] if skip else None,
                     "converged %": 100 * converged["mean"],
-                    "converged skip %": 100 * converged_skip["mean"] if converged_skip else None})
+                    "converged skip %": 100 * converged_skip["mean"] if converged_skip else None,
+                    **head_percent(row)})
     return pd.DataFrame(out)
+
+
+def head_percent(row: dict) -> dict:
+    """The model's own classifier head beside the probes (models with a head matching the dataset's classes)."""
+    return {f"{name.replace('_', ' ')} %": None if value == "" else 100 * value
+            for name, value in head_columns(row).items()}
 
 
 with errors():
@@ -89,7 +99,8 @@ with errors():
             "params": st.column_config.NumberColumn(format="localized"),
             "final MSE": st.column_config.NumberColumn(format="%.4g"),
             **{name: st.column_config.NumberColumn(format="%.2f") for name in (
-                "accuracy %", "accuracy std %", "skip accuracy %", "skip std %", "converged %", "converged skip %")}})
+                "accuracy %", "accuracy std %", "skip accuracy %", "skip std %", "converged %", "converged skip %",
+                "head top1 %", "skip head top1 %", "head top5 %", "skip head top5 %")}})
         st.caption("Click a column header to sort. Ours: range i→j removes blocks i+1..j; the paper writes it "
                    "\"i−1 j−1\" in 0-indexed block outputs (\"emb\" for the embedding output). The downloads "
                    "are what `python -m rba_core table` writes for the same settings.")

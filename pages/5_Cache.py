@@ -15,6 +15,8 @@ ASKED = "_cache_delete"  # session key: what the user asked to delete, until con
 KINDS = {"pass": "pass (representations, statistics)", "approximated run": "approximated run",
          "scores": "scores (perplexity, next-token agreement)",
          "range-statistics": "range statistics (float64 Gram blocks and fold statistics of given ranges)",
+         "trained map": "trained map (a cosine, mlp or deep-mlp map's tensors and losses)",
+         "head-accuracy": "head accuracy (the model's own classifier head: original, approximated, skipped)",
          "fold-statistics": "fold statistics (folded maps: block i's MLP output against hs[i], hs[j])",
          "dequantised GGUF": "dequantised GGUF model (a float32 checkpoint read from the .gguf file once)",
          "damaged": "damaged (recomputed when next needed)"}

@@ -19,6 +19,7 @@ _EXPORTS = {
     "approximate": "rba_core.analysis",
     "search": "rba_core.search",
     "table": "rba_core.table",
+    "evaluate": "rba_core.downstream",  # lm-eval tasks on a causal LM and its approximation
     "plan": "rba_core.plans",
     "load_compressed": "rba_core.export",
     "save_compressed": "rba_core.export",

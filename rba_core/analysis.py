@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Sequence
@@ -15,7 +16,9 @@ from rba_core.data import UNITS, open_dataset, open_sample
 from rba_core.distributed import single_flight, world
 from rba_core.extract import Extraction, Progress, model_inputs
 from rba_core.latency import BATCH as LATENCY_BATCH, METHOD as LATENCY_METHOD, measure as measure_latency
-from rba_core.maps import PRODUCT_EPS, FitData, MapParams, MissingStatistics, fit_map, map_kind, validate_ranges
+from rba_core.maps import (PRODUCT_EPS, Conditioning, FitData, MapParams, MissingStatistics, fit_map, map_kind,
+                           tokens_per_sample, validate_ranges)
+from rba_core.maps.module import FittedMap
 from rba_core.lm_data import LMText
 from rba_core.metrics import cosine_matrix, linear_cka_matrix
 from rba_core.models import Encoder
@@ -105,7 +108,8 @@ def _approximated_finals(net: ApproximatedEncoder, encoder: Encoder, dataset, ex
     return here.gather_rows(out, mine, n), latency
 
 
-def map_statistics(run: Run, kind: str, fit: Extraction, sets: Sequence[Sequence[Range]]) -> FitData:
+def map_statistics(run: Run, kind: str, fit: Extraction, sets: Sequence[Sequence[Range]],
+                   params: MapParams) -> FitData:
     """What maps of ``kind`` for the ranges of ``sets`` are fitted from (the statistics it declares): the token
     statistics of the fit pass ``fit``, and the fold statistics of every range over the same samples
     (:func:`rba_core.fold.fold_pass`: one more pass unless stored; one sentence for ranges that cannot fold)."""
@@ -116,7 +120,14 @@ def map_statistics(run: Run, kind: str, fit: Extraction, sets: Sequence[Sequence
         return fold_pass(run.ref, run.data, fit.meta["n"], fit.meta["seed"], sets, max_length=run.max_length,
                          cache=run.cache, progress=run.progress, encoder=run.lazy)
 
-    return map_kind(kind).gather(tokens=fit.stats, fold=fold)
+    def samples():
+        run.stage(f"Fit samples (train split): token states the {kind} maps of these candidates are trained on")
+        ranges = sorted({tuple(r) for ranges in sets for r in ranges})
+        return range_statistics(run.ref, run.data, fit.meta["n"], fit.meta["seed"], ranges, tokens=False, fold=False,
+                                samples=tokens_per_sample(params, fit.meta["n"]), max_length=run.max_length,
+                                cache=run.cache, progress=run.progress, encoder=run.lazy).samples
+
+    return map_kind(kind).gather(tokens=fit.stats, fold=fold, samples=samples, seed=run.seed, progress=run.progress)
 
 
 def approximated_outputs(run: Run, fit, maps: Sequence, ex: Extraction, ranges: list[Range], kind: str,
@@ -209,13 +220,73 @@ def fit_range_maps(run: Run, ranges: list[Range], kind: str, params: MapParams) 
         return loaded
 
     fit = range_statistics(run.ref, run.data, run.fit_n, run.seed, ranges, max_length=run.max_length, cache=run.cache,
-                           progress=run.progress, encoder=load)
+                           progress=run.progress, encoder=load,
+                           samples=tokens_per_sample(params, run.fit_n) if declared.trained else 0)
     try:
-        maps = [fit_map(fit, rng, kind, params) for rng in ranges]
+        maps = [_fitted(run, fit, rng, kind, params) for rng in ranges]
     except MissingStatistics:  # a stored entry of a model that cannot take this kind: say why
         load()
         raise
     return fit, maps
+
+
+def _fitted(run: Run, fit: RangeStatistics, rng: Range, kind: str, params: MapParams):
+    """The map of range ``rng``: solved at once in closed form, or, for a kind trained by gradient descent, trained
+    once (progress and Stop like every long step) and cached with everything that changes it in the key."""
+    declared = map_kind(kind)
+    if not declared.trained:
+        return fit_map(fit, rng, kind, params)
+    key = make_key({"kind": "trained-map", "fit": fit.key, "map": kind, "map_params": declared.key(params),
+                    "range": list(rng), "seed": run.seed})
+
+    def lookup():
+        entry = run.cache.get(key)
+        stored = None if entry is None else run.cache.load(key, "map")
+        if stored is None:
+            return None
+        conditioning = entry.meta.get("conditioning")
+        return FittedMap(kind, stored, rng[0], conditioning=conditioning and Conditioning(**conditioning),
+                         params=declared.key(params), report=entry.meta["training"])
+
+    def compute(progress: Progress | None):
+        run.stage(f"Training the {kind} map of range {rng[0]}→{rng[1]} (Adam, at most {params.train_steps} steps)")
+        fitted = fit_map(FitData(fit.tokens, fit.fold, fit.samples, run.seed, progress), rng, kind, params)
+        meta = {"kind": "trained map", "model": fit.meta["model"], "dataset": fit.meta["dataset"], "split": "train",
+                "n": fit.meta["n"], "map": kind, "range": list(rng), "training": fitted.report,
+                "conditioning": fitted.conditioning and dataclasses.asdict(fitted.conditioning)}
+        if world().is_main:  # one writer per group of workers; every rank trained the same map
+            run.cache.put(key, {"map": {n: getattr(fitted, n).detach().cpu().numpy() for n in fitted.names}}, meta)
+        return fitted
+
+    return single_flight(run.cache, key, lookup, compute, run.progress)
+
+
+def _healing(run: Run, fit, ev, ranges, maps, kind: str, params: MapParams, plan) -> dict:
+    """The healing report of ``approximate --heal``, cached like every result (:func:`rba_core.heal.heal`)."""
+    key = make_key({"kind": "healing", "fit": fit.key, "samples": ev.key, "ranges": ranges, "map": kind,
+                    "map_params": map_kind(kind).key(params), "heal": plan.key(), "seed": run.seed})
+
+    def lookup():
+        entry = run.cache.get(key)
+        return None if entry is None else entry.meta["healing"]
+
+    def compute(progress):
+        from rba_core.heal import heal
+
+        run.stage(f"Healing: {plan.steps} steps of distillation on the fit samples"
+                  + (f", LoRA rank {plan.lora_rank} on the kept blocks after the first range" if plan.lora_rank else ""))
+        report = heal(run, ranges, maps, plan)[1]
+        if world().is_main:
+            run.cache.put(key, {}, {"kind": "healing", "healing": report, "model": fit.meta["model"],
+                                    "dataset": fit.meta["dataset"], "split": "test", "n": len(ev.indices)})
+        return report
+
+    return single_flight(run.cache, key, lookup, compute, run.progress)
+
+
+def training_report(ranges: Sequence[Range], maps: Sequence) -> list[dict]:
+    """Each trained map's losses and steps, by range (empty for maps solved in closed form)."""
+    return [{"range": [i, j], **m.report} for (i, j), m in zip(ranges, maps) if getattr(m, "report", None)]
 
 
 def conditioning_report(ranges: Sequence[Range], maps: Sequence) -> tuple[list[dict] | None, list[str]]:
@@ -241,18 +312,18 @@ def approximate(model, dataset, fit_n: int, eval_n: int, seed: int, ranges: Sequ
     """Fit maps of ``kind`` for ``ranges`` on ``fit_n`` train samples and evaluate the approximated model on
     ``eval_n`` test samples: :func:`approximate_run` of the :class:`Run` of these arguments. ``options``: the
     run's (``max_length``, ``seq_len``, ``cache``, ``progress``, ``on_stage``, ``encoder``) and the
-    approximation's (``map_params``, ``probe``, ``latency``)."""
+    approximation's (``map_params``, ``probe``, ``latency``, ``label_map``)."""
     run, asked = Run.of(model, dataset, {**options, "fit_n": fit_n, "eval_n": eval_n, "seed": seed},
                         APPROXIMATE_OPTIONS)
     return approximate_run(run, ranges, kind, **asked)
 
 
-APPROXIMATE_OPTIONS = ("map_params", "probe", "latency")
+APPROXIMATE_OPTIONS = ("map_params", "probe", "latency", "label_map", "heal")
 
 
 def approximate_run(run: Run, ranges: Sequence[Sequence[int]], kind: str = "linear",
-                    map_params: MapParams | None = None, probe: bool = False, latency: bool = True
-                    ) -> ApproximationResult:
+                    map_params: MapParams | None = None, probe: bool = False, latency: bool = True,
+                    label_map=None, heal=None) -> ApproximationResult:
     """Fit maps on the run's fit samples (train split), evaluate the approximated model on its evaluation
     samples (test split).
 
@@ -263,12 +334,16 @@ def approximate_run(run: Run, ranges: Sequence[Sequence[int]], kind: str = "line
     The maps come from one float64 pass over the fit samples that keeps only the ranges' own statistics
     (:func:`fit_range_maps`). ``latency``: time both models per image (a few seconds); off, the result's
     ``latency_ms_per_image`` is None. ``probe``: the linear probe's accuracy of the original, approximated
-    and skipped models (the paper's protocol, and a converged probe).
+    and skipped models (the paper's protocol, and a converged probe). A model with a classification head whose
+    classes match the dataset's (or ``label_map``, a JSON file) adds ``head_accuracy`` (:mod:`rba_core.head`);
+    otherwise a note says why not. ``heal`` (a :class:`rba_core.heal.HealPlan`) adds ``healing``: the metric of
+    the approximated model healed by distillation on the fit samples, before and after (:mod:`rba_core.heal`).
     """
     declared = map_kind(kind)  # an unknown map fails before any work
     params = map_params or MapParams()
     info = run.info
     ranges = validate_ranges(ranges, info.num_blocks)  # before any pass
+    run.check_samples("train", "test")
     run.stage("Fit samples (train split): statistics of the ranges (float64, blocks up to the last range's end)")
     fit, maps = fit_range_maps(run, ranges, kind, params)
     conditioning, notes = conditioning_report(ranges, maps)
@@ -289,7 +364,8 @@ def approximate_run(run: Run, ranges: Sequence[Sequence[int]], kind: str = "line
         num_blocks=fit.num_blocks,
         ranges=[{"start": i, "end": j, "removed_blocks": list(range(i + 1, j + 1)),
                  "paper": paper_notation((i, j))} for i, j in ranges],
-        map=kind, map_params=declared.key(params),
+        map=kind, map_params={**declared.key(params), **({"training": trained} if (trained := training_report(
+            ranges, maps)) else {})},
         blocks={"original": fit.num_blocks, "approximated": fit.num_blocks - removed},
         mse_final=float(np.mean((final.astype(np.float64) - ev.final) ** 2)),
         params={"original": fit.meta["num_params"], "approximated": measured["params"]},
@@ -301,6 +377,13 @@ def approximate_run(run: Run, ranges: Sequence[Sequence[int]], kind: str = "line
     )
     if scores is not None:
         result.perplexity, result.top1_agreement = scores["perplexity"], scores["top1_agreement"]
+    else:  # the model's own classifier head, where it has one matching the dataset's classes (issue 17)
+        from rba_core.head import measure_head
+
+        result.head_accuracy, why = measure_head(run, fit, ev, ranges, maps, kind, declared.key(params), label_map)
+        result.notes += [why] if why and (probe or label_map) else []
+    if heal is not None:
+        result.healing = _healing(run, fit, ev, ranges, maps, kind, params, heal)
     if probe:
         run.stage("Linear probe: original, approximated and skipped models on the fit samples")
         reps = run.extract("train", with_stats=False)
@@ -329,31 +412,41 @@ def export(model, dataset, fit_n: int, seed: int, ranges: Sequence[Sequence[int]
     return export_run(run, ranges, kind, out, **asked)
 
 
-EXPORT_OPTIONS = ("map_params", "onnx")
+EXPORT_OPTIONS = ("map_params", "onnx", "heal")
 
 
 def export_run(run: Run, ranges: Sequence[Sequence[int]], kind: str, out, map_params: MapParams | None = None,
-               onnx: bool = False) -> dict:
+               onnx: bool = False, heal=None) -> dict:
     """Fit the maps of ``ranges`` on the run's fit samples and write the export folder ``out``.
 
     ``kind`` ``folded`` gives a plain Hugging Face checkpoint with fewer layers (pre-LN models; its
     ``rba.json`` records the data and, with ``eval_n`` test samples, the perplexity of the original
     and folded models on the windows of a language-model text, else the final-representation MSE
     of the folded model against the original); other kinds the rba-compressed folder with
-    the maps as modules (:func:`rba_core.export.save_compressed`). Returns the record written."""
+    the maps as modules (:func:`rba_core.export.save_compressed`). ``heal`` (a :class:`rba_core.heal.HealPlan`):
+    the maps and (with LoRA) the kept blocks healed first, the record's ``healing`` saying how (the metric on the
+    run's evaluation samples before and after). Returns the record written."""
     from rba_core.export import save_compressed, save_folded
     from rba_core.fold import folded_encoder
 
     params = map_params or MapParams()
     checked = validate_ranges(ranges, run.info.num_blocks)
+    run.check_samples("train", "test")
     run.stage("Fit samples (train split): statistics of the ranges (float64, blocks up to the last range's end)")
     fit, fitted = fit_range_maps(run, checked, kind, params)
     conditioning, notes = conditioning_report(checked, fitted)  # the compressed record holds it per range
     declared = map_kind(kind)
+    original = encoder = run.lazy()
+    healing = {}
+    if heal is not None:
+        from rba_core.heal import heal as healed
+
+        run.stage(f"Healing: {heal.steps} steps of distillation on the fit samples")
+        net, report = healed(run, checked, fitted, heal)
+        encoder, fitted, healing = net.encoder, net.maps, {"healing": report}
     if not declared.folds:  # the maps stay modules: the rba-compressed folder
-        save_compressed(ApproximatedEncoder(run.lazy(), checked, fitted).eval(), out, onnx=onnx)
-        return {**json.loads((Path(out) / "rba.json").read_text()), "notes": notes}
-    encoder = run.lazy()
+        save_compressed(ApproximatedEncoder(encoder, checked, fitted).eval(), out, onnx=onnx)
+        return {**json.loads((Path(out) / "rba.json").read_text()), **healing, "notes": notes}
     folded = folded_encoder(encoder, {rng: declared.folds(m) for rng, m in zip(checked, fitted)})
     record = {"source": encoder.source, "family": encoder.family, "map": kind,
               "ranges": [list(rng) for rng in checked],
@@ -363,18 +456,19 @@ def export_run(run: Run, ranges: Sequence[Sequence[int]], kind: str, out, map_pa
               "data": {"dataset": str(run.dataset), "fit_n": run.fit_n, "seed": run.seed,
                        **({"seq_len": run.seq_len} if isinstance(run.data, LMText)
                           else {"max_length": encoder.max_length})},
-              "conditioning": conditioning}
+              "conditioning": conditioning, **({"training": trained} if (trained := training_report(checked, fitted))
+                                                  else {}), **healing}
     if run.eval_n:
         test, indices = open_sample(run.data, "test", run.eval_n, run.seed)
         samples = test.items(indices)
         record["data"]["eval_n"] = run.eval_n
         if isinstance(run.data, LMText):
             run.stage("Evaluation windows: perplexity of the original and folded models")
-            record["perplexity"] = {"original": lm_scores(encoder, {}, samples)["perplexity"]["original"],
+            record["perplexity"] = {"original": lm_scores(original, {}, samples)["perplexity"]["original"],
                                     "folded": lm_scores(folded, {}, samples)["perplexity"]["original"]}
         else:
             run.stage("Evaluation samples (test split): final representations of the original and folded models")
-            record["mse_final"] = _final_mse(encoder, folded, samples)
+            record["mse_final"] = _final_mse(original, folded, samples)
     save_folded(folded, out, record)
     return {**record, "notes": notes}
 

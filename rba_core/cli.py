@@ -32,11 +32,13 @@ def _count(text: str) -> int:
     return int(text)
 
 
+LABEL_MAP_HELP = ("JSON {dataset class: head class} (names or indices) matching the dataset's classes to the "
+                  "model's own classifier head, for head_accuracy when the names do not match")
 #: What the ``--help`` page says the tool does: every subcommand is listed.
 DESCRIPTION = ("Find redundant transformer blocks and replace them by linear maps. Subcommands: analyze (Block "
                "Redundancy, similarity, fit residuals), approximate (replace block ranges by maps and evaluate), "
                "table (rows like the paper's Tables 1 and 2), search (rank ranges by measured error), export "
-               "(write the approximated model) and plan (remove blocks step by step to a budget). Results go to --json FILE ('-': stdout) or a short summary; "
+               "(write the approximated model) eval (lm-eval tasks on a causal LM and its approximation) and plan (remove blocks step by step to a budget). Results go to --json FILE ('-': stdout) or a short summary; "
                "progress goes to stderr; Ctrl-C or SIGTERM stops with one sentence and exit status 130.")
 #: How the tool is invoked, for its usage lines: ``rba`` as the console script, else through the module.
 MODULE_PROG, SCRIPT_PROG = "python -m rba_core", "rba"
@@ -73,9 +75,14 @@ def _parser(prog: str = MODULE_PROG) -> argparse.ArgumentParser:
                         help="remove blocks I+1..J, mapping block output I to J (repeatable)")
     _add_map_options(approx)
     approx.add_argument("--probe", action="store_true", help="also train the linear probe (3 seeds)")
+    _add_heal_options(approx)
+    approx.add_argument("--label-map", type=Path, help=LABEL_MAP_HELP)
     approx.add_argument("--no-latency", dest="latency", action="store_false",
                         help="do not time the original and approximated models (latency_ms_per_image is null)")
     _add_table_and_search(sub, common)
+    from rba_core.cli_eval import add_eval_parser
+
+    add_eval_parser(sub, _add_map_options, DECODE_HELP, _count)  # lm-eval tasks
     export = sub.add_parser("export", parents=[common], help="fit the maps and write an export folder "
                             "(--map folded: a plain Hugging Face checkpoint with fewer layers)")
     export.add_argument("--fit-n", type=int, required=True, help="train samples (windows) used to fit the maps")
@@ -88,6 +95,7 @@ def _parser(prog: str = MODULE_PROG) -> argparse.ArgumentParser:
                      "checkpoint)")
     export.add_argument("--out", required=True, type=Path, help="the export folder")
     export.add_argument("--onnx", action="store_true", help="image models: also write model.onnx")
+    _add_heal_options(export)
     _add_plan(sub, common)
     return parser
 
@@ -121,7 +129,24 @@ def _add_map_options(parser: argparse.ArgumentParser, more: str = "") -> None:
     parser.add_argument("--map", default="linear", choices=list(MAPS),
                         help="; ".join(kind.label for kind in MAPS.values()) + more)
     for hyper in HYPERS:
-        parser.add_argument(f"--{hyper.name.replace('_', '-')}", type=float, default=hyper.default, help=hyper.help)
+        parser.add_argument(f"--{hyper.name.replace('_', '-')}", type=hyper.type, default=hyper.default,
+                            help=hyper.help)
+
+
+def _add_heal_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--heal", type=int, metavar="STEPS", help="after replacing, fine-tune the maps this many "
+                        "steps on the fit samples to match the original model (distillation; the original is kept)")
+    parser.add_argument("--heal-lora", type=int, default=0, metavar="R", help="--heal: also LoRA adapters of rank "
+                        "R on the kept blocks after the first range, merged into the weights afterwards")
+    parser.add_argument("--heal-lr", type=float, default=1e-4, help="--heal: Adam's learning rate")
+
+
+def _heal_plan(args: argparse.Namespace):
+    if args.heal is None:
+        return None
+    from rba_core.heal import HealPlan
+
+    return HealPlan(args.heal, args.heal_lora, args.heal_lr)
 
 
 def _map_params(args: argparse.Namespace) -> MapParams:
@@ -143,6 +168,10 @@ def _add_table_and_search(sub, common: argparse.ArgumentParser) -> None:
     table.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN,
                        help="causal LMs on a text (WikiText-2, C4, .txt file or folder): tokens per window")
     table.add_argument("--out", required=True, type=Path, help="FILE.csv, FILE.md or FILE.json")
+    table.add_argument("--label-map", type=Path, help=LABEL_MAP_HELP)
+    table.add_argument("--tasks", help="causal LMs: comma-separated lm-eval tasks scored on every row (as eval)")
+    table.add_argument("--limit", type=float, help="--tasks: documents per task (below 1: that fraction)")
+    table.add_argument("--include-path", type=Path, help="--tasks: a folder of lm-eval task YAML files")
     table.add_argument("--cache-dir", type=Path, help="cache folder (default $RBA_CACHE_DIR or cache/)")
     table.add_argument("--decode-workers", type=_count, help=DECODE_HELP)
     search = sub.add_parser("search", parents=[common], help="rank ranges by measured final-representation MSE")
@@ -159,6 +188,10 @@ def _add_table_and_search(sub, common: argparse.ArgumentParser) -> None:
                         "instead of the race (slower; the same top-k)")
     search.add_argument("--probe-top", type=int, default=0, help="train the probe for the best K candidates")
     _add_map_options(search)
+    search.add_argument("--metric", default="mse", choices=("mse", "head-accuracy"),
+                        help="rank by measured final MSE (default) or by the top-1 accuracy of the model's own "
+                        "classifier head (each candidate evaluated as approximate evaluates it)")
+    search.add_argument("--label-map", type=Path, help=LABEL_MAP_HELP)
 
 
 class _Bar:
@@ -236,7 +269,7 @@ def _run(args: argparse.Namespace, tracker: Tracker) -> int:
     from rba_core.hub import require_available
 
     try:  # before the heavy imports: a hub model or dataset that cannot be had fails at once
-        require_available(args.model, args.dataset if args.command == "table" else [args.dataset])
+        require_available(args.model, args.dataset if args.command == "table" else [args.dataset] if args.dataset else [])
     except RBAError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -276,7 +309,7 @@ def _run_in_cache(args: argparse.Namespace, tracker: Tracker) -> int:
 
         from rba_core.lm_data import is_lm_text
 
-        first = args.dataset[0] if args.command == "table" else args.dataset
+        first = args.dataset[0] if args.command == "table" else args.dataset or "demo-text"  # eval: its default
         tracker.samples = tracker.unit = "windows" if is_lm_text(first) else dataset_unit(first)
         if not gguf_ready(args.model):
             tracker.stage(f"Dequantising {args.model} into the cache as a float32 checkpoint (once per GGUF file)")
@@ -284,14 +317,20 @@ def _run_in_cache(args: argparse.Namespace, tracker: Tracker) -> int:
             from rba_core.table import table_format
 
             table_format(args.out)  # a bad suffix fails before any work
-        run = _request(args, first, cache, tracker)
+        run = None if args.command == "eval" else _request(args, first, cache, tracker)
         if args.command == "analyze":
             results = analyze_run(run, args.split, windows=args.window or (1,), stats_window=args.stats_window,
                                   stats_budget=_budget(args))
         elif args.command == "table":
             from rba_core.table import table_run, write_table
 
-            results = table_run(run, args.dataset, args.ranges, args.map, _map_params(args))
+            tasks = None
+            if args.tasks:
+                from rba_core.downstream import TaskRequest
+
+                tasks = TaskRequest(args.tasks, int(args.limit) if args.limit and args.limit >= 1 else args.limit,
+                                    include_path=args.include_path)
+            results = table_run(run, args.dataset, args.ranges, args.map, _map_params(args), args.label_map, tasks)
             if _main_rank():  # one writer under a launcher
                 args.json = write_table(results, args.out)
         elif args.command == "search":
@@ -300,16 +339,21 @@ def _run_in_cache(args: argparse.Namespace, tracker: Tracker) -> int:
             results = search_run(run, SearchPlan(
                 blocks=args.blocks, max_params=args.max_params, max_latency_ms=args.max_latency_ms, pairs=args.pairs,
                 probe_top=args.probe_top, kind=args.map, map_params=_map_params(args), top_k=args.top_k,
-                exhaustive=args.exhaustive))
+                exhaustive=args.exhaustive, metric=args.metric, label_map=args.label_map))
+        elif args.command == "eval":
+            from rba_core.cli_eval import run_eval
+
+            results = run_eval(args, cache, tracker, tracker.stage, _map_params(args))
         elif args.command == "plan":
             results = _plan(args, run)
         elif args.command == "export":
             from rba_core.analysis import export_run
 
-            results = export_run(run, args.range, args.map, args.out, _map_params(args), args.onnx)
+            results = export_run(run, args.range, args.map, args.out, _map_params(args), args.onnx, _heal_plan(args))
             print(f"wrote {args.out}", file=sys.stderr)
         else:
-            results = approximate_run(run, args.range, args.map, _map_params(args), args.probe, args.latency)
+            results = approximate_run(run, args.range, args.map, _map_params(args), args.probe, args.latency,
+                                      args.label_map, _heal_plan(args))
     except (KeyboardInterrupt, Cancelled):
         tracker.waiting = cache.waiting  # only waiting for another run's computation: that one goes on
         raise

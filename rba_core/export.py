@@ -48,7 +48,8 @@ def _map_record(fitted: FittedMap | None) -> dict:
     if fitted is None:
         return {"map": "identity"}
     return {"map": fitted.kind, **({"map_params": fitted.params} if fitted.params else {}),
-            **({"conditioning": fitted.conditioning.to_json()} if fitted.conditioning else {})}
+            **({"conditioning": fitted.conditioning.to_json()} if fitted.conditioning else {}),
+            **({"training": fitted.report} if fitted.report else {})}
 
 
 def _parts(compressed: Compressed, encoder: Encoder | None) -> tuple[Encoder, list[Range], list[FittedMap | None]]:

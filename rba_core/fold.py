@@ -39,7 +39,7 @@ def fold_statistics(encoder: Encoder, batches: Iterable[dict[str, torch.Tensor]]
                     ranges: Sequence[Range]) -> dict[Range, FoldStats]:
     """MᵀM and Mᵀ(H_j - H_i) of every range over the real tokens of ``batches`` (the model's inputs), in
     float64; m is the output of :meth:`Encoder.mlp_output_module` of block i, and hs[0] for i = 0."""
-    arrays = collect(encoder, batches, ranges, tokens=False, fold=ranges)
+    arrays = collect(encoder, ((None, inputs) for inputs in batches), ranges, tokens=False, fold=ranges)
     count = int(arrays["count"][0])
     return {(i, j): FoldStats(arrays[f"mm_{i}"], arrays[f"md_{i}_{j}"], count) for i, j in ranges}
 
@@ -64,7 +64,7 @@ def _cut_config(config, keep: list[int], num_blocks: int, ranges: Sequence[Range
         config.out_indices = sorted({stage[k % (num_blocks + 1)] for k in outputs if k % (num_blocks + 1) in stage})
 
 
-def _fold_into_block(encoder: Encoder, block: nn.Module, t: torch.Tensor) -> None:
+def fold_into_block(encoder: Encoder, block: nn.Module, t: torch.Tensor) -> None:
     """Block's m becomes m·T: T (times the layer scale, which becomes 1) into its MLP output layer."""
     layer = block.get_submodule(encoder.mlp_out)
     t = t.to(layer.weight.device)
@@ -113,7 +113,7 @@ def folded_model(encoder: Encoder, maps: dict[Range, np.ndarray]) -> nn.Module:
             if i == 0:
                 _fold_into_stem(encoder, model, t)
             else:
-                _fold_into_block(encoder, layers[i - 1], t)
+                fold_into_block(encoder, layers[i - 1], t)
     removed = {k for i, j in maps for k in range(i, j)}  # 0-based indices of blocks i+1..j
     keep = [k for k in range(len(layers)) if k not in removed]
     for k in sorted(removed, reverse=True):

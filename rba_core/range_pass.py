@@ -31,6 +31,33 @@ from rba_core.stats import SAMPLE_GROUP, TokenStats
 
 
 @dataclass
+class TokenSamples:
+    """Token states of the fit samples for maps trained by gradient descent: ``states[k]`` (R, D) float32 rows of
+    hs[k], ``mlp[i]`` block i's MLP output on the same rows (fold starts i > 0), ``sample`` each row's sample
+    index. Rows of every tenth sample (in index order, the first included) are held out for validation."""
+
+    states: dict[int, np.ndarray]
+    mlp: dict[int, np.ndarray]
+    sample: np.ndarray
+
+    def held_out(self) -> np.ndarray:
+        """(R,) bool: the validation rows."""
+        ids = np.unique(self.sample)
+        return np.isin(self.sample, ids[::10])
+
+    def pair(self, rng: Range) -> tuple[np.ndarray, np.ndarray]:
+        """(hs[i], hs[j]) rows of range i→j."""
+        i, j = rng
+        return self.states[i], self.states[j]
+
+    def fold_target(self, rng: Range) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(m, r, hs[j]) rows of range i→j, hs[i] = r + m (at i = 0, m = hs[0] and r = 0)."""
+        i, j = rng
+        m = self.states[0] if i == 0 else self.mlp[i]
+        return m, self.states[i] - m if i else np.zeros_like(m), self.states[j]
+
+
+@dataclass
 class RangeStatistics:
     """What the maps of ``ranges`` are fitted from, over the real tokens of the fit samples."""
 
@@ -39,6 +66,7 @@ class RangeStatistics:
     meta: dict  # model, dataset, split, n, seed, num_blocks, hidden_size, num_params, label_names, max_length
     tokens: TokenStats | None  # float64 Gram blocks of each range (None when not asked for)
     fold: dict[Range, FoldStats] | None  # the ranges the model can fold (None when not asked for)
+    samples: TokenSamples | None = None  # token states for trained maps (None when not asked for)
 
     @property
     def num_blocks(self) -> int:
@@ -53,11 +81,26 @@ def _token_pairs(ranges: Sequence[Range]) -> list[tuple[int, int]]:
     return sorted({p for i, j in ranges for p in ((i, i), (i, j), (j, j))})
 
 
+def _picked_rows(batch: np.ndarray, mask: torch.Tensor | None, tokens: int, per_sample: int) -> torch.Tensor:
+    """Rows of the flattened (B·T) batch kept as token samples: up to ``per_sample`` real tokens of each sample,
+    drawn by a generator seeded with the sample's index (so neither the batch size nor the workers change them),
+    in position order."""
+    rows = []
+    for b, index in enumerate(batch):
+        real = torch.arange(tokens) if mask is None else mask[b].nonzero().flatten().cpu()
+        chosen = torch.randperm(len(real), generator=torch.Generator().manual_seed(int(index)))[:per_sample]
+        rows.append(b * tokens + real[chosen.sort().values])
+    return torch.cat(rows)
+
+
 @torch.inference_mode()
-def collect(encoder: Encoder, batches, ranges: Sequence[Range], tokens: bool,
-            fold: Sequence[Range]) -> dict[str, np.ndarray]:
-    """The float64 sums of one process's batches: ``pair_a_b`` (hs[a]ᵀhs[b]), ``sums``, ``count`` and, for
-    the ranges in ``fold``, ``mm_i`` (MᵀM per start) and ``md_i_j`` (Mᵀ(H_j − H_i)). Runs blocks 1..max j."""
+def collect(encoder: Encoder, batches, ranges: Sequence[Range], tokens: bool, fold: Sequence[Range],
+            per_sample: int = 0) -> dict[str, np.ndarray]:
+    """The float64 sums of one process's batches (``(sample indices, inputs)`` pairs): ``pair_a_b``
+    (hs[a]ᵀhs[b]), ``sums``, ``count`` and, for the ranges in ``fold``, ``mm_i`` (MᵀM per start) and ``md_i_j``
+    (Mᵀ(H_j − H_i)); with ``per_sample`` > 0 also token samples, float32: ``tok_k`` (hs[k] of up to that many
+    tokens of each sample, for each state a range starts or ends at), ``tokm_i`` (block i's MLP output there,
+    for the fold starts) and ``tok_sample`` (each row's sample index). Runs blocks 1..max j."""
     d, last = encoder.hidden_size, max(j for _, j in ranges)
     f64 = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
     pairs = {p: f64(d, d) for p in _token_pairs(ranges)} if tokens else {}
@@ -67,18 +110,29 @@ def collect(encoder: Encoder, batches, ranges: Sequence[Range], tokens: bool,
     md = {rng: f64(d, d) for rng in fold}
     count = 0
     starts = {i: encoder.mlp_output_module(i) for i in mm if i > 0}
-    for inputs in batches:
+    ends = sorted({k for rng in ranges for k in rng})
+    picked: dict[str, list[torch.Tensor]] = {}
+    keep = lambda name, value: picked.setdefault(name, []).append(value.float().cpu())  # noqa: E731
+    for batch, inputs in batches:
         mask = encoder.token_mask(inputs)
         rows = (lambda x: x.reshape(-1, d) if mask is None else x[mask])  # noqa: E731  real tokens only
         states: dict[int, torch.Tensor] = {}
         with captured(starts) as outputs:
             hidden = encoder.embed(inputs)
             ctx = encoder.context(inputs, hidden)
+            sampled = _picked_rows(batch, mask, hidden.shape[1], per_sample).to(hidden.device) if per_sample else None
             for k in range(last + 1):
                 if k:
                     hidden = encoder.run_block(encoder.blocks[k - 1], hidden, ctx)
                 if k in needed:
                     states[k] = rows(hidden).to(torch.float64)
+                if sampled is not None and k in ends:
+                    keep(f"tok_{k}", hidden.reshape(-1, d)[sampled])
+        if sampled is not None:
+            for i in (i for i in mm if i > 0):  # at 0, m is hs[0] itself (tok_0)
+                keep(f"tokm_{i}", outputs[i].reshape(-1, d)[sampled])
+            keep("tok_sample", torch.as_tensor(np.asarray(batch), dtype=torch.int64)[
+                (sampled // hidden.shape[1]).cpu()])
         for (a, b), total in pairs.items():
             total += (states[a].T @ states[b]).cpu()
         for k, x in states.items():
@@ -89,7 +143,7 @@ def collect(encoder: Encoder, batches, ranges: Sequence[Range], tokens: bool,
             for (start, j), cross in md.items():
                 if start == i:  # the difference per token before the product: m is often far smaller than hs
                     cross += (m.T @ (states[j] - states[i])).cpu()
-        count += int(states[needed[0]].shape[0])
+        count += int(mask.sum()) if mask is not None else int(hidden.shape[0] * hidden.shape[1])
     arrays = {f"pair_{a}_{b}": t for (a, b), t in pairs.items()}
     arrays.update({f"mm_{i}": t for i, t in mm.items()})
     arrays.update({f"md_{i}_{j}": t for (i, j), t in md.items()})
@@ -97,7 +151,13 @@ def collect(encoder: Encoder, batches, ranges: Sequence[Range], tokens: bool,
     here = world()
     if here.size > 1:  # float64 sums: exact to combine
         here.sum(list(arrays.values()))
-    return {name: t.numpy() for name, t in arrays.items()}
+    out = {name: t.numpy() for name, t in arrays.items()}
+    if per_sample:  # the ranks' rows in rank order: the samples' order, as one process keeps them
+        local = {name: torch.cat(parts).numpy() for name, parts in picked.items()}
+        shares = here.gather_objects(local)
+        for name in sorted(set().union(*shares)):
+            out[name] = np.concatenate([share[name] for share in shares if name in share])
+    return out
 
 
 def _result(key: str, hit: bool, meta: dict, arrays: dict[str, np.ndarray], ranges: Sequence[Range], tokens: bool,
@@ -109,7 +169,10 @@ def _result(key: str, hit: bool, meta: dict, arrays: dict[str, np.ndarray], rang
         token_stats = TokenStats([], arrays["sums"], count, pairs, "float64")
     folds = None if not fold else {(i, j): FoldStats(arrays[f"mm_{i}"], arrays[f"md_{i}_{j}"], count)
                                    for i, j in ranges if f"md_{i}_{j}" in arrays}
-    return RangeStatistics(key, hit, meta, token_stats, folds)
+    samples = None if "tok_sample" not in arrays else TokenSamples(
+        {int(n[4:]): a for n, a in arrays.items() if n.startswith("tok_") and n != "tok_sample"},
+        {int(n[5:]): a for n, a in arrays.items() if n.startswith("tokm_")}, arrays["tok_sample"])
+    return RangeStatistics(key, hit, meta, token_stats, folds, samples)
 
 
 def range_statistics(model, dataset, n: int, seed: int, ranges: Sequence[Range], **options) -> RangeStatistics:
@@ -118,9 +181,10 @@ def range_statistics(model, dataset, n: int, seed: int, ranges: Sequence[Range],
     the ranges the model can fold (:meth:`rba_core.models.Encoder.folds_at`) when ``fold`` (both by default).
     From the cache when stored, otherwise one pass. ``options``: ``tokens``, ``fold`` and the
     :class:`rba_core.extract.PassOptions` (``encoder``: a loaded encoder or a function that loads one, called
-    only on a miss)."""
-    how, asked = PassOptions.split(options, {"tokens": True, "fold": True})
-    tokens, fold = asked["tokens"], asked["fold"]
+    only on a miss); ``samples``: with n > 0, also up to n token states of each fit sample (:class:`TokenSamples`,
+    for maps trained by gradient descent)."""
+    how, asked = PassOptions.split(options, {"tokens": True, "fold": True, "samples": 0})
+    tokens, fold, per_sample = asked["tokens"], asked["fold"], int(asked["samples"])
     max_length, progress, encoder = how.max_length, how.progress, how.encoder
     cache = how.cache or Cache()
     ref = model_ref(model, max_length)
@@ -135,7 +199,7 @@ def range_statistics(model, dataset, n: int, seed: int, ranges: Sequence[Range],
     dtype = compute_dtype(ref, world().device or default_device())
     samples = extraction_key(ref.fingerprint, source, indices, None, 1.0, ref.info.pooling, length, dtype)
     key = make_key({"kind": "range-statistics", "samples": samples, "ranges": [list(r) for r in ranges],
-                    "tokens": tokens, "fold": fold})
+                    "tokens": tokens, "fold": fold, **({"token_samples": per_sample} if per_sample else {})})
 
     def lookup() -> RangeStatistics | None:
         entry = cache.get(key)
@@ -153,7 +217,7 @@ def range_statistics(model, dataset, n: int, seed: int, ranges: Sequence[Range],
         def reading():
             done = 0
             for batch, inputs in zip(batches, model_inputs(loaded, source, batches, how.decode_workers)):
-                yield inputs
+                yield batch, inputs
                 done += len(batch)
                 if progress:
                     progress(round(done * len(indices) / max(len(local), 1)), len(indices))
@@ -161,7 +225,8 @@ def range_statistics(model, dataset, n: int, seed: int, ranges: Sequence[Range],
         if progress:
             progress(0, len(indices))
         with here.all_or_none("the fit pass"):
-            arrays = collect(loaded, reading(), ranges, tokens, [r for r in ranges if fold and loaded.folds_at(r[0])])
+            arrays = collect(loaded, reading(), ranges, tokens, [r for r in ranges if fold and loaded.folds_at(r[0])],
+                             per_sample)
         meta = {"kind": "range-statistics", "model": ref.name, "dataset": source.name, "split": "train", "n": n,
                 "seed": seed, "ranges": ranges, "num_blocks": loaded.num_blocks, "hidden_size": loaded.hidden_size,
                 "num_params": loaded.num_params(), "label_names": source.label_names, "max_length": length,

@@ -58,10 +58,13 @@ def summarise_approximation(results: dict) -> list[str]:
 
 def summarise_search(results: dict, top: int = 5) -> list[str]:
     lines = [f"{results['model']} on {results['dataset']}: {results['evaluated']} of {results['considered']} "
-             f"candidates fit the budget; best by measured final MSE on {results['eval_n']} test samples:"]
+             f"candidates fit the budget; best by " + ("the model's own head's top-1 accuracy" if results.get(
+                 "metric") == "head-accuracy" else "measured final MSE") + f" on {results['eval_n']} test samples:"]
     for rank, row in enumerate(results["candidates"][:top], start=1):
         lines.append(f"  {rank}. {row['range']} (paper: {row['paper']}): MSE {row['mse_final']:.4g}, "
-                     f"{row['params']:,} parameters, about {row['latency_ms_per_image_estimate']:.3g} ms per image")
+                     f"{row['params']:,} parameters, about {row['latency_ms_per_image_estimate']:.3g} ms per image"
+                     + (f", head top-1 {row['head_accuracy']['approximated']['top1']:.2%}" if "head_accuracy" in row
+                        else ""))
     agreement = {name: v for name, v in (results.get("score_agreement") or {}).items() if v["spearman"] is not None}
     if agreement:
         lines.append("Spearman ρ of each cheap score with the measured ranking (candidates covered): " + ", ".join(
@@ -93,6 +96,28 @@ def summarise_export(record: dict) -> list[str]:
     return lines
 
 
+def summarise_eval(record: dict) -> list[str]:
+    """An ``eval`` record: per task and metric the original, approximated and their difference."""
+    lines = [f"{record['model']}: lm-eval {', '.join(record['tasks'])}"
+             + (f" (limit {record['limit']})" if record.get("limit") else "")]
+    if record.get("ranges"):
+        lines.append("approximated: " + ", ".join(f"{r['start']}→{r['end']}" for r in record["ranges"])
+                     + f" ({record['map']} maps), {record['blocks']['approximated']} of "
+                     f"{record['blocks']['original']} blocks")
+    number = lambda value: "n/a" if value is None else f"{value:.4f}"  # noqa: E731
+    signed = lambda value: "n/a" if value is None else f"{value:+.4f}"  # noqa: E731
+    for task, models in record["results"].items():
+        for metric, value in (models.get("original") or {}).items():
+            if metric.endswith("_stderr"):
+                continue
+            row = f"  {task} {metric}: original {number(value)}"
+            if models.get("approximated"):
+                row += (f", approximated {number(models['approximated'].get(metric))}"
+                        f" ({signed(models['difference'].get(metric))})")
+            lines.append(row)
+    return lines
+
+
 def summarise_plan(results: dict) -> list[str]:
     """A plan: one line per step (the metric after it and its interval), then the final model against skipping."""
     metric, final, original = results["metric"], results["final"], results["original"]
@@ -113,6 +138,6 @@ def summarise_plan(results: dict) -> list[str]:
 def summarise(command: str, results: dict) -> str:
     """The summary of an ``analyze``, ``approximate``, ``search`` or ``export`` result (its notes go to stderr)."""
     lines = {"analyze": summarise_analysis, "approximate": summarise_approximation,
-             "search": summarise_search, "export": summarise_export,
+             "search": summarise_search, "export": summarise_export, "eval": summarise_eval,
              "plan": summarise_plan}[command](results)
     return "\n".join(lines) + "\n"

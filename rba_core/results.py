@@ -123,8 +123,12 @@ class ApproximationResult(Result):
     top1_agreement: dict | None = None  # causal LMs: next-token argmax equal to the original's
     # per fitted map: range, condition number, rank used, dimension, statistics precision (none for identity)
     conditioning: list[dict] | None = None
+    # the model's own classifier head (issue 17): {original, approximated, skip: {top1[, top5]}, classes, ...}
+    head_accuracy: dict | None = None
+    healing: dict | None = None  # --heal: the healed model's metric before and after, and its training
 
-    _omit_if_none = ("accuracy", "accuracy_converged", "perplexity", "top1_agreement", "conditioning")
+    _omit_if_none = ("accuracy", "accuracy_converged", "perplexity", "top1_agreement", "conditioning",
+                     "head_accuracy", "healing")
 
     def to_frame(self):
         """One row per model (original, approximated, and skip when probed): blocks, parameters, accuracy."""
@@ -170,12 +174,13 @@ class SearchResult(Result):
     top_k: int = 5  # the head of the ranking the race keeps exact
     rounds: list[dict] = field(default_factory=list)  # the race: samples seen, candidates run and kept
     score_agreement: dict = field(default_factory=dict)  # {cheap score: {"spearman": ρ, "candidates": k}}
+    metric: str = "mse"  # what ranks the candidates: measured final MSE, or the model's own head ("head-accuracy")
 
     def to_frame(self):
         """One row per candidate, in ranking order."""
         import pandas as pd
 
-        return pd.DataFrame([{k: v for k, v in row.items() if k not in ("ranges", "accuracy")}
+        return pd.DataFrame([{k: v for k, v in row.items() if k not in ("ranges", "accuracy", "head_accuracy")}
                              for row in self.candidates])
 
 
@@ -208,4 +213,16 @@ def flat_row(row: dict) -> dict:
             "acc_mean": acc["approximated"]["mean"], "acc_std": acc["approximated"]["std"],
             "skip_acc_mean": skip.get("mean", ""), "skip_acc_std": skip.get("std", ""),
             "converged_acc": converged["approximated"]["mean"],
-            "converged_skip_acc": converged_skip.get("mean", "")}
+            "converged_skip_acc": converged_skip.get("mean", ""), **head_columns(row),
+            **{f"{task} {metric}": value for task, metrics in (row.get("tasks") or {}).items()
+               for metric, value in metrics.items()}}
+
+
+def head_columns(row: dict) -> dict:
+    """The model's own head's top-1 (and top-5) accuracy of the row and of its skipped blocks; none without a head."""
+    head = row.get("head_accuracy")
+    if not head:
+        return {}
+    skip = head["skip"] or {}
+    return {f"head_{k}": v for k, v in head["approximated"].items()} | {f"skip_head_{k}": skip.get(k, "")
+                                                                       for k in head["approximated"]}

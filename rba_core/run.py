@@ -23,7 +23,8 @@ from rba_core.models import (DEFAULT_MAX_LENGTH, Encoder, ModelRef, adapter_clas
                              model_ref, readable_source)
 from rba_core.models.decoder import DecoderLM
 from rba_core.progress import Progress
-from rba_core.registry import lm_text_mismatch
+from rba_core.data import open_sample
+from rba_core.registry import lm_text_mismatch, stream_spec
 
 Stage = Callable[[str], None]
 
@@ -134,6 +135,15 @@ class Run:
     def samples(self, split: str) -> int:
         """How many samples of ``split`` the run draws: ``fit_n`` of train, ``eval_n`` of test."""
         return self.fit_n if split == "train" else self.eval_n
+
+    def check_samples(self, *splits: str) -> None:
+        """One sentence now, before any pass, when a split holds fewer samples than the run draws from it (opening a
+        split reads its labels, not its samples; a stream is checked as it is read)."""
+        if stream_spec(self.data):
+            return
+        for split in splits:
+            if self.samples(split):
+                open_sample(self.data, split, self.samples(split), self.seed)
 
     def extract(self, split: str, **options):
         """The pass over this run's samples of ``split`` (:func:`rba_core.extract.extract`)."""

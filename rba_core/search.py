@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass, fields
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -50,6 +50,7 @@ FIRST_ROUND_SHARE = 8  # the first round sees 1/8 of the evaluation samples ...
 MIN_ROUND_SAMPLES = 8  # ... but at least this many
 CONFIDENCE = 0.999  # of the interval that decides whether a candidate may leave the race
 TOP_K = 5  # the ranking's head that the race keeps exact
+METRICS = ("mse", "head-accuracy")  # what the candidates are ranked by
 
 
 def candidate_ranges(num_blocks: int, pairs: bool = False) -> list[Candidate]:
@@ -366,7 +367,8 @@ class SearchPlan:
     """What a measured search is asked: the budget (``blocks`` removed exactly, at most ``max_params``
     parameters, at most ``max_latency_ms`` estimated per image; none means every candidate), whether pairs of
     ranges are candidates, the map kind and its hyperparameters, the probe for the best ``probe_top``, and the
-    race (``top_k``, ``exhaustive``, ``memory_bytes`` for the cached block outputs)."""
+    race (``top_k``, ``exhaustive``, ``memory_bytes`` for the cached block outputs), and the ``metric`` it ranks
+    by."""
 
     blocks: int | None = None
     max_params: int | None = None
@@ -378,6 +380,8 @@ class SearchPlan:
     memory_bytes: int | None = None
     exhaustive: bool = False
     top_k: int = TOP_K
+    metric: str = "mse"  # or "head-accuracy": rank by the model's own classifier head
+    label_map: Any = None  # a JSON file matching the dataset's classes to the head's (:mod:`rba_core.head`)
 
 
 def search(model, dataset, fit_n: int, eval_n: int, seed: int = 0, **options) -> SearchResult:
@@ -409,18 +413,29 @@ def search_run(run: Run, plan: SearchPlan, on_round: Callable[[list[dict], dict]
     candidates that left early carry the estimate over the samples they saw (``samples``, ``mse_ci``).
     ``on_round(rows, summary)`` gets the ranking after each round, as it sharpens. A causal LM on a
     language-model text reads it as windows of ``seq_len`` tokens. ``score_agreement`` says how well
-    each cheap score predicts the measured ranking (:func:`score_agreement`).
+    each cheap score predicts the measured ranking (:func:`score_agreement`). ``metric`` ``head-accuracy``
+    then ranks the candidates by the top-1 accuracy of the model's own classifier head, each measured as
+    ``approximate`` measures it (:func:`rba_core.head.rank_by_head`; ``label_map`` as there).
     """
     kind = plan.kind
     declared = map_kind(kind)
+    if plan.metric not in METRICS:
+        raise RBAError(f"Unknown metric '{plan.metric}': use {' or '.join(METRICS)}.")
     params = plan.map_params or MapParams()
     began = time.perf_counter()
     stage = run.stage
+    run.check_samples("train", "test")  # before any pass
     run.stage("Fit samples (train split): representations and token statistics")
     fit = run.extract("train")
     run.stage("Evaluation samples (test split): original model")
     ev = run.extract("test", with_stats=False)
     num_blocks = fit.num_blocks
+    if plan.metric == "head-accuracy":
+        from rba_core.head import find_head
+
+        why = find_head(run.lazy, run.ref.name, ev, plan.label_map)[1]
+        if why:
+            raise RBAError(f"{why.removesuffix('.')}, so search cannot rank by it; use --metric mse.")
     if plan.blocks is not None and not 1 <= plan.blocks <= num_blocks:
         raise RBAError(f"Cannot remove {plan.blocks} blocks: this model has {num_blocks}; choose 1..{num_blocks}.")
     everything = candidate_ranges(num_blocks, plan.pairs)
@@ -437,7 +452,7 @@ def search_run(run: Run, plan: SearchPlan, on_round: Callable[[list[dict], dict]
         most = n * (latency_estimate((), timing, kind) + sum(candidate_run_ms(c, timing, kind) for c in chosen)) / 1000
         stage(f"Measured search: {len(chosen)} of {len(everything)} candidates fit the budget; measuring every one on "
               f"all {n} samples would take about {duration_text(most)} here (the race stops most of them earlier)")
-        fitted = map_statistics(run, kind, fit, chosen)
+        fitted = map_statistics(run, kind, fit, chosen, params)
         needed = sorted({r for c in chosen for r in c})  # pairs share ranges: fit each map once
         return chosen, {r: _on(fit_map(fitted, r, kind, params), encoder.device) for r in needed}
 
@@ -480,6 +495,12 @@ def search_run(run: Run, plan: SearchPlan, on_round: Callable[[list[dict], dict]
         candidates=rows, cache={"fit": fit.key, "eval": ev.key}, notes=sorted(set(fit.notes + ev.notes)) + notes,
         seconds=seconds, exhaustive=plan.exhaustive, top_k=plan.top_k, rounds=rounds,
     )
+    if plan.metric == "head-accuracy":
+        from rba_core.head import rank_by_head
+
+        rows[:], results.original["head_accuracy"] = rank_by_head(rows, lambda ranges: approximate_run(
+            run.quiet(), ranges, kind, params, latency=False, label_map=plan.label_map), stage)
+        results.metric = plan.metric
     if plan.probe_top > 0:
         stage(f"Linear probe for the best {min(plan.probe_top, len(rows))} candidates")
         for row in rows[:plan.probe_top]:

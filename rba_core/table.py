@@ -73,22 +73,32 @@ def row_label(row: Sequence[Range]) -> tuple[str, str]:
 def table(model, datasets: Sequence[str], fit_n: int, eval_n: int, seed: int = 0,
           rows: str | Sequence[Sequence[Range]] = "paper", kind: str = "linear", **options) -> TableResult:
     """:func:`table_run` of the :class:`Run` of these arguments (on the first dataset). ``options``: the run's
-    (``max_length``, ``seq_len``, ``cache``, ``progress``, ``on_stage``, ``encoder``) and ``map_params``."""
+    (``max_length``, ``seq_len``, ``cache``, ``progress``, ``on_stage``, ``encoder``), ``map_params``,
+    ``label_map``, and ``tasks`` with ``limit`` and ``include_path`` (:class:`rba_core.downstream.TaskRequest`)."""
     if not datasets:
         raise RBAError("Give at least one dataset for the table.")
     run, asked = Run.of(model, datasets[0], {**options, "fit_n": fit_n, "eval_n": eval_n, "seed": seed},
-                        ("map_params",))
-    return table_run(run, datasets, rows, kind, asked.get("map_params"))
+                        ("map_params", "label_map", "tasks", "limit", "include_path"))
+    tasks = None
+    if asked.get("tasks"):
+        from rba_core.downstream import TaskRequest
+
+        tasks = TaskRequest(asked["tasks"], asked.get("limit"), include_path=asked.get("include_path"))
+    return table_run(run, datasets, rows, kind, asked.get("map_params"), asked.get("label_map"), tasks)
 
 
 def table_run(run: Run, datasets: Sequence[str], rows: str | Sequence[Sequence[Range]] = "paper",
-              kind: str = "linear", map_params: MapParams | None = None) -> TableResult:
+              kind: str = "linear", map_params: MapParams | None = None, label_map=None, tasks=None) -> TableResult:
     """The original model's row then one row per range set, for each dataset (the run on each in turn).
 
     Rows: ``dataset``, ``range`` and ``paper`` (labels), ``ranges`` ([[i, j], ...]),
     ``blocks_left``, ``params`` (T included), ``mse_final``, ``accuracy`` {``approximated``,
     ``skip``} each {mean, std} over probe seeds 0, 1, 2 (``original`` on the original row), and
-    ``accuracy_converged`` the same for the converged probe (one deterministic run, std 0).
+    ``accuracy_converged`` the same for the converged probe (one deterministic run, std 0); with a
+    classification head that matches the dataset's classes (or ``label_map``), ``head_accuracy`` the same for
+    the model's own head ({top1[, top5]}; :mod:`rba_core.head`). ``tasks`` (causal LMs, a
+    :class:`rba_core.downstream.TaskRequest`): lm-eval tasks scored on every row's model, in ``tasks`` as
+    ``{task: {metric: value}}`` (:func:`rba_core.downstream.evaluate_run`; the original model once).
     The model is loaded once, and only when some row is not cached. A causal LM on a language-model text reads
     it as windows of the run's ``seq_len`` tokens.
     """
@@ -106,27 +116,63 @@ def table_run(run: Run, datasets: Sequence[str], rows: str | Sequence[Sequence[R
           f"{rows * per_row:,} sample forwards of approximated models ({per_row:,} per row) after one pass of the "
           "original model over each split; stored passes and rows are read instead, and the time follows the first row")
     out = []
+    lm_tasks = _task_runner(run, tasks, kind, params) if tasks else None
     for position, dataset in enumerate(datasets):
         on = (run if position == 0 else run.on(dataset)).quiet()  # the table says its own stages
         for n, row in enumerate(checked):
             label, paper = row_label(row)
             stage(f"{dataset}: row {n + 1}/{len(checked)}, range {label}")
             # Latency is not in the table, so the rows are not timed (a stored timed run serves them too).
-            res = approximate_run(on, row, kind, params, probe=True, latency=False)
+            res = approximate_run(on, row, kind, params, probe=True, latency=False, label_map=label_map)
+            heads = res.head_accuracy and {"head_accuracy": res.head_accuracy}
+            scores = lm_tasks and {"tasks": lm_tasks(dataset, row)}
             if len(out) == 0 and rows > 1:
                 stage(_estimate(cache, res.cache["eval"], rows - 1, per_row, (len(datasets) - 1) * (fit_n + eval_n)))
             if n == 0:
                 out.append({"dataset": dataset, "range": "original", "paper": "original", "ranges": [],
                             "blocks_left": res["blocks"]["original"], "params": res["params"]["original"],
                             "mse_final": 0.0, **{key: {"approximated": res[key]["original"], "skip": None}
-                                                 for key in ACCURACIES}})
+                                                 for key in ACCURACIES},
+                            **{key: {"approximated": v["original"], "skip": None} for key, v in (heads or {}).items()},
+                            **({"tasks": lm_tasks(dataset, [])} if lm_tasks else {})})
             out.append({"dataset": dataset, "range": label, "paper": paper, "ranges": [list(r) for r in row],
                         "blocks_left": res["blocks"]["approximated"], "params": res["params"]["approximated"],
                         "mse_final": res["mse_final"],
                         **{key: {"approximated": res[key]["approximated"], "skip": res[key]["skip"]}
-                           for key in ACCURACIES}})
+                           for key in ACCURACIES},
+                        **{key: {"approximated": v["approximated"], "skip": v["skip"]} for key, v in (heads or {}).items()},
+                        **(scores or {})})
     return TableResult(model=res.model, datasets=[str(d) for d in datasets], fit_n=fit_n, eval_n=eval_n, seed=run.seed,
                        map=kind, map_params=declared.key(params), rows=out)
+
+
+def _task_runner(run: Run, tasks, kind: str, params: MapParams):
+    """``score(dataset, ranges)``: lm-eval ``tasks`` (a :class:`rba_core.downstream.TaskRequest`) on the run's
+    model with ``ranges`` approximated (maps fitted on ``dataset`` as ``approximate`` fits them),
+    ``{task: {metric: value}}``; the original model (no ranges) is scored once. Checks the tasks before any row
+    runs."""
+    from dataclasses import replace
+
+    from rba_core.downstream import _task_names, check_tasks, evaluate_run, task_manager
+
+    names = _task_names(tasks.tasks)
+    check_tasks(task_manager(tasks.include_path, names), names)
+    request = replace(tasks, tasks=names, with_original=False)
+    scored: dict = {}
+
+    def score(dataset, ranges) -> dict:
+        if not ranges and "original" in scored:
+            return scored["original"]
+        run.stage(f"lm-eval {', '.join(names)}: " + (" + ".join(f"{i}→{j}" for i, j in ranges) or "original model"))
+        record = evaluate_run(run.on(dataset).quiet(), request, ranges, kind, params)
+        which = "approximated" if ranges else "original"
+        result = {task: {m: v for m, v in models[which].items() if not m.endswith("_stderr")}
+                  for task, models in record["results"].items()}
+        if not ranges:
+            scored["original"] = result
+        return result
+
+    return score
 
 
 def _estimate(cache: Cache, pass_key: str, rows: int, per_row: int, passes: int) -> str:
@@ -141,6 +187,11 @@ def _estimate(cache: Cache, pass_key: str, rows: int, per_row: int, passes: int)
     per_sample = meta["seconds"] / meta["n"]
     return (f"{other}: at most about {duration_text(per_sample * (rows * per_row + passes))} "
             f"({1000 * per_sample:.3g} ms per sample, the original model's speed; stored rows take no time)")
+
+
+def _number(value) -> str:
+    """A task metric as lm-eval gives it (4 decimals); empty where there is none."""
+    return "" if value is None or value == "" else f"{value:.4f}"
 
 
 def _percent(mean, std=None) -> str:
@@ -162,12 +213,17 @@ def render(result: dict, fmt: str) -> str:
         writer.writerows(rows)
         return text.getvalue()
     if fmt == "md":
+        heads = [k for k in (rows[0] if rows else {}) if k.startswith(("head_", "skip_head_")) or " " in k]
         lines = ["| dataset | range (ours) | paper | blocks left | params | final MSE | accuracy % | skip accuracy % "
-                 "| converged probe % | converged skip % |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+                 "| converged probe % | converged skip % |" + "".join(
+                     f" {k} |" if " " in k else f" {k.replace('_', ' ')} % |" for k in heads),
+                 "|---|---|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(heads)]
         lines += [f"| {r['dataset']} | {r['range']} | {r['paper']} | {r['blocks_left']} | {r['params']:,} | "
                   f"{r['mse_final']:.4g} | {_percent(r['acc_mean'], r['acc_std'])} | "
                   f"{_percent(r['skip_acc_mean'], r['skip_acc_std'])} | {_percent(r['converged_acc'])} | "
-                  f"{_percent(r['converged_skip_acc'])} |" for r in rows]
+                  f"{_percent(r['converged_skip_acc'])} |" + "".join(
+                      f" {_number(r.get(k))} |" if " " in k else f" {_percent(r.get(k, ''))} |" for k in heads)
+                  for r in rows]
         return "\n".join(lines) + "\n"
     raise RBAError(f"Unknown table format '{fmt}': use csv, md or json.")
 

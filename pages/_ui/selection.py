@@ -17,7 +17,7 @@ from urllib.parse import urlencode
 
 import streamlit as st
 
-from rba_core.maps import HYPERS, MAPS, MapParams
+from rba_core.maps import MAPS, MapParams
 from rba_core.models import default_device, gguf_ready, is_gguf, model_fingerprint, model_info, readable_source
 from rba_core.stats import memory_budget, planned_pairs, size_text, stats_bytes
 from rba_core.errors import RBAError
@@ -303,12 +303,12 @@ def checked(value: int, label: str, low: int, high: int, where: str = "") -> int
 
 def map_choice(kind_at=st, hypers_at=st) -> tuple[str, MapParams]:
     """The map kind and its hyperparameters (shared by every page that fits maps, so a choice follows the user);
-    one widget per hyperparameter any kind declares, enabled for the kinds that read it."""
+    one widget per hyperparameter of the chosen kind."""
     kind = kind_at.selectbox("Map", list(MAPS), key="map", help="; ".join(k.label for k in MAPS.values()), **BOUND)
-    values = {h.name: float(hypers_at.number_input(h.label, min_value=h.minimum, value=h.default, format="%.4g",
-                                                   key=h.name, disabled=h.name not in MAPS[kind].uses,
-                                                   help=h.help, **BOUND))
-              for h in HYPERS}
+    values = {h.name: h.type(hypers_at.number_input(h.label, min_value=h.type(h.minimum), value=h.default,
+                                                    format="%.4g" if h.type is float else "%d", key=h.name,
+                                                    help=h.help, **BOUND))
+              for h in MAPS[kind].hypers}  # the others keep their defaults: they do not change this kind's maps
     return kind, MapParams(**values)
 
 

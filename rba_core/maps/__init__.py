@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from rba_core.maps.base import (PRODUCT_EPS, Conditioning, FitData, Fitted, Hyper, MapKind, MissingStatistics, Range,
-                                solve_spd, solve_spd_conditioned, validate_ranges)
+                                solve_spd, solve_spd_conditioned, tokens_per_sample, validate_ranges)
 from rba_core.maps.linear import all_pair_maps, fit_residual_matrix
 from rba_core.maps.registry import HYPERS, KINDS, MAPS, MapParams, map_kind
 
@@ -32,7 +32,8 @@ def fit_map(stats, rng: Range, kind: str = "linear", params=None) -> "FittedMap 
     fitted = declared.fit(FitData.of(stats), tuple(rng), params)
     if fitted is None:
         return None
-    return FittedMap(kind, fitted.tensors, rng[0], conditioning=fitted.conditioning, params=declared.key(params))
+    return FittedMap(kind, fitted.tensors, rng[0], conditioning=fitted.conditioning, params=declared.key(params),
+                     report=fitted.training)
 
 
 def empty_map(kind: str, hidden_size: int, start: int, params: dict | None = None) -> "FittedMap | None":
@@ -49,4 +50,4 @@ def empty_map(kind: str, hidden_size: int, start: int, params: dict | None = Non
 
 __all__ = ["HYPERS", "KINDS", "MAPS", "PRODUCT_EPS", "Conditioning", "FitData", "Fitted", "Hyper", "MapKind",
            "MapParams", "MissingStatistics", "Range", "all_pair_maps", "empty_map", "fit_map", "fit_residual_matrix",
-           "map_kind", "solve_spd", "solve_spd_conditioned", "validate_ranges"]
+           "map_kind", "solve_spd", "solve_spd_conditioned", "tokens_per_sample", "validate_ranges"]

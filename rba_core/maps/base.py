@@ -105,16 +105,22 @@ class Hyper:
     label: str  # the widget's label
     help: str
     minimum: float = 0.0
+    type: type = float
 
 
 @dataclass(frozen=True)
 class FitData:
     """The statistics a map is fitted from, by name: ``tokens`` (:class:`rba_core.stats.TokenStats`: Gram
-    blocks and sums) and ``fold`` (range -> :class:`rba_core.maps.folded.FoldStats`). A kind declares the
-    ones it reads (:attr:`MapKind.statistics`); the others may be None."""
+    blocks and sums), ``fold`` (range -> :class:`rba_core.maps.folded.FoldStats`) and ``samples`` (token states,
+    :class:`rba_core.range_pass.TokenSamples`, for maps trained by gradient descent). A kind declares the ones it
+    reads (:attr:`MapKind.statistics`); the others may be None. A trained fit draws with ``seed`` and reports its
+    steps to ``progress``."""
 
     tokens: Any = None
     fold: Any = None
+    samples: Any = None
+    seed: int = 0
+    progress: Any = None
 
     @classmethod
     def of(cls, stats) -> "FitData":
@@ -122,7 +128,7 @@ class FitData:
         if isinstance(stats, FitData):
             return stats
         if hasattr(stats, "tokens") and hasattr(stats, "fold"):
-            return cls(stats.tokens, stats.fold)
+            return cls(stats.tokens, stats.fold, getattr(stats, "samples", None))
         return cls(fold=stats) if isinstance(stats, dict) else cls(tokens=stats)
 
     def require(self, name: str):
@@ -142,6 +148,7 @@ class Fitted:
 
     tensors: dict[str, np.ndarray]
     conditioning: Conditioning | None = None
+    training: dict | None = None  # a trained map's train_loss, val_loss, steps
 
 
 @dataclass(frozen=True)
@@ -181,6 +188,29 @@ class MapKind:
         values = asdict(params)
         return {name: values[name] for name in self.uses}
 
+    @property
+    def trained(self) -> bool:
+        """Fitted by gradient descent on token samples (not in closed form): its fits are worth caching."""
+        return "samples" in self.statistics
+
     def gather(self, **providers: Callable[[], Any]) -> FitData:
-        """The statistics this kind reads, each from its provider (called only when read)."""
-        return FitData(**{name: providers[name]() for name in self.statistics})
+        """The statistics this kind reads, each from its provider (called only when read); ``seed`` and
+        ``progress`` are passed through."""
+        extra = {k: providers[k] for k in ("seed", "progress") if k in providers}
+        return FitData(**{name: providers[name]() for name in self.statistics}, **extra)
+
+
+#: The hyperparameters of the kinds trained by gradient descent (:mod:`rba_core.maps.training`).
+TRAINING = (
+    Hyper("train_lr", 3e-3, "Training: learning rate", "trained maps: Adam's learning rate"),
+    Hyper("train_steps", 300, "Training: steps", "trained maps: at most this many Adam steps (of 2048 tokens), "
+          "fewer when the held-out loss stops improving", minimum=1, type=int),
+    Hyper("train_tokens", 32768, "Training: tokens", "trained maps: token states drawn from the fit samples to "
+          "train on (a seeded sample, the same share of each sample; every tenth sample held out)", minimum=16,
+          type=int),
+)
+
+
+def tokens_per_sample(params, fit_n: int) -> int:
+    """How many token states of each fit sample a trained kind's ``train_tokens`` asks for."""
+    return max(1, -(-int(params.train_tokens) // max(fit_n, 1)))

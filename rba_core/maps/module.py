@@ -14,13 +14,16 @@ class FittedMap(nn.Module):
     """A map of range i→j (``start`` = i) of kind ``kind``: ``forward(hidden, m=None)`` computes the kind's
     ``apply`` in float32 on the map's device whatever the model computes in, returned in the hidden states'
     dtype. Tensors are frozen parameters (buffers for a kind that folds into the weights, which adds none).
-    ``params``: the hyperparameters it was fitted with; ``conditioning``: how well its solve was determined."""
+    ``params``: the hyperparameters it was fitted with; ``conditioning``: how well its solve was determined;
+    ``report``: a trained map's losses and steps (:func:`rba_core.maps.training.train`)."""
 
     def __init__(self, kind: str, tensors: dict[str, np.ndarray | torch.Tensor], start: int = 0, *,
-                 conditioning: Conditioning | None = None, params: dict | None = None):
+                 conditioning: Conditioning | None = None, params: dict | None = None,
+                 report: dict | None = None):
         super().__init__()
         declared = map_kind(kind)
         self.kind, self.start, self.conditioning, self.params = kind, start, conditioning, dict(params or {})
+        self.report = report  # a trained map's losses and steps (``training`` is nn.Module's mode flag)
         self.needs_mlp_output = declared.needs_mlp_output
         self.names = tuple(tensors)
         for name, value in tensors.items():

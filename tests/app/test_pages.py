@@ -490,9 +490,11 @@ def test_cache_page_lists_and_deletes_with_a_confirmation(home, tmp_path, monkey
     metrics = {m.label: m.value for m in at.metric}
     size = sum(p.stat().st_size for p in tmp_path.glob("[!.]*/*"))  # every file of every entry
     assert 1e5 <= size < 1e6 and metrics["Total size"] == f"{size / 1e3:.1f} kB"
-    assert metrics["Stored results"] == "3" and str(tmp_path) in at.markdown[0].value
+    assert metrics["Stored results"] == "4" and str(tmp_path) in at.markdown[0].value
     listed = at.dataframe[0].value
-    assert sorted(listed["kind"]) == ["approximated run", "pass (representations, statistics)",
+    assert sorted(listed["kind"]) == ["approximated run",  # the demo's own head too (issue 17)
+                                     "head accuracy (the model's own classifier head: original, approximated, skipped)",
+                                     "pass (representations, statistics)",
                                      "range statistics (float64 Gram blocks and fold statistics of given ranges)"]
     assert set(listed["key"]) == {k[:12] for k in (result["cache"]["fit"], result["cache"]["eval"])} | {
         p.name[:12] for p in tmp_path.iterdir() if not p.name.startswith(".")}
@@ -506,10 +508,10 @@ def test_cache_page_lists_and_deletes_with_a_confirmation(home, tmp_path, monkey
     at.button(key="cache-confirm").click().run()
     _clean(at)
     assert not (tmp_path / result["cache"]["fit"]).exists() and {m.label: m.value for m in at.metric}[
-        "Stored results"] == "2"
+        "Stored results"] == "3"
     at.button(key="cache-delete-all").click().run()
     at.button(key="cache-cancel").click().run()
-    assert {m.label: m.value for m in at.metric}["Stored results"] == "2"
+    assert {m.label: m.value for m in at.metric}["Stored results"] == "3"
     at.button(key="cache-delete-all").click().run()
     at.button(key="cache-confirm").click().run()
     _clean(at)

@@ -126,3 +126,13 @@ def test_missing_dataset_folder_says_it_does_not_exist(tmp_path):
 def test_folder_without_images(tmp_path):
     (tmp_path / "empty_class").mkdir()
     raises(r"No images found", open_dataset, str(tmp_path), "train")
+
+
+def test_more_samples_than_a_split_holds_are_refused_before_any_pass(tmp_path):
+    """Issue 18 item 3: the split sizes decide it, so no pass runs first (nothing reaches the cache)."""
+    from rba_core.analysis import approximate
+    from rba_core.cache import Cache
+
+    with pytest.raises(RBAError, match="evaluation samples .test split. but the test split has only 360 images"):
+        approximate("digits-ViT", "digits", 16, 100000, 0, [(1, 3)], cache=Cache(tmp_path))
+    assert Cache(tmp_path).entries() == []

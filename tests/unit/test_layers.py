@@ -16,14 +16,16 @@ LAYERS = {
     "hub": ["rba_core.hub"],
     "models": ["rba_core.models", "rba_core.models.*"],
     "data": ["rba_core.source", "rba_core.data", "rba_core.streaming", "rba_core.lm_data", "rba_core.tar_shards",
-             "rba_core.demo", "rba_core.demo.*"],
+             "rba_core.demo", "rba_core.demo.*", "rba_core.tasks", "rba_core.tasks.*"],
     "statistics and maps": ["rba_core.stats", "rba_core.metrics", "rba_core.probe", "rba_core.scores", "rba_core.maps",
                             "rba_core.maps.*"],
-    "passes": ["rba_core.approx", "rba_core.extract", "rba_core.range_pass", "rba_core.fold", "rba_core.perplexity"],
+    "passes": ["rba_core.approx", "rba_core.extract", "rba_core.range_pass", "rba_core.fold", "rba_core.perplexity",
+               "rba_core.cut"],
     "the run": ["rba_core.run"],
     "results and exports": ["rba_core.results", "rba_core.export", "rba_core.report", "rba_core.plots"],
-    "operations": ["rba_core.analysis", "rba_core.search", "rba_core.table", "rba_core.plans"],
-    "interfaces": ["rba_core", "rba_core.__main__", "rba_core.cli", "pages", "pages.*", "app"],
+    "operations": ["rba_core.head", "rba_core.heal", "rba_core.analysis", "rba_core.search", "rba_core.table", "rba_core.downstream",
+                   "rba_core.plans"],
+    "interfaces": ["rba_core", "rba_core.__main__", "rba_core.cli", "rba_core.cli_eval", "pages", "pages.*", "app"],
 }
 
 

@@ -118,7 +118,7 @@ def test_cli_options_come_from_the_declarations(tiny_models, image_folder, tmp_p
     with pytest.raises(SystemExit):
         main(["approximate", "--help"])
     text = capsys.readouterr().out
-    assert all(name in text for name in MAPS) and all(f"--{h.name}" in text for h in HYPERS)
+    assert all(name in text for name in MAPS) and all(f"--{h.name.replace('_', '-')}" in text for h in HYPERS)
     out = tmp_path / "a.json"
     assert main(["approximate", "--model", tiny_models["vit"], "--dataset", image_folder, "--fit-n", str(FIT_N),
                  "--eval-n", str(EVAL_N), "--range", "1", "3", "--map", "diagonal", "--no-latency",
