@@ -197,3 +197,18 @@ def test_plan_curves_draw_one_line_per_strategy(folded_plans):
 def test_a_budget_no_plan_meets_is_one_sentence(cache):
     with pytest.raises(RBAError, match="No plan meets this budget"):
         plan(**LM, max_params=1000, cache=cache)
+
+
+def test_a_trained_kind_plans_and_folds(cache, tmp_path):
+    """--map cosine (trained with Adam, folds): the plan's maps come from the analysis's trained fits, grouped so
+    that every group folds together, and the export is a plain checkpoint with the reported perplexity."""
+    from transformers import AutoModelForCausalLM
+
+    from rba_core.maps import MapParams
+
+    result = plan(**{**LM, "eval_n": 8}, remove_blocks=1, kind="cosine", top_k=3, cache=cache,
+                  map_params=MapParams(train_steps=20))
+    assert result.plain_checkpoint and len(result.steps[0]["candidates"]) == 3
+    export_plan(result, tmp_path / "out")
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32).eval()
+    assert _perplexity(model, _windows("test", 8)) == pytest.approx(result.final["metric"], rel=1e-4)
