@@ -13,7 +13,7 @@ from pages._ui import shared  # noqa: E402
 from pages._ui.compute import analysis
 from pages._ui.show import downloads, errors  # noqa: E402
 from pages._ui.selection import sidebar  # noqa: E402
-from rba_core.plots import redundancy_bars  # noqa: E402
+from rba_core.store.plots import redundancy_bars  # noqa: E402
 from rba_core.ranking import rank_ranges, suggested_removed, top_blocks  # noqa: E402
 
 st.set_page_config(page_title="RBA Explorer", page_icon=":material/layers:", layout="wide")

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import common
-from rba_core.analysis import analyze
+from rba_core.ops.analysis import analyze
 from rba_core.cache import Cache
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import common
 import numpy as np
 from rba_core.cache import Cache
-from rba_core.extract import extract
+from rba_core.passes.extract import extract
 from rba_core.maps import fit_map
 
 

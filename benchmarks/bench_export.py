@@ -24,11 +24,11 @@ import torch
 
 import common
 import rba_core
-from rba_core.approx import ApproximatedEncoder, approximate_encoder
+from rba_core.passes.approx import ApproximatedEncoder, approximate_encoder
 from rba_core.cache import Cache
 from rba_core.data import open_dataset
-from rba_core.export import ONNX, WEIGHTS, export_onnx, onnx_session, save_compressed
-from rba_core.extract import extract
+from rba_core.store.export import ONNX, WEIGHTS, export_onnx, onnx_session, save_compressed
+from rba_core.passes.extract import extract
 from rba_core.latency import measure
 from rba_core.models import load_encoder
 

@@ -21,10 +21,10 @@ import numpy as np
 import common
 from rba_core.maps import fit_map
 from rba_core.data import open_dataset, sample_indices
-from rba_core.extract import run_pass
-from rba_core.stats import StatsPlan
+from rba_core.passes.extract import run_pass
+from rba_core.measures.stats import StatsPlan
 from rba_core.models import load_encoder
-from rba_core.stats import TokenStats
+from rba_core.measures.stats import TokenStats
 
 
 def _residual(stats: TokenStats, i: int, j: int, t: np.ndarray) -> float:

@@ -26,13 +26,13 @@ import numpy as np
 import torch
 
 import common
-from rba_core.run import lm_dataset
+from rba_core.ops.run import lm_dataset
 from rba_core.data import open_dataset, sample_indices
-from rba_core.extract import run_pass
+from rba_core.passes.extract import run_pass
 from rba_core.models import load_encoder
 from rba_core.registry import MODELS
 from rba_core.maps import fit_residual_matrix
-from rba_core.stats import StatsPlan, TokenStats, planned_pairs, stats_bytes
+from rba_core.measures.stats import StatsPlan, TokenStats, planned_pairs, stats_bytes
 
 
 def llama_folder(folder: Path) -> str:
@@ -53,7 +53,7 @@ def export_report(folder: str, source, args, tmp: Path) -> dict:
     """Fold ``args.export`` into a plain checkpoint; its size and plain-transformers latency vs the original's."""
     from transformers import AutoModelForCausalLM
 
-    from rba_core.analysis import export
+    from rba_core.ops.analysis import export
     from rba_core.cache import Cache
 
     out = tmp / "folded"

@@ -25,7 +25,7 @@ import common
 from rba_core.maps import all_pair_maps
 from rba_core.data import open_dataset, sample_indices
 from rba_core.models import load_encoder
-from rba_core.stats import StatsAccumulator, TokenStats
+from rba_core.measures.stats import StatsAccumulator, TokenStats
 
 
 def _reset_peak() -> float:

@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 
 import common
-from rba_core.analysis import approximate
-from rba_core.run import lm_dataset
+from rba_core.ops.analysis import approximate
+from rba_core.ops.run import lm_dataset
 from rba_core.cache import Cache
 from rba_core.data import open_sample
 from rba_core.models import load_encoder

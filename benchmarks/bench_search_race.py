@@ -21,9 +21,9 @@ from pathlib import Path
 
 import common
 from rba_core.cache import Cache
-from rba_core.extract import extract
+from rba_core.passes.extract import extract
 from rba_core.models import load_encoder
-from rba_core.search import search
+from rba_core.ops.search import search
 
 
 def main() -> None:

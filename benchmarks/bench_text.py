@@ -19,8 +19,8 @@ import torch
 
 import common
 from rba_core.data import open_dataset, sample_indices
-from rba_core.extract import run_pass
-from rba_core.stats import StatsPlan
+from rba_core.passes.extract import run_pass
+from rba_core.measures.stats import StatsPlan
 from rba_core.models import load_encoder
 from rba_core.registry import MINILM_ID, MODELS
 

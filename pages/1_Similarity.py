@@ -7,7 +7,7 @@ import streamlit as st
 from pages._ui.compute import analysis
 from pages._ui.show import downloads, errors, matrix_table, result_part
 from pages._ui.selection import BOUND, DATASET_FOLDER, DATASET_OPTIONS, pick, sidebar
-from rba_core.plots import METRIC_NAMES, metric_title, similarity_heatmap, similarity_side_by_side
+from rba_core.store.plots import METRIC_NAMES, metric_title, similarity_heatmap, similarity_side_by_side
 
 NONE = "(none)"
 

@@ -10,10 +10,10 @@ import streamlit as st
 from pages._ui.compute import analysis, pass_meta, run_search, start_button
 from pages._ui.show import dataframe, downloads, errors, matrix_table, result_part
 from pages._ui.selection import BOUND, eval_samples, map_choice, sidebar
-from rba_core.approx import paper_notation
-from rba_core.plots import POOLED, br_formula, redundancy_bars, residual_heatmap
+from rba_core.passes.approx import paper_notation
+from rba_core.store.plots import POOLED, br_formula, redundancy_bars, residual_heatmap
 from rba_core.ranking import rank_ranges, suggested_removed, top_blocks
-from rba_core.scores import SCORES, score_title
+from rba_core.measures.scores import SCORES, score_title
 
 BUDGETS = {"blocks": "blocks to remove", "params": "parameters at most", "latency": "latency at most"}
 KEPT_SEARCHES = 4  # results per session (each holds every candidate)

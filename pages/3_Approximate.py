@@ -12,12 +12,12 @@ from pages._ui.compute import (approximation, may_read, num_blocks, run_approxim
 from pages._ui.selection import BOUND, Selection, eval_samples, map_choice, sidebar
 from pages._ui.show import NotComputed, dataframe, downloads, errors, file_download, file_name, not_computed
 from pages._ui.measures import downstream_tasks, head_metrics
-from rba_core.approx import paper_notation
+from rba_core.passes.approx import paper_notation
 from rba_core.maps import validate_ranges
 from rba_core.latency import change, describe, measurable
 from rba_core.maps import MAPS, MapParams
-from rba_core.plots import pca_scatter
-from rba_core.probe import small_classes_note
+from rba_core.store.plots import pca_scatter
+from rba_core.measures.probe import small_classes_note
 from rba_core.projection import shared_pca
 from rba_core.ranking import default_ranges, removes_text
 

@@ -8,9 +8,9 @@ import streamlit as st
 from pages._ui.compute import may_read, num_blocks, run_plans, run_table, start_button, table_results, unit
 from pages._ui.selection import BOUND, DATASET_FOLDER, DATASET_OPTIONS, eval_samples, map_choice, pick, sidebar
 from pages._ui.show import NotComputed, dataframe, downloads, errors, not_computed
-from rba_core.plots import plan_curves
-from rba_core.results import head_columns
-from rba_core.table import PRESETS, parse_rows, render, row_label
+from rba_core.store.plots import plan_curves
+from rba_core.store.results import head_columns
+from rba_core.ops.table import PRESETS, parse_rows, render, row_label
 
 CUSTOM = "custom"
 NONE = "(none)"

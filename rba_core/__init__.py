@@ -15,27 +15,27 @@ from rba_core.errors import RBAError
 
 #: public name -> module that defines it
 _EXPORTS = {
-    "analyze": "rba_core.analysis",
-    "approximate": "rba_core.analysis",
-    "search": "rba_core.search",
-    "table": "rba_core.table",
-    "evaluate": "rba_core.downstream",  # lm-eval tasks on a causal LM and its approximation
-    "plan": "rba_core.plans",
-    "load_compressed": "rba_core.export",
-    "save_compressed": "rba_core.export",
-    "block_redundancy": "rba_core.metrics",
-    "cosine_matrix": "rba_core.metrics",
-    "linear_cka_matrix": "rba_core.metrics",
+    "analyze": "rba_core.ops.analysis",
+    "approximate": "rba_core.ops.analysis",
+    "search": "rba_core.ops.search",
+    "table": "rba_core.ops.table",
+    "evaluate": "rba_core.ops.downstream",  # lm-eval tasks on a causal LM and its approximation
+    "plan": "rba_core.ops.plans",
+    "load_compressed": "rba_core.store.export",
+    "save_compressed": "rba_core.store.export",
+    "block_redundancy": "rba_core.measures.metrics",
+    "cosine_matrix": "rba_core.measures.metrics",
+    "linear_cka_matrix": "rba_core.measures.metrics",
     "ADAPTERS": "rba_core.models",
     "adapter_class": "rba_core.models",
     "load_encoder": "rba_core.models",
     "MAPS": "rba_core.maps",
     "MapParams": "rba_core.maps",
     "fit_map": "rba_core.maps",
-    "AnalysisResult": "rba_core.results",
-    "ApproximationResult": "rba_core.results",
-    "SearchResult": "rba_core.results",
-    "TableResult": "rba_core.results",
+    "AnalysisResult": "rba_core.store.results",
+    "ApproximationResult": "rba_core.store.results",
+    "SearchResult": "rba_core.store.results",
+    "TableResult": "rba_core.store.results",
 }
 
 __all__ = ["RBAError", *_EXPORTS]

@@ -101,7 +101,7 @@ def _parser(prog: str = MODULE_PROG) -> argparse.ArgumentParser:
 
 
 def _add_plan(sub, common: argparse.ArgumentParser) -> None:
-    """The ``plan`` subcommand (:mod:`rba_core.plans`)."""
+    """The ``plan`` subcommand (:mod:`rba_core.ops.plans`)."""
     plan = sub.add_parser("plan", parents=[common], help="remove blocks step by step until a budget is met "
                           "(greedy, window or shortgpt), measured by perplexity or final MSE")
     plan.add_argument("--fit-n", type=int, required=True, help="train samples (windows) the maps are fitted on")
@@ -144,7 +144,7 @@ def _add_heal_options(parser: argparse.ArgumentParser) -> None:
 def _heal_plan(args: argparse.Namespace):
     if args.heal is None:
         return None
-    from rba_core.heal import HealPlan
+    from rba_core.ops.heal import HealPlan
 
     return HealPlan(args.heal, args.heal_lora, args.heal_lr)
 
@@ -283,9 +283,9 @@ def _run(args: argparse.Namespace, tracker: Tracker) -> int:
 
 
 def _request(args: argparse.Namespace, dataset, cache, tracker: Tracker):
-    """The :class:`rba_core.run.Run` of the command's arguments: ``analyze`` draws ``--n`` samples of its split,
+    """The :class:`rba_core.ops.run.Run` of the command's arguments: ``analyze`` draws ``--n`` samples of its split,
     the others ``--fit-n`` train and ``--eval-n`` test samples."""
-    from rba_core.run import Run
+    from rba_core.ops.run import Run
 
     n = getattr(args, "n", None)
     return Run(args.model, dataset, fit_n=args.fit_n if n is None else n,
@@ -295,9 +295,9 @@ def _request(args: argparse.Namespace, dataset, cache, tracker: Tracker):
 
 
 def _run_in_cache(args: argparse.Namespace, tracker: Tracker) -> int:
-    from rba_core.analysis import analyze_run, approximate_run
+    from rba_core.ops.analysis import analyze_run, approximate_run
     from rba_core.cache import Cache
-    from rba_core.extract import DECODE_WORKERS_ENV
+    from rba_core.passes.extract import DECODE_WORKERS_ENV
     from rba_core.models import gguf_ready
 
     if args.decode_workers is not None:  # read by every pass of this run (and of this rank)
@@ -307,14 +307,14 @@ def _run_in_cache(args: argparse.Namespace, tracker: Tracker) -> int:
     try:
         from rba_core.data import dataset_unit
 
-        from rba_core.lm_data import is_lm_text
+        from rba_core.data.lm_data import is_lm_text
 
         first = args.dataset[0] if args.command == "table" else args.dataset or "demo-text"  # eval: its default
         tracker.samples = tracker.unit = "windows" if is_lm_text(first) else dataset_unit(first)
         if not gguf_ready(args.model):
             tracker.stage(f"Dequantising {args.model} into the cache as a float32 checkpoint (once per GGUF file)")
         if args.command == "table":
-            from rba_core.table import table_format
+            from rba_core.ops.table import table_format
 
             table_format(args.out)  # a bad suffix fails before any work
         run = None if args.command == "eval" else _request(args, first, cache, tracker)
@@ -322,11 +322,11 @@ def _run_in_cache(args: argparse.Namespace, tracker: Tracker) -> int:
             results = analyze_run(run, args.split, windows=args.window or (1,), stats_window=args.stats_window,
                                   stats_budget=_budget(args))
         elif args.command == "table":
-            from rba_core.table import table_run, write_table
+            from rba_core.ops.table import table_run, write_table
 
             tasks = None
             if args.tasks:
-                from rba_core.downstream import TaskRequest
+                from rba_core.ops.downstream import TaskRequest
 
                 tasks = TaskRequest(args.tasks, int(args.limit) if args.limit and args.limit >= 1 else args.limit,
                                     include_path=args.include_path)
@@ -334,7 +334,7 @@ def _run_in_cache(args: argparse.Namespace, tracker: Tracker) -> int:
             if _main_rank():  # one writer under a launcher
                 args.json = write_table(results, args.out)
         elif args.command == "search":
-            from rba_core.search import SearchPlan, search_run
+            from rba_core.ops.search import SearchPlan, search_run
 
             results = search_run(run, SearchPlan(
                 blocks=args.blocks, max_params=args.max_params, max_latency_ms=args.max_latency_ms, pairs=args.pairs,
@@ -347,7 +347,7 @@ def _run_in_cache(args: argparse.Namespace, tracker: Tracker) -> int:
         elif args.command == "plan":
             results = _plan(args, run)
         elif args.command == "export":
-            from rba_core.analysis import export_run
+            from rba_core.ops.analysis import export_run
 
             results = export_run(run, args.range, args.map, args.out, _map_params(args), args.onnx, _heal_plan(args))
             print(f"wrote {args.out}", file=sys.stderr)
@@ -375,7 +375,7 @@ def _run_in_cache(args: argparse.Namespace, tracker: Tracker) -> int:
 
 def _plan(args: argparse.Namespace, run):
     """``plan``: the steps, and the model written to ``--out`` when asked."""
-    from rba_core.plans import PlanSpec, export_plan, plan_run
+    from rba_core.ops.plans import PlanSpec, export_plan, plan_run
 
     results = plan_run(run, PlanSpec(
         remove_blocks=args.remove_blocks, max_params=args.max_params, max_latency_ms=args.max_latency_ms,
@@ -390,7 +390,7 @@ def _plan(args: argparse.Namespace, run):
 def _write(args: argparse.Namespace, results) -> None:
     """The results as JSON in ``--json`` (``-``: stdout), else a short summary on stdout; the table has
     written itself already, in the format its ``--out`` suffix names."""
-    from rba_core.report import summarise
+    from rba_core.store.report import summarise
 
     data = results if isinstance(results, dict) else results.to_json()  # export returns its rba.json record
     if args.command == "table":

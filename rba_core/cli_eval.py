@@ -1,4 +1,4 @@
-"""The ``eval`` subcommand: lm-eval tasks on a causal LM and its approximation (:mod:`rba_core.downstream`)."""
+"""The ``eval`` subcommand: lm-eval tasks on a causal LM and its approximation (:mod:`rba_core.ops.downstream`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from rba_core.registry import DEFAULT_MAX_LENGTH, DEFAULT_SEQ_LEN
 
 def add_eval_parser(sub, add_map_options, decode_help: str, count) -> None:
     """The ``eval`` parser; ``add_map_options(parser)`` adds ``--map`` and the kinds' hyperparameters."""
-    from rba_core.downstream import DEBIAN_TASK, DEFAULT_DATASET, INSTALL
+    from rba_core.ops.downstream import DEBIAN_TASK, DEFAULT_DATASET, INSTALL
 
     ev = sub.add_parser("eval", help="lm-eval tasks on a causal LM and on its approximation (needs lm-eval: "
                         f"{INSTALL})")
@@ -42,7 +42,7 @@ def add_eval_parser(sub, add_map_options, decode_help: str, count) -> None:
 
 def run_eval(args: argparse.Namespace, cache, progress, stage, params) -> dict:
     """``eval``'s record; ``params``: the maps' hyperparameters (:class:`rba_core.maps.MapParams`)."""
-    from rba_core.downstream import evaluate
+    from rba_core.ops.downstream import evaluate
 
     limit = args.limit
     if limit is not None and limit >= 1:

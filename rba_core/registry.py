@@ -110,7 +110,7 @@ class DatasetInfo:
     text_columns: tuple[str, ...] | None = None  # one text column, or a pair
     hub_config: str | None = None
     test_split: str = "test"  # the hub split used as our test split
-    streamed: bool = False  # read as a stream (rba_core.streaming) unless a local copy exists
+    streamed: bool = False  # read as a stream (rba_core.data.streaming) unless a local copy exists
 
     def hub_split(self, split: str) -> str:
         return self.test_split if split == "test" else split
@@ -148,7 +148,7 @@ DATASETS: dict[str, DatasetInfo] = {
 @dataclass(frozen=True)
 class LMTextInfo:
     """A language-model text known by name, read as windows of tokens by causal language models
-    (:mod:`rba_core.lm_data`): shipped in a folder, or on the hub (then copied to ``$RBA_DATA_DIR/<local_name>``)."""
+    (:mod:`rba_core.data.lm_data`): shipped in a folder, or on the hub (then copied to ``$RBA_DATA_DIR/<local_name>``)."""
 
     alias: str
     hub_id: str | None
@@ -266,7 +266,7 @@ def local_text_advice(info: LMTextInfo) -> str:
             f"{info.local_name}/test.txt, or give a .txt file or a folder with train.txt and test.txt.")
 
 
-#: A dataset read as a stream, a sample at a time (:mod:`rba_core.streaming`): ``stream:<alias, hub id or folder>``.
+#: A dataset read as a stream, a sample at a time (:mod:`rba_core.data.streaming`): ``stream:<alias, hub id or folder>``.
 STREAM_PREFIX = "stream:"
 
 

@@ -30,7 +30,7 @@ from typing import Callable, Iterator, Sequence
 import pandas as pd
 import streamlit as st
 
-from rba_core.extract import DECODE_WORKERS_ENV
+from rba_core.passes.extract import DECODE_WORKERS_ENV
 
 # The server runs many threads; forking it for DataLoader decoding workers could copy a lock some other
 # thread holds. Passes started here read ahead with one thread instead, unless the user set the variable.
@@ -43,20 +43,20 @@ from rba_core.models import preload  # noqa: E402
 
 preload()
 
-from rba_core.analysis import analyze_run, approximate_run, export_run, fit_range_maps
-from rba_core.approx import ApproximatedEncoder, approximate_encoder
+from rba_core.ops.analysis import analyze_run, approximate_run, export_run, fit_range_maps
+from rba_core.passes.approx import ApproximatedEncoder, approximate_encoder
 from rba_core.cache import Cache, cache_root
-from rba_core.export import ONNX, RECORD
+from rba_core.store.export import ONNX, RECORD
 from rba_core.hub import hub_status, on_disk
-from rba_core.lm_data import DEFAULT_SEQ_LEN
+from rba_core.data.lm_data import DEFAULT_SEQ_LEN
 from rba_core.data import dataset_unit
 from rba_core.distributed import run_group
 from rba_core.maps import MapParams
 from rba_core.models import Encoder, load_encoder, model_info
 from rba_core.progress import stage_unit, stopped_sentence
-from rba_core.search import SearchPlan, search_run
-from rba_core.run import Run
-from rba_core.table import table_run
+from rba_core.ops.search import SearchPlan, search_run
+from rba_core.ops.run import Run
+from rba_core.ops.table import table_run
 from rba_core.threads import configure_threads
 
 from pages._ui import shared
@@ -383,7 +383,7 @@ def run_continuation(sel: Selection, ranges: list[tuple[int, int]], kind: str, p
                      tokens: int = 40) -> dict[str, str]:
     """Greedy continuations of ``prompt`` by the original, approximated and skipped language models
     (maps fitted from the stored statistics), in :func:`_working`."""
-    from rba_core.perplexity import continue_text
+    from rba_core.passes.perplexity import continue_text
 
     with _working("Continuing the prompt…", unit(sel.dataset)) as work:
         model = encoder(sel.model)
@@ -407,7 +407,7 @@ def _range_maps(sel: Selection, ranges: list[tuple[int, int]], kind: str, params
 def run_export(sel: Selection, ranges: list[tuple[int, int]], kind: str, params: MapParams, name: str,
                onnx: bool) -> dict:
     """The approximated model of the dashboard written in a temporary folder by the CLI's and the library's
-    :func:`rba_core.analysis.export` (maps fitted from the ranges' stored statistics; a kind that folds into
+    :func:`rba_core.ops.analysis.export` (maps fitted from the ranges' stored statistics; a kind that folds into
     the weights gives a plain Hugging Face checkpoint), in :func:`_working`. Returns ``content`` (the folder
     as a zip, or with ``onnx`` the ONNX file), ``sizes`` (bytes on disk per file) and ``record`` (rba.json)."""
     what = "the ONNX file" if onnx else "the compressed model"
@@ -427,9 +427,9 @@ def run_export(sel: Selection, ranges: list[tuple[int, int]], kind: str, params:
 
 def run_plans(sel: Selection, eval_n: int, remove: int, strategies: Sequence[str], kind: str,
               params: MapParams) -> dict[str, dict]:
-    """One compression plan per strategy removing ``remove`` blocks (:func:`rba_core.plans.plan_run`), in
+    """One compression plan per strategy removing ``remove`` blocks (:func:`rba_core.ops.plans.plan_run`), in
     :func:`_working`; their JSON by strategy. Not stored as a whole: the fit passes they reuse are."""
-    from rba_core.plans import PlanSpec, plan_run
+    from rba_core.ops.plans import PlanSpec, plan_run
 
     out = {}
     with _working("Planning…", unit(sel.dataset)) as work:

@@ -1,6 +1,6 @@
 """What users of a cut model measure, on the Approximate page: the model's own classifier head (shown with the
 results) and, for causal language models, lm-eval tasks on the original and the approximated model
-(:func:`rba_core.downstream.evaluate`), run like every long step (status box, Stop)."""
+(:func:`rba_core.ops.downstream.evaluate`), run like every long step (status box, Stop)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import streamlit as st
 from pages._ui.compute import _opened, _working, encoder, start_button, unit
 from pages._ui.selection import Selection
 from pages._ui.show import dataframe, downloads, errors
-from rba_core.downstream import DEBIAN_TASK
+from rba_core.ops.downstream import DEBIAN_TASK
 from rba_core.maps import MapParams
 
 DONE = "_lm_tasks"  # session key: the results of the runs made in this session, by their settings
@@ -20,7 +20,7 @@ def run_lm_tasks(sel: Selection, ranges: list[tuple[int, int]], kind: str, param
                  limit: int | None) -> dict:
     """lm-eval ``tasks`` on the original and approximated model (maps fitted as the page fits them), in a status
     box with Stop."""
-    from rba_core.downstream import evaluate
+    from rba_core.ops.downstream import evaluate
 
     with _working("Running the lm-eval tasks…", unit(sel.dataset)) as work:
         record = evaluate(sel.model, tasks, dataset=sel.dataset, fit_n=sel.n, seed=sel.seed, ranges=ranges,

@@ -19,7 +19,7 @@ import streamlit as st
 
 from rba_core.maps import MAPS, MapParams
 from rba_core.models import default_device, gguf_ready, is_gguf, model_fingerprint, model_info, readable_source
-from rba_core.stats import memory_budget, planned_pairs, size_text, stats_bytes
+from rba_core.measures.stats import memory_budget, planned_pairs, size_text, stats_bytes
 from rba_core.errors import RBAError
 from rba_core.hub import hub_status, is_available_offline, is_hub_model, offline_problem
 from rba_core.registry import (DATA_DIR_ENV, DATASETS, DEMO_PAIR, LM_DEMO_PAIR, LM_TEXTS, MINILM_ID, MODEL_ALIASES,

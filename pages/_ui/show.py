@@ -12,8 +12,8 @@ import pandas as pd
 import streamlit as st
 
 from rba_core.errors import RBAError
-from rba_core.plots import state_labels
-from rba_core.results import Result, plain
+from rba_core.store.plots import state_labels
+from rba_core.store.results import Result, plain
 
 log = logging.getLogger(__name__)
 MISSING = "—"  # what a table cell without a value shows

@@ -78,7 +78,7 @@ def main() -> None:
 
     if not __package__:  # run as a script path: make the repository root importable
         sys.path.insert(0, str(HERE.parents[1]))
-    from rba_core.lm_data import token_windows
+    from rba_core.data.lm_data import token_windows
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(2)

@@ -1,7 +1,7 @@
 """The map kinds that replace a range of blocks: the registry, one file per kind.
 
 A map for range i→j sends hs[i] to hs[j], one map shared by all (real) tokens, fitted from statistics of
-the fit samples (:mod:`rba_core.stats`, :mod:`rba_core.range_pass`), never from a second pass over the model.
+the fit samples (:mod:`rba_core.measures.stats`, :mod:`rba_core.passes.range_pass`), never from a second pass over the model.
 Each kind is one module of this package declaring a :class:`~rba_core.maps.base.MapKind`: the statistics it
 reads, its fit, the tensors and computation of its module (:class:`~rba_core.maps.module.FittedMap`), whether
 it folds into the weights, what ranges and models it takes, and its hyperparameters. Everything else (the
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 def fit_map(stats, rng: Range, kind: str = "linear", params=None) -> "FittedMap | None":
     """The map of ``kind`` for range i→j (None for a kind that skips the blocks) from the statistics its kind
-    reads: ``stats`` is a :class:`FitData`, a :class:`rba_core.range_pass.RangeStatistics`, token statistics
+    reads: ``stats`` is a :class:`FitData`, a :class:`rba_core.passes.range_pass.RangeStatistics`, token statistics
     or fold statistics."""
     from rba_core.maps.module import FittedMap
 

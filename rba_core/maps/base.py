@@ -110,9 +110,9 @@ class Hyper:
 
 @dataclass(frozen=True)
 class FitData:
-    """The statistics a map is fitted from, by name: ``tokens`` (:class:`rba_core.stats.TokenStats`: Gram
+    """The statistics a map is fitted from, by name: ``tokens`` (:class:`rba_core.measures.stats.TokenStats`: Gram
     blocks and sums), ``fold`` (range -> :class:`rba_core.maps.folded.FoldStats`) and ``samples`` (token states,
-    :class:`rba_core.range_pass.TokenSamples`, for maps trained by gradient descent). A kind declares the ones it
+    :class:`rba_core.passes.range_pass.TokenSamples`, for maps trained by gradient descent). A kind declares the ones it
     reads (:attr:`MapKind.statistics`); the others may be None. A trained fit draws with ``seed`` and reports its
     steps to ``progress``."""
 

@@ -1,7 +1,7 @@
 """``folded``: ReplaceMe's map, exact. For range i→j, T minimises ||m·T − (hs[j] − r)||² where hs[i] = r + m,
 m being block i's MLP output (for i = 0, m = hs[0] and r = 0), from the fold statistics of the range
-(:class:`FoldStats`, collected by :mod:`rba_core.range_pass`). Folded into that layer (``W ← W·T``,
-:mod:`rba_core.fold`), it adds no parameter and leaves a plain checkpoint with fewer layers."""
+(:class:`FoldStats`, collected by :mod:`rba_core.passes.range_pass`). Folded into that layer (``W ← W·T``,
+:mod:`rba_core.passes.fold`), it adds no parameter and leaves a plain checkpoint with fewer layers."""
 
 from __future__ import annotations
 

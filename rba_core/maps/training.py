@@ -1,7 +1,7 @@
 """Training a map by gradient descent on token samples (the trained kinds: ``cosine``, ``mlp``, ``deep-mlp``).
 
 Adam from a warm start (the kind's closed-form solution), on the training rows of the fit samples' token states
-(:class:`rba_core.range_pass.TokenSamples`), in minibatches drawn with the run's seed; the loss on the held-out
+(:class:`rba_core.passes.range_pass.TokenSamples`), in minibatches drawn with the run's seed; the loss on the held-out
 rows (every tenth fit sample) is checked every few steps, and the tensors of the best check are kept, stopping
 early when it has not improved for :data:`PATIENCE` checks. Deterministic on CPU for a given seed.
 """

@@ -433,7 +433,7 @@ def _weights_digest(encoder: Encoder) -> str:
 def model_ref(model, max_length: int | None = DEFAULT_MAX_LENGTH) -> ModelRef:
     """Resolve what a caller passed as the model: an alias, hub id or folder (nothing is loaded),
     a loaded :class:`Encoder`, or a loaded Hugging Face model object (identified by its weights); a
-    :class:`ModelRef` (a model resolved once, :class:`rba_core.run.Run`) is returned as it is."""
+    :class:`ModelRef` (a model resolved once, :class:`rba_core.ops.run.Run`) is returned as it is."""
     if isinstance(model, ModelRef):
         return model
     if isinstance(model, str):

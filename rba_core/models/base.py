@@ -137,7 +137,7 @@ class Encoder:
         """Raw samples (PIL images or texts) -> the model's inputs on the encoder's device."""
         raise NotImplementedError
 
-    # --- folding (rba_core.fold): where a map can be folded into the weights ------------------
+    # --- folding (rba_core.passes.fold): where a map can be folded into the weights ------------------
     #: the linear layer (path inside a block) whose output, times ``mlp_scale`` where there is one,
     #: is the MLP output m that the block adds to the residual stream; None: no map folds into a block
     mlp_out: str | None = None
@@ -151,7 +151,7 @@ class Encoder:
 
     def folds_at(self, start: int) -> bool:
         """Whether a range starting at ``start`` can fold: into the linear embeddings for 0, else into block
-        ``start``'s MLP output layer (:mod:`rba_core.fold`)."""
+        ``start``'s MLP output layer (:mod:`rba_core.passes.fold`)."""
         return bool(self.linear_stem) if start == 0 else self.mlp_out is not None
 
     def mlp_output_module(self, block: int) -> nn.Module:

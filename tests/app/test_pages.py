@@ -21,14 +21,14 @@ from streamlit.runtime.memory_media_file_storage import _calculate_file_id
 from streamlit.testing.v1 import AppTest
 
 import rba_core
-from rba_core.analysis import approximate
+from rba_core.ops.analysis import approximate
 from rba_core.cache import Cache
 from rba_core.data import open_dataset
-from rba_core.extract import extract
+from rba_core.passes.extract import extract
 from rba_core.cli import main
 from rba_core.ranking import default_ranges
 from rba_core.registry import DEMO_PAIR
-from rba_core.table import table
+from rba_core.ops.table import table
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = ["pages/1_Similarity.py", "pages/2_Redundancy.py", "pages/3_Approximate.py", "pages/4_Table.py"]

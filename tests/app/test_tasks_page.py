@@ -7,7 +7,7 @@ pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install lm-
 
 from test_pages import _app, _clean, cache_dir  # noqa: E402,F401  (cache_dir: this module's cache too)
 
-from rba_core.downstream import DEBIAN_TASK, evaluate  # noqa: E402
+from rba_core.ops.downstream import DEBIAN_TASK, evaluate  # noqa: E402
 
 LM = {"model": "demo-GPT", "dataset": "demo-text", "n": "16", "eval_n": "8"}
 
@@ -35,7 +35,7 @@ def test_the_approximate_page_runs_lm_eval_tasks(cache_dir):
 
 def test_the_approximate_page_shows_the_demos_own_head(cache_dir):
     """digits-ViT is a ViTForImageClassification whose classes are the digits: its head's accuracy is shown."""
-    from rba_core.analysis import approximate
+    from rba_core.ops.analysis import approximate
     from rba_core.cache import Cache
     from rba_core.registry import DEMO_PAIR
 

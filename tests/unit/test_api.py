@@ -9,7 +9,7 @@ from rba_core.models import load_encoder
 
 
 def test_exports_resolve_to_the_core_functions():
-    from rba_core.analysis import analyze, approximate
+    from rba_core.ops.analysis import analyze, approximate
     from rba_core.maps import MAPS
 
     assert rba_core.analyze is analyze and rba_core.approximate is approximate and rba_core.MAPS is MAPS

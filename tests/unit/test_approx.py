@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from rba_core.analysis import approximate
-from rba_core.approx import ApproximatedEncoder, approximate_encoder, count_params
-from rba_core.approx import LinearMap
+from rba_core.ops.analysis import approximate
+from rba_core.passes.approx import ApproximatedEncoder, approximate_encoder, count_params
+from rba_core.passes.approx import LinearMap
 from rba_core.maps import MapParams, fit_map, fit_residual_matrix
 from rba_core.cache import Cache
 from rba_core.data import open_dataset
-from rba_core.extract import extract
+from rba_core.passes.extract import extract
 from rba_core.models import load_encoder
 
 N = 16  # 16 images x 17 tokens = 272 token rows > D = 32: every least-squares problem is well-posed
@@ -216,7 +216,7 @@ def test_captured_outputs_ignore_other_threads_forwards():
     hook is on must not replace this thread's captured MLP output."""
     import threading
 
-    from rba_core.approx import FoldedMap, captured
+    from rba_core.passes.approx import FoldedMap, captured
 
     layer = torch.nn.Linear(4, 4)
     mine, theirs = torch.randn(1, 4), torch.randn(2, 4)

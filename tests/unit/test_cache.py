@@ -17,14 +17,14 @@ import numpy as np
 import pytest
 import torch
 
-import rba_core.run
-import rba_core.extract
-from rba_core.analysis import approximate
+import rba_core.ops.run
+import rba_core.passes.extract
+from rba_core.ops.analysis import approximate
 from rba_core.cache import CACHE_DIR_ENV, WAITING, Cache, make_key
-from rba_core.extract import extract
+from rba_core.passes.extract import extract
 from rba_core.models import load_encoder
 from rba_core.progress import Cancelled
-from rba_core.stats import StatsAccumulator
+from rba_core.measures.stats import StatsAccumulator
 
 
 def _no_model(*args, **kwargs):
@@ -55,7 +55,7 @@ def first(tiny_models, image_folder, cache, vit):
 
 def test_second_extract_is_a_hit_without_loading_the_model(first, tiny_models, image_folder, cache,
                                                            monkeypatch):
-    monkeypatch.setattr(rba_core.extract, "load_encoder", _no_model)
+    monkeypatch.setattr(rba_core.passes.extract, "load_encoder", _no_model)
     calls = []
     again = extract(tiny_models["vit"], image_folder, 8, seed=3, cache=Cache(cache.root),
                     encoder=lambda: calls.append(1) or _no_model())
@@ -74,7 +74,7 @@ def test_miss_without_loader_loads_the_model(tiny_models, image_folder, cache, m
         loaded.append(name)
         return load_encoder(name, device, max_length)
 
-    monkeypatch.setattr(rba_core.extract, "load_encoder", counting_loader)
+    monkeypatch.setattr(rba_core.passes.extract, "load_encoder", counting_loader)
     extract(tiny_models["deit"], image_folder, 4, seed=0, cache=cache, device="cpu")
     extract(tiny_models["deit"], image_folder, 4, seed=0, cache=cache, device="cpu")
     assert loaded == [tiny_models["deit"]]
@@ -216,8 +216,8 @@ def test_approximate_on_a_full_cache_hit_never_loads_the_model(tiny_models, imag
                                                                monkeypatch):
     args = (tiny_models["vit"], image_folder, 8, 4, 0, [(1, 3)], "linear")
     first = approximate(*args, probe=True, cache=cache, encoder=vit)
-    monkeypatch.setattr(rba_core.run, "load_encoder", _no_model)
-    monkeypatch.setattr(rba_core.extract, "load_encoder", _no_model)
+    monkeypatch.setattr(rba_core.ops.run, "load_encoder", _no_model)
+    monkeypatch.setattr(rba_core.passes.extract, "load_encoder", _no_model)
     again = approximate(*args, probe=True, cache=Cache(cache.root))
     assert again["mse_final"] == first["mse_final"]
     assert again["accuracy"] == first["accuracy"]
@@ -233,7 +233,7 @@ TWIN = """
 import hashlib, json, os, sys, time
 from pathlib import Path
 from rba_core.cache import Cache
-from rba_core.extract import extract
+from rba_core.passes.extract import extract
 from rba_core.models import load_encoder
 from rba_core.progress import Cancelled
 model, data, root, me, go = sys.argv[1:6]

@@ -17,8 +17,8 @@ import pytest
 
 from rba_core.maps import fit_residual_matrix
 from rba_core.cache import Cache
-from rba_core.extract import extract
-from rba_core.metrics import block_redundancy, cosine_matrix, linear_cka_matrix
+from rba_core.passes.extract import extract
+from rba_core.measures.metrics import block_redundancy, cosine_matrix, linear_cka_matrix
 from rba_core.models import load_encoder
 
 ROOT = Path(__file__).resolve().parents[2]

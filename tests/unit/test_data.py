@@ -18,7 +18,7 @@ from PIL import Image
 from rba_core import RBAError
 from rba_core.cache import Cache
 from rba_core.data import open_dataset, sample_indices
-from rba_core.extract import extract
+from rba_core.passes.extract import extract
 from rba_core.registry import DATA_DIR_ENV
 
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -320,7 +320,7 @@ def test_webdataset_text_shards(tmp_path, monkeypatch):
 
 @needs_shared
 def test_a_stream_draws_a_seeded_reproducible_sample_through_datasets_streaming(tmp_path, tiny_models, monkeypatch):
-    from rba_core import streaming
+    from rba_core.data import streaming
     from rba_core.data import open_sample
 
     table = _real_rows("mnist", 150)

@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 import torch
 
-from rba_core.approx import ApproximatedEncoder, approximate_encoder
-from rba_core.extract import token_rows
+from rba_core.passes.approx import ApproximatedEncoder, approximate_encoder
+from rba_core.passes.extract import token_rows
 from rba_core.models import load_encoder, model_info
-from rba_core.stats import StatsAccumulator
+from rba_core.measures.stats import StatsAccumulator
 
 BLOCKS, WIDTH, VOCAB = 4, 32, 260
 SIZES = dict(hidden_size=WIDTH, num_hidden_layers=BLOCKS, num_attention_heads=4, intermediate_size=64,
@@ -215,7 +215,7 @@ def test_text_is_one_stream_cut_into_windows(tmp_path):
     import json
 
     from rba_core.errors import RBAError
-    from rba_core.lm_data import split_text, token_windows
+    from rba_core.data.lm_data import split_text, token_windows
 
     tok = byte_tokenizer()
     windows = token_windows(tok, "abcdefghij" * 5, SEQ)  # 50 tokens: 3 windows, 2 tokens dropped
@@ -240,8 +240,8 @@ def test_perplexity_equals_the_models_own_labels_loss(decoders, text_folder):
     from transformers import AutoModelForCausalLM
 
     from rba_core.data import open_dataset
-    from rba_core.lm_data import LMText
-    from rba_core.perplexity import lm_scores
+    from rba_core.data.lm_data import LMText
+    from rba_core.passes.perplexity import lm_scores
 
     folder = decoders("llama")
     enc = load_encoder(folder, device="cpu")
@@ -264,7 +264,7 @@ def test_cli_analyze_and_approximate_a_causal_lm(decoders, text_folder, tmp_path
     import json
 
     from rba_core.cli import main
-    from rba_core.metrics import angular_distance, block_influence
+    from rba_core.measures.metrics import angular_distance, block_influence
 
     folder = decoders("gpt2")
     common = ["--model", folder, "--dataset", str(text_folder), "--seq-len", str(SEQ), "--cache-dir", str(tmp_path)]
@@ -275,7 +275,7 @@ def test_cli_analyze_and_approximate_a_causal_lm(decoders, text_folder, tmp_path
     assert [len(analysis["angular_distance"][n]) for n in ("1", "2")] == [BLOCKS, BLOCKS - 1]
     # The same scores by hand from the model's own hidden states on the sampled windows.
     from rba_core.data import open_dataset, sample_indices
-    from rba_core.lm_data import LMText
+    from rba_core.data.lm_data import LMText
 
     source = open_dataset(LMText(str(text_folder), folder, SEQ), "train")
     ids = torch.as_tensor(np.stack(source.items(sample_indices(len(source), 6, 0))))
@@ -320,8 +320,8 @@ def test_the_demo_lm_reproduces_its_recorded_held_out_perplexity():
     import json
 
     from rba_core.data import open_dataset
-    from rba_core.lm_data import LMText
-    from rba_core.perplexity import lm_scores
+    from rba_core.data.lm_data import LMText
+    from rba_core.passes.perplexity import lm_scores
     from rba_core.registry import DEMO_LM_DIR, resolve_model
 
     record = json.loads((DEMO_LM_DIR / "training.json").read_text())
@@ -335,9 +335,9 @@ def test_the_demo_lm_reproduces_its_recorded_held_out_perplexity():
 
 def test_greedy_continuation_of_the_original_equals_generate():
     """continue_text's original model is the model's own greedy generate; skipping blocks changes it."""
-    from rba_core.approx import approximate_encoder
+    from rba_core.passes.approx import approximate_encoder
     from rba_core.models import load_encoder
-    from rba_core.perplexity import continue_text
+    from rba_core.passes.perplexity import continue_text
 
     enc = load_encoder("demo-GPT", "cpu")
     ids = enc.processor("Package description: a", return_tensors="pt")["input_ids"]
@@ -353,11 +353,11 @@ def test_bfloat16_pass_stays_close_to_float32_and_gets_its_own_cache_key(decoder
     float64), run here on CPU: the pass, a fitted map and perplexity work on bfloat16 states and stay
     within bfloat16 rounding of the float32 results; the dtype is part of the extraction key."""
     from rba_core.data import open_dataset
-    from rba_core.extract import extraction_key, run_pass
-    from rba_core.lm_data import LMText
+    from rba_core.passes.extract import extraction_key, run_pass
+    from rba_core.data.lm_data import LMText
     from rba_core.models.decoder import DecoderLM
-    from rba_core.perplexity import lm_scores
-    from rba_core.stats import StatsPlan, TokenStats
+    from rba_core.passes.perplexity import lm_scores
+    from rba_core.measures.stats import StatsPlan, TokenStats
 
     folder = decoders("llama")
     enc = load_encoder(folder, device="cpu")

@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 from test_cli import ROOT, finish, start
 
-from rba_core.analysis import analyze, approximate
+from rba_core.ops.analysis import analyze, approximate
 from rba_core.cache import Cache
 from rba_core.data import open_dataset
 from rba_core.distributed import World
 from rba_core.errors import RBAError
-from rba_core.extract import extract
+from rba_core.passes.extract import extract
 from rba_core.maps import fit_map
 from rba_core.models import load_encoder
-from rba_core.search import search
+from rba_core.ops.search import search
 
 N = 27  # not a multiple of the sample group: uneven shares and a partial last group
 TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")

@@ -12,7 +12,7 @@ import torch
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install lm-eval==0.4.13)")
 
 from rba_core.cli import main  # noqa: E402
-from rba_core.downstream import DEBIAN_TASK, TASKS_DIR, evaluate  # noqa: E402
+from rba_core.ops.downstream import DEBIAN_TASK, TASKS_DIR, evaluate  # noqa: E402
 from rba_core.errors import RBAError  # noqa: E402
 
 FIT = ["--dataset", "demo-text", "--fit-n", "16", "--seq-len", "128", "--seed", "0"]
@@ -71,11 +71,11 @@ def test_eval_folded_matches_lm_eval_on_the_export(tmp_path, capsys):
 @pytest.mark.parametrize("kind", ["linear", "folded", "identity"])
 def test_cut_model_computes_the_approximated_encoder(kind, cache):
     """The transformers model handed to lm-eval gives the logits of ``approximate``'s own approximated model."""
-    from rba_core.analysis import fit_range_maps
-    from rba_core.approx import ApproximatedEncoder
-    from rba_core.cut import blocks_path, cut_model
+    from rba_core.ops.analysis import fit_range_maps
+    from rba_core.passes.approx import ApproximatedEncoder
+    from rba_core.passes.cut import blocks_path, cut_model
     from rba_core.maps import MapParams
-    from rba_core.run import Run
+    from rba_core.ops.run import Run
 
     run = Run("demo-GPT", "demo-text", 16, seq_len=128, cache=cache)
     ranges = [(0, 1), (3, 5)] if kind != "folded" else [(3, 5), (6, 7)]

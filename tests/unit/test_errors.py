@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from rba_core import RBAError
-from rba_core.analysis import approximate
+from rba_core.ops.analysis import approximate
 from rba_core.maps import validate_ranges
 from rba_core.maps import fit_map
 from rba_core.cache import Cache
 from rba_core.data import open_dataset
-from rba_core.extract import extract
+from rba_core.passes.extract import extract
 from rba_core.models import load_encoder
-from rba_core.stats import StatsAccumulator
+from rba_core.measures.stats import StatsAccumulator
 
 
 def raises(pattern: str, call, *args, **kwargs) -> str:
@@ -130,7 +130,7 @@ def test_folder_without_images(tmp_path):
 
 def test_more_samples_than_a_split_holds_are_refused_before_any_pass(tmp_path):
     """Issue 18 item 3: the split sizes decide it, so no pass runs first (nothing reaches the cache)."""
-    from rba_core.analysis import approximate
+    from rba_core.ops.analysis import approximate
     from rba_core.cache import Cache
 
     with pytest.raises(RBAError, match="evaluation samples .test split. but the test split has only 360 images"):

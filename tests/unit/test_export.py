@@ -13,13 +13,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import rba_core
-from rba_core.analysis import approximate, export
-from rba_core.approx import ApproximatedEncoder, approximate_encoder, count_params
+from rba_core.ops.analysis import approximate, export
+from rba_core.passes.approx import ApproximatedEncoder, approximate_encoder, count_params
 from rba_core.maps import fit_map
 from rba_core.data import open_dataset
 from rba_core.errors import RBAError
-from rba_core.export import RECORD, WEIGHTS, onnx_session, save_compressed
-from rba_core.extract import extract
+from rba_core.store.export import RECORD, WEIGHTS, onnx_session, save_compressed
+from rba_core.passes.extract import extract
 from rba_core.models import load_encoder
 
 FIT_N, EVAL_N = 40, 12

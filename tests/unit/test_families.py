@@ -40,16 +40,16 @@ import torch
 from conftest import SHARED_DATASETS
 from PIL import Image
 
-import rba_core.extract
-from rba_core.approx import ApproximatedEncoder, approximate_encoder
+import rba_core.passes.extract
+from rba_core.passes.approx import ApproximatedEncoder, approximate_encoder
 from rba_core.cache import Cache
 from rba_core.data import sample_indices
 from rba_core.errors import RBAError
-from rba_core.export import load_compressed, save_compressed
-from rba_core.extract import extract, token_rows
+from rba_core.store.export import load_compressed, save_compressed
+from rba_core.passes.extract import extract, token_rows
 from rba_core.maps import fit_map
 from rba_core.models import ADAPTERS, load_encoder, model_info
-from rba_core.stats import StatsAccumulator
+from rba_core.measures.stats import StatsAccumulator
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE_FAMILIES = ("vit", "deit", "dinov2", "clip", "clip-full")
@@ -594,7 +594,7 @@ def test_cache_hit_loads_no_model(family, zoo, images, text_folder, tmp_path, mo
     assert first.meta["family"] == MODEL_TYPES[family] and first.meta["pooling"] == zoo.encoder(family).pooling
     if family in TEXT_FAMILIES:
         assert first.meta["max_length"] == 128
-    monkeypatch.setattr(rba_core.extract, "load_encoder", _refuse_to_load)
+    monkeypatch.setattr(rba_core.passes.extract, "load_encoder", _refuse_to_load)
     again = extract(zoo.folder(family), dataset, 6, seed=1, cache=Cache(tmp_path), encoder=_refuse_to_load)
     assert again.hit and again.key == first.key
     np.testing.assert_array_equal(again.pooled, first.pooled)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from rba_core.cli import main, main_exit
-from rba_core.plots import residual_heatmap
+from rba_core.store.plots import residual_heatmap
 from rba_core.ranking import removes_text
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,7 +72,7 @@ def test_unknown_dataset_lists_the_language_model_texts_and_the_grammar_is_right
     from rba_core.cache import Cache
     from rba_core.data import open_dataset
     from rba_core.errors import RBAError
-    from rba_core.extract import extract
+    from rba_core.passes.extract import extract
 
     with pytest.raises(RBAError, match="debian-descriptions, demo-text, WikiText-2, C4\\)"):
         open_dataset("no-such-dataset")
@@ -310,7 +310,7 @@ def test_roberta_positions_start_after_the_padding_id():
 
 
 def test_the_small_class_note_calls_texts_texts():
-    from rba_core.probe import small_classes_note
+    from rba_core.measures.probe import small_classes_note
 
     labels = np.array([0] * 12 + [1] * 7 + [2])
     assert small_classes_note(labels, ["web", "database", "games"], unit="texts") == (
@@ -320,7 +320,7 @@ def test_the_small_class_note_calls_texts_texts():
 
 
 def test_minilm_on_debian_descriptions_says_texts(tmp_path):
-    from rba_core.analysis import approximate
+    from rba_core.ops.analysis import approximate
     from rba_core.cache import Cache
     from rba_core.registry import DATASETS, local_dataset_dir
 
@@ -341,7 +341,7 @@ def test_minilm_on_debian_descriptions_says_texts(tmp_path):
     ("mean", "BR(k) = −mean((mean_k − mean_{k−1})²), mean = the mean over real tokens"),
     ("last", "BR(k) = −mean((last_k − last_{k−1})²), last = the last real token")])
 def test_the_redundancy_axis_names_the_pooled_vector(pooling, title):
-    from rba_core.plots import redundancy_bars
+    from rba_core.store.plots import redundancy_bars
 
     assert redundancy_bars(np.array([-1.0, -0.5, -2.0]), 1, pooling).layout.yaxis.title.text == title
 
@@ -351,7 +351,7 @@ def test_the_redundancy_axis_names_the_pooled_vector(pooling, title):
 
 def test_latency_changes_inside_the_spread_are_no_measurable_difference():
     from rba_core.latency import change, summarise
-    from rba_core.report import summarise_approximation
+    from rba_core.store.report import summarise_approximation
 
     busy = summarise([0.008, 0.010, 0.014, 0.022, 0.024], 8)  # p25–p75: 1.25–2.75 ms, median 1.75
     slower = summarise([0.020, 0.021, 0.0245, 0.025, 0.026], 8)  # median +75 %, but inside busy's spread
@@ -455,9 +455,9 @@ def test_analyze_records_the_threads_it_ran_with(tmp_path, capsys, monkeypatch):
 def test_a_table_says_its_work_first_and_does_not_time_its_rows(tmp_path):
     import json
 
-    from rba_core.analysis import approximate
+    from rba_core.ops.analysis import approximate
     from rba_core.cache import Cache
-    from rba_core.table import table
+    from rba_core.ops.table import table
 
     stages = []
     result = table("digits-ViT", ["digits"], 16, 16, 0, "1:2,2:3", cache=Cache(tmp_path), on_stage=stages.append)
@@ -476,7 +476,7 @@ def test_a_table_says_its_work_first_and_does_not_time_its_rows(tmp_path):
 
 def test_a_search_says_how_long_measuring_every_candidate_would_take(tmp_path):
     from rba_core.cache import Cache
-    from rba_core.search import search
+    from rba_core.ops.search import search
 
     stages = []
     search("digits-ViT", "digits", 16, 16, 0, blocks=2, cache=Cache(tmp_path), on_stage=stages.append)

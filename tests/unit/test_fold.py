@@ -20,7 +20,7 @@ from test_decoders import TEXTS, _delete_layers, decoders  # noqa: F401  (fixtur
 from test_families import TRAIN_TEXTS, _layer_list, _own_final, _own_states, _perturb_norms, _real, save_family_model
 
 from rba_core.errors import RBAError
-from rba_core.fold import check_foldable, fold_statistics, folded_encoder
+from rba_core.passes.fold import check_foldable, fold_statistics, folded_encoder
 from rba_core.models import load_encoder
 
 MLP_OUT = {"llama": "mlp.down_proj", "qwen2": "mlp.down_proj", "gpt2": "mlp.c_proj"}
@@ -62,7 +62,7 @@ def test_folded_map_equals_lstsq_on_the_mlp_output(family, decoders):  # noqa: F
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_folded_checkpoint_loads_without_rba_core_and_matches(family, decoders, tmp_path):  # noqa: F811
-    from rba_core.export import save_folded
+    from rba_core.store.export import save_folded
 
     folder = decoders(family, "right")
     enc = load_encoder(folder, device="cpu")
@@ -297,7 +297,7 @@ def test_a_range_from_the_embeddings_folds_into_them(family, encoders, decoders)
 def test_folded_encoders_load_without_rba_core_and_match(encoders, decoders, tmp_path):  # noqa: F811
     """Each export loads with plain transformers in a process that never imports rba_core (the ViT
     classifier with its head, the others with AutoModel; GPT-2 folded into its tied embeddings)."""
-    from rba_core.export import save_folded
+    from rba_core.store.export import save_folded
 
     cases = {"vit": [(0, 1), (2, 3)], "dinov2": [(1, 3)], "clip": [(1, 3)], "modernbert": [(2, 4)], "gpt2": [(0, 2)]}
     expected = {}

@@ -14,18 +14,18 @@ from scipy.stats import spearmanr
 from test_decoders import SEQ, TEXTS, _prose, decoders  # noqa: F401  (fixture)
 from test_fold import _own_m_and_states
 
-from rba_core.analysis import analyze, approximate
-from rba_core.run import lm_dataset
-from rba_core.approx import approximate_encoder, count_params
+from rba_core.ops.analysis import analyze, approximate
+from rba_core.ops.run import lm_dataset
+from rba_core.passes.approx import approximate_encoder, count_params
 from rba_core.cache import Cache
 from rba_core.cli import main
 from rba_core.data import open_dataset, sample_indices
 from rba_core.errors import RBAError
-from rba_core.export import save_compressed
-from rba_core.fold import fold_pass, fold_statistics, folded_encoder
+from rba_core.store.export import save_compressed
+from rba_core.passes.fold import fold_pass, fold_statistics, folded_encoder
 from rba_core.maps import MAPS, fit_map
 from rba_core.models import load_encoder
-from rba_core.search import search
+from rba_core.ops.search import search
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from rba_core.analysis import approximate
+from rba_core.ops.analysis import approximate
 from rba_core.cli import main
 from rba_core.errors import RBAError
-from rba_core.extract import extract
-from rba_core.head import head_setup, match_labels, read_label_map
+from rba_core.passes.extract import extract
+from rba_core.ops.head import head_setup, match_labels, read_label_map
 
 # the head's classes in another order and spelling than the dataset's class0, class1, class2
 ID2LABEL = {0: "Class_2", 1: "CLASS-0", 2: "class 1"}
@@ -138,7 +138,7 @@ def test_no_head_is_one_sentence(tiny_models):
 
 
 def test_table_rows_carry_the_head_accuracy(classifier, image_folder, cache):
-    from rba_core.table import render, table
+    from rba_core.ops.table import render, table
 
     result = table(classifier, [image_folder], FIT_N, EVAL_N, 0, "1:3", "linear", cache=cache)
     single = approximate(classifier, image_folder, FIT_N, EVAL_N, 0, [RANGE], "linear", latency=False, cache=cache)
@@ -153,7 +153,7 @@ def test_table_rows_carry_the_head_accuracy(classifier, image_folder, cache):
 
 
 def test_search_ranks_by_the_head(classifier, image_folder, cache):
-    from rba_core.search import search
+    from rba_core.ops.search import search
 
     result = search(classifier, image_folder, FIT_N, EVAL_N, 0, blocks=2, metric="head-accuracy", exhaustive=True,
                     cache=cache)
@@ -169,7 +169,7 @@ def test_search_ranks_by_the_head(classifier, image_folder, cache):
 
 
 def test_search_by_head_without_a_head_is_one_sentence(tiny_models, image_folder, cache):
-    from rba_core.search import search
+    from rba_core.ops.search import search
 
     with pytest.raises(RBAError, match=r"^No head accuracy: the model has no classification head .*use --metric mse"):
         search(tiny_models["vit"], image_folder, 8, 4, 0, blocks=1, metric="head-accuracy", cache=cache)

@@ -17,7 +17,7 @@ def tiny(tiny_models):
 
 
 def test_a_repeated_measurement_reports_a_spread_with_the_median_inside(tiny):
-    from rba_core.approx import ApproximatedEncoder
+    from rba_core.passes.approx import ApproximatedEncoder
 
     pixels = {"pixel_values": torch.rand(4, 3, 32, 32)}
     full = ApproximatedEncoder(tiny, [], [])  # the original model's path

@@ -9,14 +9,14 @@ import pytest
 import torch
 
 import rba_core
-from rba_core.analysis import approximate, export
+from rba_core.ops.analysis import approximate, export
 from rba_core.cache import Cache
 from rba_core.cli import main
 from rba_core.data import open_dataset
 from rba_core.maps import HYPERS, MAPS, MapParams, fit_map
 from rba_core.models import load_encoder
-from rba_core.search import search
-from rba_core.table import table
+from rba_core.ops.search import search
+from rba_core.ops.table import table
 
 FIT_N, EVAL_N = 24, 8
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,7 +41,7 @@ def _tokens(encoder, images) -> list[np.ndarray]:
 
 def test_diagonal_map_is_each_features_least_squares_line(vit, tiny_models, image_folder, cache):
     """Against numpy: for every feature d, polyfit(hs[i][:, d], hs[j][:, d], 1) over the fit tokens."""
-    from rba_core.range_pass import range_statistics
+    from rba_core.passes.range_pass import range_statistics
 
     source = open_dataset(image_folder, "train")
     stats = range_statistics(tiny_models["vit"], image_folder, FIT_N, 0, [(1, 3)], cache=cache, encoder=vit)
@@ -84,9 +84,9 @@ def test_diagonal_runs_in_approximate_search_table_and_export(vit, tiny_models, 
 
 def approximate_net(vit, model, dataset, cache, kind, params):
     """The approximated encoder of range 1→3 fitted as approximate and export fit it."""
-    from rba_core.analysis import fit_range_maps
-    from rba_core.approx import ApproximatedEncoder
-    from rba_core.run import Run
+    from rba_core.ops.analysis import fit_range_maps
+    from rba_core.passes.approx import ApproximatedEncoder
+    from rba_core.ops.run import Run
 
     _, maps = fit_range_maps(Run(model, dataset, FIT_N, cache=cache, encoder=vit), [(1, 3)], kind, params)
     return ApproximatedEncoder(vit, [(1, 3)], maps).eval()

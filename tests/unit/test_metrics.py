@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from rba_core.cache import Cache
-from rba_core.extract import extract
-from rba_core.metrics import (angular_distance, block_influence, block_redundancy, block_redundancy_all_tokens,
+from rba_core.passes.extract import extract
+from rba_core.measures.metrics import (angular_distance, block_influence, block_redundancy, block_redundancy_all_tokens,
                              cosine_matrix, linear_cka_matrix)
 
 
@@ -112,7 +112,7 @@ def test_angular_distance_is_arccos_over_pi_between_l_and_l_plus_n(n):
 def test_block_redundancy_on_every_token_from_the_gram_statistics():
     import torch
 
-    from rba_core.stats import StatsAccumulator
+    from rba_core.measures.stats import StatsAccumulator
 
     tokens = np.random.default_rng(2).normal(size=(4, 11, 6)).astype(np.float32)
     acc = StatsAccumulator(4, 6, "cpu")

@@ -4,10 +4,10 @@ import pytest
 import torch
 from conftest import build_tiny_model
 
-from rba_core.analysis import approximate
+from rba_core.ops.analysis import approximate
 from rba_core.cache import Cache
 from rba_core.data import open_dataset
-from rba_core.extract import extract
+from rba_core.passes.extract import extract
 from rba_core.models import load_encoder
 
 FAMILIES = ("vit", "deit", "dinov2")

@@ -1,4 +1,4 @@
-"""Compression plans to a budget (``rba_core.plans``, ``plan`` on the command line), on the demo models.
+"""Compression plans to a budget (``rba_core.ops.plans``, ``plan`` on the command line), on the demo models.
 
 Each check is against an independent computation: the exported folder's perplexity with plain transformers,
 ShortGPT's Block Influence from the model's own hidden states, a later greedy map against ``numpy.linalg.lstsq``
@@ -21,8 +21,8 @@ from rba_core.cache import Cache
 from rba_core.cli import main
 from rba_core.data import open_sample
 from rba_core.errors import RBAError
-from rba_core.plans import export_plan, plan
-from rba_core.run import lm_dataset
+from rba_core.ops.plans import export_plan, plan
+from rba_core.ops.run import lm_dataset
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -132,7 +132,7 @@ def test_mse_plan_of_an_image_encoder_exports_the_compressed_format(tmp_path):
     MSE against the original model's own forward is the reported one."""
     from transformers import AutoModel
 
-    from rba_core.export import load_compressed
+    from rba_core.store.export import load_compressed
     from rba_core.registry import resolve_model
 
     result = plan("digits-ViT", "digits", 64, 32, 0, remove_blocks=2, kind="linear", cache=Cache(tmp_path / "c"))
@@ -181,7 +181,7 @@ def test_perplexity_of_an_encoder_is_one_sentence(tmp_path, capsys):
 
 
 def test_plan_curves_draw_one_line_per_strategy(folded_plans):
-    from rba_core.plots import plan_curves
+    from rba_core.store.plots import plan_curves
 
     plans = {name: result.to_json() for name, result in folded_plans.items()}
     fig = plan_curves(plans)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from rba_core.plots import (APPROXIMATED_SYMBOL, HIGHLIGHT, ORIGINAL_SYMBOL, PLAIN, pca_scatter, redundancy_bars,
+from rba_core.store.plots import (APPROXIMATED_SYMBOL, HIGHLIGHT, ORIGINAL_SYMBOL, PLAIN, pca_scatter, redundancy_bars,
                             residual_heatmap, similarity_heatmap, similarity_side_by_side, state_labels)
 from rba_core.ranking import default_ranges, rank_ranges, suggested_removed, top_blocks
 

@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 import torch
 
-from rba_core.run import lm_dataset
-from rba_core.approx import ApproximatedEncoder
+from rba_core.ops.run import lm_dataset
+from rba_core.passes.approx import ApproximatedEncoder
 from rba_core.cache import Cache
 from rba_core.cli import main
 from rba_core.data import open_sample
 from rba_core.maps import fit_map, solve_spd_conditioned
 from rba_core.models import load_encoder
-from rba_core.perplexity import lm_scores
-from rba_core.range_pass import range_statistics
+from rba_core.passes.perplexity import lm_scores
+from rba_core.passes.range_pass import range_statistics
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -65,7 +65,7 @@ def test_every_two_block_range_of_demo_gpt_folds_as_well_as_linear(seq_len, tmp_
 def test_folded_map_in_memory_equals_the_folded_checkpoint_on_a_later_range(tmp_path):
     """Two folded ranges: the second map's m is the approximated model's own block output, also when the
     evaluation runs the approximation from its first range on (resume) instead of from the embeddings."""
-    from rba_core.fold import folded_encoder
+    from rba_core.passes.fold import folded_encoder
 
     encoder = load_encoder("demo-GPT", device="cpu")
     data = lm_dataset("demo-GPT", "demo-text", 64)

@@ -6,7 +6,7 @@ import pytest
 from sklearn.decomposition import PCA
 
 from rba_core import RBAError
-from rba_core.probe import converged_probe, converged_probe_accuracy, probe_accuracy, small_classes_note
+from rba_core.measures.probe import converged_probe, converged_probe_accuracy, probe_accuracy, small_classes_note
 from rba_core.projection import shared_pca
 
 

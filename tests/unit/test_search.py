@@ -7,14 +7,14 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from rba_core.analysis import analyze, approximate
-from rba_core.approx import approximate_encoder, count_params
+from rba_core.ops.analysis import analyze, approximate
+from rba_core.passes.approx import approximate_encoder, count_params
 from rba_core.cache import Cache
 from rba_core.cli import main
 from rba_core.errors import RBAError
-from rba_core.extract import extract
+from rba_core.passes.extract import extract
 from rba_core.models import load_encoder
-from rba_core.search import (SearchPlan, _select, candidate_ranges, chunk_size, confidence_interval, sample_rounds, search,
+from rba_core.ops.search import (SearchPlan, _select, candidate_ranges, chunk_size, confidence_interval, sample_rounds, search,
                              still_in_race)
 
 FIT_N, EVAL_N = 40, 12

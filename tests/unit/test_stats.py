@@ -8,7 +8,7 @@ import torch
 
 from rba_core.errors import RBAError
 from rba_core.maps import fit_map, fit_residual_matrix
-from rba_core.stats import StatsAccumulator, TokenStats, check_fits, planned_pairs, stats_bytes
+from rba_core.measures.stats import StatsAccumulator, TokenStats, check_fits, planned_pairs, stats_bytes
 
 
 @pytest.mark.parametrize("window, ranges", [(None, ()), (1, ()), (3, ()), (None, [(1, 4), (2, 3)])])

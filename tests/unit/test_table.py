@@ -8,7 +8,7 @@ import pytest
 from rba_core.cache import Cache
 from rba_core.cli import main
 from rba_core.errors import RBAError
-from rba_core.table import parse_rows, preset_rows, render, row_label, table
+from rba_core.ops.table import parse_rows, preset_rows, render, row_label, table
 
 FIT_N, EVAL_N = 40, 12
 

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 import rba_core
-from rba_core.analysis import approximate, export, fit_range_maps
+from rba_core.ops.analysis import approximate, export, fit_range_maps
 from rba_core.cache import Cache
 from rba_core.data import open_dataset, open_sample
 from rba_core.maps import MAPS, MapParams, tokens_per_sample
 from rba_core.models import load_encoder
-from rba_core.range_pass import range_statistics
-from rba_core.run import Run
+from rba_core.passes.range_pass import range_statistics
+from rba_core.ops.run import Run
 
 FIT_N, EVAL_N = 64, 32
 
@@ -74,7 +74,7 @@ def test_deep_mlp_exports_in_the_compressed_format_and_loads_back(cache, tmp_pat
     loaded = rba_core.load_compressed(tmp_path / "deep")
     run = Run("digits-ViT", "digits", FIT_N, cache=cache)
     _, maps = fit_range_maps(run, [(1, 4)], "deep-mlp", params)
-    from rba_core.approx import ApproximatedEncoder
+    from rba_core.passes.approx import ApproximatedEncoder
 
     net = ApproximatedEncoder(run.lazy(), [(1, 4)], maps).eval()
     images = open_dataset("digits", "test").items(range(4))
@@ -110,7 +110,7 @@ def test_trained_kinds_declare_their_budget():
 def test_healing_lowers_the_error_and_the_healed_export_loads_with_plain_transformers(cache, tmp_path):
     """--heal with LoRA on digits-ViT 1→4 (linear map): the final MSE on the evaluation images drops; the original
     model is untouched; a healed folded demo-GPT export is a plain checkpoint that plain transformers loads."""
-    from rba_core.heal import HealPlan
+    from rba_core.ops.heal import HealPlan
 
     plan = HealPlan(steps=30, lora_rank=4, lr=1e-3)
     result = approximate("digits-ViT", "digits", 32, 16, 0, [(1, 4)], cache=cache, latency=False, heal=plan)

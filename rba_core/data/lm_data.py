@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from rba_core.errors import RBAError, above_maximum
-from rba_core.source import Source
+from rba_core.data.source import Source
 from rba_core.registry import DEFAULT_SEQ_LEN, LM_TEXTS, LMTextInfo, lm_text_info, local_dataset_dir, local_text_advice
 
 TRAIN_SHARE = 0.9  # a single text file: this share of its lines is the train split

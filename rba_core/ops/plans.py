@@ -22,7 +22,7 @@ Strategies:
 - ``shortgpt``: the K blocks of lowest Block Influence on the fit samples (ShortGPT), skipped.
 
 Every candidate runs only from its range's start on over the current model's cached block outputs
-(:meth:`rba_core.approx.ApproximatedEncoder.resume`), and after a step those outputs are recomputed only from the
+(:meth:`rba_core.passes.approx.ApproximatedEncoder.resume`), and after a step those outputs are recomputed only from the
 changed block on. The current model is a real encoder: a folded (or cut) copy when the kind folds into the weights
 or skips, else a copy whose layer list holds the map where the blocks were; :func:`export_plan` writes it as a
 plain checkpoint in the first two cases and in the compressed format otherwise.
@@ -40,21 +40,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rba_core.analysis import fit_range_maps
-from rba_core.approx import ApproximatedEncoder, captured, count_params, mlp_outputs, paper_notation
+from rba_core.ops.analysis import fit_range_maps
+from rba_core.passes.approx import ApproximatedEncoder, captured, count_params, mlp_outputs, paper_notation
 from rba_core.data import open_sample
 from rba_core.errors import RBAError
-from rba_core.extract import model_inputs
-from rba_core.fold import _cut_config, folded_encoder
-from rba_core.lm_data import LMText
+from rba_core.passes.extract import model_inputs
+from rba_core.passes.cut import MapSlot, blocks_path
+from rba_core.passes.fold import _cut_config, folded_encoder
+from rba_core.data.lm_data import LMText
 from rba_core.maps import MapParams, Range, fit_map, map_kind
 from rba_core.maps.module import FittedMap
 from rba_core.models import Encoder
 from rba_core.models.decoder import DecoderLM
-from rba_core.range_pass import range_statistics
-from rba_core.results import Result
-from rba_core.run import Run
-from rba_core.search import candidate_params, latency_estimate
+from rba_core.passes.range_pass import range_statistics
+from rba_core.store.results import Result
+from rba_core.ops.run import Run
+from rba_core.ops.search import candidate_params, latency_estimate
 
 STRATEGIES = ("greedy", "window", "shortgpt")
 METRICS = ("perplexity", "mse")
@@ -127,24 +128,12 @@ def curve(result) -> list[tuple[int, float]]:
     return [(0, result["original"]["metric"])] + [(s["blocks_removed"], s["metric"]) for s in result["steps"]]
 
 
-class MapLayer(nn.Module):
-    """A fitted map standing where blocks were, called as a block is (the block's other arguments are ignored)."""
-
-    def __init__(self, fitted: FittedMap):
-        super().__init__()
-        self.map = fitted
-
-    def forward(self, hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return self.map(hidden)
-
-
 def _cut(encoder: Encoder, rng: Range, layer: nn.Module | None) -> Encoder:
     """A copy of ``encoder`` without blocks i+1..j, ``layer`` (if any) standing in their place; the config's layer
     count and per-layer lists follow. The encoder is untouched."""
     i, j = rng
     model = copy.deepcopy(encoder.model)
-    path = next(name for name, module in encoder.model.named_modules() if module is encoder.blocks)
-    layers = model.get_submodule(path)
+    layers = model.get_submodule(blocks_path(encoder))
     for k in range(j - 1, i - 1, -1):
         del layers[k]
     if layer is not None:
@@ -175,7 +164,7 @@ class _Current:
         return self.stem if k == 0 else self.spans[k - 1][1]
 
     def is_map(self, k: int) -> bool:
-        return isinstance(self.encoder.blocks[k - 1], MapLayer)
+        return isinstance(self.encoder.blocks[k - 1], MapSlot)
 
     def cost(self, rng: Range) -> int:
         """Original blocks that removing this model's blocks i+1..j removes (a map layer removes none)."""
@@ -203,7 +192,7 @@ class _Current:
         maps = {r: m for r, m in self.maps.items() if not (original[0] <= r[0] and r[1] <= original[1])}
         spans = list(self.spans)
         if fitted is not None and not declared.folds:
-            encoder = _cut(self.encoder, rng, MapLayer(fitted))
+            encoder = _cut(self.encoder, rng, MapSlot(fitted))
             maps[original] = fitted
             return _Current(encoder, spans[:i] + [original] + spans[j:], self.stem, maps)
         if fitted is None:
@@ -243,7 +232,7 @@ class _Evaluation:
             ctx = encoder.context(inputs, old_hs[0] if first > 0 else hidden)
             hs = old_hs[:first] if first > 0 else [hidden]
             wanted = [k for k in range(max(first, 1), encoder.num_blocks + 1)
-                      if self.needs_m and not isinstance(encoder.blocks[k - 1], MapLayer)]
+                      if self.needs_m and not isinstance(encoder.blocks[k - 1], MapSlot)]
             with captured(mlp_outputs(encoder, wanted)) as m:
                 for k in range(max(first, 1), encoder.num_blocks + 1):
                     hs.append(encoder.run_block(encoder.blocks[k - 1], hs[-1], ctx))
@@ -458,7 +447,7 @@ class _Planner:
     def fit(self, ranges: list[Range]) -> dict[Range, FittedMap | None]:
         """Maps of the plan's kind for (possibly overlapping) ranges of the current model, from its statistics over
         the fit samples: one float64 pass for every range of a kind solved in closed form, else
-        :func:`rba_core.analysis.fit_range_maps` once per group of ranges that its checks take together."""
+        :func:`rba_core.ops.analysis.fit_range_maps` once per group of ranges that its checks take together."""
         declared, sub = self.declared, self._sub_run()
         if not declared.shapes(self.original.hidden_size):  # a kind that skips reads no statistics
             return dict.fromkeys(ranges)
@@ -652,11 +641,11 @@ def plan_run(run: Run, spec: PlanSpec) -> PlanResult:
 def export_plan(result: PlanResult, out) -> dict:
     """Write a plan's model to the folder ``out``: a plain Hugging Face checkpoint (config with the new layer count,
     safetensors, tokenizer or processor; ``rba.json`` records the plan) when every step folds into the weights or
-    skips, else the compressed format (:func:`rba_core.export.save_compressed`). Returns the record written."""
+    skips, else the compressed format (:func:`rba_core.store.export.save_compressed`). Returns the record written."""
     import json
     from pathlib import Path
 
-    from rba_core.export import RECORD, save_compressed, save_folded
+    from rba_core.store.export import RECORD, save_compressed, save_folded
 
     compressed = result.compressed
     if compressed is None:

@@ -17,11 +17,11 @@ from rba_core.data import Source, open_sample
 from rba_core.distributed import single_flight, world
 from rba_core.errors import RBAError
 from rba_core.maps import fit_residual_matrix
-from rba_core.metrics import influence_sums
+from rba_core.measures.metrics import influence_sums
 from rba_core.models import Encoder, adapter_class, check_text_length, default_device, load_encoder, model_ref
 from rba_core.progress import Progress
 from rba_core.registry import DEFAULT_MAX_LENGTH, modality_mismatch
-from rba_core.stats import (SAMPLE_GROUP, StatsAccumulator, StatsPlan, TokenStats, check_fits, memory_budget,
+from rba_core.measures.stats import (SAMPLE_GROUP, StatsAccumulator, StatsPlan, TokenStats, check_fits, memory_budget,
                             stats_bytes)
 
 
@@ -187,7 +187,7 @@ def run_pass(encoder: Encoder, source: Source, indices: np.ndarray, stats: Stats
     what a single process would."""
     here = world()
     # Shares and batches start at multiples of the statistics' sample group, so each group's product
-    # sees the same samples however the pass is split (rba_core.stats.SAMPLE_GROUP).
+    # sees the same samples however the pass is split (rba_core.measures.stats.SAMPLE_GROUP).
     total, mine = len(indices), here.share(len(indices), SAMPLE_GROUP)
     batch_size = max(SAMPLE_GROUP, batch_size // SAMPLE_GROUP * SAMPLE_GROUP)
     states, d = encoder.num_blocks + 1, encoder.hidden_size

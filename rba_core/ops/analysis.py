@@ -1,4 +1,4 @@
-"""The operations on a run (:class:`rba_core.run.Run`): analyse a model, approximate ranges, export them."""
+"""The operations on a run (:class:`rba_core.ops.run.Run`): analyse a model, approximate ranges, export them."""
 
 from __future__ import annotations
 
@@ -10,24 +10,24 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from rba_core.approx import ApproximatedEncoder, Range, approximate_encoder, count_params, paper_notation
+from rba_core.passes.approx import ApproximatedEncoder, Range, approximate_encoder, count_params, paper_notation
 from rba_core.cache import make_key
 from rba_core.data import UNITS, open_dataset, open_sample
 from rba_core.distributed import single_flight, world
-from rba_core.extract import Extraction, Progress, model_inputs
+from rba_core.passes.extract import Extraction, Progress, model_inputs
 from rba_core.latency import BATCH as LATENCY_BATCH, METHOD as LATENCY_METHOD, measure as measure_latency
 from rba_core.maps import (PRODUCT_EPS, Conditioning, FitData, MapParams, MissingStatistics, fit_map, map_kind,
                            tokens_per_sample, validate_ranges)
 from rba_core.maps.module import FittedMap
-from rba_core.lm_data import LMText
-from rba_core.metrics import cosine_matrix, linear_cka_matrix
+from rba_core.data.lm_data import LMText
+from rba_core.measures.metrics import cosine_matrix, linear_cka_matrix
 from rba_core.models import Encoder
-from rba_core.perplexity import lm_scores
-from rba_core.range_pass import RangeStatistics, range_statistics
-from rba_core.probe import converged_probe_accuracy, probe_accuracy, small_classes_note
-from rba_core.results import AnalysisResult, ApproximationResult
-from rba_core.run import Run
-from rba_core.scores import SCORES
+from rba_core.passes.perplexity import lm_scores
+from rba_core.passes.range_pass import RangeStatistics, range_statistics
+from rba_core.measures.probe import converged_probe_accuracy, probe_accuracy, small_classes_note
+from rba_core.store.results import AnalysisResult, ApproximationResult
+from rba_core.ops.run import Run
+from rba_core.measures.scores import SCORES
 
 
 def _matrix(values: np.ndarray) -> list[list[float | None]]:
@@ -112,9 +112,9 @@ def map_statistics(run: Run, kind: str, fit: Extraction, sets: Sequence[Sequence
                    params: MapParams) -> FitData:
     """What maps of ``kind`` for the ranges of ``sets`` are fitted from (the statistics it declares): the token
     statistics of the fit pass ``fit``, and the fold statistics of every range over the same samples
-    (:func:`rba_core.fold.fold_pass`: one more pass unless stored; one sentence for ranges that cannot fold)."""
+    (:func:`rba_core.passes.fold.fold_pass`: one more pass unless stored; one sentence for ranges that cannot fold)."""
     def fold():
-        from rba_core.fold import fold_pass
+        from rba_core.passes.fold import fold_pass
 
         run.stage(f"Fit samples (train split): what the {kind} maps of these candidates are fitted from")
         return fold_pass(run.ref, run.data, fit.meta["n"], fit.meta["seed"], sets, max_length=run.max_length,
@@ -169,7 +169,7 @@ def _lm_scores(run: Run, fit, maps: Sequence, ev: Extraction, ranges: list[Range
     """Perplexity and top-1 agreement of the original, approximated and skipped models on ``ev``'s windows,
     the approximated model's final representations and its measurements (parameters; latency when
     ``timed``), all from one loop over the windows in which each approximation runs only from its first
-    range on (:func:`rba_core.perplexity.lm_scores`); cached like every other result (a stored result never
+    range on (:func:`rba_core.passes.perplexity.lm_scores`); cached like every other result (a stored result never
     loads the model)."""
     key = make_key({"kind": "lm-scores", "fit": fit.key, "samples": ev.key, "ranges": ranges, "map": kind,
                     "map_params": map_kind(kind).key(params), "timed": timed and LATENCY_METHOD})
@@ -207,7 +207,7 @@ def fit_range_maps(run: Run, ranges: list[Range], kind: str, params: MapParams) 
     """The maps of ``kind`` for ``ranges`` and the fit statistics they come from: one float64 pass over the
     run's fit samples up to the last range's end, holding the Gram blocks and (where the model folds) the
     fold statistics of the ranges, so every map kind of the same ranges shares it
-    (:func:`rba_core.range_pass.range_statistics`). A fold that the model cannot take is one sentence
+    (:func:`rba_core.passes.range_pass.range_statistics`). A fold that the model cannot take is one sentence
     before the pass."""
     declared = map_kind(kind)
     if declared.check_ranges:
@@ -262,7 +262,7 @@ def _fitted(run: Run, fit: RangeStatistics, rng: Range, kind: str, params: MapPa
 
 
 def _healing(run: Run, fit, ev, ranges, maps, kind: str, params: MapParams, plan) -> dict:
-    """The healing report of ``approximate --heal``, cached like every result (:func:`rba_core.heal.heal`)."""
+    """The healing report of ``approximate --heal``, cached like every result (:func:`rba_core.ops.heal.heal`)."""
     key = make_key({"kind": "healing", "fit": fit.key, "samples": ev.key, "ranges": ranges, "map": kind,
                     "map_params": map_kind(kind).key(params), "heal": plan.key(), "seed": run.seed})
 
@@ -271,7 +271,7 @@ def _healing(run: Run, fit, ev, ranges, maps, kind: str, params: MapParams, plan
         return None if entry is None else entry.meta["healing"]
 
     def compute(progress):
-        from rba_core.heal import heal
+        from rba_core.ops.heal import heal
 
         run.stage(f"Healing: {plan.steps} steps of distillation on the fit samples"
                   + (f", LoRA rank {plan.lora_rank} on the kept blocks after the first range" if plan.lora_rank else ""))
@@ -335,9 +335,9 @@ def approximate_run(run: Run, ranges: Sequence[Sequence[int]], kind: str = "line
     (:func:`fit_range_maps`). ``latency``: time both models per image (a few seconds); off, the result's
     ``latency_ms_per_image`` is None. ``probe``: the linear probe's accuracy of the original, approximated
     and skipped models (the paper's protocol, and a converged probe). A model with a classification head whose
-    classes match the dataset's (or ``label_map``, a JSON file) adds ``head_accuracy`` (:mod:`rba_core.head`);
-    otherwise a note says why not. ``heal`` (a :class:`rba_core.heal.HealPlan`) adds ``healing``: the metric of
-    the approximated model healed by distillation on the fit samples, before and after (:mod:`rba_core.heal`).
+    classes match the dataset's (or ``label_map``, a JSON file) adds ``head_accuracy`` (:mod:`rba_core.ops.head`);
+    otherwise a note says why not. ``heal`` (a :class:`rba_core.ops.heal.HealPlan`) adds ``healing``: the metric of
+    the approximated model healed by distillation on the fit samples, before and after (:mod:`rba_core.ops.heal`).
     """
     declared = map_kind(kind)  # an unknown map fails before any work
     params = map_params or MapParams()
@@ -378,7 +378,7 @@ def approximate_run(run: Run, ranges: Sequence[Sequence[int]], kind: str = "line
     if scores is not None:
         result.perplexity, result.top1_agreement = scores["perplexity"], scores["top1_agreement"]
     else:  # the model's own classifier head, where it has one matching the dataset's classes (issue 17)
-        from rba_core.head import measure_head
+        from rba_core.ops.head import measure_head
 
         result.head_accuracy, why = measure_head(run, fit, ev, ranges, maps, kind, declared.key(params), label_map)
         result.notes += [why] if why and (probe or label_map) else []
@@ -423,11 +423,11 @@ def export_run(run: Run, ranges: Sequence[Sequence[int]], kind: str, out, map_pa
     ``rba.json`` records the data and, with ``eval_n`` test samples, the perplexity of the original
     and folded models on the windows of a language-model text, else the final-representation MSE
     of the folded model against the original); other kinds the rba-compressed folder with
-    the maps as modules (:func:`rba_core.export.save_compressed`). ``heal`` (a :class:`rba_core.heal.HealPlan`):
+    the maps as modules (:func:`rba_core.store.export.save_compressed`). ``heal`` (a :class:`rba_core.ops.heal.HealPlan`):
     the maps and (with LoRA) the kept blocks healed first, the record's ``healing`` saying how (the metric on the
     run's evaluation samples before and after). Returns the record written."""
-    from rba_core.export import save_compressed, save_folded
-    from rba_core.fold import folded_encoder
+    from rba_core.store.export import save_compressed, save_folded
+    from rba_core.passes.fold import folded_encoder
 
     params = map_params or MapParams()
     checked = validate_ranges(ranges, run.info.num_blocks)
@@ -439,7 +439,7 @@ def export_run(run: Run, ranges: Sequence[Sequence[int]], kind: str, out, map_pa
     original = encoder = run.lazy()
     healing = {}
     if heal is not None:
-        from rba_core.heal import heal as healed
+        from rba_core.ops.heal import heal as healed
 
         run.stage(f"Healing: {heal.steps} steps of distillation on the fit samples")
         net, report = healed(run, checked, fitted, heal)

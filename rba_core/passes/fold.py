@@ -10,7 +10,7 @@ parameter hs[0] is linear in (patch projection, position and class tokens, token
 output embedding tied to them is untied first, so the LM head keeps the original matrix.
 
 With M = stacked m and H_k = stacked hs[k], the fit needs MᵀM and Mᵀ(H_j - H_i) only
-(``hs[j] - r = H_j - H_i + M``), accumulated over batches like :mod:`rba_core.stats`, with float64
+(``hs[j] - r = H_j - H_i + M``), accumulated over batches like :mod:`rba_core.measures.stats`, with float64
 products (as ReplaceMe forms them): a block's MLP output often spans few directions (MᵀM of demo-GPT's
 block 5 has a condition number of 1e10), which float32 products turn into negative eigenvalues. The
 difference is taken per token before the product: m is often far smaller than the residual stream, and
@@ -30,9 +30,9 @@ from rba_core.distributed import world
 from rba_core.errors import RBAError
 from rba_core.maps import Range
 from rba_core.maps.folded import FoldStats, check_fold_set, check_foldable
-from rba_core.extract import PassOptions
+from rba_core.passes.extract import PassOptions
 from rba_core.models import Encoder, load_encoder, model_ref
-from rba_core.range_pass import collect, range_statistics
+from rba_core.passes.range_pass import collect, range_statistics
 
 
 def fold_statistics(encoder: Encoder, batches: Iterable[dict[str, torch.Tensor]],
@@ -135,9 +135,9 @@ def folded_encoder(encoder: Encoder, maps: dict[Range, np.ndarray]) -> Encoder:
 
 def fold_pass(model, dataset, n: int, seed: int, sets: Sequence[Sequence[Range]], **options) -> dict[Range, FoldStats]:
     """Fold statistics of every range of ``sets`` over the ``n`` fit samples (the train split, sampled as
-    :func:`rba_core.extract.extract` samples them): from the cache when stored, otherwise one pass
-    (:func:`rba_core.range_pass.range_statistics`), before which each set of ranges is checked to fold
-    (:func:`check_foldable`, one sentence if not). ``options``: :class:`rba_core.extract.PassOptions` (``encoder``:
+    :func:`rba_core.passes.extract.extract` samples them): from the cache when stored, otherwise one pass
+    (:func:`rba_core.passes.range_pass.range_statistics`), before which each set of ranges is checked to fold
+    (:func:`check_foldable`, one sentence if not). ``options``: :class:`rba_core.passes.extract.PassOptions` (``encoder``:
     a loaded encoder or a function that loads one)."""
     how, _ = PassOptions.split(options, {})
     ref = model_ref(model, how.max_length)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rba_core.approx import ApproximatedEncoder, captured, mlp_outputs
+from rba_core.passes.approx import ApproximatedEncoder, captured, mlp_outputs
 from rba_core.errors import RBAError
 from rba_core.models.decoder import DecoderLM
 from rba_core.progress import Progress

@@ -6,7 +6,7 @@ head's ``config.id2label`` (the same names after normalising case and punctuatio
 classes where the dataset's labels are integers, or a user's label map), the head's top-1 accuracy (and
 top-5 where the head has more than 10 classes) is measured for the original model, the approximated one
 and the one with the blocks skipped: each is the classification model itself with its ranges replaced
-(:func:`rba_core.cut.cut_model`), so the head reads exactly what it reads in the model (its own pooling,
+(:func:`rba_core.passes.cut.cut_model`), so the head reads exactly what it reads in the model (its own pooling,
 pooler or final norm). Otherwise :func:`head_setup` says in one sentence why there is no head accuracy.
 
 A label map is a JSON file ``{dataset class: head class}``, each side a name or an integer index.
@@ -145,7 +145,7 @@ def load_head_model(head: Head, device) -> torch.nn.Module:
 
 def head_blocks_path(model: torch.nn.Module, encoder) -> str:
     """Where the encoder's block list lives inside the classification model (under its base model or beside it)."""
-    from rba_core.cut import blocks_path
+    from rba_core.passes.cut import blocks_path
 
     inner = blocks_path(encoder)
     for path in (f"{model.base_model_prefix}.{inner}", inner):
@@ -164,8 +164,8 @@ def head_accuracy(head: Head, encoder, ranges, maps, source, indices: np.ndarray
                   progress=None, batch_size: int = 32) -> dict:
     """Top-1 (and top-5 above 10 classes) accuracy of the head on the samples ``indices`` of ``source`` for
     the original model, the approximated one (``maps``, one per range) and the skipped blocks."""
-    from rba_core.cut import cut_model
-    from rba_core.extract import model_inputs
+    from rba_core.passes.cut import cut_model
+    from rba_core.passes.extract import model_inputs
 
     full = load_head_model(head, encoder.device)
     path = head_blocks_path(full, encoder)
@@ -219,7 +219,7 @@ def measure_head(run, fit, ev, ranges, maps, kind: str, map_key: dict,
                  label_map: Path | str | None = None) -> tuple[dict | None, str | None]:
     """``approximate``'s head accuracy (:func:`head_accuracy`) on the evaluation samples of ``ev``, cached
     like every result (a stored one loads no model), or (None, the sentence why it is absent). ``run``: the
-    :class:`~rba_core.run.Run`; ``fit``: the statistics the ``maps`` come from."""
+    :class:`~rba_core.ops.run.Run`; ``fit``: the statistics the ``maps`` come from."""
     from rba_core.cache import make_key
     from rba_core.data import open_dataset
 

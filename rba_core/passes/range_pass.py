@@ -3,7 +3,7 @@
 An ``approximate`` or ``export`` of ranges i→j needs neither all block pairs nor the blocks after the last
 j: per range, the Gram blocks hs[i]ᵀhs[i], hs[i]ᵀhs[j], hs[j]ᵀhs[j] and the token sums (linear, affine,
 ridge maps) and, where the model can fold the range, the fold statistics MᵀM and Mᵀ(H_j − H_i)
-(:mod:`rba_core.fold`). This pass collects both at once, runs blocks 1..max j only, and forms every
+(:mod:`rba_core.passes.fold`). This pass collects both at once, runs blocks 1..max j only, and forms every
 product in float64, so a solve from them resolves what the hidden states hold (a float32 product resolves
 about 2⁻²⁴ of the largest eigenvalue, too little for many MLP outputs). The result is cached like every
 stage; under a launcher each rank sums its share and the float64 sums are added over the ranks.
@@ -17,17 +17,17 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from rba_core.approx import captured
+from rba_core.passes.approx import captured
 from rba_core.cache import Cache, make_key
 from rba_core.data import open_sample
 from rba_core.distributed import single_flight, world
 from rba_core.errors import RBAError
-from rba_core.extract import PassOptions, check_modality, compute_dtype, extraction_key, model_inputs
+from rba_core.passes.extract import PassOptions, check_modality, compute_dtype, extraction_key, model_inputs
 from rba_core.maps import Range
 from rba_core.maps.folded import FoldStats
 from rba_core.models import Encoder, check_text_length, default_device, load_encoder, model_ref
 from rba_core.progress import Progress
-from rba_core.stats import SAMPLE_GROUP, TokenStats
+from rba_core.measures.stats import SAMPLE_GROUP, TokenStats
 
 
 @dataclass
@@ -177,10 +177,10 @@ def _result(key: str, hit: bool, meta: dict, arrays: dict[str, np.ndarray], rang
 
 def range_statistics(model, dataset, n: int, seed: int, ranges: Sequence[Range], **options) -> RangeStatistics:
     """The statistics of ``ranges`` over the ``n`` fit samples (the train split, sampled as
-    :func:`rba_core.extract.extract` samples them): the Gram blocks when ``tokens``, the fold statistics of
+    :func:`rba_core.passes.extract.extract` samples them): the Gram blocks when ``tokens``, the fold statistics of
     the ranges the model can fold (:meth:`rba_core.models.Encoder.folds_at`) when ``fold`` (both by default).
     From the cache when stored, otherwise one pass. ``options``: ``tokens``, ``fold`` and the
-    :class:`rba_core.extract.PassOptions` (``encoder``: a loaded encoder or a function that loads one, called
+    :class:`rba_core.passes.extract.PassOptions` (``encoder``: a loaded encoder or a function that loads one, called
     only on a miss); ``samples``: with n > 0, also up to n token states of each fit sample (:class:`TokenSamples`,
     for maps trained by gradient descent)."""
     how, asked = PassOptions.split(options, {"tokens": True, "fold": True, "samples": 0})

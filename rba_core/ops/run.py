@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 from rba_core.cache import Cache
 from rba_core.errors import RBAError
-from rba_core.lm_data import DEFAULT_SEQ_LEN, LMText, is_lm_text
+from rba_core.data.lm_data import DEFAULT_SEQ_LEN, LMText, is_lm_text
 from rba_core.models import (DEFAULT_MAX_LENGTH, Encoder, ModelRef, adapter_class, load_config, load_encoder,
                              model_ref, readable_source)
 from rba_core.models.decoder import DecoderLM
@@ -146,8 +146,8 @@ class Run:
                 open_sample(self.data, split, self.samples(split), self.seed)
 
     def extract(self, split: str, **options):
-        """The pass over this run's samples of ``split`` (:func:`rba_core.extract.extract`)."""
-        from rba_core.extract import extract
+        """The pass over this run's samples of ``split`` (:func:`rba_core.passes.extract.extract`)."""
+        from rba_core.passes.extract import extract
 
         return extract(self.ref, self.data, self.samples(split), self.seed, split, max_length=self.max_length,
                        cache=self.cache, progress=self.progress, encoder=self.lazy, **options)

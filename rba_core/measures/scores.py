@@ -2,7 +2,7 @@
 how it scores a candidate set of ranges. ``analyze``'s result, ``search``'s ``score_agreement`` and the
 Redundancy page read :data:`SCORES`.
 
-A score is computed from a pass (an :class:`rba_core.extract.Extraction`: its pooled vectors, token statistics,
+A score is computed from a pass (an :class:`rba_core.passes.extract.Extraction`: its pooled vectors, token statistics,
 stored fit residuals and Block Influence) as ``values``: per block k = 1..L, per range (an (L+1, L+1) matrix),
 or, for a windowed score, per window start l for a window size n. Its candidate score grows with the change the
 removed blocks make (as the measured error does), so a Spearman ρ near 1 means it orders candidates as measured;
@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from rba_core.maps import Range, fit_residual_matrix
-from rba_core.metrics import angular_distance, block_redundancy, block_redundancy_all_tokens
+from rba_core.measures.metrics import angular_distance, block_redundancy, block_redundancy_all_tokens
 
 
 def _removed(ranges: Sequence[Range]) -> list[int]:

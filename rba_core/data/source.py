@@ -1,6 +1,6 @@
 """One split of a dataset as a :class:`Source` (labels in memory, samples read on demand), seeded samples of it,
 and what every reader of samples shares: split names, column choices, image decoding, labels, file fingerprints.
-The readers (:mod:`rba_core.data`, :mod:`rba_core.streaming`, :mod:`rba_core.lm_data`) build on it."""
+The readers (:mod:`rba_core.data`, :mod:`rba_core.data.streaming`, :mod:`rba_core.data.lm_data`) build on it."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 TEXT_COLUMNS: tuple[tuple[str, ...], ...] = (("text",), ("sentence",), ("text_a", "text_b"),
                                              ("premise", "hypothesis"), ("sentence1", "sentence2"))
 TABLE_SUFFIXES = (".parquet", ".csv", ".jsonl", ".json")
-#: WebDataset shards (rba_core.tar_shards): ``train-000000.tar`` ..., or a pattern ``shards-{000000..000009}.tar``.
+#: WebDataset shards (rba_core.data.tar_shards): ``train-000000.tar`` ..., or a pattern ``shards-{000000..000009}.tar``.
 SHARD_SUFFIX = ".tar"
 UNITS = {"image": "images", "text": "texts"}
 #: Row groups of a parquet file's image column held in memory at once: the pass reads sorted
@@ -57,7 +57,7 @@ class Source:
 
     def items(self, indices: Sequence[int]) -> list:
         """The samples at ``indices``: RGB images (grayscale is converted), texts, or windows of
-        token ids (int64 arrays, :mod:`rba_core.lm_data`)."""
+        token ids (int64 arrays, :mod:`rba_core.data.lm_data`)."""
         loaded = self._load([int(i) for i in indices])
         if self.modality == "image":
             return [im.convert("RGB") for im in loaded]

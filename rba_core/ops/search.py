@@ -14,7 +14,7 @@ Block Influence that of a one-block range l-1→l and PruneMe's angular distance
 l→l+n. Their Spearman correlation with the measured MSE, each over the candidates it covers
 (:func:`score_agreement`), says which cheap score is enough to choose.
 
-With the map kind ``folded`` the candidates whose ranges cannot fold (:func:`rba_core.fold.check_foldable`)
+With the map kind ``folded`` the candidates whose ranges cannot fold (:func:`rba_core.passes.fold.check_foldable`)
 are left out with a note; block i's MLP output, which a folded map of range i→j needs, is captured
 while block i runs (again, from the cached hs[i-1], for a first range).
 """
@@ -29,20 +29,20 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from rba_core.analysis import approximate_run, map_statistics
-from rba_core.approx import LinearMap, captured, mlp_outputs
+from rba_core.ops.analysis import approximate_run, map_statistics
+from rba_core.passes.approx import LinearMap, captured, mlp_outputs
 from rba_core.data import open_dataset
 from rba_core.distributed import World, world
 from rba_core.errors import RBAError
-from rba_core.extract import Extraction, model_inputs
+from rba_core.passes.extract import Extraction, model_inputs
 from rba_core.maps import MapParams, Range, fit_map, map_kind
 from rba_core.maps.module import FittedMap
 from rba_core.models import Encoder
 from rba_core.progress import duration_text
-from rba_core.results import SearchResult
-from rba_core.run import Run
-from rba_core.scores import SCORES, candidate_scores
-from rba_core.table import row_label
+from rba_core.store.results import SearchResult
+from rba_core.ops.run import Run
+from rba_core.measures.scores import SCORES, candidate_scores
+from rba_core.ops.table import row_label
 
 Candidate = tuple[Range, ...]
 WARM_UP_IMAGES = 2
@@ -381,7 +381,7 @@ class SearchPlan:
     exhaustive: bool = False
     top_k: int = TOP_K
     metric: str = "mse"  # or "head-accuracy": rank by the model's own classifier head
-    label_map: Any = None  # a JSON file matching the dataset's classes to the head's (:mod:`rba_core.head`)
+    label_map: Any = None  # a JSON file matching the dataset's classes to the head's (:mod:`rba_core.ops.head`)
 
 
 def search(model, dataset, fit_n: int, eval_n: int, seed: int = 0, **options) -> SearchResult:
@@ -402,7 +402,7 @@ def search_run(run: Run, plan: SearchPlan, on_round: Callable[[list[dict], dict]
     Budgets (any combination of the plan's; none means every candidate): ``blocks`` removes exactly that many
     blocks, ``max_params`` caps the parameters (T included), ``max_latency_ms`` caps the latency
     per image estimated from the measured time of each stage. The best ``probe_top`` candidates
-    also get probe accuracies from :func:`rba_core.analysis.approximate` (cached like it).
+    also get probe accuracies from :func:`rba_core.ops.analysis.approximate` (cached like it).
     ``memory_bytes`` bounds the cached block outputs (default: half the available memory).
 
     The measurement is a race (:func:`_measure`): every candidate on an eighth of the evaluation
@@ -415,7 +415,7 @@ def search_run(run: Run, plan: SearchPlan, on_round: Callable[[list[dict], dict]
     language-model text reads it as windows of ``seq_len`` tokens. ``score_agreement`` says how well
     each cheap score predicts the measured ranking (:func:`score_agreement`). ``metric`` ``head-accuracy``
     then ranks the candidates by the top-1 accuracy of the model's own classifier head, each measured as
-    ``approximate`` measures it (:func:`rba_core.head.rank_by_head`; ``label_map`` as there).
+    ``approximate`` measures it (:func:`rba_core.ops.head.rank_by_head`; ``label_map`` as there).
     """
     kind = plan.kind
     declared = map_kind(kind)
@@ -431,7 +431,7 @@ def search_run(run: Run, plan: SearchPlan, on_round: Callable[[list[dict], dict]
     ev = run.extract("test", with_stats=False)
     num_blocks = fit.num_blocks
     if plan.metric == "head-accuracy":
-        from rba_core.head import find_head
+        from rba_core.ops.head import find_head
 
         why = find_head(run.lazy, run.ref.name, ev, plan.label_map)[1]
         if why:
@@ -496,7 +496,7 @@ def search_run(run: Run, plan: SearchPlan, on_round: Callable[[list[dict], dict]
         seconds=seconds, exhaustive=plan.exhaustive, top_k=plan.top_k, rounds=rounds,
     )
     if plan.metric == "head-accuracy":
-        from rba_core.head import rank_by_head
+        from rba_core.ops.head import rank_by_head
 
         rows[:], results.original["head_accuracy"] = rank_by_head(rows, lambda ranges: approximate_run(
             run.quiet(), ranges, kind, params, latency=False, label_map=plan.label_map), stage)

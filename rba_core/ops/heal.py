@@ -18,12 +18,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rba_core.approx import ApproximatedEncoder
+from rba_core.passes.approx import ApproximatedEncoder
 from rba_core.data import open_sample
 from rba_core.errors import RBAError
-from rba_core.extract import model_inputs
+from rba_core.passes.extract import model_inputs
 from rba_core.models import Encoder
-from rba_core.run import Run
+from rba_core.ops.run import Run
 
 #: Linear layers LoRA adapts, by class name (transformers' GPT-2 family uses Conv1D).
 ADAPTED = ("Linear", "Conv1D")

@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from rba_core.approx import ApproximatedEncoder, count_params, paper_notation
+from rba_core.passes.approx import ApproximatedEncoder, count_params, paper_notation
 from rba_core.errors import RBAError
 from rba_core.maps import MAPS, Range, empty_map, map_kind, validate_ranges
 from rba_core.maps.module import FittedMap
@@ -67,7 +67,7 @@ def _parts(compressed: Compressed, encoder: Encoder | None) -> tuple[Encoder, li
     folding = next((m.kind for m in maps if m is not None and map_kind(m.kind).folds), None)
     if folding:
         raise RBAError(f"{folding.capitalize()} maps belong in the model's own weights: export them as a plain "
-                       f"checkpoint with export --map {folding} (rba_core.analysis.export(..., kind='{folding}')).")
+                       f"checkpoint with export --map {folding} (rba_core.ops.analysis.export(..., kind='{folding}')).")
     return encoder, ranges, maps
 
 
@@ -259,7 +259,7 @@ def _with_source_head(encoder: Encoder) -> nn.Module:
 
 
 def save_folded(encoder: Encoder, folder: Path | str, record: dict) -> Path:
-    """Write a folded model (:func:`rba_core.fold.folded_encoder`) as a standard Hugging Face folder
+    """Write a folded model (:func:`rba_core.passes.fold.folded_encoder`) as a standard Hugging Face folder
     (config with the new layer count, safetensors, tokenizer or image processor, generation config)
     that plain transformers loads without rba_core (``AutoModelForCausalLM``; encoders: ``AutoModel``,
     or ``AutoModelForImageClassification`` / ``...SequenceClassification`` with the source's head

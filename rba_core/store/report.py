@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rba_core.approx import paper_notation
+from rba_core.passes.approx import paper_notation
 from rba_core.latency import change, describe
 from rba_core.ranking import rank_ranges, suggested_removed, top_blocks
 

@@ -3,9 +3,9 @@ the ``eval`` operation.
 
 The original model and the approximated one run ``lm_eval.simple_evaluate`` in the same process, each
 handed to lm-eval's ``HFLM`` as a model object: the original as loaded, the approximated one as the same
-transformers model with its ranges replaced (:func:`rba_core.cut.cut_model`, which shares every other
+transformers model with its ranges replaced (:func:`rba_core.passes.cut.cut_model`, which shares every other
 module). The maps are fitted exactly as ``approximate`` and ``export`` fit them
-(:func:`rba_core.analysis.fit_range_maps`, the same cache entries), so ``eval`` of a folded map scores
+(:func:`rba_core.ops.analysis.fit_range_maps`, the same cache entries), so ``eval`` of a folded map scores
 what lm-eval's own ``hf`` model type scores on the folder ``export --map folded`` writes.
 
 Tasks are lm-eval task names, groups or tags. The task shipped with the project (``debian_section``, in
@@ -25,7 +25,7 @@ from typing import Sequence
 from rba_core.errors import RBAError
 
 #: The tasks shipped with the project (one folder per task, lm-eval's YAML format over local JSONL).
-TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
 #: The shipped multiple-choice task: which Debian section a package description belongs to.
 DEBIAN_TASK = "debian_section"
 #: The fit data when ranges are given without a dataset: the language-model text shipped with the package.
@@ -173,7 +173,7 @@ def evaluate(model, tasks: str | Sequence[str], **options) -> dict:
     (``dataset``, ``fit_n``, ``seed``, ``seq_len``, ``max_length``, ``cache``, ``progress``, ``on_stage``,
     ``encoder``), ``ranges``, ``kind``, ``map_params`` and the :class:`TaskRequest`'s fields."""
     from rba_core.models import DEFAULT_MAX_LENGTH, model_ref
-    from rba_core.run import Run
+    from rba_core.ops.run import Run
 
     asked = [f.name for f in fields(TaskRequest)] + ["ranges", "kind", "map_params"]
     options = {"dataset": DEFAULT_DATASET, "fit_n": 64, **options}
@@ -200,8 +200,8 @@ def evaluate_run(run, request: TaskRequest, ranges: Sequence[Sequence[int]] = ()
     """lm-eval on the run's model, and with ``ranges`` on it approximated (maps fitted on the run's fit samples as
     ``approximate`` and ``export`` fit them). Returns the JSON record: per task the metrics of the ``original``
     and ``approximated`` models and their ``difference``, plus what was run."""
-    from rba_core.analysis import conditioning_report, fit_range_maps
-    from rba_core.approx import paper_notation
+    from rba_core.ops.analysis import conditioning_report, fit_range_maps
+    from rba_core.passes.approx import paper_notation
     from rba_core.maps import MapParams, map_kind, validate_ranges
 
     tasks, limit, num_fewshot, include_path = request.tasks, request.limit, request.num_fewshot, request.include_path
@@ -242,7 +242,7 @@ def evaluate_run(run, request: TaskRequest, ranges: Sequence[Sequence[int]] = ()
     record["results"] = {task: {"original": metrics} for task, metrics in original.items()}
     record["blocks"] = {"original": loaded.num_blocks}
     if checked:
-        from rba_core.cut import blocks_path, cut_model
+        from rba_core.passes.cut import blocks_path, cut_model
 
         net = cut_model(loaded.model, blocks_path(loaded), loaded, checked, maps)
         stage(f"lm-eval on the approximated model ({', '.join(f'{i}→{j}' for i, j in checked)}, {kind} maps)")

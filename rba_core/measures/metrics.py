@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rba_core.stats import TokenStats
+from rba_core.measures.stats import TokenStats
 
 
 def block_redundancy(cls: np.ndarray) -> np.ndarray:

@@ -1,6 +1,6 @@
 """What the paper's Tables 1 and 2 say for any model and dataset: one row per approximated range.
 
-Each row is exactly what :func:`rba_core.analysis.approximate` returns with ``probe=True`` for
+Each row is exactly what :func:`rba_core.ops.analysis.approximate` returns with ``probe=True`` for
 the same settings (so the two never disagree), and it reuses that function's cache: a second
 table with more rows runs the model only for the new ones.
 
@@ -22,14 +22,14 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from rba_core.analysis import approximate_run
-from rba_core.approx import Range, paper_notation
+from rba_core.ops.analysis import approximate_run
+from rba_core.passes.approx import Range, paper_notation
 from rba_core.cache import Cache
 from rba_core.errors import RBAError
 from rba_core.maps import MapParams, map_kind, validate_ranges
 from rba_core.progress import duration_text
-from rba_core.results import TableResult, flat_row
-from rba_core.run import Run
+from rba_core.store.results import TableResult, flat_row
+from rba_core.ops.run import Run
 
 Row = list[Range]
 PRESETS = ("paper", "all-consecutive")
@@ -74,14 +74,14 @@ def table(model, datasets: Sequence[str], fit_n: int, eval_n: int, seed: int = 0
           rows: str | Sequence[Sequence[Range]] = "paper", kind: str = "linear", **options) -> TableResult:
     """:func:`table_run` of the :class:`Run` of these arguments (on the first dataset). ``options``: the run's
     (``max_length``, ``seq_len``, ``cache``, ``progress``, ``on_stage``, ``encoder``), ``map_params``,
-    ``label_map``, and ``tasks`` with ``limit`` and ``include_path`` (:class:`rba_core.downstream.TaskRequest`)."""
+    ``label_map``, and ``tasks`` with ``limit`` and ``include_path`` (:class:`rba_core.ops.downstream.TaskRequest`)."""
     if not datasets:
         raise RBAError("Give at least one dataset for the table.")
     run, asked = Run.of(model, datasets[0], {**options, "fit_n": fit_n, "eval_n": eval_n, "seed": seed},
                         ("map_params", "label_map", "tasks", "limit", "include_path"))
     tasks = None
     if asked.get("tasks"):
-        from rba_core.downstream import TaskRequest
+        from rba_core.ops.downstream import TaskRequest
 
         tasks = TaskRequest(asked["tasks"], asked.get("limit"), include_path=asked.get("include_path"))
     return table_run(run, datasets, rows, kind, asked.get("map_params"), asked.get("label_map"), tasks)
@@ -96,9 +96,9 @@ def table_run(run: Run, datasets: Sequence[str], rows: str | Sequence[Sequence[R
     ``skip``} each {mean, std} over probe seeds 0, 1, 2 (``original`` on the original row), and
     ``accuracy_converged`` the same for the converged probe (one deterministic run, std 0); with a
     classification head that matches the dataset's classes (or ``label_map``), ``head_accuracy`` the same for
-    the model's own head ({top1[, top5]}; :mod:`rba_core.head`). ``tasks`` (causal LMs, a
-    :class:`rba_core.downstream.TaskRequest`): lm-eval tasks scored on every row's model, in ``tasks`` as
-    ``{task: {metric: value}}`` (:func:`rba_core.downstream.evaluate_run`; the original model once).
+    the model's own head ({top1[, top5]}; :mod:`rba_core.ops.head`). ``tasks`` (causal LMs, a
+    :class:`rba_core.ops.downstream.TaskRequest`): lm-eval tasks scored on every row's model, in ``tasks`` as
+    ``{task: {metric: value}}`` (:func:`rba_core.ops.downstream.evaluate_run`; the original model once).
     The model is loaded once, and only when some row is not cached. A causal LM on a language-model text reads
     it as windows of the run's ``seq_len`` tokens.
     """
@@ -147,13 +147,13 @@ def table_run(run: Run, datasets: Sequence[str], rows: str | Sequence[Sequence[R
 
 
 def _task_runner(run: Run, tasks, kind: str, params: MapParams):
-    """``score(dataset, ranges)``: lm-eval ``tasks`` (a :class:`rba_core.downstream.TaskRequest`) on the run's
+    """``score(dataset, ranges)``: lm-eval ``tasks`` (a :class:`rba_core.ops.downstream.TaskRequest`) on the run's
     model with ``ranges`` approximated (maps fitted on ``dataset`` as ``approximate`` fits them),
     ``{task: {metric: value}}``; the original model (no ranges) is scored once. Checks the tasks before any row
     runs."""
     from dataclasses import replace
 
-    from rba_core.downstream import _task_names, check_tasks, evaluate_run, task_manager
+    from rba_core.ops.downstream import _task_names, check_tasks, evaluate_run, task_manager
 
     names = _task_names(tasks.tasks)
     check_tasks(task_manager(tasks.include_path, names), names)

@@ -9,7 +9,7 @@ the original's own module, shared, not copied; the original model is never chang
 length, so the model's forward, its config and the blocks' layer indices need no change.
 
 A folded map of a range i→j (i >= 1) is folded into a copy of block i's MLP output layer exactly as an
-export folds it (:func:`rba_core.fold.folded_model`), so the cut model computes what the exported
+export folds it (:func:`rba_core.passes.fold.folded_model`), so the cut model computes what the exported
 checkpoint computes; only block i is copied.
 """
 
@@ -23,7 +23,7 @@ from torch import nn
 
 from rba_core.maps import Range, map_kind
 from rba_core.maps.module import FittedMap
-from rba_core.fold import fold_into_block
+from rba_core.passes.fold import fold_into_block
 from rba_core.models import Encoder
 
 

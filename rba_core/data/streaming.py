@@ -17,7 +17,7 @@ import numpy as np
 
 from rba_core.errors import RBAError
 from rba_core.registry import STREAM_PREFIX as PREFIX, stream_target
-from rba_core.source import (IMAGE_COLUMNS, LABEL_COLUMNS, Source, decode_image, label_array, no_columns, pick_column,
+from rba_core.data.source import (IMAGE_COLUMNS, LABEL_COLUMNS, Source, decode_image, label_array, no_columns, pick_column,
                                text_columns, sample_indices, split_files, stat_fingerprint)
 
 #: Samples held by the shuffle buffer: a sample is drawn among the next this many of the stream.

@@ -16,7 +16,7 @@ from rba_core.errors import RBAError
 from rba_core.hub import require_available
 from rba_core.registry import (DATA_DIR_ENV, DATASET_ALIASES, DatasetInfo, dataset_info, is_stream, local_dataset_dir,
                                stream_spec, stream_target)
-from rba_core.source import (no_columns, IMAGE_COLUMNS, IMAGE_SUFFIXES, LABEL_COLUMNS, ROW_GROUPS_HELD, SHARD_SUFFIX, SPLITS, Source, TABLE_SUFFIXES, UNITS, check_split, decode_image, label_array, pick_column, sample_indices, split_files, stat_fingerprint, text_columns)
+from rba_core.data.source import (no_columns, IMAGE_COLUMNS, IMAGE_SUFFIXES, LABEL_COLUMNS, ROW_GROUPS_HELD, SHARD_SUFFIX, SPLITS, Source, TABLE_SUFFIXES, UNITS, check_split, decode_image, label_array, pick_column, sample_indices, split_files, stat_fingerprint, text_columns)
 
 def _text_source(name: str, split: str, table, text_cols: tuple[str, ...], label_col: str | None,
                  names: list[str] | None, fingerprint: dict) -> Source:
@@ -179,7 +179,7 @@ def _folder_source(name: str, folder: Path, split: str, info: DatasetInfo | None
 def _shards_source(name: str, paths: Sequence[Path], split: str, info: DatasetInfo | None,
                    by_key: bool = False) -> Source:
     """WebDataset tar shards of one split (``by_key``: the shards hold both splits, told apart by key)."""
-    from rba_core.tar_shards import read_member, shard_samples
+    from rba_core.data.tar_shards import read_member, shard_samples
 
     chosen, modality = shard_samples(paths, split if by_key else None)
     values = [sample["label"] for _, sample in chosen]
@@ -199,7 +199,7 @@ def _shards_source(name: str, paths: Sequence[Path], split: str, info: DatasetIn
 
 def _shard_pattern(name: str, split: str) -> list[Path]:
     """The shards a pattern names (``{000000..000009}`` ranges; ``{split}`` becomes the split), all present."""
-    from rba_core.tar_shards import expand_braces
+    from rba_core.data.tar_shards import expand_braces
 
     paths = [Path(p).expanduser() for p in expand_braces(name.replace("{split}", split))]
     missing = [p for p in paths if not p.is_file()]
@@ -263,7 +263,7 @@ def dataset_unit(dataset) -> str:
     """What a dataset's samples are called ("images", "texts", or "windows" of a language-model text):
     from the registry for an alias,
     else from the data itself (a folder's labels and columns are read, no image is decoded)."""
-    from rba_core.lm_data import is_lm_text
+    from rba_core.data.lm_data import is_lm_text
     if is_lm_text(dataset):
         return "windows"  # a language-model text: token windows of the model's tokenizer
     if is_stream(dataset):  # not opened here: that would read the stream
@@ -275,8 +275,8 @@ def dataset_unit(dataset) -> str:
 
 def open_sample(name, split: str, n: int, seed: int) -> tuple[Source, np.ndarray]:
     """The split and the seeded sample of ``n`` indices in it; a ``stream:`` dataset is read only as far as
-    its sample (:mod:`rba_core.streaming`)."""
-    from rba_core.streaming import stream_sample
+    its sample (:mod:`rba_core.data.streaming`)."""
+    from rba_core.data.streaming import stream_sample
 
     check_split(split)
     stream = stream_spec(name)
@@ -290,7 +290,7 @@ def open_dataset(name, split: str = "train") -> Source:
     """Open a dataset alias (local copy under ``$RBA_DATA_DIR`` first, then the hub) or folder;
     a list of samples (or of (sample, label) pairs) serves as both splits."""
     check_split(split)
-    if hasattr(name, "open_split"):  # language-model windows (rba_core.lm_data.LMText)
+    if hasattr(name, "open_split"):  # language-model windows (rba_core.data.lm_data.LMText)
         return name.open_split(split)
     if not isinstance(name, str):
         return _in_memory_source(name, split)

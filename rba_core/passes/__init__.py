@@ -1,0 +1,1 @@
+"""Passes over samples: the all-pairs pass (extract), the float64 pass of given ranges (range_pass), folding maps into weights (fold), the approximated encoder (approx), perplexity, and the cut Hugging Face model (cut)."""
