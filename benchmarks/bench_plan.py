@@ -19,7 +19,7 @@ Methods, each written out here as its paper's code does:
 - ReplaceMe cosine (``cosine_dist.py`` with ``adam_method``): PruneMe's window, T an ``nn.Linear`` initialised to
   the identity and trained with Adam (lr 1e-4, batch 1024, shuffled, 10 epochs) on 1 − cos(M·T, hs[j] + M − hs[i]),
   folded the same way.
-- plan: ``rba_core.ops.plans`` greedy with folded maps (one block a step, statistics re-collected on the cut model,
+- plan: ``rba_core.ops.plan`` greedy with folded maps (one block a step, statistics re-collected on the cut model,
   the ``--top-k`` candidates of lowest Block Influence measured by perplexity on the held-out windows).
 
 The evaluator runs the original model once over the test windows keeping every block output; each model then runs
@@ -46,7 +46,7 @@ from rba_core.cache import Cache
 from rba_core.data import open_sample
 from rba_core.data.lm_data import LMText
 from rba_core.models import load_encoder
-from rba_core.ops.plans import PlanSpec, plan_run
+from rba_core.ops.plan import PlanSpec, plan_run
 from rba_core.ops.run import Run
 
 TEXT = common.ROOT.parent / "shared" / "datasets" / "debian_descriptions"

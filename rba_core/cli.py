@@ -101,7 +101,7 @@ def _parser(prog: str = MODULE_PROG) -> argparse.ArgumentParser:
 
 
 def _add_plan(sub, common: argparse.ArgumentParser) -> None:
-    """The ``plan`` subcommand (:mod:`rba_core.ops.plans`)."""
+    """The ``plan`` subcommand (:mod:`rba_core.ops.plan`)."""
     plan = sub.add_parser("plan", parents=[common], help="remove blocks step by step until a budget is met "
                           "(greedy, window or shortgpt), measured by perplexity or final MSE")
     plan.add_argument("--fit-n", type=int, required=True, help="train samples (windows) the maps are fitted on")
@@ -375,7 +375,7 @@ def _run_in_cache(args: argparse.Namespace, tracker: Tracker) -> int:
 
 def _plan(args: argparse.Namespace, run):
     """``plan``: the steps, and the model written to ``--out`` when asked."""
-    from rba_core.ops.plans import PlanSpec, export_plan, plan_run
+    from rba_core.ops.plan import PlanSpec, export_plan, plan_run
 
     results = plan_run(run, PlanSpec(
         remove_blocks=args.remove_blocks, max_params=args.max_params, max_latency_ms=args.max_latency_ms,

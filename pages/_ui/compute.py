@@ -427,9 +427,9 @@ def run_export(sel: Selection, ranges: list[tuple[int, int]], kind: str, params:
 
 def run_plans(sel: Selection, eval_n: int, remove: int, strategies: Sequence[str], kind: str,
               params: MapParams) -> dict[str, dict]:
-    """One compression plan per strategy removing ``remove`` blocks (:func:`rba_core.ops.plans.plan_run`), in
+    """One compression plan per strategy removing ``remove`` blocks (:func:`rba_core.ops.plan.plan_run`), in
     :func:`_working`; their JSON by strategy. Not stored as a whole: the fit passes they reuse are."""
-    from rba_core.ops.plans import PlanSpec, plan_run
+    from rba_core.ops.plan import PlanSpec, plan_run
 
     out = {}
     with _working("Planning…", unit(sel.dataset)) as work:

@@ -163,7 +163,7 @@ def pca_scatter(original: np.ndarray, approximated: np.ndarray, labels: Sequence
 
 def plan_curves(plans: Mapping[str, dict]) -> go.Figure:
     """Compression plans as curves: the metric (with its interval) against the blocks removed after each step, one
-    line per plan (``{name: plan JSON}``, from :func:`rba_core.ops.plans.plan_run`), starting at the original model."""
+    line per plan (``{name: plan JSON}``, from :func:`rba_core.ops.plan.plan_run`), starting at the original model."""
     fig = go.Figure()
     for colour, (name, plan) in zip(qualitative.Plotly * 4, plans.items()):
         points = [({"blocks_removed": 0, "range_label": "original"} | plan["original"])] + list(plan["steps"])

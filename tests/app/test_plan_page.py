@@ -1,11 +1,11 @@
-"""The Table page's compression plans (``rba_core.ops.plans``) through AppTest on the offline demo: the plans it shows
+"""The Table page's compression plans (``rba_core.ops.plan``) through AppTest on the offline demo: the plans it shows
 are the core's for the same settings."""
 
 import pytest
 from test_pages import DEMO, _app, _clean, cache_dir  # noqa: F401  (fixture)
 
 from rba_core.cache import Cache
-from rba_core.ops.plans import plan
+from rba_core.ops.plan import plan
 from rba_core.registry import DEMO_PAIR
 
 

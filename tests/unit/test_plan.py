@@ -1,4 +1,4 @@
-"""Compression plans to a budget (``rba_core.ops.plans``, ``plan`` on the command line), on the demo models.
+"""Compression plans to a budget (``rba_core.ops.plan``, ``plan`` on the command line), on the demo models.
 
 Each check is against an independent computation: the exported folder's perplexity with plain transformers,
 ShortGPT's Block Influence from the model's own hidden states, a later greedy map against ``numpy.linalg.lstsq``
@@ -21,7 +21,7 @@ from rba_core.cache import Cache
 from rba_core.cli import main
 from rba_core.data import open_sample
 from rba_core.errors import RBAError
-from rba_core.ops.plans import export_plan, plan
+from rba_core.ops.plan import export_plan, plan
 from rba_core.ops.run import lm_dataset
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
