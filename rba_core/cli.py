@@ -100,16 +100,22 @@ def _parser(prog: str = MODULE_PROG) -> argparse.ArgumentParser:
     return parser
 
 
+def _add_budget(parser: argparse.ArgumentParser, blocks: str) -> None:
+    """One budget, required: exactly so many blocks removed (the flag ``blocks``), at most so many parameters (maps
+    included) or at most so much estimated latency per sample."""
+    budget = parser.add_mutually_exclusive_group(required=True)
+    budget.add_argument(blocks, type=int, help="remove exactly this many blocks")
+    budget.add_argument("--max-params", type=int, help="at most this many parameters (maps included)")
+    budget.add_argument("--max-latency-ms", type=float, help="at most this estimated latency per sample")
+
+
 def _add_plan(sub, common: argparse.ArgumentParser) -> None:
     """The ``plan`` subcommand (:mod:`rba_core.ops.plan`)."""
     plan = sub.add_parser("plan", parents=[common], help="remove blocks step by step until a budget is met "
                           "(greedy, window or shortgpt), measured by perplexity or final MSE")
     plan.add_argument("--fit-n", type=int, required=True, help="train samples (windows) the maps are fitted on")
     plan.add_argument("--eval-n", type=int, required=True, help="test samples every candidate and step is measured on")
-    budget = plan.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--remove-blocks", type=int, help="remove exactly this many blocks")
-    budget.add_argument("--max-params", type=int, help="at most this many parameters (maps included)")
-    budget.add_argument("--max-latency-ms", type=float, help="at most this estimated latency per sample")
+    _add_budget(plan, "--remove-blocks")
     plan.add_argument("--strategy", default="greedy", choices=("greedy", "window", "shortgpt"),
                       help="greedy: one measured range at a time, statistics re-collected on the cut model (default); "
                       "window: the best contiguous window; shortgpt: the blocks of lowest Block Influence, skipped")
@@ -177,10 +183,7 @@ def _add_table_and_search(sub, common: argparse.ArgumentParser) -> None:
     search = sub.add_parser("search", parents=[common], help="rank ranges by measured final-representation MSE")
     search.add_argument("--fit-n", type=int, required=True, help="train samples (images or texts) used to fit the maps")
     search.add_argument("--eval-n", type=int, required=True, help="test samples the MSE is measured on")
-    budget = search.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--blocks", type=int, help="remove exactly this many blocks")
-    budget.add_argument("--max-params", type=int, help="at most this many parameters (T included)")
-    budget.add_argument("--max-latency-ms", type=float, help="at most this estimated latency per image")
+    _add_budget(search, "--blocks")
     search.add_argument("--pairs", action="store_true", help="also try pairs of disjoint ranges")
     search.add_argument("--top-k", type=int, default=5, help="the head of the ranking the race measures on "
                         "every evaluation sample (the rest may leave early)")
