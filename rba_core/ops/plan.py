@@ -55,7 +55,7 @@ from rba_core.models.decoder import DecoderLM
 from rba_core.passes.range_pass import range_statistics
 from rba_core.store.results import Result
 from rba_core.ops.run import Run
-from rba_core.ops.search import candidate_params, latency_estimate
+from rba_core.ops.search import latency_estimate
 
 STRATEGIES = ("greedy", "window", "shortgpt")
 METRICS = ("perplexity", "mse")
@@ -63,6 +63,7 @@ TOP_K = 8  # candidates measured per step, after the angular prefilter
 CONFIDENCE = 0.95  # of the bootstrap interval of a plan's metric
 BOOTSTRAP = 1000  # resamples of the evaluation samples
 BATCH = 8
+SKIP = "identity"  # the map kind that skips its blocks: ShortGPT's
 
 
 @dataclass(frozen=True)
@@ -121,11 +122,6 @@ class PlanResult(Result):
         rows += [{"blocks_removed": s["blocks_removed"], "range": s["range_label"], "metric": s["metric"],
                   "low": s["interval"][0], "high": s["interval"][1]} for s in self.steps]
         return pd.DataFrame(rows)
-
-
-def curve(result) -> list[tuple[int, float]]:
-    """(blocks removed, metric) after each step of a plan (a result or its JSON), starting at the original."""
-    return [(0, result["original"]["metric"])] + [(s["blocks_removed"], s["metric"]) for s in result["steps"]]
 
 
 def _cut(encoder: Encoder, rng: Range, layer: nn.Module | None) -> Encoder:
@@ -570,10 +566,10 @@ def _shortgpt(planner: _Planner) -> None:
     run = planner.run
     run.stage("Fit samples (train split): Block Influence of every block (ShortGPT)")
     influence = run.extract("train", stats_window=1).block_influence
-    if planner.kind != "identity":
+    if planner.declared.shapes(planner.original.hidden_size):  # a kind with a map: ShortGPT skips instead
         planner.notes.append(f"shortgpt skips its blocks (ShortGPT); --map {planner.kind} was not used.")
-        planner.kind, planner.declared = "identity", map_kind("identity")
-        planner.budget.kind = "identity"
+        planner.kind = planner.budget.kind = SKIP
+        planner.declared = map_kind(SKIP)
     for block in np.argsort(influence, kind="stable") + 1:
         if planner.done():
             break
