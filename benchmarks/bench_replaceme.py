@@ -74,8 +74,8 @@ def perplexity(model, windows: torch.Tensor, batch: int = 8) -> float:
 
 
 @torch.inference_mode()
-def replaceme(model, fit: torch.Tensor, test: torch.Tensor, start: int, end: int, batch: int = 8) -> float:
-    """ReplaceMe's lstsq.py for one window (start_id = i, end_id = j), then the folded model's perplexity."""
+def replaceme_fold(model, fit: torch.Tensor, start: int, end: int, batch: int = 8):
+    """ReplaceMe's lstsq.py for one window (start_id = i, end_id = j): the folded model, blocks i+1..j deleted."""
     d = model.config.hidden_size
     saved = {}
     hook = model.model.layers[start - 1].mlp.register_forward_hook(lambda m, i, o: saved.__setitem__("mlp", o))
@@ -90,7 +90,13 @@ def replaceme(model, fit: torch.Tensor, test: torch.Tensor, start: int, end: int
         a1t_a1 += mlp.T @ mlp
         a1t_a2 += mlp.T @ (h_n + mlp - h_i)
     hook.remove()
-    transform = torch.linalg.inv(a1t_a1) @ a1t_a2
+    return fold_transform(model, torch.linalg.inv(a1t_a1) @ a1t_a2, start, end)
+
+
+@torch.inference_mode()
+def fold_transform(model, transform: torch.Tensor, start: int, end: int):
+    """ReplaceMe's truncate_model and fold: a copy without blocks start+1..end, ``down_proj.weight ← Tᵀ·W`` in
+    block start."""
     folded = copy.deepcopy(model)  # ReplaceMe reloads the checkpoint here
     layers = folded.model.layers
     for k in range(end - 1, start - 1, -1):  # truncate_model: delete blocks start+1..end
@@ -100,7 +106,12 @@ def replaceme(model, fit: torch.Tensor, test: torch.Tensor, start: int, end: int
         layer.self_attn.layer_idx = idx
     down = layers[start - 1].mlp.down_proj
     down.weight.copy_((transform.T @ down.weight.to(torch.float64)).to(down.weight.dtype))
-    return perplexity(folded, test)
+    return folded
+
+
+def replaceme(model, fit: torch.Tensor, test: torch.Tensor, start: int, end: int, batch: int = 8) -> float:
+    """ReplaceMe's lstsq.py for one window, then the folded model's perplexity."""
+    return perplexity(replaceme_fold(model, fit, start, end, batch), test)
 
 
 def main() -> None:

@@ -5,9 +5,10 @@ from dataclasses import replace
 import pandas as pd
 import streamlit as st
 
-from pages._ui.compute import may_read, num_blocks, run_table, start_button, table_results, unit
+from pages._ui.compute import may_read, num_blocks, run_plans, run_table, start_button, table_results, unit
 from pages._ui.selection import BOUND, DATASET_FOLDER, DATASET_OPTIONS, eval_samples, map_choice, pick, sidebar
 from pages._ui.show import NotComputed, dataframe, downloads, errors, not_computed
+from rba_core.store.plots import plan_curves
 from rba_core.store.results import head_columns
 from rba_core.ops.table import PRESETS, parse_rows, render, row_label
 
@@ -105,3 +106,25 @@ with errors():
                    "are what `python -m rba_core table` writes for the same settings.")
         downloads(f"table-{sel.model}-{'-'.join(datasets)}", table=render(result, "csv"),
                   markdown=render(result, "md"), data=result)
+
+    st.subheader("Cutting to a budget")
+    st.markdown("Compression plans for the sidebar's model: blocks removed step by step, each step measured on the "
+                "evaluation samples (perplexity for a language model on its text, else the final-representation MSE "
+                "against the original). **greedy** removes the block whose measured effect is smallest, then fits "
+                "the next map on the cut model; **window** the best contiguous window; **shortgpt** skips the "
+                "blocks of lowest Block Influence. `python -m rba_core plan` computes the same.")
+    cols = st.columns(3, vertical_alignment="bottom")
+    remove = int(cols[0].number_input("Blocks to remove", min_value=1, max_value=max(blocks - 1, 1),
+                                      value=min(2, max(blocks - 1, 1)), key="plan_remove"))
+    strategies = cols[1].multiselect("Strategies", ["greedy", "window", "shortgpt"], default=["greedy", "window",
+                                     "shortgpt"], key="plan_strategies")
+    if start_button("Plan", key="plan-compute", at=cols[2], help="Run every chosen strategy (the fit passes are "
+                    "stored; the measurements run again)."):
+        st.session_state["plan_results"] = {"for": (sel.model, sel.dataset, sel.n, sel.seed, eval_n, remove, kind),
+                                            "plans": run_plans(sel, eval_n, remove, strategies, kind, params)}
+    shown = st.session_state.get("plan_results")
+    if shown and shown["for"] == (sel.model, sel.dataset, sel.n, sel.seed, eval_n, remove, kind):
+        st.plotly_chart(plan_curves(shown["plans"]))
+        dataframe(pd.DataFrame([{"strategy": name, "ranges": ", ".join(f"{i}→{j}" for i, j in p["final"]["ranges"]),
+                                 p["metric"]: p["final"]["metric"], "same blocks skipped": p["final"]["skip"]["metric"]}
+                                for name, p in shown["plans"].items()]), height="content")

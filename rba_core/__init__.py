@@ -20,6 +20,7 @@ _EXPORTS = {
     "search": "rba_core.ops.search",
     "table": "rba_core.ops.table",
     "evaluate": "rba_core.ops.downstream",  # lm-eval tasks on a causal LM and its approximation
+    "plan": "rba_core.ops.plan",
     "load_compressed": "rba_core.store.export",
     "save_compressed": "rba_core.store.export",
     "block_redundancy": "rba_core.measures.metrics",

@@ -38,7 +38,7 @@ LABEL_MAP_HELP = ("JSON {dataset class: head class} (names or indices) matching 
 DESCRIPTION = ("Find redundant transformer blocks and replace them by linear maps. Subcommands: analyze (Block "
                "Redundancy, similarity, fit residuals), approximate (replace block ranges by maps and evaluate), "
                "table (rows like the paper's Tables 1 and 2), search (rank ranges by measured error), export "
-               "(write the approximated model) and eval (lm-eval tasks on a causal LM and its approximation). Results go to --json FILE ('-': stdout) or a short summary; "
+               "(write the approximated model) eval (lm-eval tasks on a causal LM and its approximation) and plan (remove blocks step by step to a budget). Results go to --json FILE ('-': stdout) or a short summary; "
                "progress goes to stderr; Ctrl-C or SIGTERM stops with one sentence and exit status 130.")
 #: How the tool is invoked, for its usage lines: ``rba`` as the console script, else through the module.
 MODULE_PROG, SCRIPT_PROG = "python -m rba_core", "rba"
@@ -96,7 +96,38 @@ def _parser(prog: str = MODULE_PROG) -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, type=Path, help="the export folder")
     export.add_argument("--onnx", action="store_true", help="image models: also write model.onnx")
     _add_heal_options(export)
+    _add_plan(sub, common)
     return parser
+
+
+def _add_budget(parser: argparse.ArgumentParser, blocks: str) -> None:
+    """One budget, required: exactly so many blocks removed (the flag ``blocks``), at most so many parameters (maps
+    included) or at most so much estimated latency per sample."""
+    budget = parser.add_mutually_exclusive_group(required=True)
+    budget.add_argument(blocks, type=int, help="remove exactly this many blocks")
+    budget.add_argument("--max-params", type=int, help="at most this many parameters (maps included)")
+    budget.add_argument("--max-latency-ms", type=float, help="at most this estimated latency per sample")
+
+
+def _add_plan(sub, common: argparse.ArgumentParser) -> None:
+    """The ``plan`` subcommand (:mod:`rba_core.ops.plan`)."""
+    plan = sub.add_parser("plan", parents=[common], help="remove blocks step by step until a budget is met "
+                          "(greedy, window or shortgpt), measured by perplexity or final MSE")
+    plan.add_argument("--fit-n", type=int, required=True, help="train samples (windows) the maps are fitted on")
+    plan.add_argument("--eval-n", type=int, required=True, help="test samples every candidate and step is measured on")
+    _add_budget(plan, "--remove-blocks")
+    plan.add_argument("--strategy", default="greedy", choices=("greedy", "window", "shortgpt"),
+                      help="greedy: one measured range at a time, statistics re-collected on the cut model (default); "
+                      "window: the best contiguous window; shortgpt: the blocks of lowest Block Influence, skipped")
+    plan.add_argument("--metric", choices=("perplexity", "mse"),
+                      help="what candidates and steps are judged by (default perplexity for a causal LM on a "
+                      "language-model text, else final-representation MSE)")
+    plan.add_argument("--max-size", type=int, default=1, help="greedy: the most blocks one step removes")
+    plan.add_argument("--top-k", type=int, default=8, help="candidates measured per step (those of lowest Block "
+                      "Influence between their end states); 0: all")
+    plan.add_argument("--out", type=Path, help="also write the plan's model here (a plain checkpoint when every "
+                      "step folds or skips, else the compressed format)")
+    _add_map_options(plan)
 
 
 def _add_map_options(parser: argparse.ArgumentParser, more: str = "") -> None:
@@ -152,10 +183,7 @@ def _add_table_and_search(sub, common: argparse.ArgumentParser) -> None:
     search = sub.add_parser("search", parents=[common], help="rank ranges by measured final-representation MSE")
     search.add_argument("--fit-n", type=int, required=True, help="train samples (images or texts) used to fit the maps")
     search.add_argument("--eval-n", type=int, required=True, help="test samples the MSE is measured on")
-    budget = search.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--blocks", type=int, help="remove exactly this many blocks")
-    budget.add_argument("--max-params", type=int, help="at most this many parameters (T included)")
-    budget.add_argument("--max-latency-ms", type=float, help="at most this estimated latency per image")
+    _add_budget(search, "--blocks")
     search.add_argument("--pairs", action="store_true", help="also try pairs of disjoint ranges")
     search.add_argument("--top-k", type=int, default=5, help="the head of the ranking the race measures on "
                         "every evaluation sample (the rest may leave early)")
@@ -319,6 +347,8 @@ def _run_in_cache(args: argparse.Namespace, tracker: Tracker) -> int:
             from rba_core.cli_eval import run_eval
 
             results = run_eval(args, cache, tracker, tracker.stage, _map_params(args))
+        elif args.command == "plan":
+            results = _plan(args, run)
         elif args.command == "export":
             from rba_core.ops.analysis import export_run
 
@@ -346,6 +376,20 @@ def _run_in_cache(args: argparse.Namespace, tracker: Tracker) -> int:
         print(f"note: {note}", file=sys.stderr)
     _write(args, results)
     return 0
+
+
+def _plan(args: argparse.Namespace, run):
+    """``plan``: the steps, and the model written to ``--out`` when asked."""
+    from rba_core.ops.plan import PlanSpec, export_plan, plan_run
+
+    results = plan_run(run, PlanSpec(
+        remove_blocks=args.remove_blocks, max_params=args.max_params, max_latency_ms=args.max_latency_ms,
+        strategy=args.strategy, kind=args.map, map_params=_map_params(args), metric=args.metric,
+        max_size=args.max_size, top_k=args.top_k or None))
+    if args.out and _main_rank():
+        export_plan(results, args.out)
+        print(f"wrote {args.out}", file=sys.stderr)
+    return results
 
 
 def _write(args: argparse.Namespace, results) -> None:

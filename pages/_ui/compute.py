@@ -423,3 +423,21 @@ def run_export(sel: Selection, ranges: list[tuple[int, int]], kind: str, params:
         work.status.update(state="complete", expanded=False,
                            label=f"Built {what} in {time.perf_counter() - began:.1f} s.")
     return {"content": content, "sizes": sizes, "record": record}
+
+
+def run_plans(sel: Selection, eval_n: int, remove: int, strategies: Sequence[str], kind: str,
+              params: MapParams) -> dict[str, dict]:
+    """One compression plan per strategy removing ``remove`` blocks (:func:`rba_core.ops.plan.plan_run`), in
+    :func:`_working`; their JSON by strategy. Not stored as a whole: the fit passes they reuse are."""
+    from rba_core.ops.plan import PlanSpec, plan_run
+
+    out = {}
+    with _working("Planning…", unit(sel.dataset)) as work:
+        began = time.perf_counter()
+        for strategy in strategies:
+            work.stage(f"The {strategy} plan")
+            out[strategy] = plan_run(_request(sel, work, eval_n), PlanSpec(
+                remove_blocks=remove, strategy=strategy, kind=kind, map_params=params)).to_json()
+        work.status.update(state="complete", expanded=False, label=f"Planned {len(out)} strategies in "
+                           f"{time.perf_counter() - began:.1f} s.")
+    return out

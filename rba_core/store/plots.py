@@ -159,3 +159,22 @@ def pca_scatter(original: np.ndarray, approximated: np.ndarray, labels: Sequence
                       xaxis_title=axis[0], yaxis_title=axis[1], height=560,
                       legend={"itemsizing": "constant", "title": {"text": "class"}})
     return fig
+
+
+def plan_curves(plans: Mapping[str, dict]) -> go.Figure:
+    """Compression plans as curves: the metric (with its interval) against the blocks removed after each step, one
+    line per plan (``{name: plan JSON}``, from :func:`rba_core.ops.plan.plan_run`), starting at the original model."""
+    fig = go.Figure()
+    for colour, (name, plan) in zip(qualitative.Plotly * 4, plans.items()):
+        points = [({"blocks_removed": 0, "range_label": "original"} | plan["original"])] + list(plan["steps"])
+        fig.add_trace(go.Scatter(
+            x=[p["blocks_removed"] for p in points], y=[p["metric"] for p in points], mode="lines+markers",
+            name=name, line={"color": colour}, customdata=[p["range_label"] for p in points],
+            error_y={"type": "data", "symmetric": False,
+                     "array": [p["interval"][1] - p["metric"] for p in points],
+                     "arrayminus": [p["metric"] - p["interval"][0] for p in points]},
+            hovertemplate=f"{name}<br>%{{x}} blocks removed (%{{customdata}})<br>%{{y:.4g}}<extra></extra>"))
+    metric = next(iter(plans.values()))["metric"] if plans else "metric"
+    fig.update_layout(title=f"{metric} against blocks removed, one line per strategy (95% bootstrap intervals)",
+                      xaxis_title="blocks removed", yaxis_title=metric, xaxis={"dtick": 1}, height=460)
+    return fig

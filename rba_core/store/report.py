@@ -118,8 +118,26 @@ def summarise_eval(record: dict) -> list[str]:
     return lines
 
 
+def summarise_plan(results: dict) -> list[str]:
+    """A plan: one line per step (the metric after it and its interval), then the final model against skipping."""
+    metric, final, original = results["metric"], results["final"], results["original"]
+    value = lambda part: f"{metric} {part['metric']:.4g} ({part['interval'][0]:.4g}–{part['interval'][1]:.4g})"  # noqa: E731
+    lines = [f"{results['model']} on {results['dataset']}: {results['strategy']} plan, {results['map']} maps, "
+             f"{metric} on {results['eval_n']} test samples (95% bootstrap interval).",
+             f"  original: {value(original)}, {original['params']:,} parameters"]
+    for step in results["steps"]:
+        blocks = ", ".join(str(k) for k in step["removes"])
+        lines.append(f"  step {step['step']}: range {step['range_label']} (paper: {step['paper']}, removes block "
+                     f"{blocks}), {step['blocks_removed']} removed so far: {value(step)}, {step['params']:,} parameters")
+    lines.append(f"Final: ranges {', '.join(f'{i}→{j}' for i, j in final['ranges'])}, blocks "
+                 f"{final['blocks']['original']} → {final['blocks']['approximated']}: {value(final)}; the same "
+                 f"blocks skipped: {value(final['skip'])}.")
+    return lines
+
+
 def summarise(command: str, results: dict) -> str:
     """The summary of an ``analyze``, ``approximate``, ``search`` or ``export`` result (its notes go to stderr)."""
     lines = {"analyze": summarise_analysis, "approximate": summarise_approximation,
-             "search": summarise_search, "export": summarise_export, "eval": summarise_eval}[command](results)
+             "search": summarise_search, "export": summarise_export, "eval": summarise_eval,
+             "plan": summarise_plan}[command](results)
     return "\n".join(lines) + "\n"
