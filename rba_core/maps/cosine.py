@@ -8,15 +8,15 @@ from rba_core.maps.base import TRAINING, Fitted, FitData, MapKind, MissingStatis
 
 
 def fit(data: FitData, rng, params) -> Fitted:
-    from rba_core.maps.training import cosine_distance, train
+    from rba_core.maps.training import Fitting, cosine_distance, train
 
     stats, samples = data.require("fold"), data.require("samples")
     if rng not in stats:
         raise MissingStatistics(f"The fold statistics of this pass do not hold range {rng[0]}→{rng[1]}.")
     start, conditioning = stats[rng].solve()
     m, r, target = samples.fold_target(rng)
-    tensors, report = train({"weight": start}, folded.apply, (r + m, m if rng[0] else None), target,
-                            samples.held_out(), params, data.seed, data.progress, cosine_distance)
+    fitting = Fitting(folded.apply, (r + m, m if rng[0] else None), target, samples.held_out(), cosine_distance)
+    tensors, report = train({"weight": start}, fitting, params, data.seed, data.progress)
     return Fitted(tensors, conditioning, report)
 
 

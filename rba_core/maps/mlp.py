@@ -39,7 +39,7 @@ def shapes(depth: int):
 
 def fitter(depth: int):
     def fit(data: FitData, rng, params) -> Fitted:
-        from rba_core.maps.training import train
+        from rba_core.maps.training import Fitting, train
 
         stats, samples, (i, j) = data.require("tokens"), data.require("samples"), rng
         start, conditioning = solve_spd_conditioned(stats.gram(i, i), stats.gram(i, j), stats.precision)
@@ -56,8 +56,8 @@ def fitter(depth: int):
         init["w1"] = init["w1"] / std[:, None]
         init["b1"] = -(mean @ init["w1"])
         # The least-squares map stays: the MLP learns what it leaves (TOAST's residual translator).
-        tensors, report = train(init, apply, (x, None), y, held_out, params, data.seed, data.progress,
-                                frozen=("weight",))
+        fitting = Fitting(apply, (x, None), y, held_out, frozen=("weight",))
+        tensors, report = train(init, fitting, params, data.seed, data.progress)
         return Fitted(tensors, conditioning, report)
     return fit
 

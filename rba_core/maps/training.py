@@ -8,6 +8,7 @@ early when it has not improved for :data:`PATIENCE` checks. Deterministic on CPU
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Callable, Sequence
 
@@ -32,13 +33,26 @@ def cosine_distance(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return (1 - cos).mean()
 
 
-def train(init: dict[str, np.ndarray], apply: Callable, inputs: Sequence[np.ndarray | None], target: np.ndarray,
-          held_out: np.ndarray, params, seed: int, progress=None, loss: Callable = mse,
-          frozen: Sequence[str] = ()) -> tuple[dict[str, np.ndarray], dict]:
-    """Train the tensors ``init`` so that ``apply(tensors, *inputs)`` approaches ``target`` under ``loss``;
-    ``params``: ``train_lr``, ``train_steps``; the tensors named in ``frozen`` keep their start. Returns the best tensors and a report: ``train_loss`` (on every
+@dataclass(frozen=True)
+class Fitting:
+    """What a map is trained to do: ``apply(tensors, *inputs)`` approach ``target`` under ``loss`` on the rows not
+    ``held_out``; the tensors named in ``frozen`` keep their start."""
+
+    apply: Callable
+    inputs: Sequence[np.ndarray | None]
+    target: np.ndarray
+    held_out: np.ndarray
+    loss: Callable = mse
+    frozen: Sequence[str] = ()
+
+
+def train(init: dict[str, np.ndarray], fitting: Fitting, params, seed: int, progress=None
+          ) -> tuple[dict[str, np.ndarray], dict]:
+    """Train the tensors ``init`` for ``fitting``; ``params``: ``train_lr``, ``train_steps``. Returns the best tensors and a report: ``train_loss`` (on every
     training row), ``val_loss`` and ``initial_val_loss`` (on the held-out rows), ``steps`` (of the best check)
     and ``stopped_early``."""
+    apply, inputs, target, held_out, loss, frozen = (fitting.apply, fitting.inputs, fitting.target, fitting.held_out,
+                                                     fitting.loss, fitting.frozen)
     generator = torch.Generator().manual_seed(seed)
     tensors = {k: torch.tensor(np.asarray(v), dtype=torch.float32, requires_grad=k not in frozen)
                for k, v in init.items()}

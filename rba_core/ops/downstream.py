@@ -108,16 +108,16 @@ class _quiet:
         self.logger.setLevel(self.level)
 
 
-def run_tasks(model, tokenizer, names: Sequence[str], manager, *, limit: int | float | None = None,
-              num_fewshot: int | None = None, batch_size: int = 8, seed: int = 0,
+def run_tasks(model, tokenizer, names: Sequence[str], manager, request: "TaskRequest", seed: int = 0,
               documents: dict | None = None) -> tuple[dict, dict]:
     """``lm_eval.simple_evaluate`` on a loaded transformers model object (no re-load): per task its metrics
     ``{metric: value}`` (lm-eval's ``acc,none`` written ``acc``; stderr values kept as ``acc_stderr``) and the
-    number of documents scored. ``documents``, when given, receives per task the log-likelihood of every
+    number of documents scored, with the ``request``'s limit, few-shot count and batch size. ``documents``, when given, receives per task the log-likelihood of every
     choice of every document, in document order (loglikelihood tasks)."""
     lm_eval = _lm_eval()
     from lm_eval.models.huggingface import HFLM
 
+    limit, num_fewshot, batch_size = request.limit, request.num_fewshot, request.batch_size
     with _quiet():
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         out = lm_eval.simple_evaluate(model=lm, tasks=list(names), task_manager=manager, limit=limit,
@@ -205,7 +205,7 @@ def evaluate_run(run, request: TaskRequest, ranges: Sequence[Sequence[int]] = ()
     from rba_core.maps import MapParams, map_kind, validate_ranges
 
     tasks, limit, num_fewshot, include_path = request.tasks, request.limit, request.num_fewshot, request.include_path
-    batch_size, log_documents, with_original = request.batch_size, request.log_documents, request.with_original
+    log_documents, with_original = request.log_documents, request.with_original
     stage, ref, seed = run.stage, run.ref, run.seed
     names = _task_names(tasks)
     map_kind(kind)  # an unknown map fails before any work
@@ -236,9 +236,8 @@ def evaluate_run(run, request: TaskRequest, ranges: Sequence[Sequence[int]] = ()
     original: dict = {}
     if with_original or not checked:
         stage(f"lm-eval on the original model: {', '.join(names)}")
-        original, record["samples"] = run_tasks(loaded.model, loaded.processor, names, manager, limit=limit,
-                                                num_fewshot=num_fewshot, batch_size=batch_size, seed=seed,
-                                                documents=logged and logged["original"])
+        original, record["samples"] = run_tasks(loaded.model, loaded.processor, names, manager, request, seed,
+                                                logged and logged["original"])
     record["results"] = {task: {"original": metrics} for task, metrics in original.items()}
     record["blocks"] = {"original": loaded.num_blocks}
     if checked:
@@ -246,9 +245,8 @@ def evaluate_run(run, request: TaskRequest, ranges: Sequence[Sequence[int]] = ()
 
         net = cut_model(loaded.model, blocks_path(loaded), loaded, checked, maps)
         stage(f"lm-eval on the approximated model ({', '.join(f'{i}→{j}' for i, j in checked)}, {kind} maps)")
-        approximated, samples = run_tasks(net, loaded.processor, names, manager, limit=limit,
-                                          num_fewshot=num_fewshot, batch_size=batch_size, seed=seed,
-                                          documents=logged and logged["approximated"])
+        approximated, samples = run_tasks(net, loaded.processor, names, manager, request, seed,
+                                          logged and logged["approximated"])
         record.setdefault("samples", samples)
         change = difference(original, approximated)
         for task, metrics in approximated.items():

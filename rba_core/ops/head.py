@@ -27,6 +27,7 @@ from rba_core.errors import RBAError
 
 #: The transformers classes whose head is measured (their names end so).
 HEADS = ("ForImageClassification", "ForSequenceClassification")
+HEAD_BATCH = 32  # samples per forward of the classification models
 TOP5_ABOVE = 10  # top-5 accuracy is reported for heads with more classes than this
 
 
@@ -161,7 +162,7 @@ def head_blocks_path(model: torch.nn.Module, encoder) -> str:
 
 @torch.inference_mode()
 def head_accuracy(head: Head, encoder, ranges, maps, source, indices: np.ndarray, labels: np.ndarray,
-                  progress=None, batch_size: int = 32) -> dict:
+                  progress=None) -> dict:
     """Top-1 (and top-5 above 10 classes) accuracy of the head on the samples ``indices`` of ``source`` for
     the original model, the approximated one (``maps``, one per range) and the skipped blocks."""
     from rba_core.passes.cut import cut_model
@@ -174,7 +175,7 @@ def head_accuracy(head: Head, encoder, ranges, maps, source, indices: np.ndarray
     ks = (1, 5) if head.classes > TOP5_ABOVE else (1,)
     hits = {name: dict.fromkeys(ks, 0) for name in models}
     targets = torch.as_tensor(head.mapping[np.asarray(labels)])
-    batches = [indices[s : s + batch_size] for s in range(0, len(indices), batch_size)]
+    batches = [indices[s : s + HEAD_BATCH] for s in range(0, len(indices), HEAD_BATCH)]
     done = 0
     for batch, inputs in zip(batches, model_inputs(encoder, source, batches)):
         truth = targets[done : done + len(batch)].to(encoder.device)
