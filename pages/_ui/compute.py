@@ -255,20 +255,32 @@ def run_analysis(sel: Selection, processes: int = 1) -> None:
     runs as that many torchrun workers on this machine (rank 0's progress shown), then is read back."""
     with _working(f"Computing {sel.model} on {sel.dataset} (n={sel.n}, seed={sel.seed})…", unit(sel.dataset)) as work:
         began = time.perf_counter()
-        if processes > 1:
+        grouped = processes > 1 and not _stored_pass(sel, work.cache)
+        if grouped:  # the workers compute and store the pass; it is then read back here
             work.stage(f"Running the pass as {processes} worker processes (torchrun) on this machine")
             window = ["--stats-window", str(sel.stats_window)] if sel.stats_window else []
             run_group(["analyze", "--model", sel.model, "--dataset", sel.dataset, "--n", str(sel.n),
                        "--seed", str(sel.seed), *window], processes, work.cache.root, work.progress)
+            work.progress(sel.n, sel.n)
         ex = _request(sel, work).extract("train", stats_window=sel.stats_window or None)
         _opened(sel)
         for note in ex.notes:
             st.warning(note)
+        by = f" with {processes} worker processes" if grouped else ""
         work.status.update(state="complete", expanded=bool(ex.notes), label=(
             f"Cache hit: results for this selection were already stored (key {ex.key[:12]}…); "
-            "the model was not run." if ex.hit else
-            f"Computed {ex.num_blocks} blocks on {sel.n} {unit(sel.dataset)} in {time.perf_counter() - began:.1f} s "
-            f"and stored them (key {ex.key[:12]}…)."))
+            "the model was not run." if ex.hit and not grouped else
+            f"Computed {ex.num_blocks} blocks on {sel.n} {unit(sel.dataset)}{by} in "
+            f"{time.perf_counter() - began:.1f} s and stored them (key {ex.key[:12]}…)."))
+
+
+def _stored_pass(sel: Selection, cache: Cache) -> bool:
+    """Whether the sidebar's pass is stored already (read from the cache only)."""
+    try:
+        _stored(sel, 0, cache).extract("train", stats_window=sel.stats_window or None)
+        return True
+    except NotComputed:
+        return False
 
 
 def _opened(sel: Selection) -> None:

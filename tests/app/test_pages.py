@@ -786,3 +786,18 @@ def test_the_lm_demo_is_listed_and_a_gguf_model_is_dequantised_in_the_background
     approx.button(key="continue").click().run()
     _clean(approx)
     assert len(approx.code) == 3 and all(c.value.startswith("The package provides") for c in approx.code)
+
+
+def test_a_pass_run_by_worker_processes_is_not_called_a_cache_hit(tmp_path, monkeypatch):
+    """Issue 18 item 8: Compute with 2 worker processes runs the pass in torchrun workers and reads it back; the
+    status says it computed it with 2 worker processes (not "Cache hit"), and its progress reaches the end."""
+    monkeypatch.setenv("RBA_CACHE_DIR", str(tmp_path))
+    at = _app(**DEMO, n="16")
+    at.number_input(key="processes").set_value(2).run()
+    at.button(key="compute-home").click().run()
+    _clean(at)
+    labels = [s.label for s in at.status]
+    assert any("with 2 worker processes" in label for label in labels), labels
+    assert not any(label.startswith("Cache hit") for label in labels), labels
+    entry = next(e for e in Cache(tmp_path).entries() if e.kind == "pass")
+    assert Cache(tmp_path).get(entry.key).meta["workers"] == 2
