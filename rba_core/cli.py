@@ -116,6 +116,7 @@ def _add_plan(sub, common: argparse.ArgumentParser) -> None:
     plan.add_argument("--fit-n", type=int, required=True, help="train samples (windows) the maps are fitted on")
     plan.add_argument("--eval-n", type=int, required=True, help="test samples every candidate and step is measured on")
     _add_budget(plan, "--remove-blocks")
+    _add_heal_options(plan)
     plan.add_argument("--strategy", default="greedy", choices=("greedy", "window", "shortgpt"),
                       help="greedy: one measured range at a time, statistics re-collected on the cut model (default); "
                       "window: the best contiguous window; shortgpt: the blocks of lowest Block Influence, skipped")
@@ -386,6 +387,10 @@ def _plan(args: argparse.Namespace, run):
         remove_blocks=args.remove_blocks, max_params=args.max_params, max_latency_ms=args.max_latency_ms,
         strategy=args.strategy, kind=args.map, map_params=_map_params(args), metric=args.metric,
         max_size=args.max_size, top_k=args.top_k or None))
+    if args.heal is not None:
+        from rba_core.ops.plan import heal_plan
+
+        results = heal_plan(run, results, _heal_plan(args))
     if args.out and _main_rank():
         export_plan(results, args.out)
         print(f"wrote {args.out}", file=sys.stderr)

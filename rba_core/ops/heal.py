@@ -110,10 +110,11 @@ def _metric(original: Encoder, net: ApproximatedEncoder, source, indices: np.nda
     return float(np.exp(total / count)) if language else total / count
 
 
-def heal(run: Run, ranges, maps, plan: HealPlan) -> tuple[ApproximatedEncoder, dict]:
-    """The approximated model of ``ranges`` and ``maps``, healed: a copy of the run's model and of the maps trained
-    ``plan.steps`` steps on the run's fit samples (the original is not changed), LoRA adapters merged. Returns the
-    healed model and the report (``before`` and ``after``: the metric on the run's evaluation samples)."""
+def heal(run: Run, ranges, maps, plan: HealPlan, encoder: Encoder | None = None) -> tuple[ApproximatedEncoder, dict]:
+    """The approximated model of ``ranges`` and ``maps``, healed: a copy of the run's model (or of ``encoder``, a
+    model already cut, with no ranges left to map) and of the maps trained ``plan.steps`` steps on the run's fit
+    samples to match the run's original model (which is not changed), LoRA adapters merged. Returns the healed
+    model and the report (``before`` and ``after``: the metric on the run's evaluation samples)."""
     if plan.steps < 1:
         raise RBAError(f"--heal must be at least 1 step, got {plan.steps}.")
     if plan.lora_rank < 0:
@@ -121,10 +122,10 @@ def heal(run: Run, ranges, maps, plan: HealPlan) -> tuple[ApproximatedEncoder, d
     torch.manual_seed(run.seed)
     original = run.lazy()
     language = hasattr(original, "logits")
-    twin = _twin(original)
+    twin = _twin(encoder or original)
     twin.model.requires_grad_(False)
     healed_maps = [None if m is None else copy.deepcopy(m) for m in maps]
-    first = min(i for i, _ in ranges)
+    first = min((i for i, _ in ranges), default=0)
     net = ApproximatedEncoder(twin, ranges, healed_maps)
     test, test_indices = open_sample(run.data, "test", run.eval_n, run.seed) if run.eval_n else (None, None)
     before = _metric(original, net, test, test_indices, language) if test is not None else None

@@ -110,8 +110,10 @@ class PlanResult(Result):
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     compressed: Any = None
+    healing: dict | None = None  # --heal: the healed model's metric before and after
 
     _not_json = ("compressed",)
+    _omit_if_none = ("healing",)
 
     def to_frame(self):
         """One row per step: blocks removed so far, the range, the metric and its interval."""
@@ -634,6 +636,26 @@ def plan_run(run: Run, spec: PlanSpec) -> PlanResult:
         seconds=time.perf_counter() - began, compressed=compressed)
 
 
+def heal_plan(run: Run, result: PlanResult, plan) -> PlanResult:
+    """The plan's model healed (:func:`rba_core.ops.heal.heal`, a :class:`~rba_core.ops.heal.HealPlan`) against the
+    run's original model: a plain checkpoint's cut model with LoRA adapters on its blocks, a compressed model's
+    maps (and adapters). ``result.healing`` gives the metric before and after; the model to export is the healed
+    one, still a plain checkpoint where the plan's was one."""
+    from rba_core.ops.heal import heal
+
+    if result.compressed is None:
+        raise RBAError("This plan holds no model to heal (a plan read back from JSON); run it again with --heal.")
+    if result.plain_checkpoint:
+        net, report = heal(run, [], [], plan, encoder=result.compressed)
+        result.compressed = net.encoder
+    else:
+        model = result.compressed
+        net, report = heal(run, model.ranges, model.maps, plan)
+        result.compressed = net
+    result.healing = report
+    return result
+
+
 def export_plan(result: PlanResult, out) -> dict:
     """Write a plan's model to the folder ``out``: a plain Hugging Face checkpoint (config with the new layer count,
     safetensors, tokenizer or processor; ``rba.json`` records the plan) when every step folds into the weights or
@@ -661,9 +683,12 @@ def export_plan(result: PlanResult, out) -> dict:
               "params": {"original": result.original["params"], "folded": count_params(encoder.model)},
               "data": {"dataset": result.dataset, "fit_n": result.fit_n, "eval_n": result.eval_n, "seed": result.seed},
               "plan": plan_record}
+    final = result.healing["after"] if result.healing else result.final["metric"]
     if result.metric == "perplexity":
-        record["perplexity"] = {"original": result.original["metric"], "folded": result.final["metric"]}
+        record["perplexity"] = {"original": result.original["metric"], "folded": final}
     else:
-        record["mse_final"] = result.final["metric"]
+        record["mse_final"] = final
+    if result.healing:
+        record["healing"] = result.healing
     save_folded(encoder, out, record)
     return record

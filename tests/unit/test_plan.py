@@ -212,3 +212,26 @@ def test_a_trained_kind_plans_and_folds(cache, tmp_path):
     export_plan(result, tmp_path / "out")
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32).eval()
     assert _perplexity(model, _windows("test", 8)) == pytest.approx(result.final["metric"], rel=1e-4)
+
+
+def test_a_healed_plan_exports_a_plain_checkpoint_with_the_healed_perplexity(cache, tmp_path):
+    """plan --heal: the cut model is healed against the original (LoRA on its blocks, merged); healing starts from
+    exactly the planned model, and the healed export is a plain checkpoint whose perplexity with plain transformers
+    is the report's ``after``."""
+    from transformers import AutoModelForCausalLM
+
+    from rba_core.ops.heal import HealPlan
+    from rba_core.ops.plan import heal_plan
+    from rba_core.ops.run import Run
+
+    run = Run(LM["model"], LM["dataset"], LM["fit_n"], LM["eval_n"], 0, seq_len=LM["seq_len"], cache=cache)
+    result = plan(**LM, remove_blocks=2, strategy="greedy", kind="folded", cache=cache)
+    planned = result.final["metric"]
+    healed = heal_plan(run, result, HealPlan(steps=5, lora_rank=2, lr=1e-3))
+    assert healed.healing["before"] == pytest.approx(planned, rel=1e-3)
+    assert healed.to_json()["healing"]["metric"] == "perplexity"
+    record = export_plan(healed, tmp_path / "healed")
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "healed"), dtype=torch.float32).eval()
+    assert model.config.num_hidden_layers == 6 and record["healing"] == healed.healing
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    assert _perplexity(model, _windows("test", 16)) == pytest.approx(healed.healing["after"], rel=1e-3)
