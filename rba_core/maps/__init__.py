@@ -11,17 +11,12 @@ CLI's flags, the pages' pickers, approximate, search, table, export and ``load_c
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from rba_core.maps.base import (PRODUCT_EPS, Conditioning, FitData, Fitted, Hyper, MapKind, MissingStatistics, Range,
                                 solve_spd, solve_spd_conditioned, tokens_per_sample, validate_ranges)
 from rba_core.maps.linear import all_pair_maps, fit_residual_matrix
 from rba_core.maps.registry import HYPERS, KINDS, MAPS, MapParams, map_kind
 
-if TYPE_CHECKING:
-    from rba_core.maps.module import FittedMap
-
-def fit_map(stats, rng: Range, kind: str = "linear", params=None) -> "FittedMap | None":
+def fit_map(stats, rng: Range, kind: str = "linear", params=None):  # -> a FittedMap, or None
     """The map of ``kind`` for range i→j (None for a kind that skips the blocks) from the statistics its kind
     reads: ``stats`` is a :class:`FitData`, a :class:`rba_core.passes.range_pass.RangeStatistics`, token statistics
     or fold statistics."""
@@ -36,7 +31,7 @@ def fit_map(stats, rng: Range, kind: str = "linear", params=None) -> "FittedMap 
                      report=fitted.training)
 
 
-def empty_map(kind: str, hidden_size: int, start: int, params: dict | None = None) -> "FittedMap | None":
+def empty_map(kind: str, hidden_size: int, start: int, params: dict | None = None):  # -> a FittedMap, or None
     """A map of ``kind`` with uninitialised tensors of the right shapes (to load stored ones into)."""
     import torch
 

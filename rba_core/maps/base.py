@@ -9,14 +9,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from math import prod
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from rba_core.errors import RBAError
-
-if TYPE_CHECKING:
-    from rba_core.maps.module import FittedMap
 
 Range = tuple[int, int]
 
@@ -170,7 +167,7 @@ class MapKind:
     hypers: tuple[Hyper, ...] = ()
     statistics: tuple[str, ...] = ("tokens",)  # FitData fields it reads
     needs_mlp_output: bool = False
-    folds: Callable[["FittedMap"], np.ndarray] | None = field(default=None, repr=False)
+    folds: Callable[[Any], np.ndarray] | None = field(default=None, repr=False)  # a FittedMap -> T
     check_ranges: Callable[[Sequence[Range], int], Any] | None = field(default=None, repr=False)
     check_encoder: Callable[[Any, Sequence[Range]], Any] | None = field(default=None, repr=False)
 

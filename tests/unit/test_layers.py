@@ -1,5 +1,5 @@
 """The package shows its layers: every module of rba_core and pages belongs to one layer, imports (at any
-depth of the file, ``TYPE_CHECKING`` blocks aside) point only to its own layer or lower ones, and no group of
+depth of the file, ``TYPE_CHECKING`` blocks too) point only to its own layer or lower ones, and no group of
 modules imports itself round. Read with ``ast``: nothing is imported."""
 
 import ast
@@ -27,7 +27,7 @@ LAYERS = {
 
 
 def module_graph() -> dict[str, set[str]]:
-    """module -> the project modules it imports."""
+    """module -> the project modules it imports (wherever the import is written)."""
     files = {}
     for path in [*ROOT.joinpath("rba_core").rglob("*.py"), *ROOT.joinpath("pages").rglob("*.py"), ROOT / "app.py"]:
         parts = list(path.relative_to(ROOT).with_suffix("").parts)
@@ -41,12 +41,8 @@ def module_graph() -> dict[str, set[str]]:
     graph = {}
     for module, path in files.items():
         tree = ast.parse(path.read_text())
-        hidden = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-                  for statement in node.body for n in ast.walk(statement)}
         found = set()
         for node in ast.walk(tree):
-            if id(node) in hidden:
-                continue
             if isinstance(node, ast.Import):
                 found |= {resolve(alias.name) for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
