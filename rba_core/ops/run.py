@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from rba_core.cache import Cache
-from rba_core.errors import RBAError
+from rba_core.errors import RBAError, refuse_unknown
 from rba_core.data.lm_data import DEFAULT_SEQ_LEN, LMText, is_lm_text
 from rba_core.models import (DEFAULT_MAX_LENGTH, Encoder, ModelRef, adapter_class, load_config, load_encoder,
                              model_ref, readable_source)
@@ -106,9 +106,7 @@ class Run:
         """The run of library keyword arguments, and the keywords that are the operation's own (``asked``);
         any other keyword is a :class:`TypeError`, as Python would say."""
         fields = {f.name for f in dataclasses.fields(cls) if f.init}
-        unknown = sorted(set(options) - fields - set(asked))
-        if unknown:
-            raise TypeError(f"unexpected keyword argument{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}")
+        refuse_unknown(options, fields, asked)
         run = cls(model, dataset, **{k: v for k, v in options.items() if k in fields})
         return run, {k: v for k, v in options.items() if k in asked}
 

@@ -15,7 +15,7 @@ import torch
 from rba_core.cache import Cache, make_key
 from rba_core.data import Source, open_sample
 from rba_core.distributed import single_flight, world
-from rba_core.errors import RBAError
+from rba_core.errors import RBAError, refuse_unknown
 from rba_core.maps import fit_residual_matrix
 from rba_core.measures.metrics import influence_sums
 from rba_core.models import Encoder, adapter_class, check_text_length, default_device, load_encoder, model_ref
@@ -250,9 +250,7 @@ class PassOptions:
         """The pass options among keyword ``options``, and the caller's own (``asked``: name -> default);
         any other keyword is a :class:`TypeError`, as Python would say."""
         names = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - names - set(asked))
-        if unknown:
-            raise TypeError(f"unexpected keyword argument{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}")
+        refuse_unknown(options, names, asked)
         own = {**asked, **{k: v for k, v in options.items() if k in asked}}
         return cls(**{k: v for k, v in options.items() if k in names}), own
 
