@@ -94,18 +94,22 @@ def _loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | Non
 
 
 @torch.no_grad()
-def _metric(original: Encoder, net: ApproximatedEncoder, source, indices: np.ndarray, language: bool) -> float:
-    """Perplexity (causal LMs) or final MSE against the original, on the samples ``indices``."""
+def _metric(original: Encoder, net: ApproximatedEncoder, source, indices: np.ndarray, reference: list) -> float:
+    """Perplexity (causal LMs: ``reference`` empty) or final MSE against the original's final representations of
+    the samples ``indices`` (``reference``: one per batch of 8, computed once; filled on the first call)."""
     total, count = 0.0, 0
+    language = hasattr(original, "logits")
     batches = [indices[s : s + 8] for s in range(0, len(indices), 8)]
-    for inputs in model_inputs(original, source, batches):
+    for number, inputs in enumerate(model_inputs(original, source, batches)):
         ours = _outputs(original, net, inputs)
         if language:
             ids = inputs["input_ids"][:, 1:]
             total += float(F.nll_loss(ours[:, :-1].flatten(0, 1), ids.flatten(), reduction="sum"))
             count += ids.numel()
         else:
-            total += float(((ours.double() - _outputs(original, None, inputs).double()) ** 2).sum())
+            if len(reference) <= number:
+                reference.append(_outputs(original, None, inputs).double())
+            total += float(((ours.double() - reference[number]) ** 2).sum())
             count += ours.numel()
     return float(np.exp(total / count)) if language else total / count
 
@@ -128,7 +132,8 @@ def heal(run: Run, ranges, maps, plan: HealPlan, encoder: Encoder | None = None)
     first = min((i for i, _ in ranges), default=0)
     net = ApproximatedEncoder(twin, ranges, healed_maps)
     test, test_indices = open_sample(run.data, "test", run.eval_n, run.seed) if run.eval_n else (None, None)
-    before = _metric(original, net, test, test_indices, language) if test is not None else None
+    reference: list = []  # the original's final representations of the evaluation samples, computed once
+    before = _metric(original, net, test, test_indices, reference) if test is not None else None
     if plan.lora_rank:
         _adapters(twin, first + 1, plan.lora_rank)
     trainable = [getattr(m, n) for m in healed_maps if m is not None for n in m.names]
@@ -161,7 +166,7 @@ def heal(run: Run, ranges, maps, plan: HealPlan, encoder: Encoder | None = None)
     if plan.lora_rank:
         _merge(twin)
     net = ApproximatedEncoder(twin, ranges, healed_maps).eval()
-    after = _metric(original, net, test, test_indices, language) if test is not None else None
+    after = _metric(original, net, test, test_indices, reference) if test is not None else None
     metric = "perplexity" if language else "mse_final"
     return net, {**plan.key(), "metric": metric, "before": before, "after": after,
                  "loss": {"first": losses[0], "last": losses[-1]}}
