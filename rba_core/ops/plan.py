@@ -46,7 +46,7 @@ from rba_core.data import open_sample
 from rba_core.errors import RBAError
 from rba_core.passes.extract import model_inputs
 from rba_core.passes.cut import MapSlot, blocks_path
-from rba_core.passes.fold import _cut_config, folded_encoder
+from rba_core.passes.fold import cut_config, folded_encoder
 from rba_core.data.lm_data import LMText
 from rba_core.maps import MapParams, Range, fit_map, map_kind
 from rba_core.maps.module import FittedMap
@@ -141,7 +141,7 @@ def _cut(encoder: Encoder, rng: Range, layer: nn.Module | None) -> Encoder:
             if hasattr(module, "layer_idx"):
                 module.layer_idx = new
     keep = list(range(i)) + ([i] if layer is not None else []) + list(range(j, encoder.num_blocks))
-    _cut_config(model.config, keep, encoder.num_blocks, [rng])
+    cut_config(model.config, keep, encoder.num_blocks, [rng])
     return type(encoder)(encoder.name, encoder.source, encoder.family, model.eval(), encoder.processor,
                          encoder.device, encoder.pooling, encoder.max_length)
 

@@ -47,7 +47,7 @@ def fold_statistics(encoder: Encoder, batches: Iterable[dict[str, torch.Tensor]]
 _NOT_PER_LAYER = ("architectures", "stage_names", "out_features", "out_indices")
 
 
-def _cut_config(config, keep: list[int], num_blocks: int, ranges: Sequence[Range]) -> None:
+def cut_config(config, keep: list[int], num_blocks: int, ranges: Sequence[Range]) -> None:
     """The new layer count, every per-layer list of the config (``layer_types`` ...) cut to the kept
     layers, and a backbone config's stages (DINOv2: ``stage_names``, ``out_indices``) renumbered: the
     output of block j, last of a range, is now that of the folded block i."""
@@ -122,7 +122,7 @@ def folded_model(encoder: Encoder, maps: dict[Range, np.ndarray]) -> nn.Module:
         for module in block.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = new
-    _cut_config(model.config, keep, encoder.num_blocks, list(maps))
+    cut_config(model.config, keep, encoder.num_blocks, list(maps))
     return model.eval()
 
 
